@@ -1,0 +1,1 @@
+"""Benchmarks (../shared/bench/WORKLOAD.md) and the random models they run on."""

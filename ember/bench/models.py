@@ -1,0 +1,103 @@
+"""Benchmark and test models: a byte-level BPE tokenizer trained offline, and random-init
+HF-format checkpoints (the shapes of ../shared/bench/WORKLOAD.md), written by ember itself."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+BENCH_MODELS: dict[str, dict[str, Any]] = {
+    "bench-llama-56m": dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=512, intermediate_size=1408,
+        num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, vocab_size=32000,
+        tie_word_embeddings=False, rope_theta=10000.0, max_position_embeddings=4096, rms_norm_eps=1e-6,
+    ),
+    "bench-qwen2-0.5b": dict(
+        architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=896, intermediate_size=4864,
+        num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
+        tie_word_embeddings=True, rope_theta=1000000.0, max_position_embeddings=32768, rms_norm_eps=1e-6,
+        use_sliding_window=False, sliding_window=None,
+    ),
+}
+
+
+def corpus_text() -> str:
+    return resources.files("ember.bench").joinpath("corpus.txt").read_text(encoding="utf-8")
+
+
+def write_tokenizer(out_dir: str | Path, vocab_size: int = 1024, chat_template: str = CHAT_TEMPLATE) -> None:
+    """Train a byte-level BPE on the bundled corpus; write tokenizer.json and its config."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(corpus_text().splitlines(), trainer=trainer)
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+    (out_dir / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": None,
+        "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "chat_template": chat_template,
+        "model_max_length": 1 << 30,
+    }, indent=2))
+    ids = [tokenizer.token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    (out_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": ids}, indent=2))
+
+
+def write_random_model(out_dir: str | Path, hf_config: dict[str, Any], seed: int = 0, dtype: torch.dtype = torch.bfloat16,
+                       std: float = 0.02) -> None:
+    """Random weights as WORKLOAD.md prescribes: every Linear/Embedding ~ N(0, std), norms = 1."""
+    from ember.models.config import ModelConfig
+    from ember.models.loader import save_model
+    from ember.models import model_class
+
+    config = ModelConfig.from_hf(dict(hf_config))
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = model_class(config.architecture)(config)
+    model = model.to_empty(device="cpu")
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            elif name.endswith(".bias"):
+                param.zero_()
+            else:
+                param.normal_(0.0, std)
+    save_model(model, config, out_dir, dtype=dtype)
+
+
+def make_bench_model(name: str, out_dir: str | Path, tokenizer_vocab: int = 4096) -> Path:
+    if name not in BENCH_MODELS:
+        raise ValueError(f"model name: {name!r} is not one of {sorted(BENCH_MODELS)}")
+    out_dir = Path(out_dir)
+    hf = dict(BENCH_MODELS[name])
+    write_tokenizer(out_dir, vocab_size=min(tokenizer_vocab, hf["vocab_size"]))
+    eos = json.loads((out_dir / "generation_config.json").read_text())["eos_token_id"]
+    hf.update(eos_token_id=eos, bos_token_id=None, torch_dtype="bfloat16")
+    write_random_model(out_dir, hf)
+    return out_dir

@@ -1,0 +1,338 @@
+"""LLMEngine: schedule -> run -> sample -> update, one step at a time; and the offline `LLM`."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import os
+import time
+from collections.abc import Sequence as Seq
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ember.engine.config import EngineConfig
+from ember.engine.kv_cache import KVCacheManager
+from ember.engine.output import RequestGroup, Sequence, find_stop_string, logprob_entry
+from ember.engine.request import Request, RequestOutput, RequestStatus, SamplingParams
+from ember.engine.runner import ModelRunner, kv_bytes_per_block
+from ember.engine.scheduler import Scheduler
+from ember.models import load_model
+from ember.tokenizer import IncrementalDetokenizer, Tokenizer
+
+logger = logging.getLogger(__name__)
+
+PromptType = str | list[int] | dict[str, Any]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {name!r} requested but CUDA is not available")
+    return device
+
+
+def _available_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 8 << 30
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.model, self.model_config = load_model(config.model, config.dtype, self.device)
+        self.tokenizer = Tokenizer(config.tokenizer or config.model, chat_template=config.chat_template)
+        mc = self.model_config
+        sched = config.scheduler
+        self.max_model_len = sched.max_model_len or mc.max_position_embeddings
+        if self.max_model_len > mc.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len: {self.max_model_len} exceeds the model's max_position_embeddings ({mc.max_position_embeddings})"
+            )
+        if not sched.enable_chunked_prefill and sched.max_num_batched_tokens < self.max_model_len:
+            # Without chunking a whole prompt (or a preempted request's recompute) must fit one step.
+            sched = dataclasses.replace(sched, max_num_batched_tokens=self.max_model_len)
+        if sched.max_num_batched_tokens < sched.max_num_seqs:
+            sched = dataclasses.replace(sched, max_num_seqs=sched.max_num_batched_tokens)
+
+        cache = config.cache
+        dtype = next(self.model.parameters()).dtype
+        block_bytes = kv_bytes_per_block(mc, cache.block_size, dtype)
+        budget = cache.kv_cache_gib * (1 << 30) if cache.kv_cache_gib else min(4 << 30, _available_memory_bytes(self.device) // 4)
+        num_blocks = int(budget // block_bytes)
+        enough = sched.max_num_seqs * -(-self.max_model_len // cache.block_size) + 1
+        num_blocks = min(num_blocks, enough)
+        if num_blocks < 2:
+            raise ValueError(f"kv_cache_gib: {cache.kv_cache_gib} is too small for one KV block ({block_bytes} bytes)")
+        self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
+        self.scheduler = Scheduler(sched, self.kv, self.max_model_len)
+        self.runner = ModelRunner(self.model, mc, num_blocks, cache.block_size, self.device, config.seed)
+        logger.info(
+            "%s on %s (%s): KV cache %d blocks x %d = %d tokens (%.2f GiB), max_model_len %d",
+            mc.architecture, self.device, str(dtype).removeprefix("torch."), num_blocks - 1, cache.block_size,
+            (num_blocks - 1) * cache.block_size, num_blocks * block_bytes / (1 << 30), self.max_model_len,
+        )
+        self.groups: dict[str, RequestGroup] = {}
+        self.sequences: dict[str, Sequence] = {}
+        self._pending: list[RequestGroup] = []  # aborted groups whose final output is due
+        self.num_prompt_tokens = 0
+        self.num_generation_tokens = 0
+        self.num_steps = 0
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_args(cls, model: str, **kwargs) -> "LLMEngine":
+        return cls(EngineConfig.from_kwargs(model, **kwargs))
+
+    # ---- requests -------------------------------------------------------------------
+    def process_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        """Prompt -> (text, token ids), validated; raises ValueError naming the problem."""
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                prompt = list(prompt["prompt_token_ids"])
+            elif "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError("prompt: a dict prompt needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt: '' is empty")
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        elif isinstance(prompt, (list, tuple)):
+            text, ids = None, list(prompt)
+            vocab = self.model_config.vocab_size
+            bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompt_token_ids: {bad[:5]} are not token ids in [0, {vocab})")
+        else:
+            raise ValueError(f"prompt: {type(prompt).__name__} is not a string or a list of token ids")
+        if not ids:
+            raise ValueError("prompt: it has no tokens")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt: {len(ids)} tokens do not fit the context (max_model_len {self.max_model_len}, "
+                "which must also leave room for one generated token)"
+            )
+        return text, ids
+
+    def _make_group(self, request_id: str, prompt: PromptType, params: SamplingParams, priority: int) -> RequestGroup:
+        text, ids = self.process_prompt(prompt)
+        params.validate()
+        room = self.max_model_len - len(ids)
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        eos = tuple(self.tokenizer.eos_token_ids) or self.model_config.eos_token_ids
+        sequences = []
+        for i in range(params.n):
+            child_id = request_id if params.n == 1 else f"{request_id}#{i}"
+            seed = None if params.seed is None else params.seed + i
+            request = Request(child_id, ids, params, max_tokens, eos, priority, seed=seed)
+            detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
+            sequences.append(Sequence(request, i, detok))
+        group = RequestGroup(request_id, text, ids, sequences)
+        if params.prompt_logprobs is not None:
+            group.prompt_logprobs = [None]
+        return group
+
+    def add_request(
+        self, request_id: str | None, prompt: PromptType, params: SamplingParams | None = None, priority: int = 0
+    ) -> str:
+        """Validate and queue one request; nothing is queued if it is invalid."""
+        request_id = str(next(self._ids)) if request_id is None else request_id
+        if request_id in self.groups:
+            raise ValueError(f"request_id: {request_id!r} is already in use")
+        group = self._make_group(request_id, prompt, params or SamplingParams(), priority)
+        added = []
+        try:
+            for seq in group.sequences:
+                self.scheduler.add_request(seq.request)
+                added.append(seq)
+        except ValueError:
+            for seq in added:
+                self.scheduler.finish_request(seq.request, RequestStatus.FINISHED_ABORTED)
+            raise
+        self.groups[request_id] = group
+        for seq in group.sequences:
+            self.sequences[seq.request.request_id] = seq
+        return request_id
+
+    def abort_request(self, request_id: str) -> None:
+        group = self.groups.get(request_id)
+        if group is None:
+            return
+        for seq in group.sequences:
+            self.scheduler.finish_request(seq.request, RequestStatus.FINISHED_ABORTED)
+            self._release(seq)
+        self._pending.append(group)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.groups)
+
+    # ---- one step -----------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        touched: dict[str, RequestGroup] = {g.request_id: g for g in self._pending}
+        self._pending = []
+        scheduled = self.scheduler.schedule()
+        if not scheduled.is_empty:
+            result = self.runner.execute(scheduled)
+            self.num_steps += 1
+            for request_id, infos in result.prompt_logprobs.items():
+                seq = self.sequences[request_id]
+                group = self._group_of(seq)
+                if seq.index == 0 and group.prompt_logprobs is not None:
+                    group.prompt_logprobs.extend(logprob_entry(i, self.tokenizer) for i in infos)
+            now = time.monotonic()
+            for request in self.scheduler.update_from_output(scheduled, result.sampled):
+                seq = self.sequences[request.request_id]
+                self._process_token(seq, result.logprobs.get(request.request_id))
+                group = self._group_of(seq)
+                if group.first_token_time is None:
+                    group.first_token_time = now
+                    self.num_prompt_tokens += len(group.prompt_token_ids)
+                touched[group.request_id] = group
+        outputs = []
+        for group in touched.values():
+            stops = group.sequences[0].request.params.stop
+            hold_back = max((len(s) for s in stops), default=1) - 1
+            if group.finished:
+                group.finished_time = group.finished_time or time.monotonic()
+                self.groups.pop(group.request_id, None)
+                for seq in group.sequences:
+                    self.sequences.pop(seq.request.request_id, None)
+            outputs.append(group.make_output(hold_back))
+        return outputs
+
+    def _group_of(self, seq: Sequence) -> RequestGroup:
+        request_id = seq.request.request_id
+        if seq.request.params.n > 1:
+            request_id = request_id.rpartition("#")[0]
+        return self.groups[request_id]
+
+    def _process_token(self, seq: Sequence, info) -> None:
+        request = seq.request
+        token = request.output_token_ids[-1]
+        self.num_generation_tokens += 1
+        if info is not None:
+            request.logprobs.append(logprob_entry(info, self.tokenizer))
+            request.cumulative_logprob += info.logprob
+        piece = seq.detokenizer.step(token)
+        params = request.params
+        stopped_by_token = request.status is RequestStatus.FINISHED_STOPPED and request.output_token_ids[-1] in (
+            *request.eos_token_ids, *params.stop_token_ids
+        )
+        if stopped_by_token and not params.include_stop_str_in_output:
+            piece = ""
+        seq.text += piece
+        if params.stop and piece and not request.is_finished:
+            match = find_stop_string(seq.text, len(piece), params.stop, params.include_stop_str_in_output)
+            if match is not None:
+                seq.text, request.stop_reason = match
+                self.scheduler.finish_request(request, RequestStatus.FINISHED_STOPPED)
+        if request.is_finished:
+            self._release(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        self.runner.release(seq.request.request_id)
+
+    # ---- introspection ------------------------------------------------------------
+    def get_stats(self) -> dict[str, Any]:
+        kv = self.kv
+        return {
+            "num_running": self.scheduler.num_running,
+            "num_waiting": self.scheduler.num_waiting,
+            "kv_cache_usage": kv.usage,
+            "num_blocks": kv.num_usable_blocks,
+            "num_free_blocks": kv.num_free_blocks,
+            "block_size": kv.block_size,
+            "prefix_cache_queries": kv.num_queried_tokens,
+            "prefix_cache_hits": kv.num_hit_tokens,
+            "prefix_cache_hit_rate": kv.hit_rate,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "prompt_tokens": self.num_prompt_tokens,
+            "generation_tokens": self.num_generation_tokens,
+            "num_steps": self.num_steps,
+        }
+
+
+class LLM:
+    """Offline batched generation: `LLM(model_dir).generate(prompts, params)`."""
+
+    def __init__(self, model: str, **kwargs: Any):
+        self.engine = LLMEngine.from_args(model, **kwargs)
+        self._ids = itertools.count()
+
+    def get_tokenizer(self) -> Tokenizer:
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptType | Seq[PromptType],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        priority: Seq[int] | None = None,
+    ) -> list[RequestOutput]:
+        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts, list) and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = list(sampling_params) if isinstance(sampling_params, Seq) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"sampling_params: {len(params)} given for {len(prompts)} prompts")
+        priorities = list(priority) if priority is not None else [0] * len(prompts)
+        # Validate everything before queueing anything: one bad prompt adds no work.
+        for prompt, p in zip(prompts, params):
+            p.validate()
+            self.engine.process_prompt(prompt)
+        ids = []
+        try:
+            for prompt, p, prio in zip(prompts, params, priorities):
+                ids.append(self.engine.add_request(f"llm-{next(self._ids)}", prompt, p, prio))
+        except ValueError:
+            for request_id in ids:
+                self.engine.abort_request(request_id)
+            self.engine.step()  # flush the aborted outputs
+            raise
+        return self._run(ids, use_tqdm)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        finished: dict[str, RequestOutput] = {}
+        wanted = set(ids)
+        bar = tqdm(total=len(ids), desc="generate", unit="req", disable=not use_tqdm or len(ids) < 2)
+        start, num_out = time.perf_counter(), 0
+        try:
+            while len(finished) < len(ids):
+                for output in self.engine.step():
+                    if output.finished and output.request_id in wanted:
+                        finished[output.request_id] = output
+                        num_out += sum(len(o.token_ids) for o in output.outputs)
+                        bar.update(1)
+                        bar.set_postfix(out_tok_s=f"{num_out / (time.perf_counter() - start):.0f}")
+        finally:
+            bar.close()
+        return [finished[i] for i in ids]
+
+    def chat(
+        self,
+        messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+        **template_kwargs: Any,
+    ) -> list[RequestOutput]:
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        tokenizer = self.engine.tokenizer
+        prompts = [
+            tokenizer.encode_chat(conv, add_generation_prompt=add_generation_prompt, **template_kwargs)
+            for conv in conversations
+        ]
+        return self.generate(prompts, sampling_params, use_tqdm)

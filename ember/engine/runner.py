@@ -1,0 +1,131 @@
+"""Model runner: owns the KV tensors, turns a SchedulerOutput into one flat forward,
+and samples the rows that need a token."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ember.engine.attention import BatchLayout, make_backend
+from ember.engine.kv_cache import NULL_BLOCK
+from ember.engine.request import Request
+from ember.engine.sampler import Sampler, TokenLogprobInfo, compute_logprob_info
+from ember.engine.scheduler import SchedulerOutput
+from ember.models.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+
+def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    element = torch.tensor([], dtype=dtype).element_size()
+    return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * element
+
+
+@dataclass
+class RunnerOutput:
+    sampled: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, TokenLogprobInfo] = field(default_factory=dict)
+    # request id -> prompt logprobs for the prompt positions computed this step
+    prompt_logprobs: dict[str, list[TokenLogprobInfo]] = field(default_factory=dict)
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: nn.Module,
+        config: ModelConfig,
+        num_blocks: int,
+        block_size: int,
+        device: torch.device,
+        seed: int,
+        attention_backend: str = "torch_paged",
+    ):
+        self.model = model
+        self.config = config
+        self.device = device
+        self.block_size = block_size
+        self.dtype = next(model.parameters()).dtype
+        shape = (num_blocks * block_size, config.num_kv_heads, config.head_dim)
+        self.kv_caches = []
+        for _ in range(config.num_layers):
+            k, v = torch.empty(shape, dtype=self.dtype, device=device), torch.empty(shape, dtype=self.dtype, device=device)
+            # Padding in gathers points at the null block: it must hold finite values.
+            k[NULL_BLOCK * block_size:(NULL_BLOCK + 1) * block_size].zero_()
+            v[NULL_BLOCK * block_size:(NULL_BLOCK + 1) * block_size].zero_()
+            self.kv_caches.append((k, v))
+        self.backend = make_backend(attention_backend, self.kv_caches, block_size)
+        self.sampler = Sampler(device, seed)
+        self.generators: dict[str, torch.Generator] = {}
+
+    def _generator(self, request: Request) -> torch.Generator | None:
+        if request.seed is None:
+            return None
+        generator = self.generators.get(request.request_id)
+        if generator is None:
+            generator = torch.Generator(device=self.device).manual_seed(request.seed)
+            self.generators[request.request_id] = generator
+        return generator
+
+    def release(self, request_id: str) -> None:
+        self.generators.pop(request_id, None)
+
+    @torch.inference_mode()
+    def execute(self, scheduled: SchedulerOutput) -> RunnerOutput:
+        # Decodes (one query token) first: the attention backend batches them.
+        items = sorted(scheduled.scheduled, key=lambda item: item[1] != 1)
+        requests = [r for r, _ in items]
+        query_lens = [n for _, n in items]
+        # num_computed_tokens already includes this step's tokens.
+        context_lens = [r.num_computed_tokens - n for r, n in items]
+        input_ids: list[int] = []
+        for request, n, start in zip(requests, query_lens, context_lens):
+            input_ids.extend(request.all_token_ids[start:start + n])
+
+        device = self.device
+        lens = torch.tensor(query_lens, device=device)
+        starts = torch.tensor(context_lens, device=device)
+        token_request = torch.repeat_interleave(torch.arange(len(items), device=device), lens)
+        first_token = torch.cumsum(lens, 0) - lens
+        positions = torch.arange(len(input_ids), device=device) + (starts - first_token)[token_request]
+        max_blocks = max(len(r.block_ids) for r in requests)
+        block_tables = torch.tensor(
+            [r.block_ids + [NULL_BLOCK] * (max_blocks - len(r.block_ids)) for r in requests],
+            dtype=torch.int64, device=device,
+        )
+        bs = self.block_size
+        slot_mapping = block_tables[token_request, positions // bs] * bs + positions % bs
+        num_decodes = sum(1 for n in query_lens if n == 1)
+        ctx = self.backend.build(BatchLayout(query_lens, context_lens, block_tables, slot_mapping, num_decodes))
+
+        hidden = self.model(torch.tensor(input_ids, device=device), positions, ctx)
+
+        out = RunnerOutput()
+        ends = torch.cumsum(lens, 0).tolist()
+        sample_idx = [i for i, r in enumerate(requests) if r.num_computed_tokens == r.num_tokens]
+        if sample_idx:
+            rows = torch.tensor([ends[i] - 1 for i in sample_idx], device=device)
+            logits = self.model.compute_logits(hidden[rows]).float()
+            sample_reqs = [requests[i] for i in sample_idx]
+            result = self.sampler(logits, sample_reqs, [self._generator(r) for r in sample_reqs])
+            for request, token, info in zip(sample_reqs, result.token_ids, result.logprobs):
+                out.sampled[request.request_id] = token
+                if info is not None:
+                    out.logprobs[request.request_id] = info
+        for i, request in enumerate(requests):
+            if request.params.prompt_logprobs is not None:
+                self._prompt_logprobs(request, hidden[ends[i] - query_lens[i]:ends[i]], context_lens[i], out)
+        return out
+
+    def _prompt_logprobs(self, request: Request, hidden: torch.Tensor, start: int, out: RunnerOutput) -> None:
+        # Row j predicts the token at position start + j + 1, if that is a prompt token.
+        num = min(hidden.shape[0], request.num_prompt_tokens - 1 - start)
+        if num <= 0:
+            return
+        logprobs = self.model.compute_logits(hidden[:num]).float().log_softmax(dim=-1)
+        targets = torch.tensor(request.prompt_token_ids[start + 1:start + 1 + num], device=self.device)
+        out.prompt_logprobs[request.request_id] = compute_logprob_info(
+            logprobs, targets, [request.params.prompt_logprobs] * num
+        )

@@ -1,0 +1,117 @@
+"""Sampling, vectorised over the batch.
+
+Order: raw logprobs (what the model said, before any processing, as vLLM reports
+them) -> logits processors -> greedy rows take the argmax; the others divide by
+temperature, apply top-k/top-p/min-p and draw with the exponential-race trick
+(argmax of p / E, E ~ Exp(1)), which equals sampling from p. A seeded request
+draws E from its own generator, so its tokens never depend on its neighbours.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ember.engine.logits import apply_logits_processors
+from ember.engine.request import Request
+
+
+@dataclass
+class TokenLogprobInfo:
+    """Logprob of the chosen token and the top-k alternatives for one position."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top_ids: list[int]
+    top_logprobs: list[float]
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[TokenLogprobInfo | None]
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
+    """Mask all but each row's top-k tokens and smallest nucleus of mass >= top-p."""
+    sorted_logits, order = logits.sort(dim=-1)
+    vocab = logits.shape[1]
+    if top_k is not None:  # 0 = no limit
+        k = torch.where(top_k > 0, top_k, vocab).clamp(max=vocab)
+        kth = sorted_logits.gather(1, (vocab - k).unsqueeze(1))
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+    if top_p is not None:
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative <= (1 - top_p).unsqueeze(1)
+        drop[:, -1] = False  # the most likely token always stays
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    probs = logits.softmax(dim=-1)
+    threshold = probs.amax(dim=-1, keepdim=True) * min_p.unsqueeze(1)
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def compute_logprob_info(logprobs: torch.Tensor, token_ids: torch.Tensor, num_top: list[int]) -> list[TokenLogprobInfo]:
+    """Per row: the given token's logprob and rank, and the row's top `num_top[i]` tokens."""
+    chosen = logprobs.gather(1, token_ids[:, None])
+    ranks = (logprobs > chosen).sum(dim=1) + 1
+    k = max(num_top)
+    top_vals, top_ids = logprobs.topk(k, dim=1) if k else (logprobs[:, :0], token_ids[:, None][:, :0])
+    rows = zip(token_ids.tolist(), chosen[:, 0].tolist(), ranks.tolist(), top_ids.tolist(), top_vals.tolist(), num_top)
+    return [TokenLogprobInfo(t, lp, r, ids[:n], vals[:n]) for t, lp, r, ids, vals, n in rows]
+
+
+class Sampler:
+    def __init__(self, device: torch.device, seed: int):
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def __call__(
+        self,
+        logits: torch.Tensor,  # [rows, vocab] fp32
+        requests: list[Request],
+        generators: list[torch.Generator | None],
+    ) -> SamplerOutput:
+        want_logprobs = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
+        raw_logprobs = logits[want_logprobs].log_softmax(dim=-1) if want_logprobs else None
+
+        apply_logits_processors(logits, requests)
+        token_ids = logits.argmax(dim=-1)
+        random_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
+        if random_rows:
+            sampled = self._sample(logits[random_rows], [requests[i] for i in random_rows], [generators[i] for i in random_rows])
+            token_ids[random_rows] = sampled
+
+        infos: list[TokenLogprobInfo | None] = [None] * len(requests)
+        if want_logprobs:
+            rows = compute_logprob_info(
+                raw_logprobs, token_ids[want_logprobs], [requests[i].params.logprobs for i in want_logprobs]
+            )
+            for i, info in zip(want_logprobs, rows):
+                infos[i] = info
+        return SamplerOutput(token_ids.tolist(), infos)
+
+    def _sample(self, logits: torch.Tensor, requests: list[Request], generators: list[torch.Generator | None]) -> torch.Tensor:
+        device = logits.device
+        params = [r.params for r in requests]
+        temperature = torch.tensor([p.temperature for p in params], device=device)
+        logits = logits / temperature.unsqueeze(1)
+        top_k = top_p = None
+        if any(p.top_k > 0 for p in params):
+            top_k = torch.tensor([p.top_k for p in params], device=device)
+        if any(p.top_p < 1.0 for p in params):
+            top_p = torch.tensor([p.top_p for p in params], device=device)
+        if top_k is not None or top_p is not None:
+            logits = apply_top_k_top_p(logits, top_k, top_p)
+        if any(p.min_p > 0 for p in params):
+            logits = apply_min_p(logits, torch.tensor([p.min_p for p in params], device=device))
+        probs = logits.softmax(dim=-1)
+        race = torch.empty_like(probs).exponential_(generator=self.generator)
+        for i, generator in enumerate(generators):
+            if generator is not None:
+                race[i].exponential_(generator=generator)
+        return (probs / race).argmax(dim=-1)

@@ -1,0 +1,129 @@
+"""Building blocks shared by every decoder: norms, rotary embeddings, MLP, attention.
+
+The arithmetic follows transformers' reference implementations step by step
+(dtype casts included), so ember's logits match theirs and the trainer's match
+the engine's.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ember.models.attention import AttentionContext, causal_attention
+from ember.models.config import ModelConfig, RopeConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+class MergedLinear(nn.Linear):
+    """Several HF projections stored as one matrix (one matmul instead of several).
+
+    `shard_names[i]` is the HF module name of rows `output_sizes[i]`; the loader
+    and the exporter use them so checkpoints keep transformers' names.
+    """
+
+    def __init__(self, in_features: int, output_sizes: list[int], shard_names: list[str], bias: bool):
+        super().__init__(in_features, sum(output_sizes), bias=bias)
+        self.output_sizes = list(output_sizes)
+        self.shard_names = list(shard_names)
+
+
+class Rotary:
+    """cos/sin tables for the positions of one forward, shared by every layer."""
+
+    def __init__(self, rope: RopeConfig, head_dim: int):
+        self.rope = rope
+        self.head_dim = head_dim
+        self._inv_freq: torch.Tensor | None = None
+
+    def __call__(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._inv_freq is None or self._inv_freq.device != positions.device:
+            self._inv_freq = self.rope.inv_freq(self.head_dim).to(positions.device)
+        freqs = positions.float().unsqueeze(-1) * self._inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [..., tokens, heads, head_dim]; cos/sin: [..., tokens, head_dim]."""
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int, act: str, bias: bool):
+        super().__init__()
+        if act not in _ACTIVATIONS:
+            raise ValueError(f"config.json: hidden_act={act!r} is not supported ({sorted(_ACTIVATIONS)})")
+        self.gate_up_proj = MergedLinear(hidden, [intermediate] * 2, ["gate_proj", "up_proj"], bias)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        self.act = _ACTIVATIONS[act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(self.act(gate) * up)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = d = config.head_dim
+        self.scale = d**-0.5
+        self.sliding_window = config.sliding_windows[layer]
+        q_size, kv_size = self.num_heads * d, self.num_kv_heads * d
+        self.split_sizes = [q_size, kv_size, kv_size]
+        self.qkv_proj = MergedLinear(
+            config.hidden_size, self.split_sizes, ["q_proj", "k_proj", "v_proj"], config.qkv_bias
+        )
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.o_bias)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext | None
+    ) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
+        q = apply_rotary(q.unflatten(-1, (self.num_heads, self.head_dim)), cos, sin)
+        k = apply_rotary(k.unflatten(-1, (self.num_kv_heads, self.head_dim)), cos, sin)
+        v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        if ctx is None:  # [batch, seq, heads, dim] -> SDPA's [batch, heads, seq, dim]
+            out = causal_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.scale, self.sliding_window
+            ).transpose(1, 2)
+        else:
+            out = ctx.attend(self.layer, q, k, v, self.scale, self.sliding_window)
+        return self.o_proj(out.flatten(-2))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention + gated MLP block with HF's parameter names."""
+
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias)
+
+    def forward(self, x, cos, sin, ctx):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))

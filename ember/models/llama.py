@@ -1,0 +1,57 @@
+"""Llama-family decoders: Llama (1-3), Qwen2 (qkv bias, tied embeddings), Mistral (sliding window).
+
+The three differ only in config fields that `ModelConfig` already resolves, so
+they share one class.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ember.models.attention import AttentionContext
+from ember.models.config import ModelConfig
+from ember.models.layers import DecoderLayer, RMSNorm, Rotary
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = Rotary(config.rope, config.head_dim)
+
+    def forward(self, input_ids, positions, ctx: AttentionContext | None) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary(positions, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, ctx)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        ctx: AttentionContext | None = None,
+    ) -> torch.Tensor:
+        """Training: `input_ids[B, T]` -> logits `[B, T, V]`.
+        Engine: flat `input_ids[N]`, `positions[N]`, `ctx` -> final hidden states `[N, H]`
+        (the engine computes logits only for the rows it samples)."""
+        if positions is None:
+            positions = torch.arange(input_ids.shape[-1], device=input_ids.device).expand_as(input_ids)
+        hidden = self.model(input_ids, positions, ctx)
+        return hidden if ctx is not None else self.lm_head(hidden)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)

@@ -1,0 +1,167 @@
+"""safetensors <-> model parameters, by Hugging Face parameter name.
+
+Every parameter (or row-slice of a merged projection) has exactly the name
+transformers gives it, so loading is a copy, export needs no adapter, and the
+RL bridge can push trainer tensors into the engine by name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ember.models.config import ModelConfig
+from ember.models.layers import MergedLinear
+
+logger = logging.getLogger(__name__)
+
+# Tensors some checkpoints carry that are recomputed, not loaded.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def hf_parameter_map(model: nn.Module) -> dict[str, tuple[nn.Parameter, int, int | None]]:
+    """HF name -> (parameter, first row, number of rows or None for the whole tensor)."""
+    names: dict[str, tuple[nn.Parameter, int, int | None]] = {}
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        for param_name, param in module.named_parameters(recurse=False):
+            if isinstance(module, MergedLinear):
+                parent = module_name.rpartition(".")[0]
+                start = 0
+                for shard, size in zip(module.shard_names, module.output_sizes):
+                    names[f"{parent}.{shard}.{param_name}"] = (param, start, size)
+                    start += size
+            else:
+                names[f"{prefix}{param_name}"] = (param, 0, None)
+    return names
+
+
+def _target(param: nn.Parameter, start: int, size: int | None) -> torch.Tensor:
+    return param.data if size is None else param.data.narrow(0, start, size)
+
+
+def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors under transformers' names (tied weights once, as HF saves them)."""
+    out, seen = {}, set()
+    for name, (param, start, size) in hf_parameter_map(model).items():
+        key = (id(param), start)
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = _target(param, start, size)
+    return out
+
+
+def load_weights(
+    model: nn.Module,
+    weights: Iterable[tuple[str, torch.Tensor, str]],
+    strict: bool = True,
+) -> set[str]:
+    """Copy `(name, tensor, source)` triples into the model; returns the names loaded.
+
+    With `strict`, every parameter must be covered; a shape mismatch is always an
+    error naming the tensor and the file it came from.
+    """
+    pmap = hf_parameter_map(model)
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    with torch.no_grad():
+        for name, tensor, source in weights:
+            if name not in pmap:
+                if not name.endswith(_IGNORED_SUFFIXES):
+                    unexpected.append(name)
+                continue
+            target = _target(*pmap[name])
+            if tuple(target.shape) != tuple(tensor.shape):
+                raise ValueError(
+                    f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                    f"the model expects {tuple(target.shape)}"
+                )
+            target.copy_(tensor)
+            loaded.add(name)
+    if unexpected:
+        logger.warning("ignored %d unexpected tensors, e.g. %s", len(unexpected), unexpected[:3])
+    if strict:
+        covered = {(id(p), s) for n, (p, s, _) in pmap.items() if n in loaded}
+        missing = [n for n, (p, s, _) in pmap.items() if (id(p), s) not in covered]
+        if missing:
+            raise ValueError(
+                f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:5]}"
+            )
+    return loaded
+
+
+def safetensors_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{index}: not a valid safetensors index ({e})") from None
+        files = [model_dir / f for f in sorted(set(weight_map.values()))]
+    else:
+        files = sorted(model_dir.glob("*.safetensors"))
+        if not files:
+            raise ValueError(f"model: {str(model_dir)!r} has no *.safetensors weight files")
+    for f in files:
+        if not f.is_file():
+            raise ValueError(f"weight file {str(f)!r} is missing")
+    return files
+
+
+def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, str]]:
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name), str(path)
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"weight file {str(path)!r} is corrupt or unreadable: {e}") from None
+
+
+def load_model(
+    model_dir: str | Path,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "cpu",
+) -> tuple[nn.Module, ModelConfig]:
+    """Build the model for `model_dir` on the meta device, then fill it from safetensors."""
+    from ember.models import model_class
+
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ValueError(f"model: {str(model_dir)!r} is not a directory")
+    config = ModelConfig.from_dir(model_dir)
+    device = torch.device(device)
+    torch_dtype = config.resolve_dtype(dtype, device)
+    files = safetensors_files(model_dir)
+    with torch.device("meta"):
+        model = model_class(config.architecture)(config)
+    model = model.to(dtype=torch_dtype).to_empty(device=device)
+    if config.tie_word_embeddings:  # to_empty unties; tie again
+        model.lm_head.weight = model.model.embed_tokens.weight
+    load_weights(model, iter_safetensors(files))
+    model.eval()
+    return model, config
+
+
+def save_model(model: nn.Module, config: ModelConfig, out_dir: str | Path, dtype: torch.dtype | None = None) -> None:
+    """Write config.json and model.safetensors in HF format."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        k: (v.to(dtype) if dtype else v).detach().cpu().contiguous()
+        for k, v in hf_state_dict(model).items()
+    }
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    hf = dict(config.raw)
+    hf["architectures"] = [config.architecture]
+    if dtype is not None:
+        hf["torch_dtype"] = str(dtype).removeprefix("torch.")
+    (out_dir / "config.json").write_text(json.dumps(hf, indent=2))

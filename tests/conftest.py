@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny random-init HF models written by transformers (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+VOCAB = 512
+BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=1024)
+
+
+def hf_config(arch: str, **overrides):
+    import transformers
+
+    kwargs = {**BASE, **overrides}
+    if arch == "llama":
+        return transformers.LlamaConfig(**kwargs)
+    if arch == "qwen2":
+        kwargs.setdefault("tie_word_embeddings", True)
+        return transformers.Qwen2Config(**kwargs)
+    if arch == "mistral":
+        kwargs.setdefault("sliding_window", 24)
+        return transformers.MistralConfig(**kwargs)
+    raise ValueError(arch)
+
+
+def save_hf_model(path: Path, arch: str, seed: int = 0, std: float = 0.02, **overrides) -> Path:
+    """A random-init transformers model saved with its own save_pretrained, plus a tokenizer."""
+    import transformers
+
+    from ember.bench.models import write_tokenizer
+
+    config = hf_config(arch, initializer_range=std, **overrides)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    model.save_pretrained(path)
+    write_tokenizer(path, vocab_size=VOCAB)
+    return path
+
+
+@pytest.fixture(scope="session")
+def model_factory(tmp_path_factory):
+    cache: dict[tuple, Path] = {}
+
+    def make(arch: str = "llama", seed: int = 0, std: float = 0.02, **overrides) -> Path:
+        key = (arch, seed, std, repr(sorted(overrides.items())))
+        if key not in cache:
+            path = tmp_path_factory.mktemp(f"{arch}-model")
+            cache[key] = save_hf_model(path, arch, seed, std, **overrides)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def llama_dir(model_factory):
+    return model_factory("llama")
+
+
+def load_hf(path: Path):
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    return model.eval()

@@ -1,0 +1,106 @@
+"""ember's model layer against transformers: same files, same logits (fp32)."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ember.models import load_model
+from ember.models.loader import hf_state_dict
+from tests.conftest import VOCAB, load_hf
+
+VARIANTS = {
+    "llama": ("llama", {}),
+    "llama-bias": ("llama", {"attention_bias": True, "mlp_bias": True}),
+    "qwen2-tied-bias": ("qwen2", {}),
+    "qwen2-untied": ("qwen2", {"tie_word_embeddings": False}),
+    "mistral-window": ("mistral", {"sliding_window": 24}),
+    "llama3-rope": ("llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                                  "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                  "original_max_position_embeddings": 256}}),
+    "linear-rope": ("llama", {"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}}),
+    "mha-headdim": ("llama", {"num_key_value_heads": 4, "head_dim": 32}),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_training_forward_matches_transformers(model_factory, variant):
+    arch, overrides = VARIANTS[variant]
+    path = model_factory(arch, std=0.1, **overrides)
+    ref = load_hf(path)
+    model, config = load_model(path, dtype="float32")
+    torch.manual_seed(1)
+    ids = torch.randint(0, VOCAB, (3, 80))  # longer than the sliding window
+    with torch.no_grad():
+        expected = ref(ids).logits
+        got = model(ids)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_packed_engine_forward_matches_training_forward(llama_dir):
+    """The flat forward with a paged context equals the [B, T] forward row by row."""
+    from ember import LLM, SamplingParams
+
+    llm = LLM(str(llama_dir), dtype="float32", kv_cache_gib=0.01)
+    model = llm.engine.model
+    prompts = [list(range(5, 5 + n)) for n in (3, 17, 40)]
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    for prompt, out in zip(prompts, outs):
+        with torch.no_grad():
+            ref = model(torch.tensor([prompt]))[0].float().log_softmax(-1)
+        for pos in range(1, len(prompt)):
+            got = out.prompt_logprobs[pos][prompt[pos]].logprob
+            assert abs(got - ref[pos - 1, prompt[pos]].item()) < 1e-5
+
+
+def test_sharded_checkpoint_and_dtype(tmp_path, llama_dir):
+    import transformers
+
+    ref = load_hf(llama_dir)
+    ref.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((llama_dir / name).read_bytes())
+    model, _ = load_model(tmp_path, dtype="bfloat16")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    for name, tensor in hf_state_dict(model).items():
+        torch.testing.assert_close(tensor.float(), ref.state_dict()[name].bfloat16().float())
+    assert isinstance(transformers.__version__, str)
+
+
+def test_bad_checkpoints_give_clear_errors(tmp_path, llama_dir):
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(llama_dir, d)
+    config = json.loads((d / "config.json").read_text())
+
+    (d / "config.json").write_text(json.dumps({**config, "architectures": ["FalconForCausalLM"]}))
+    with pytest.raises(ValueError, match="FalconForCausalLM"):
+        load_model(d)
+    (d / "config.json").write_text(json.dumps(config))
+
+    weights = d / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[:100])
+    with pytest.raises(ValueError, match="model.safetensors"):
+        load_model(d)
+
+    tensors = {k: v.clone() for k, v in hf_state_dict(load_model(llama_dir)[0]).items()}
+    tensors["model.layers.0.mlp.up_proj.weight"] = torch.zeros(3, 3)
+    save_file(tensors, str(weights))
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.up_proj.weight.*\(3, 3\)"):
+        load_model(d)
+
+    del tensors["model.layers.0.mlp.up_proj.weight"]
+    save_file(tensors, str(weights))
+    with pytest.raises(ValueError, match="missing.*up_proj"):
+        load_model(d)
+
+    weights.unlink()
+    with pytest.raises(ValueError, match="safetensors"):
+        load_model(d)
+    with pytest.raises(ValueError, match="not a directory"):
+        load_model(tmp_path / "nope")
