@@ -53,6 +53,7 @@ class EngineConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0
     chat_template: str | None = None  # a template string overriding the model's
+    attention_backend: str = "auto"  # auto | cpu_paged | torch_paged
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 

@@ -76,11 +76,13 @@ class LLMEngine:
             raise ValueError(f"kv_cache_gib: {cache.kv_cache_gib} is too small for one KV block ({block_bytes} bytes)")
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(sched, self.kv, self.max_model_len)
-        self.runner = ModelRunner(self.model, mc, num_blocks, cache.block_size, self.device, config.seed)
+        self.runner = ModelRunner(self.model, mc, num_blocks, cache.block_size, self.device, config.seed,
+                                  config.attention_backend)
         logger.info(
-            "%s on %s (%s): KV cache %d blocks x %d = %d tokens (%.2f GiB), max_model_len %d",
-            mc.architecture, self.device, str(dtype).removeprefix("torch."), num_blocks - 1, cache.block_size,
-            (num_blocks - 1) * cache.block_size, num_blocks * block_bytes / (1 << 30), self.max_model_len,
+            "%s on %s (%s, %s attention): KV cache %d blocks x %d = %d tokens (%.2f GiB), max_model_len %d",
+            mc.architecture, self.device, str(dtype).removeprefix("torch."), self.runner.attention_backend,
+            num_blocks - 1, cache.block_size, (num_blocks - 1) * cache.block_size,
+            num_blocks * block_bytes / (1 << 30), self.max_model_len,
         )
         self.groups: dict[str, RequestGroup] = {}
         self.sequences: dict[str, Sequence] = {}

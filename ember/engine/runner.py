@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ember.engine.attention import BatchLayout, make_backend
+from ember.engine.attention import BatchLayout, kv_cache_shapes, make_backend, resolve_backend
 from ember.engine.kv_cache import NULL_BLOCK
 from ember.engine.request import Request
 from ember.engine.sampler import Sampler, TokenLogprobInfo, compute_logprob_info
@@ -22,6 +22,24 @@ logger = logging.getLogger(__name__)
 def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
     element = torch.tensor([], dtype=dtype).element_size()
     return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * element
+
+
+def allocate_kv_caches(config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
+                       device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One buffer holds every layer's K and V blocks."""
+    k_shape, v_shape = kv_cache_shapes(num_blocks, config.num_kv_heads, block_size, config.head_dim)
+    per_tensor = num_blocks * config.num_kv_heads * block_size * config.head_dim
+    buffer = torch.empty(2 * config.num_layers * per_tensor, dtype=dtype, device=device)
+
+    caches = []
+    for layer in range(config.num_layers):
+        k = buffer[(2 * layer) * per_tensor:(2 * layer + 1) * per_tensor].view(k_shape)
+        v = buffer[(2 * layer + 1) * per_tensor:(2 * layer + 2) * per_tensor].view(v_shape)
+        # Padding in gathers points at the null block: it must hold finite values.
+        k[NULL_BLOCK].zero_()
+        v[NULL_BLOCK].zero_()
+        caches.append((k, v))
+    return caches
 
 
 @dataclass
@@ -41,22 +59,18 @@ class ModelRunner:
         block_size: int,
         device: torch.device,
         seed: int,
-        attention_backend: str = "torch_paged",
+        attention_backend: str = "auto",
     ):
         self.model = model
         self.config = config
         self.device = device
         self.block_size = block_size
         self.dtype = next(model.parameters()).dtype
-        shape = (num_blocks * block_size, config.num_kv_heads, config.head_dim)
-        self.kv_caches = []
-        for _ in range(config.num_layers):
-            k, v = torch.empty(shape, dtype=self.dtype, device=device), torch.empty(shape, dtype=self.dtype, device=device)
-            # Padding in gathers points at the null block: it must hold finite values.
-            k[NULL_BLOCK * block_size:(NULL_BLOCK + 1) * block_size].zero_()
-            v[NULL_BLOCK * block_size:(NULL_BLOCK + 1) * block_size].zero_()
-            self.kv_caches.append((k, v))
-        self.backend = make_backend(attention_backend, self.kv_caches, block_size)
+        self.kv_caches = allocate_kv_caches(config, num_blocks, block_size, self.dtype, device)
+        self.attention_backend = resolve_backend(
+            attention_backend, device, (config.num_heads, config.num_kv_heads, config.head_dim, block_size)
+        )
+        self.backend = make_backend(self.attention_backend, self.kv_caches, block_size)
         self.sampler = Sampler(device, seed)
         self.generators: dict[str, torch.Generator] = {}
 
@@ -74,8 +88,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, scheduled: SchedulerOutput) -> RunnerOutput:
-        # Decodes (one query token) first: the attention backend batches them.
-        items = sorted(scheduled.scheduled, key=lambda item: item[1] != 1)
+        # Shortest queries first: decodes lead, so attention backends batch them.
+        items = sorted(scheduled.scheduled, key=lambda item: item[1])
         requests = [r for r, _ in items]
         query_lens = [n for _, n in items]
         # num_computed_tokens already includes this step's tokens.
@@ -97,8 +111,7 @@ class ModelRunner:
         )
         bs = self.block_size
         slot_mapping = block_tables[token_request, positions // bs] * bs + positions % bs
-        num_decodes = sum(1 for n in query_lens if n == 1)
-        ctx = self.backend.build(BatchLayout(query_lens, context_lens, block_tables, slot_mapping, num_decodes))
+        ctx = self.backend.build(BatchLayout(query_lens, context_lens, block_tables, slot_mapping, positions))
 
         hidden = self.model(torch.tensor(input_ids, device=device), positions, ctx)
 
@@ -107,7 +120,7 @@ class ModelRunner:
         sample_idx = [i for i, r in enumerate(requests) if r.num_computed_tokens == r.num_tokens]
         if sample_idx:
             rows = torch.tensor([ends[i] - 1 for i in sample_idx], device=device)
-            logits = self.model.compute_logits(hidden[rows]).float()
+            logits = self.model.compute_logits(hidden[rows])
             sample_reqs = [requests[i] for i in sample_idx]
             result = self.sampler(logits, sample_reqs, [self._generator(r) for r in sample_reqs])
             for request, token, info in zip(sample_reqs, result.token_ids, result.logprobs):

@@ -22,10 +22,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        # torch's fused kernel normalises in fp32 like transformers does; in bf16 it rounds
+        # once at the end where transformers rounds before the weight (a last-bit difference).
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 class MergedLinear(nn.Linear):
@@ -58,11 +57,12 @@ class Rotary:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [..., tokens, heads, head_dim]; cos/sin: [..., tokens, head_dim]."""
+    """x: [..., tokens, heads, head_dim]; cos/sin: [..., tokens, head_dim].
+    transformers' `x * cos + rotate_half(x) * sin`, in one fewer op."""
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    return torch.addcmul(x * cos, rotated, sin)
 
 
 _ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
@@ -101,9 +101,10 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext | None
     ) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
-        q = apply_rotary(q.unflatten(-1, (self.num_heads, self.head_dim)), cos, sin)
-        k = apply_rotary(k.unflatten(-1, (self.num_kv_heads, self.head_dim)), cos, sin)
+        qk, v = self.qkv_proj(x).split([self.split_sizes[0] + self.split_sizes[1], self.split_sizes[2]], dim=-1)
+        # q and k rotate together: one set of elementwise ops instead of two.
+        qk = apply_rotary(qk.unflatten(-1, (self.num_heads + self.num_kv_heads, self.head_dim)), cos, sin)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=-2)
         v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
         if ctx is None:  # [batch, seq, heads, dim] -> SDPA's [batch, heads, seq, dim]
             out = causal_attention(

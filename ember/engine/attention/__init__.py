@@ -2,22 +2,38 @@
 
 A backend turns a step's `BatchLayout` into the `ctx` a model's attention layers
 call (`ctx.attend(layer, q, k, v, scale, sliding_window)`). `torch_paged` runs
-anywhere and is the reference every faster backend is tested against.
+anywhere and is the reference every faster backend is tested against;
+`cpu_paged` reads K/V blocks in place with a compiled C++ kernel.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ember.engine.attention.torch_paged import BatchLayout, TorchPagedBackend
+from ember.engine.attention.cpu_paged import CpuPagedBackend, load_kernels
+from ember.engine.attention.torch_paged import BatchLayout, TorchPagedBackend, kv_cache_shapes
 
-BACKENDS = {"torch_paged": TorchPagedBackend}
+BACKENDS = {"torch_paged": TorchPagedBackend, "cpu_paged": CpuPagedBackend}
+BACKEND_CHOICES = ("auto", *BACKENDS)
+
+
+def resolve_backend(name: str, device: torch.device, shape: tuple[int, int, int, int]) -> str:
+    """shape: (num_heads, num_kv_heads, head_dim, block_size)."""
+    if name not in BACKEND_CHOICES:
+        raise ValueError(f"attention_backend: {name!r} is not one of {BACKEND_CHOICES}")
+    cpu_ok = device.type == "cpu" and CpuPagedBackend.supports(*shape)
+    if name == "auto":
+        return "cpu_paged" if cpu_ok and load_kernels() else "torch_paged"
+    if name == "cpu_paged":
+        if not cpu_ok:
+            raise ValueError(f"attention_backend: 'cpu_paged' does not support this model/device ({device}, {shape})")
+        if not load_kernels():
+            raise ValueError("attention_backend: 'cpu_paged' kernels could not be compiled (see the warning above)")
+    return name
 
 
 def make_backend(name: str, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int):
-    if name not in BACKENDS:
-        raise ValueError(f"attention_backend: {name!r} is not one of {sorted(BACKENDS)}")
     return BACKENDS[name](kv_caches, block_size)
 
 
-__all__ = ["BACKENDS", "BatchLayout", "make_backend"]
+__all__ = ["BACKENDS", "BACKEND_CHOICES", "BatchLayout", "kv_cache_shapes", "make_backend", "resolve_backend"]

@@ -1,11 +1,17 @@
-"""Paged attention in plain PyTorch: the CPU backend and the reference for faster ones.
+"""Paged attention in plain PyTorch: runs anywhere, and is the reference every faster
+backend is tested against.
 
-The batch is flat: decodes (one query token each) first, then prompt chunks.
-Each layer first writes the step's new K/V into their cache slots, then attends:
-- decodes together: gather each request's K/V slots into a padded batch and run
-  one SDPA, folding the query heads that share a KV head into the query axis;
-- each prompt chunk alone: over its fresh K/V with a causal kernel when it has
-  no earlier context, else over its gathered context with a bottom-right causal mask.
+KV cache, per layer: K blocks [num_blocks, kv_heads, head_dim, block_size] (keys
+transposed) and V blocks [num_blocks, kv_heads, block_size, head_dim]. A block keeps
+each head's tokens contiguous so kernels stream them, and transposed keys let a CPU
+kernel score a vector of keys with plain multiply-adds.
+
+The batch is flat, requests ordered by query length, so decodes (one query token)
+come first. Each layer first writes the step's new K/V into their slots, then:
+- decodes together: gather their blocks into a padded batch, one SDPA call,
+  with the query heads sharing a KV head folded into the query axis;
+- each prompt chunk alone: over its fresh K/V with a causal kernel when it has no
+  earlier context, else over its gathered blocks with a bottom-right causal mask.
 """
 
 from __future__ import annotations
@@ -22,30 +28,71 @@ from ember.models.attention import causal_attention, causal_mask, expand_kv
 class BatchLayout:
     """What the runner knows about one step's flat batch (generic over backends)."""
 
-    query_lens: list[int]  # tokens per request this step
+    query_lens: list[int]  # tokens per request this step, ascending
     context_lens: list[int]  # tokens already in the cache before this step
     block_tables: torch.Tensor  # [requests, max_blocks] int64, padded with the null block
-    slot_mapping: torch.Tensor  # [tokens] int64: each new token's cache slot
-    num_decodes: int  # the first requests have one query token each
+    slot_mapping: torch.Tensor  # [tokens] int64: block * block_size + offset of each new token
+    positions: torch.Tensor  # [tokens] int64
+
+    @property
+    def num_decodes(self) -> int:
+        return sum(1 for n in self.query_lens if n == 1)
 
 
 @dataclass
-class _PromptChunk:
-    start: int
+class PromptChunk:
+    start: int  # first row in the flat batch
     end: int
     context_len: int
-    slots: torch.Tensor | None  # cache slots of context + chunk, None without context
+    block_table: torch.Tensor  # this request's blocks covering context + chunk
+
+
+def kv_cache_shapes(num_blocks: int, kv_heads: int, block_size: int, head_dim: int):
+    return (num_blocks, kv_heads, head_dim, block_size), (num_blocks, kv_heads, block_size, head_dim)
+
+
+def gather_blocks(cache: torch.Tensor, block_table: torch.Tensor, keys: bool) -> torch.Tensor:
+    """[..., blocks] table -> [..., kv_heads, blocks * block_size, head_dim] copy."""
+    picked = cache.index_select(0, block_table.reshape(-1))
+    if keys:
+        picked = picked.transpose(-1, -2)
+    _, heads, block_size, dim = picked.shape
+    picked = picked.view(*block_table.shape, heads, block_size, dim).transpose(-3, -4)
+    return picked.reshape(*block_table.shape[:-1], heads, block_table.shape[-1] * block_size, dim)
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor,
+             v: torch.Tensor) -> None:
+    block_size = v_cache.shape[2]
+    blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
+    k_cache[blocks, :, :, offsets] = k
+    v_cache[blocks, :, offsets] = v
+
+
+def chunk_attention(q, k, v, k_cache, v_cache, chunk: PromptChunk, scale, sliding_window) -> torch.Tensor:
+    """One prompt chunk [tokens, heads, dim] -> its attention output."""
+    qc = q[chunk.start:chunk.end].transpose(0, 1)
+    if chunk.context_len == 0:
+        kc = k[chunk.start:chunk.end].transpose(0, 1)
+        vc = v[chunk.start:chunk.end].transpose(0, 1)
+        return causal_attention(qc[None], kc[None], vc[None], scale, sliding_window)[0].transpose(0, 1)
+    kv_len = chunk.context_len + chunk.end - chunk.start
+    group = q.shape[1] // k.shape[1]
+    kc = expand_kv(gather_blocks(k_cache, chunk.block_table, keys=True)[:, :kv_len], group, 0)
+    vc = expand_kv(gather_blocks(v_cache, chunk.block_table, keys=False)[:, :kv_len], group, 0)
+    mask = causal_mask(chunk.end - chunk.start, kv_len, sliding_window, q.device)
+    return F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, scale=scale).transpose(0, 1)
 
 
 @dataclass
 class TorchPagedContext:
-    backend: "TorchPagedBackend"
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
     slot_mapping: torch.Tensor
     num_decodes: int
-    decode_slots: torch.Tensor | None  # [decodes, max_len]
-    decode_valid: torch.Tensor | None  # [decodes, max_len] bool
-    decode_positions: torch.Tensor | None  # [decodes] position of each query token
-    chunks: list[_PromptChunk]
+    decode_blocks: torch.Tensor | None  # [decodes, blocks]
+    decode_valid: torch.Tensor | None  # [decodes, blocks * block_size] bool
+    decode_positions: torch.Tensor | None  # [decodes]
+    chunks: list[PromptChunk]
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
 
     def _decode_mask(self, window: int | None) -> torch.Tensor:
@@ -58,32 +105,19 @@ class TorchPagedContext:
         return self._masks[window]
 
     def attend(self, layer, q, k, v, scale, sliding_window):
-        k_cache, v_cache = self.backend.kv_caches[layer]
-        k_cache.index_copy_(0, self.slot_mapping, k)
-        v_cache.index_copy_(0, self.slot_mapping, v)
+        k_cache, v_cache = self.kv_caches[layer]
+        write_kv(k_cache, v_cache, self.slot_mapping, k, v)
         out = torch.empty_like(q)
         nd = self.num_decodes
         if nd:
             num_kv, dim = k.shape[1], k.shape[2]
-            # [decodes, kv_heads, heads_per_kv, dim]: the group's heads act as query rows.
-            qd = q[:nd].view(nd, num_kv, -1, dim)
-            kd = k_cache[self.decode_slots].transpose(1, 2)
-            vd = v_cache[self.decode_slots].transpose(1, 2)
+            qd = q[:nd].view(nd, num_kv, -1, dim)  # the group's heads act as query rows
+            kd = gather_blocks(k_cache, self.decode_blocks, keys=True)
+            vd = gather_blocks(v_cache, self.decode_blocks, keys=False)
             od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=self._decode_mask(sliding_window), scale=scale)
             out[:nd] = od.reshape(nd, -1, dim)
         for chunk in self.chunks:
-            qc = q[chunk.start:chunk.end].transpose(0, 1).unsqueeze(0)
-            if chunk.slots is None:
-                kc = k[chunk.start:chunk.end].transpose(0, 1).unsqueeze(0)
-                vc = v[chunk.start:chunk.end].transpose(0, 1).unsqueeze(0)
-                oc = causal_attention(qc, kc, vc, scale, sliding_window)
-            else:
-                group = q.shape[1] // k.shape[1]
-                kc = expand_kv(k_cache[chunk.slots].transpose(0, 1), group, 0)
-                vc = expand_kv(v_cache[chunk.slots].transpose(0, 1), group, 0)
-                mask = causal_mask(chunk.end - chunk.start, chunk.slots.shape[0], sliding_window, q.device)
-                oc = F.scaled_dot_product_attention(qc[0], kc, vc, attn_mask=mask, scale=scale)[None]
-            out[chunk.start:chunk.end] = oc[0].transpose(0, 1)
+            out[chunk.start:chunk.end] = chunk_attention(q, k, v, k_cache, v_cache, chunk, scale, sliding_window)
         return out
 
 
@@ -91,29 +125,27 @@ class TorchPagedBackend:
     name = "torch_paged"
 
     def __init__(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int):
-        self.kv_caches = kv_caches  # per layer, each [num_slots, kv_heads, head_dim]
+        self.kv_caches = kv_caches
         self.block_size = block_size
 
-    def _slots(self, block_table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        bs = self.block_size
-        return block_table[..., positions // bs] * bs + positions % bs
+    def chunks(self, layout: BatchLayout, first_request: int, first_row: int) -> list[PromptChunk]:
+        chunks, start = [], first_row
+        for i in range(first_request, len(layout.query_lens)):
+            n, ctx = layout.query_lens[i], layout.context_lens[i]
+            table = layout.block_tables[i, : -(-(ctx + n) // self.block_size)]
+            chunks.append(PromptChunk(start, start + n, ctx, table))
+            start += n
+        return chunks
 
     def build(self, layout: BatchLayout) -> TorchPagedContext:
-        device = layout.slot_mapping.device
         nd = layout.num_decodes
-        decode_slots = decode_valid = decode_positions = None
+        blocks = valid = positions = None
         if nd:
-            seq_lens = torch.tensor(layout.context_lens[:nd], device=device) + 1
-            key_pos = torch.arange(int(seq_lens.max()), device=device)
-            decode_valid = key_pos[None, :] < seq_lens[:, None]
-            decode_slots = torch.where(decode_valid, self._slots(layout.block_tables[:nd], key_pos), 0)
-            decode_positions = seq_lens - 1
-        chunks, start = [], nd
-        for i in range(nd, len(layout.query_lens)):
-            n, ctx = layout.query_lens[i], layout.context_lens[i]
-            slots = None
-            if ctx:
-                slots = self._slots(layout.block_tables[i], torch.arange(ctx + n, device=device))
-            chunks.append(_PromptChunk(start, start + n, ctx, slots))
-            start += n
-        return TorchPagedContext(self, layout.slot_mapping, nd, decode_slots, decode_valid, decode_positions, chunks)
+            seq_lens = torch.tensor(layout.context_lens[:nd], device=layout.positions.device) + 1
+            num_blocks = -(-int(seq_lens.max()) // self.block_size)
+            blocks = layout.block_tables[:nd, :num_blocks]
+            key_pos = torch.arange(num_blocks * self.block_size, device=seq_lens.device)
+            valid = key_pos[None, :] < seq_lens[:, None]
+            positions = seq_lens - 1
+        return TorchPagedContext(self.kv_caches, layout.slot_mapping, nd, blocks, valid, positions,
+                                 self.chunks(layout, nd, nd))

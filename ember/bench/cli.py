@@ -1,0 +1,98 @@
+"""`ember bench make-model | throughput | latency`."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+
+
+def add_bench_parser(sub) -> None:
+    bench = sub.add_parser("bench", help="benchmarks of ../shared/bench/WORKLOAD.md")
+    bsub = bench.add_subparsers(dest="bench_command", required=True)
+
+    make = bsub.add_parser("make-model", help="write a random-init benchmark model (HF format)")
+    make.add_argument("name", choices=["bench-llama-56m", "bench-qwen2-0.5b"])
+    make.add_argument("out_dir")
+
+    for name, help_text in (("throughput", "W1: offline throughput"), ("latency", "W2: single-stream latency")):
+        p = bsub.add_parser(name, help=help_text)
+        p.add_argument("--model", required=True)
+        p.add_argument("--dtype", default="bfloat16")
+        p.add_argument("--runs", type=int, default=3)
+        p.add_argument("--compare", choices=["hf"], default=None, help="run a peer in the same invocation")
+        p.add_argument("--num-requests", type=int, default=None, help="W1 requests (default 64; 16 for qwen2)")
+        p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+        p.add_argument("--max-num-seqs", type=int, default=256)
+    bench.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.bench_command == "make-model":
+        from ember.bench.models import make_bench_model
+
+        path = make_bench_model(args.name, args.out_dir)
+        print(f"wrote {args.name} to {path}")
+        return 0
+    if args.bench_command == "throughput":
+        return _throughput(args)
+    return _latency(args)
+
+
+def _header(args) -> None:
+    import torch
+
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, dtype {args.dtype}")
+
+
+def _throughput(args) -> int:
+    import json
+    from pathlib import Path
+
+    from ember.bench.throughput import EmberRunner, HFRunner, median_result, summary
+    from ember.bench.workloads import Workload, w1
+
+    arch = json.loads((Path(args.model) / "config.json").read_text())["architectures"][0]
+    num = args.num_requests or (16 if arch.startswith("Qwen2") else 64)
+    workload = w1(num)
+    _header(args)
+    print(f"W1: {num} requests, {workload.num_prompt_tokens} prompt tokens, {workload.max_tokens} output tokens each")
+    runners = [EmberRunner(args.model, args.dtype, max_num_batched_tokens=args.max_num_batched_tokens,
+                           max_num_seqs=args.max_num_seqs)]
+    if args.compare == "hf":
+        runners.append(HFRunner(args.model, args.dtype))
+    warm = Workload("warm-up", workload.prompts[:8], 8)
+    for r in runners:
+        r.run(warm)
+    results = {r.name: [] for r in runners}
+    for i in range(args.runs):  # alternate A B A B so drift hits both alike
+        for r in runners:
+            res = r.run(workload)
+            results[r.name].append(res)
+            print(f"  run {i + 1} {r.name}: {res.output_tps:.1f} output tok/s ({res.seconds:.2f} s)", flush=True)
+    for name, res in results.items():
+        print(summary(name, res))
+    if len(runners) > 1:
+        ours = median_result(results["ember"]).output_tps
+        theirs = median_result(results["transformers"]).output_tps
+        print(f"ratio ember / transformers (output tok/s, medians): {ours / theirs:.2f}x")
+    return 0
+
+
+def _latency(args) -> int:
+    from ember.bench.throughput import EmberRunner
+    from ember.bench.workloads import w2
+
+    workload = w2()
+    _header(args)
+    runner = EmberRunner(args.model, args.dtype)
+    runner.latency(w2(prompt_len=16, output_len=8))
+    ttfts, tpots = [], []
+    for i in range(args.runs):
+        ttft, tpot = runner.latency(workload)
+        ttfts.append(ttft)
+        tpots.append(tpot)
+        print(f"  run {i + 1}: TTFT {ttft * 1e3:.1f} ms, decode {tpot * 1e3:.2f} ms/token", flush=True)
+    print(f"W2 ember: TTFT {statistics.median(ttfts) * 1e3:.1f} ms, decode {statistics.median(tpots) * 1e3:.2f} ms/token (median of {args.runs})")
+    return 0

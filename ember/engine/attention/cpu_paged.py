@@ -1,0 +1,115 @@
+"""CPU backend: attention over K/V blocks read in place by a small C++ kernel.
+
+The gather in `torch_paged` copies every decode's whole context each layer, which
+costs more than the attention itself. Here `paged_cpu.cpp` walks each request's
+block table and computes scores, an online softmax and the weighted V sum in one
+pass. Requests with up to `KERNEL_MAX_QUERY` new tokens (decodes, short chunks,
+speculative drafts) go through it together; longer prompt chunks keep SDPA, whose
+blocked matmuls win once many queries share the same keys.
+
+The kernel is compiled on first use (torch.utils.cpp_extension, ~15 s, cached in
+~/.cache/torch_extensions); without a compiler ember falls back to torch_paged.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ember.engine.attention.torch_paged import BatchLayout, PromptChunk, TorchPagedBackend, chunk_attention, write_kv
+
+logger = logging.getLogger(__name__)
+
+KERNEL_MAX_QUERY = 16
+
+
+def _vector_flags() -> list[str]:
+    """Select ATen's Vectorized<float> implementation for this CPU (as ATen's own kernels do)."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return []
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+        return ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
+    if {"avx2", "fma"} <= flags:
+        return ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    return []
+
+
+@functools.cache
+def load_kernels() -> bool:
+    """Compile (or load the cached build of) the C++ kernels; False if that is impossible."""
+    try:
+        from torch.utils import cpp_extension
+
+        source = Path(__file__).with_name("paged_cpu.cpp")
+        cpp_extension.load(
+            name="ember_paged_cpu",
+            sources=[str(source)],
+            extra_cflags=["-O3", "-march=native", "-fopenmp", *_vector_flags()],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            verbose=False,
+        )
+        return True
+    except Exception as e:  # no compiler, no ninja, no headers: stay correct, only slower
+        logger.warning("paged CPU kernels unavailable (%s); using the torch_paged backend", str(e).splitlines()[0])
+        return False
+
+
+@dataclass
+class CpuPagedContext:
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
+    slot_mapping: torch.Tensor
+    num_kernel_rows: int  # the first rows, attended by the kernel
+    block_tables: torch.Tensor
+    token_request: torch.Tensor  # [kernel rows] request index of each row
+    kv_lens: torch.Tensor  # [kernel rows] keys visible to each row (its position + 1)
+    chunks: list[PromptChunk]
+
+    def attend(self, layer, q, k, v, scale, sliding_window):
+        k_cache, v_cache = self.kv_caches[layer]
+        write_kv(k_cache, v_cache, self.slot_mapping, k, v)
+        rows = self.num_kernel_rows
+        kernel_out = None
+        if rows:
+            kernel_out = torch.ops.ember_cpu.paged_attention(
+                q[:rows].contiguous(), k_cache, v_cache, self.block_tables, self.token_request, self.kv_lens,
+                sliding_window or 0, scale,
+            )
+            if not self.chunks:
+                return kernel_out
+        out = torch.empty_like(q)
+        if kernel_out is not None:
+            out[:rows] = kernel_out
+        for chunk in self.chunks:
+            out[chunk.start:chunk.end] = chunk_attention(q, k, v, k_cache, v_cache, chunk, scale, sliding_window)
+        return out
+
+
+class CpuPagedBackend(TorchPagedBackend):
+    name = "cpu_paged"
+
+    @staticmethod
+    def supports(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int) -> bool:
+        group = num_heads // num_kv_heads
+        return 1 <= group <= 8 and head_dim % 16 == 0 and block_size % 16 == 0
+
+    def build(self, layout: BatchLayout) -> CpuPagedContext:
+        num_kernel = 0
+        while num_kernel < len(layout.query_lens) and layout.query_lens[num_kernel] <= KERNEL_MAX_QUERY:
+            num_kernel += 1
+        rows = sum(layout.query_lens[:num_kernel])
+        device = layout.positions.device
+        token_request = torch.repeat_interleave(
+            torch.arange(num_kernel, device=device),
+            torch.tensor(layout.query_lens[:num_kernel], dtype=torch.int64, device=device),
+        )
+        return CpuPagedContext(
+            self.kv_caches, layout.slot_mapping, rows, layout.block_tables, token_request,
+            layout.positions[:rows] + 1, self.chunks(layout, num_kernel, rows),
+        )

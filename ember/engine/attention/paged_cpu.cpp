@@ -1,0 +1,189 @@
+// Paged attention on CPU in one pass over each request's K/V blocks, read in place.
+//
+// Cache layout per layer (see cpu_paged.py): K blocks [num_blocks, kv_heads,
+// head_dim, block_size] (keys transposed, so a vector of consecutive keys' scores
+// comes from vector multiply-adds with no horizontal sums) and V blocks
+// [num_blocks, kv_heads, block_size, head_dim].
+//
+// One work item is (query row, kv head); the query heads of a GQA group share
+// every K/V load. Keys are visited one vector width at a time with an online
+// softmax (flash-decoding): scores, running max, rescaled accumulator. Each row
+// carries its request's block table and its visible key range, so decodes, short
+// prompt chunks over cached context and speculative drafts share one code path.
+// Arithmetic is fp32 through ATen's Vectorized<float> (AVX-512/AVX2 as compiled),
+// in a fixed order, so results do not depend on the batch.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kPrefetchBlocks = 2;  // how far ahead to fetch the next blocks
+
+template <typename T>
+inline Vec load_vec(const T* p) {
+  Vec v;
+  at::vec::load_to_float<T>(p, v);
+  return v;
+}
+template <>
+inline Vec load_vec<float>(const float* p) {
+  return Vec::loadu(p);
+}
+
+inline float reduce_max(const Vec& v) {
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, v);
+}
+inline float reduce_sum(const Vec& v) {
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
+}
+
+// G: query heads per KV head, a compile-time constant so the group's accumulators stay in registers.
+template <typename T, int G>
+void attention_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                      const int64_t* block_tables, int64_t max_blocks, const int64_t* token_request,
+                      const int64_t* kv_lens, int64_t window, float scale, at::Tensor& out) {
+  constexpr int64_t W = Vec::size();  // keys per chunk: one vector of scores
+  const int64_t num_rows = q.size(0), heads = q.size(1), dim = q.size(2);
+  const int64_t kv_heads = k_cache.size(1), block_size = k_cache.size(3), group = G;
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k_cache.data_ptr<T>();
+  const T* vp = v_cache.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const int64_t block_elems = kv_heads * block_size * dim;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+
+  at::parallel_for(0, num_rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(G * dim), acc(G * dim);
+    float max_score[G], denom[G], correction[G];
+    alignas(64) float probs[G][W];
+    Vec scores[G], out_acc[G];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / kv_heads, kvh = item % kv_heads;
+      for (int64_t i = 0; i < group * dim; ++i) qf[i] = static_cast<float>(qp[(n * heads + kvh * group) * dim + i]) * scale;
+      std::fill(acc.begin(), acc.end(), 0.f);
+      std::fill(max_score, max_score + G, neg_inf);
+      std::fill(denom, denom + G, 0.f);
+      const int64_t last = kv_lens[n];
+      const int64_t first = window > 0 ? std::max<int64_t>(0, last - window) : 0;
+      const int64_t* table = block_tables + token_request[n] * max_blocks;
+
+      for (int64_t start = first - first % W; start < last; start += W) {
+        const int64_t block = table[start / block_size], offset = start % block_size;
+        const T* keys = kp + block * block_elems + kvh * dim * block_size + offset;  // [dim][block_size]
+        const T* values = vp + block * block_elems + (kvh * block_size + offset) * dim;  // [block_size][dim]
+        const int64_t lo = std::max<int64_t>(first - start, 0), hi = std::min<int64_t>(last - start, W);
+        if ((start + W) % block_size == 0) {
+          // Blocks live anywhere: fetch the K and V rows of a block a few ahead now.
+          const int64_t ahead = start + kPrefetchBlocks * block_size;
+          if (ahead < last) {
+            const int64_t next = table[ahead / block_size] * block_elems;
+            const char* next_keys = reinterpret_cast<const char*>(kp + next + kvh * dim * block_size);
+            const char* next_values = reinterpret_cast<const char*>(vp + next + kvh * block_size * dim);
+            for (int64_t b = 0; b < dim * block_size * static_cast<int64_t>(sizeof(T)); b += 64) {
+              __builtin_prefetch(next_keys + b);
+              __builtin_prefetch(next_values + b);
+            }
+          }
+        }
+        // Scores of this chunk's keys for every head of the group: each K row is loaded once.
+        for (int g = 0; g < G; ++g) scores[g] = Vec(0.f);
+        for (int64_t d = 0; d < dim; ++d) {
+          const Vec key = load_vec(keys + d * block_size);
+          for (int g = 0; g < G; ++g) scores[g] = at::vec::fmadd(Vec(qf[g * dim + d]), key, scores[g]);
+        }
+        for (int g = 0; g < G; ++g) {
+          Vec sc = scores[g];
+          if (lo > 0 || hi < W) {  // a partial chunk at either end of the visible range
+            sc.store(probs[g]);
+            for (int64_t j = 0; j < W; ++j) probs[g][j] = (j >= lo && j < hi) ? probs[g][j] : neg_inf;
+            sc = Vec::loadu(probs[g]);
+          }
+          const float new_max = std::max(max_score[g], reduce_max(sc));
+          const Vec p = (sc - Vec(new_max)).exp();
+          correction[g] = max_score[g] == neg_inf ? 0.f : std::exp(max_score[g] - new_max);
+          max_score[g] = new_max;
+          denom[g] = denom[g] * correction[g] + reduce_sum(p);
+          p.store(probs[g]);
+        }
+        // Weighted V rows: each V row is loaded once for the whole group.
+        for (int64_t d = 0; d < dim; d += W) {
+          for (int g = 0; g < G; ++g) out_acc[g] = Vec::loadu(acc.data() + g * dim + d) * Vec(correction[g]);
+          for (int64_t j = lo; j < hi; ++j) {
+            const Vec value = load_vec(values + j * dim + d);
+            for (int g = 0; g < G; ++g) out_acc[g] = at::vec::fmadd(Vec(probs[g][j]), value, out_acc[g]);
+          }
+          for (int g = 0; g < G; ++g) out_acc[g].store(acc.data() + g * dim + d);
+        }
+      }
+      for (int g = 0; g < G; ++g) {
+        const float inv = 1.f / denom[g];
+        T* dst = op + (n * heads + kvh * group + g) * dim;
+        for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<T>(acc[g * dim + d] * inv);
+      }
+    }
+  });
+}
+
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           const at::Tensor& block_tables, const at::Tensor& token_request,
+                           const at::Tensor& kv_lens, int64_t window, double scale) {
+  TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "q: contiguous [tokens, heads, head_dim] expected");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous(), "k_cache: contiguous [blocks, kv_heads, head_dim, block_size]");
+  TORCH_CHECK(v_cache.dim() == 4 && v_cache.is_contiguous(), "v_cache: contiguous [blocks, kv_heads, block_size, head_dim]");
+  TORCH_CHECK(k_cache.size(3) % Vec::size() == 0 && q.size(2) % Vec::size() == 0,
+              "block_size and head_dim must be multiples of the vector width");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(), "dtypes differ");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.is_contiguous(), "int64 block_tables");
+  TORCH_CHECK(token_request.scalar_type() == at::kLong && kv_lens.scalar_type() == at::kLong, "int64 indices");
+  at::Tensor out = at::empty_like(q);
+  const int64_t group = q.size(1) / k_cache.size(1);
+  TORCH_CHECK(group >= 1 && group <= 8 && q.size(1) == group * k_cache.size(1), "1-8 query heads per KV head supported");
+  const auto run = [&](auto tag) {
+    using T = decltype(tag);
+    const auto go = [&](auto g) {
+      attention_kernel<T, decltype(g)::value>(q, k_cache, v_cache, block_tables.data_ptr<int64_t>(),
+                                              block_tables.size(1), token_request.data_ptr<int64_t>(),
+                                              kv_lens.data_ptr<int64_t>(), window, static_cast<float>(scale), out);
+    };
+    switch (group) {
+      case 1: go(std::integral_constant<int, 1>{}); break;
+      case 2: go(std::integral_constant<int, 2>{}); break;
+      case 3: go(std::integral_constant<int, 3>{}); break;
+      case 4: go(std::integral_constant<int, 4>{}); break;
+      case 5: go(std::integral_constant<int, 5>{}); break;
+      case 6: go(std::integral_constant<int, 6>{}); break;
+      case 7: go(std::integral_constant<int, 7>{}); break;
+      default: go(std::integral_constant<int, 8>{}); break;
+    }
+  };
+  switch (q.scalar_type()) {
+    case at::kFloat: run(float{}); break;
+    case at::kBFloat16: run(c10::BFloat16{}); break;
+    case at::kHalf: run(c10::Half{}); break;
+    default: TORCH_CHECK(false, "paged_attention: unsupported dtype ", q.scalar_type());
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(ember_cpu, m) {
+  m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor token_request, "
+        "Tensor kv_lens, int window, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(ember_cpu, CPU, m) {
+  m.impl("paged_attention", &paged_attention);
+}

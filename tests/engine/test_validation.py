@@ -1,0 +1,64 @@
+"""Bad input: a ValueError naming the field and the value, before any work is queued."""
+
+import pytest
+
+from ember import LLM, SamplingParams
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(temperature=-0.1), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(n=0), "n"),
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(logprobs=21), "logprobs"),
+        (dict(prompt_logprobs=-1), "prompt_logprobs"),
+        (dict(top_k=-2), "top_k"),
+        (dict(min_p=1.5), "min_p"),
+        (dict(min_tokens=5, max_tokens=2), "min_tokens"),
+        (dict(stop=[""]), "stop"),
+        (dict(logit_bias={3: 500.0}), "logit_bias"),
+    ],
+)
+def test_bad_sampling_params(kwargs, field):
+    with pytest.raises(ValueError, match=rf"^{field}: .*invalid"):
+        SamplingParams(**kwargs)
+
+
+def test_bad_prompts_and_models(llama_dir, tmp_path):
+    llm = LLM(str(llama_dir), dtype="float32", max_model_len=64)
+    ok = SamplingParams(max_tokens=4, temperature=0)
+    with pytest.raises(ValueError, match="prompt: '' is empty"):
+        llm.generate([""], ok)
+    with pytest.raises(ValueError, match="prompt: 64 tokens do not fit"):
+        llm.generate([[1] * 64], ok)
+    with pytest.raises(ValueError, match=r"prompt_token_ids: \[9999\]"):
+        llm.generate([[1, 9999]], ok)
+    with pytest.raises(ValueError, match="prompt: it has no tokens"):
+        llm.generate([{"prompt_token_ids": []}], ok)
+    # a bad prompt in a batch queues nothing, and the engine is fine afterwards
+    with pytest.raises(ValueError):
+        llm.generate(["fine", ""], ok)
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.engine.get_stats()["num_free_blocks"] == llm.engine.get_stats()["num_blocks"]
+    out = llm.generate(["fine"], ok, use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4
+
+    with pytest.raises(ValueError, match="not a directory"):
+        LLM(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="config.json"):
+        LLM(str(tmp_path))
+    with pytest.raises(ValueError, match="max_model_len"):
+        LLM(str(llama_dir), max_model_len=10**6)
+    with pytest.raises(ValueError, match="dtype"):
+        LLM(str(llama_dir), dtype="int3")
+    with pytest.raises(TypeError, match="unknown engine option"):
+        LLM(str(llama_dir), max_num_sequences=3)
+
+
+def test_max_tokens_is_capped_by_the_context(llama_dir):
+    llm = LLM(str(llama_dir), dtype="float32", max_model_len=40)
+    out = llm.generate([[1] * 30], SamplingParams(max_tokens=None, temperature=0, ignore_eos=True), use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 10 and out.outputs[0].finish_reason == "length"
