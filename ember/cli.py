@@ -1,4 +1,4 @@
-"""`ember` command line: generate | serve | bench. Heavy imports happen inside each command."""
+"""`ember` command line: serve | generate | bench. Heavy imports happen inside each command."""
 
 from __future__ import annotations
 
@@ -52,6 +52,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    if args.model is None:
+        raise ValueError("--model: required (give an HF-format model directory)")
+    from ember.engine.async_llm import AsyncLLM
+    from ember.serve.app import ServerConfig, run_server
+
+    config = ServerConfig(
+        host=args.host, port=args.port, api_key=args.api_key, allowed_origins=tuple(args.allowed_origins or ()),
+        max_body_mb=args.max_body_mb, drain_timeout=args.drain_timeout,
+    )
+    chat_template = None
+    if args.chat_template:
+        path = Path(args.chat_template)
+        if not path.is_file():
+            raise ValueError(f"--chat-template: {args.chat_template!r} is not a file")
+        chat_template = path.read_text()
+    llm = AsyncLLM.from_args(args.model, max_waiting=args.max_waiting, chat_template=chat_template,
+                             **engine_kwargs(args))
+    run_server(llm, args.served_model_name or args.model, config)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from ember.bench import cli as bench_cli
 
@@ -73,6 +97,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     gen.set_defaults(func=cmd_generate)
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    add_engine_args(serve, model_required=False)
+    serve.add_argument("--served-model-name", default=None, help="the model id clients use (default: --model)")
+    serve.add_argument("--chat-template", default=None, help="a jinja file overriding the model's chat template")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    serve.add_argument("--allowed-origins", action="append", help="CORS origin to allow (repeatable, '*' for any)")
+    serve.add_argument("--max-body-mb", type=float, default=16.0)
+    serve.add_argument("--max-waiting", type=int, default=None, help="429 when this many requests wait")
+    serve.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
+    serve.set_defaults(func=cmd_serve)
 
     from ember.bench.cli import add_bench_parser
 

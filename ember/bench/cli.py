@@ -24,6 +24,12 @@ def add_bench_parser(sub) -> None:
         p.add_argument("--num-requests", type=int, default=None, help="W1 requests (default 64; 16 for qwen2)")
         p.add_argument("--max-num-batched-tokens", type=int, default=2048)
         p.add_argument("--max-num-seqs", type=int, default=256)
+    serve = bsub.add_parser("serve", help="W5: W1 over HTTP against `ember serve` at several concurrencies")
+    serve.add_argument("--model", required=True)
+    serve.add_argument("--dtype", default="bfloat16")
+    serve.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    serve.add_argument("--requests-per-level", type=int, default=None,
+                       help="default: min(64, max(8, 4 x concurrency)) of W1's requests")
     bench.set_defaults(func=run)
 
 
@@ -36,7 +42,44 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.bench_command == "throughput":
         return _throughput(args)
+    if args.bench_command == "serve":
+        return _serve(args)
     return _latency(args)
+
+
+def _serve(args) -> int:
+    import asyncio
+    import gc
+
+    from ember.bench.serving import ServerProcess, run_level
+    from ember.bench.throughput import EmberRunner
+    from ember.bench.workloads import Workload, w1
+
+    _header(args)
+    full = w1(64)
+    # The offline reference runs at the concurrency the bar compares against (16).
+    reference = Workload("W1-16", full.prompts[:32], full.max_tokens)
+    offline = EmberRunner(args.model, args.dtype, max_num_seqs=16)
+    offline.run(Workload("warm-up", full.prompts[:4], 8))
+    offline_tps = offline.run(reference).output_tps
+    print(f"offline (max_num_seqs 16, {len(reference.prompts)} requests): {offline_tps:.1f} output tok/s", flush=True)
+    del offline
+    gc.collect()
+
+    server = ServerProcess(args.model, args.dtype)
+    try:
+        asyncio.run(run_level(server.base_url, Workload("warm-up", full.prompts[:4], 8), 4))
+        results = {}
+        for c in args.concurrency:
+            n = args.requests_per_level or min(64, max(8, 4 * c))
+            result = asyncio.run(run_level(server.base_url, Workload("W5", full.prompts[:n], full.max_tokens), c))
+            results[c] = result
+            print(result.summary(), flush=True)
+    finally:
+        server.stop()
+    if 16 in results:
+        print(f"ratio server @16 / offline @16 (output tok/s): {results[16].output_tps / offline_tps:.2f}")
+    return 0
 
 
 def _header(args) -> None:

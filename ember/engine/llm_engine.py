@@ -127,7 +127,12 @@ class LLMEngine:
             )
         return text, ids
 
-    def _make_group(self, request_id: str, prompt: PromptType, params: SamplingParams, priority: int) -> RequestGroup:
+    def make_request_group(
+        self, request_id: str, prompt: PromptType, params: SamplingParams | None = None, priority: int = 0
+    ) -> RequestGroup:
+        """Validate a request and build its sequences, without touching engine state
+        (so a server thread can do it and report errors before queueing)."""
+        params = params or SamplingParams()
         text, ids = self.process_prompt(prompt)
         params.validate()
         room = self.max_model_len - len(ids)
@@ -140,10 +145,19 @@ class LLMEngine:
             request = Request(child_id, ids, params, max_tokens, eos, priority, seed=seed)
             detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
             sequences.append(Sequence(request, i, detok))
+        self.scheduler.check_fits(sequences[0].request)
         group = RequestGroup(request_id, text, ids, sequences)
         if params.prompt_logprobs is not None:
             group.prompt_logprobs = [None]
         return group
+
+    def add_request_group(self, group: RequestGroup) -> None:
+        if group.request_id in self.groups:
+            raise ValueError(f"request_id: {group.request_id!r} is already in use")
+        for seq in group.sequences:
+            self.scheduler.add_request(seq.request)
+            self.sequences[seq.request.request_id] = seq
+        self.groups[group.request_id] = group
 
     def add_request(
         self, request_id: str | None, prompt: PromptType, params: SamplingParams | None = None, priority: int = 0
@@ -152,19 +166,7 @@ class LLMEngine:
         request_id = str(next(self._ids)) if request_id is None else request_id
         if request_id in self.groups:
             raise ValueError(f"request_id: {request_id!r} is already in use")
-        group = self._make_group(request_id, prompt, params or SamplingParams(), priority)
-        added = []
-        try:
-            for seq in group.sequences:
-                self.scheduler.add_request(seq.request)
-                added.append(seq)
-        except ValueError:
-            for seq in added:
-                self.scheduler.finish_request(seq.request, RequestStatus.FINISHED_ABORTED)
-            raise
-        self.groups[request_id] = group
-        for seq in group.sequences:
-            self.sequences[seq.request.request_id] = seq
+        self.add_request_group(self.make_request_group(request_id, prompt, params, priority))
         return request_id
 
     def abort_request(self, request_id: str) -> None:

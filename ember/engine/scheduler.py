@@ -84,15 +84,19 @@ class Scheduler:
         self.num_preemptions = 0
 
     # ---- admission ------------------------------------------------------------------
-    def add_request(self, request: Request) -> None:
-        if request.request_id in self.requests:
-            raise ValueError(f"request_id: {request.request_id!r} is already in use")
+    def check_fits(self, request: Request) -> None:
+        """Reject at admission what could never run, rather than let it cycle through preemptions."""
         longest = min(request.num_prompt_tokens + request.max_tokens, self.max_model_len)
         if self.kv.blocks_for(longest) > self.kv.num_usable_blocks:
             raise ValueError(
                 f"prompt + max_tokens: {longest} tokens can never fit in the KV cache "
                 f"({self.kv.num_usable_blocks * self.kv.block_size} tokens); lower max_tokens or raise kv_cache_gib"
             )
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id: {request.request_id!r} is already in use")
+        self.check_fits(request)
         self.requests[request.request_id] = request
         self.waiting.push(request)
 

@@ -1,0 +1,180 @@
+"""AsyncLLM: the engine's step loop on its own thread, beside an asyncio event loop.
+
+Callers (the HTTP layer) validate and build a request group on their own thread,
+then hand it over; the loop thread owns the engine and is the only one touching
+it. Each request's outputs flow back through its own asyncio queue, so a slow
+client never blocks the loop and one request's failure never reaches another.
+Abort is a command like add: the loop frees the request's blocks at its next turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ember.engine.llm_engine import LLMEngine, PromptType
+from ember.engine.request import RequestOutput, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class QueueFullError(RuntimeError):
+    """Too many requests are waiting; the caller should retry later (HTTP 429)."""
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+class RequestStream:
+    """One request's outputs, fed by the loop thread; `abort()` is a no-op once finished."""
+
+    def __init__(self, llm: "AsyncLLM", request_id: str, loop: asyncio.AbstractEventLoop):
+        self.llm = llm
+        self.request_id = request_id
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.finished = False
+
+    def put(self, item: RequestOutput | BaseException) -> None:  # called from the loop thread
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        item = await self.queue.get()
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        self.finished = item.finished
+        return item
+
+    def abort(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self.llm.abort(self.request_id)
+
+
+class AsyncLLM:
+    def __init__(self, engine: LLMEngine, max_waiting: int | None = None):
+        self.engine = engine
+        self.max_waiting = max_waiting
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, RequestStream] = {}
+        self._num_pending = 0  # submitted, not yet admitted by the loop
+        self._pending_lock = threading.Lock()
+        self._stats: dict[str, Any] = engine.get_stats()
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="ember-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_args(cls, model: str, max_waiting: int | None = None, **kwargs) -> "AsyncLLM":
+        return cls(LLMEngine.from_args(model, **kwargs), max_waiting=max_waiting)
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    # ---- requests (called from the event loop) ----------------------------------
+    def submit(self, prompt: PromptType, params: SamplingParams, request_id: str, priority: int = 0) -> "RequestStream":
+        """Validate and queue a request (ValueError, QueueFullError at once); iterate the
+        returned stream for its cumulative outputs."""
+        if self._error is not None:
+            raise EngineDeadError(f"the engine loop failed: {self._error}")
+        if self.max_waiting is not None and self._stats["num_waiting"] + self._num_pending >= self.max_waiting:
+            raise QueueFullError(f"{self.max_waiting} requests are already waiting")
+        group = self.engine.make_request_group(request_id, prompt, params, priority)
+        stream = RequestStream(self, request_id, asyncio.get_running_loop())
+        self._count_pending(+1)
+        self._commands.put(("add", group, stream))
+        return stream
+
+    async def generate(
+        self, prompt: PromptType, params: SamplingParams, request_id: str, priority: int = 0
+    ) -> AsyncIterator[RequestOutput]:
+        """Cumulative outputs of one request; closing the iterator early aborts it."""
+        stream = self.submit(prompt, params, request_id, priority)
+        try:
+            async for output in stream:
+                yield output
+        finally:
+            stream.abort()
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id, None))
+
+    def _count_pending(self, delta: int) -> None:
+        with self._pending_lock:
+            self._num_pending += delta
+
+    def get_stats(self) -> dict[str, Any]:
+        return dict(self._stats)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._streams) + self._num_pending
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._commands.put(("wake", None, None))
+        self._thread.join(timeout)
+
+    # ---- the loop thread ----------------------------------------------------------
+    def _loop(self) -> None:
+        engine = self.engine
+        while not self._stop.is_set():
+            try:
+                self._drain_commands(block=not engine.has_unfinished_requests())
+                if engine.has_unfinished_requests():
+                    self._deliver(engine.step())
+                self._stats = engine.get_stats()
+            except Exception as e:  # a bug, not bad input: fail every request, keep the process up
+                logger.exception("engine step failed")
+                self._error = e
+                for request_id, stream in list(self._streams.items()):
+                    stream.put(EngineDeadError(f"engine step failed: {e}"))
+                    engine.abort_request(request_id)
+                self._streams.clear()
+                engine.step()  # flush the aborts
+                self._error = None
+
+    def _drain_commands(self, block: bool) -> None:
+        try:
+            command = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            kind, payload, stream = command
+            if kind == "add":
+                self._count_pending(-1)
+                try:
+                    self.engine.add_request_group(payload)
+                    self._streams[payload.request_id] = stream
+                except ValueError as e:
+                    stream.put(e)
+            elif kind == "abort" and payload in self._streams:
+                del self._streams[payload]
+                self.engine.abort_request(payload)
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is None:
+                continue
+            stream.put(output)
+            if output.finished:
+                del self._streams[output.request_id]
+

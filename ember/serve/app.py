@@ -1,0 +1,229 @@
+"""The OpenAI-compatible HTTP server: FastAPI routes over an AsyncLLM, run by uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import signal
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import ember
+from ember.engine.async_llm import AsyncLLM
+from ember.serve import handlers
+from ember.serve.handlers import ServerState
+from ember.serve.metrics import Metrics
+from ember.serve.protocol import (
+    ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse, DetokenizeRequest,
+    DetokenizeResponse, ErrorResponse, ModelList, OpenAIError, TokenizeRequest, TokenizeResponse, bad_request,
+    random_id,
+)
+
+logger = logging.getLogger("ember.serve")
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    allowed_origins: tuple[str, ...] = ()
+    max_body_mb: float = 16.0
+    drain_timeout: float = 30.0
+
+    def __post_init__(self):
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port: {self.port} is not a TCP port")
+        if self.max_body_mb <= 0:
+            raise ValueError(f"max_body_mb: {self.max_body_mb} must be > 0")
+
+
+class BodyLimit:
+    """413 for bodies over the limit, by Content-Length or by counting a chunked body."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        too_big = OpenAIError(413, f"request body: larger than {self.max_bytes} bytes", code="body_too_large")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await JSONResponse(too_big.body(), status_code=413)(scope, receive, send)
+        seen = 0
+
+        async def counting_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise OpenAIError(413, too_big.message, code="body_too_large")
+            return message
+
+        return await self.app(scope, counting_receive, send)
+
+
+def error_response(error: OpenAIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    if not errors:
+        return "invalid request body", None
+    first = errors[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    if first.get("type") == "json_invalid":
+        return f"request body: not valid JSON ({first.get('msg')})", None
+    field = ".".join(loc) or None
+    return f"{field or 'request body'}: {first.get('msg')} (got {first.get('input')!r:.80})", loc[0] if loc else None
+
+
+def build_app(state: ServerState, config: ServerConfig) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        state.llm.shutdown()
+
+    app = FastAPI(title="ember", version=ember.__version__, lifespan=lifespan,
+                  responses={400: {"model": ErrorResponse}})
+    app.state.ember = state
+
+    async def check_key(request: Request) -> None:
+        if config.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        given = header[7:] if header.lower().startswith("bearer ") else ""
+        if not secrets.compare_digest(given.encode(), config.api_key.encode()):
+            raise OpenAIError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
+                              type="authentication_error", code="invalid_api_key")
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name != state.model_name:
+            raise OpenAIError(404, f"model: {name!r} does not exist (this server has {state.model_name!r})",
+                              param="model", code="model_not_found")
+
+    @app.middleware("http")
+    async def request_ids(request: Request, call_next):
+        given = request.headers.get("x-request-id")
+        request.state.request_id = given if given and _REQUEST_ID.match(given) else None
+        response = await call_next(request)
+        if given:
+            response.headers["X-Request-Id"] = request.state.request_id or ""
+        return response
+
+    @app.exception_handler(OpenAIError)
+    async def openai_error(request: Request, exc: OpenAIError):
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        message, param = _validation_message(exc)
+        return error_response(OpenAIError(400, message, param=param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return error_response(OpenAIError(exc.status_code, str(exc.detail), type=kind))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):
+        logger.exception("unhandled error")
+        return error_response(OpenAIError(500, f"internal error: {type(exc).__name__}", type="server_error"))
+
+    def request_id(request: Request, prefix: str) -> str:
+        return request.state.request_id or random_id(prefix)
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": ember.__version__}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", response_model=ModelList, dependencies=[Depends(check_key)])
+    async def models():
+        return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.created,
+                                            "owned_by": "ember", "max_model_len": state.max_model_len}]}
+
+    @app.post("/v1/completions", response_model=CompletionResponse, dependencies=[Depends(check_key)])
+    async def completions(body: CompletionRequest, request: Request):
+        check_model(body.model)
+        return await handlers.create_completion(body, state, request, request_id(request, "cmpl"))
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, dependencies=[Depends(check_key)])
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        check_model(body.model)
+        return await handlers.create_chat_completion(body, state, request, request_id(request, "chatcmpl"))
+
+    @app.post("/tokenize", response_model=TokenizeResponse, dependencies=[Depends(check_key)])
+    async def tokenize(body: TokenizeRequest):
+        check_model(body.model)
+        tokenizer = state.llm.tokenizer
+        try:
+            if body.messages is not None:
+                ids = tokenizer.encode_chat([m.for_template() for m in body.messages], body.add_generation_prompt)
+            elif body.prompt is not None:
+                ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+            else:
+                raise OpenAIError(400, "prompt: give 'prompt' or 'messages'", param="prompt")
+        except ValueError as e:
+            raise bad_request(e) from None
+        return {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids}
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, dependencies=[Depends(check_key)])
+    async def detokenize(body: DetokenizeRequest):
+        check_model(body.model)
+        vocab = state.llm.engine.model_config.vocab_size
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise OpenAIError(400, f"tokens: {bad[:5]} are not token ids in [0, {vocab})", param="tokens")
+        return {"prompt": state.llm.tokenizer.decode(body.tokens)}
+
+    if config.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins), allow_methods=["*"],
+                           allow_headers=["*"])
+    app.add_middleware(BodyLimit, max_bytes=int(config.max_body_mb * (1 << 20)))
+    return app
+
+
+def make_state(llm: AsyncLLM, model_name: str) -> ServerState:
+    return ServerState(llm, model_name, Metrics(llm.get_stats, model_name))
+
+
+def run_server(llm: AsyncLLM, model_name: str, config: ServerConfig) -> None:
+    """Serve until SIGINT/SIGTERM; in-flight requests get `drain_timeout` seconds to finish."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            super().handle_exit(sig, frame)
+            captured = getattr(self, "_captured_signals", [])
+            if sig == signal.SIGTERM and sig in captured:
+                captured.remove(sig)  # a drained SIGTERM is a clean exit (0), not death by signal
+
+    app = build_app(make_state(llm, model_name), config)
+    server = Server(uvicorn.Config(
+        app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=config.drain_timeout,
+    ))
+    logger.info("serving %s on http://%s:%d/v1", model_name, config.host, config.port)
+    server.run()

@@ -1,0 +1,412 @@
+"""/v1/completions and /v1/chat/completions: tokenize, submit, stream or collect.
+
+The engine returns cumulative outputs; each choice keeps how much text and how
+many tokens it has sent, and emits the difference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from ember.engine.async_llm import AsyncLLM, EngineDeadError, QueueFullError, RequestStream
+from ember.engine.request import CompletionOutput, Logprob, RequestOutput, SamplingParams
+from ember.serve.metrics import Metrics
+from ember.serve.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, bad_request, now
+
+logger = logging.getLogger("ember.serve")
+
+
+@dataclass
+class ServerState:
+    llm: AsyncLLM
+    model_name: str
+    metrics: Metrics
+    created: int = field(default_factory=now)
+
+    @property
+    def max_model_len(self) -> int:
+        return self.llm.engine.max_model_len
+
+
+# ---- shared plumbing ------------------------------------------------------------------
+@dataclass
+class _Choice:
+    """What one choice has sent so far."""
+
+    text_sent: int = 0
+    tokens_sent: int = 0
+    finished: bool = False
+
+
+@dataclass
+class _Tracker:
+    """Per-request latency metrics and the one log line per finished request."""
+
+    metrics: Metrics
+    request_id: str
+    arrival: float = field(default_factory=time.monotonic)
+    first: float | None = None
+    last: float | None = None
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    finish_reasons: list[str] = field(default_factory=list)
+
+    def on_output(self) -> None:
+        t = time.monotonic()
+        if self.first is None:
+            self.first = t
+            self.metrics.ttft.observe(t - self.arrival)
+        elif self.last is not None:
+            self.metrics.itl.observe(t - self.last)
+        self.last = t
+
+    def done(self) -> None:
+        total = time.monotonic() - self.arrival
+        self.metrics.e2e.observe(total)
+        ttft = (self.first - self.arrival) if self.first else None
+        logger.info(json.dumps({
+            "event": "request_finished", "request_id": self.request_id, "prompt_tokens": self.prompt_tokens,
+            "output_tokens": self.output_tokens, "ttft_s": round(ttft, 4) if ttft is not None else None,
+            "total_s": round(total, 4), "finish_reasons": self.finish_reasons,
+        }))
+
+
+def submit_all(llm: AsyncLLM, prompts: list[list[int]], params: SamplingParams, request_id: str,
+               priority: int) -> list[RequestStream]:
+    streams: list[RequestStream] = []
+    try:
+        for i, ids in enumerate(prompts):
+            streams.append(llm.submit(ids, params, f"{request_id}-{i}", priority))
+    except (ValueError, QueueFullError, EngineDeadError) as e:
+        for s in streams:
+            s.abort()
+        raise translate(e) from None
+    return streams
+
+
+def translate(error: Exception) -> OpenAIError:
+    if isinstance(error, QueueFullError):
+        return OpenAIError(429, str(error), type="rate_limit_error", code="queue_full")
+    if isinstance(error, EngineDeadError):
+        return OpenAIError(503, str(error), type="server_error")
+    if isinstance(error, ValueError):
+        return bad_request(error)
+    return OpenAIError(500, f"internal error: {error}", type="server_error")
+
+
+async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Outputs of several streams as they come, tagged with the stream's index."""
+    if len(streams) == 1:
+        async for output in streams[0]:
+            yield 0, output
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: RequestStream) -> None:
+        try:
+            async for output in stream:
+                await queue.put((i, output))
+        except Exception as e:  # surfaced to the consumer below
+            await queue.put((i, e))
+        await queue.put((i, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            i, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def collect(streams: list[RequestStream], http: Request, tracker: _Tracker) -> list[RequestOutput] | None:
+    """Final outputs in stream order, or None if the client went away (everything is aborted)."""
+    finals: list[RequestOutput | None] = [None] * len(streams)
+
+    async def consume() -> None:
+        async for i, output in merged(streams):
+            tracker.on_output()
+            finals[i] = output
+
+    task = asyncio.create_task(consume())
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.5)
+            if done:
+                task.result()  # re-raises an engine error
+                return finals
+            if await http.is_disconnected():
+                return None
+    finally:
+        task.cancel()
+        for s in streams:
+            s.abort()
+
+
+def usage(outputs: list[RequestOutput], num_prompt_tokens: int) -> dict[str, Any]:
+    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    cached = sum(o.num_cached_tokens for o in outputs)
+    return {
+        "prompt_tokens": num_prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": num_prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
+
+
+def sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def check_length(prompt_ids: list[int], max_tokens: int | None, max_model_len: int, field_name: str) -> None:
+    if max_tokens is not None and max_tokens >= 1 and len(prompt_ids) + max_tokens > max_model_len:
+        raise OpenAIError(
+            400,
+            f"{field_name}: {max_tokens} is too large: the prompt has {len(prompt_ids)} tokens and the model's "
+            f"context is {max_model_len} tokens",
+            param=field_name,
+        )
+
+
+# ---- /v1/completions -------------------------------------------------------------------
+def completion_logprobs(entries: list[dict[int, Logprob] | None], tokens: list[int], tokenizer,
+                        text_offset: int) -> dict[str, Any]:
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    offset = text_offset
+    for token, entry in zip(tokens, entries):
+        text = tokenizer.decode([token], skip_special_tokens=False)
+        out["tokens"].append(text)
+        out["text_offset"].append(offset)
+        offset += len(text)
+        if entry is None:
+            out["token_logprobs"].append(None)
+            out["top_logprobs"].append(None)
+            continue
+        out["token_logprobs"].append(entry[token].logprob)
+        out["top_logprobs"].append({lp.decoded_token: lp.logprob for t, lp in entry.items() if lp.rank is not None})
+    return out
+
+
+async def create_completion(body: CompletionRequest, state: ServerState, http: Request, request_id: str):
+    if body.suffix is not None:
+        raise OpenAIError(400, "suffix: is not supported by this server", param="suffix")
+    if body.best_of is not None and body.best_of != body.n:
+        raise OpenAIError(400, f"best_of: {body.best_of} is not supported (only best_of == n)", param="best_of")
+    raw = body.prompt
+    if isinstance(raw, str) or (raw and isinstance(raw[0], int)):
+        raw = [raw]
+    if not raw:
+        raise OpenAIError(400, "prompt: is empty", param="prompt")
+    engine = state.llm.engine
+    try:
+        prompts = [engine.process_prompt(p) for p in raw]
+        for _, ids in prompts:
+            check_length(ids, body.max_tokens, state.max_model_len, "max_tokens")
+        want_prompt_logprobs = body.echo and body.logprobs is not None
+        params = body.sampling_params(body.max_tokens, body.logprobs, body.logprobs if want_prompt_logprobs else None)
+    except ValueError as e:
+        raise bad_request(e) from None
+    tracker = _Tracker(state.metrics, request_id, prompt_tokens=sum(len(ids) for _, ids in prompts))
+    streams = submit_all(state.llm, [ids for _, ids in prompts], params, request_id, body.priority)
+    tokenizer = engine.tokenizer
+    prompt_texts = [text if text is not None else tokenizer.decode(ids) for text, ids in prompts]
+    n = params.n
+    created = now()
+
+    def echo_prefix(i: int, output: RequestOutput) -> tuple[str, dict | None]:
+        if not body.echo:
+            return "", None
+        lp = None
+        if body.logprobs is not None:
+            lp = completion_logprobs(output.prompt_logprobs or [None] * len(output.prompt_token_ids),
+                                     output.prompt_token_ids, tokenizer, 0)
+        return prompt_texts[i], lp
+
+    def choice_delta(i: int, c: CompletionOutput, sent: _Choice, output: RequestOutput):
+        text = c.text[sent.text_sent:]
+        tokens = c.token_ids[sent.tokens_sent:]
+        logprobs = None
+        prefix_text = ""
+        if sent.text_sent == 0 and sent.tokens_sent == 0:
+            prefix_text, logprobs = echo_prefix(i, output)
+        if body.logprobs is not None:
+            new = completion_logprobs(c.logprobs[sent.tokens_sent:sent.tokens_sent + len(tokens)], tokens, tokenizer,
+                                      len(prefix_text) + sent.text_sent)
+            logprobs = new if logprobs is None else {k: logprobs[k] + new[k] for k in new}
+        sent.text_sent = len(c.text)
+        sent.tokens_sent = len(c.token_ids)
+        return prefix_text + text, logprobs
+
+    if not body.stream:
+        outputs = await collect(streams, http, tracker)
+        if outputs is None:
+            return JSONResponse({}, status_code=499)  # nobody is listening
+        choices = []
+        for i, output in enumerate(outputs):
+            for c in output.outputs:
+                text, logprobs = choice_delta(i, c, _Choice(), output)
+                choices.append({"index": i * n + c.index, "text": text, "logprobs": logprobs,
+                                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+                tracker.finish_reasons.append(c.finish_reason)
+        tracker.output_tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+        tracker.done()
+        return JSONResponse({
+            "id": request_id, "object": "text_completion", "created": created, "model": state.model_name,
+            "choices": choices, "usage": usage(outputs, tracker.prompt_tokens),
+        })
+
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    async def events():
+        sent = {(i, j): _Choice() for i in range(len(streams)) for j in range(n)}
+        finals: dict[int, RequestOutput] = {}
+        try:
+            async for i, output in merged(streams):
+                tracker.on_output()
+                for c in output.outputs:
+                    state_ = sent[(i, c.index)]
+                    if state_.finished or (len(c.token_ids) == state_.tokens_sent and not c.finished):
+                        continue
+                    text, logprobs = choice_delta(i, c, state_, output)
+                    state_.finished = c.finished
+                    if c.finished:
+                        tracker.finish_reasons.append(c.finish_reason)
+                    yield sse({"id": request_id, "object": "text_completion", "created": created,
+                               "model": state.model_name,
+                               "choices": [{"index": i * n + c.index, "text": text, "logprobs": logprobs,
+                                            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}]})
+                if output.finished:
+                    finals[i] = output
+            outputs = [finals[i] for i in sorted(finals)]
+            tracker.output_tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+            if include_usage:
+                yield sse({"id": request_id, "object": "text_completion", "created": created,
+                           "model": state.model_name, "choices": [], "usage": usage(outputs, tracker.prompt_tokens)})
+            yield "data: [DONE]\n\n"
+            tracker.done()
+        except (ValueError, EngineDeadError) as e:
+            yield sse(translate(e).body())
+            yield "data: [DONE]\n\n"
+        finally:
+            for s in streams:
+                s.abort()
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+# ---- /v1/chat/completions ---------------------------------------------------------------
+def chat_logprobs(entries: list[dict[int, Logprob]], tokens: list[int], tokenizer, top: int) -> list[dict[str, Any]]:
+    def item(token_id: int, logprob: float) -> dict[str, Any]:
+        text = tokenizer.decode([token_id], skip_special_tokens=False)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    content = []
+    for token, entry in zip(tokens, entries):
+        ranked = sorted(((lp.rank, t, lp.logprob) for t, lp in entry.items() if lp.rank is not None), key=lambda x: x[0])
+        content.append({**item(token, entry[token].logprob),
+                        "top_logprobs": [item(t, lp) for _, t, lp in ranked[:top]]})
+    return content
+
+
+async def create_chat_completion(body: ChatCompletionRequest, state: ServerState, http: Request, request_id: str):
+    engine = state.llm.engine
+    tokenizer = engine.tokenizer
+    if body.top_logprobs is not None and not body.logprobs:
+        raise OpenAIError(400, "top_logprobs: requires logprobs to be true", param="top_logprobs")
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    field_name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    try:
+        ids = tokenizer.encode_chat([m.for_template() for m in body.messages], body.add_generation_prompt,
+                                    **(body.chat_template_kwargs or {}))
+        engine.process_prompt(ids)
+        check_length(ids, max_tokens, state.max_model_len, field_name)
+        top = body.top_logprobs or 0
+        params = body.sampling_params(max_tokens, top if body.logprobs else None)
+    except ValueError as e:
+        raise bad_request(e) from None
+    tracker = _Tracker(state.metrics, request_id, prompt_tokens=len(ids))
+    streams = submit_all(state.llm, [ids], params, request_id, body.priority)
+    created = now()
+
+    def logprobs_of(c: CompletionOutput, start: int, end: int):
+        if not body.logprobs:
+            return None
+        return {"content": chat_logprobs(c.logprobs[start:end], c.token_ids[start:end], tokenizer, top)}
+
+    if not body.stream:
+        outputs = await collect(streams, http, tracker)
+        if outputs is None:
+            return JSONResponse({}, status_code=499)  # nobody is listening
+        output = outputs[0]
+        choices = []
+        for c in output.outputs:
+            choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
+                            "logprobs": logprobs_of(c, 0, len(c.token_ids)), "finish_reason": c.finish_reason,
+                            "stop_reason": c.stop_reason})
+            tracker.finish_reasons.append(c.finish_reason)
+        tracker.output_tokens = sum(len(c.token_ids) for c in output.outputs)
+        tracker.done()
+        return JSONResponse({
+            "id": request_id, "object": "chat.completion", "created": created, "model": state.model_name,
+            "choices": choices, "usage": usage(outputs, len(ids)),
+        })
+
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def chunk(choices: list[dict[str, Any]]) -> str:
+        return sse({"id": request_id, "object": "chat.completion.chunk", "created": created,
+                    "model": state.model_name, "choices": choices})
+
+    async def events():
+        sent = [_Choice() for _ in range(params.n)]
+        final = None
+        try:
+            for j in range(params.n):
+                yield chunk([{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None}])
+            async for _, output in merged(streams):
+                tracker.on_output()
+                for c in output.outputs:
+                    s = sent[c.index]
+                    if s.finished or (len(c.token_ids) == s.tokens_sent and not c.finished):
+                        continue
+                    text = c.text[s.text_sent:]
+                    logprobs = logprobs_of(c, s.tokens_sent, len(c.token_ids))
+                    s.text_sent, s.tokens_sent, s.finished = len(c.text), len(c.token_ids), c.finished
+                    delta = {"content": text} if text or not c.finished else {}  # a chunk per step with new tokens
+                    if c.finished:
+                        tracker.finish_reasons.append(c.finish_reason)
+                    yield chunk([{"index": c.index, "delta": delta, "logprobs": logprobs,
+                                  "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}])
+                if output.finished:
+                    final = output
+            tracker.output_tokens = sum(len(c.token_ids) for c in final.outputs) if final else 0
+            if include_usage and final is not None:
+                yield sse({"id": request_id, "object": "chat.completion.chunk", "created": created,
+                           "model": state.model_name, "choices": [], "usage": usage([final], len(ids))})
+            yield "data: [DONE]\n\n"
+            tracker.done()
+        except (ValueError, EngineDeadError) as e:
+            yield sse(translate(e).body())
+            yield "data: [DONE]\n\n"
+        finally:
+            for s in streams:
+                s.abort()
+
+    return StreamingResponse(events(), media_type="text/event-stream")

@@ -1,0 +1,73 @@
+"""A real uvicorn server on a free loopback port, in a background thread of the test process."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from contextlib import contextmanager
+
+import httpx
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RunningServer:
+    def __init__(self, server, thread, base_url, llm):
+        self.server, self.thread, self.base_url, self.llm = server, thread, base_url, llm
+
+    @property
+    def v1(self) -> str:
+        return f"{self.base_url}/v1"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+@contextmanager
+def running_server(model_dir, model_name="tiny", api_key=None, max_body_mb=1.0, max_waiting=None, **engine_kwargs):
+    import uvicorn
+
+    from ember.engine.async_llm import AsyncLLM
+    from ember.serve.app import ServerConfig, build_app, make_state
+
+    engine_kwargs.setdefault("dtype", "float32")
+    llm = AsyncLLM.from_args(str(model_dir), max_waiting=max_waiting, **engine_kwargs)
+    port = free_port()
+    config = ServerConfig(port=port, api_key=api_key, max_body_mb=max_body_mb)
+    app = build_app(make_state(llm, model_name), config)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    running = RunningServer(server, thread, base, llm)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture(scope="module")
+def server(llama_dir):
+    with running_server(llama_dir, max_num_seqs=128) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0)
