@@ -30,6 +30,16 @@ def add_bench_parser(sub) -> None:
     serve.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     serve.add_argument("--requests-per-level", type=int, default=None,
                        help="default: min(64, max(8, 4 x concurrency)) of W1's requests")
+    prefix = bsub.add_parser("prefix", help="W3: shared 1,024-token prefix, prefix caching on vs off")
+    prefix.add_argument("--model", required=True)
+    prefix.add_argument("--dtype", default="bfloat16")
+    prefix.add_argument("--runs", type=int, default=2)
+    prefix.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    chunked = bsub.add_parser("chunked", help="W4: a 4,000-token prompt amid 16 decodes, chunked prefill on vs off")
+    chunked.add_argument("--model", required=True)
+    chunked.add_argument("--dtype", default="bfloat16")
+    chunked.add_argument("--budget", type=int, default=256, help="per-step token budget with chunking")
+    chunked.add_argument("--runs", type=int, default=2)
     bench.set_defaults(func=run)
 
 
@@ -44,7 +54,58 @@ def run(args: argparse.Namespace) -> int:
         return _throughput(args)
     if args.bench_command == "serve":
         return _serve(args)
+    if args.bench_command == "prefix":
+        return _prefix(args)
+    if args.bench_command == "chunked":
+        return _chunked(args)
     return _latency(args)
+
+
+def _alternate(args, variants: dict, run_one) -> dict[str, list]:
+    """Run each variant `args.runs` times, alternating, after one warm-up each."""
+    from ember import LLM, SamplingParams
+
+    llms = {name: LLM(args.model, dtype=args.dtype, **kwargs) for name, kwargs in variants.items()}
+    for llm in llms.values():
+        llm.generate([[5] * 32] * 4, SamplingParams(max_tokens=4), use_tqdm=False)
+    results = {name: [] for name in llms}
+    for i in range(args.runs):
+        for name, llm in llms.items():
+            results[name].append(run_one(llm))
+            print(f"  run {i + 1} " + results[name][-1].line(name), flush=True)
+    return results
+
+
+def _prefix(args) -> int:
+    from ember.bench.scheduling import run_prefix
+
+    _header(args)
+    budget = {"max_num_batched_tokens": args.max_num_batched_tokens}
+    results = _alternate(args, {"caching on": {"enable_prefix_caching": True, **budget},
+                                "caching off": {"enable_prefix_caching": False, **budget}}, run_prefix)
+    med = {n: sorted(r, key=lambda x: x.seconds)[len(r) // 2] for n, r in results.items()}
+    for name, r in med.items():
+        print(r.line(name))
+    on, off = med["caching on"], med["caching off"]
+    mean = lambda r: sum(r.ttfts) / len(r.ttfts)  # noqa: E731
+    print(f"throughput on/off: {on.output_tps / off.output_tps:.2f}x   mean TTFT off/on: {mean(off) / mean(on):.2f}x")
+    return 0
+
+
+def _chunked(args) -> int:
+    from ember.bench.scheduling import run_chunked
+
+    _header(args)
+    results = _alternate(args, {"chunked": {"max_num_batched_tokens": args.budget},
+                                "not chunked": {"enable_chunked_prefill": False}}, run_chunked)
+    p99 = {}
+    for name, runs in results.items():
+        itls = [x for r in runs for x in r.itls]
+        p99[name] = sorted(itls)[min(len(itls) - 1, int(0.99 * len(itls)))]
+        print(f"{name:>14}: ITL p50 {sorted(itls)[len(itls) // 2] * 1e3:.1f} ms  p99 {p99[name] * 1e3:.1f} ms "
+              f"(all runs)")
+    print(f"p99 ITL chunked / not chunked: {p99['chunked'] / p99['not chunked']:.3f}")
+    return 0
 
 
 def _serve(args) -> int:

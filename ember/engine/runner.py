@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ember.engine.attention import BatchLayout, kv_cache_shapes, make_backend, resolve_backend
+from ember.engine.attention import BatchLayout, KVLayout, choose_layout, make_backend, resolve_backend
 from ember.engine.kv_cache import NULL_BLOCK
 from ember.engine.request import Request
 from ember.engine.sampler import Sampler, TokenLogprobInfo, compute_logprob_info
@@ -25,9 +25,9 @@ def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype)
 
 
 def allocate_kv_caches(config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
-                       device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                       device: torch.device, layout: KVLayout) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """One buffer holds every layer's K and V blocks."""
-    k_shape, v_shape = kv_cache_shapes(num_blocks, config.num_kv_heads, block_size, config.head_dim)
+    k_shape, v_shape = layout.shapes(num_blocks, config.num_kv_heads, block_size, config.head_dim)
     per_tensor = num_blocks * config.num_kv_heads * block_size * config.head_dim
     buffer = torch.empty(2 * config.num_layers * per_tensor, dtype=dtype, device=device)
 
@@ -66,11 +66,12 @@ class ModelRunner:
         self.device = device
         self.block_size = block_size
         self.dtype = next(model.parameters()).dtype
-        self.kv_caches = allocate_kv_caches(config, num_blocks, block_size, self.dtype, device)
         self.attention_backend = resolve_backend(
             attention_backend, device, (config.num_heads, config.num_kv_heads, config.head_dim, block_size)
         )
-        self.backend = make_backend(self.attention_backend, self.kv_caches, block_size)
+        self.kv_layout = choose_layout(self.attention_backend, self.dtype)
+        self.kv_caches = allocate_kv_caches(config, num_blocks, block_size, self.dtype, device, self.kv_layout)
+        self.backend = make_backend(self.attention_backend, self.kv_caches, block_size, self.kv_layout)
         self.sampler = Sampler(device, seed)
         self.generators: dict[str, torch.Generator] = {}
 

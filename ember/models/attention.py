@@ -43,9 +43,21 @@ def causal_mask(
     return mask
 
 
-def expand_kv(x: torch.Tensor, group: int, head_dim: int = 1) -> torch.Tensor:
-    """Repeat each kv head `group` times along `head_dim` (grouped-query attention)."""
-    return x if group == 1 else x.repeat_interleave(group, dim=head_dim)
+# torch >= 2.5 attends grouped-query heads without copying K/V.
+_SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None = None,
+         is_causal: bool = False) -> torch.Tensor:
+    """SDPA over [batch, heads, seq, dim] with fewer K/V heads than query heads."""
+    group = q.shape[1] // k.shape[1]
+    if group == 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
+    if _SDPA_GQA:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                              enable_gqa=True)
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
 
 
 def causal_attention(
@@ -55,10 +67,7 @@ def causal_attention(
     scale: float,
     sliding_window: int | None = None,
 ) -> torch.Tensor:
-    group = q.shape[1] // k.shape[1]
-    k, v = expand_kv(k, group), expand_kv(v, group)
     seq = q.shape[2]
     if sliding_window is None or sliding_window >= seq:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    mask = causal_mask(seq, seq, sliding_window, q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        return sdpa(q, k, v, scale, is_causal=True)
+    return sdpa(q, k, v, scale, mask=causal_mask(seq, seq, sliding_window, q.device))

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from ember import LLM, SamplingParams
-from ember.engine.attention import kv_cache_shapes, make_backend, resolve_backend
+from ember.engine.attention import KVLayout, make_backend, resolve_backend
+from ember.engine.attention.cpu_paged import bf16_pairs_supported
 from ember.engine.attention.torch_paged import BatchLayout
 
 
@@ -24,6 +25,9 @@ def random_layout(query_lens, context_lens, block_size, num_blocks, device="cpu"
     return BatchLayout(query_lens, context_lens, block_tables, slots, positions)
 
 
+LAYOUTS = [("torch_paged", False), ("cpu_paged", False), ("cpu_paged", True)]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("window", [None, 20])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 2), (6, 1), (4, 4)])
@@ -39,17 +43,38 @@ def test_cpu_paged_matches_reference(dtype, window, heads, kv_heads):
     q = torch.randn(n, heads, dim, dtype=dtype)
     k = torch.randn(n, kv_heads, dim, dtype=dtype)
     v = torch.randn(n, kv_heads, dim, dtype=dtype)
+    # the "earlier context": every cached position of every request
+    past_slots = torch.cat([layout.block_tables[i, torch.arange(c) // block_size] * block_size + torch.arange(c) % block_size
+                            for i, c in enumerate(context_lens)])
+    past_k = torch.randn(len(past_slots), kv_heads, dim, dtype=dtype)
+    past_v = torch.randn(len(past_slots), kv_heads, dim, dtype=dtype)
     outs = {}
-    for name in ("torch_paged", "cpu_paged"):
-        k_shape, v_shape = kv_cache_shapes(num_blocks, kv_heads, block_size, dim)
-        torch.manual_seed(1)  # the same "earlier context" in both caches
-        caches = [(torch.randn(k_shape, dtype=dtype), torch.randn(v_shape, dtype=dtype))]
-        caches[0][0][0].zero_()
-        caches[0][1][0].zero_()
-        ctx = make_backend(name, caches, block_size).build(layout)
-        outs[name] = ctx.attend(0, q, k, v, dim**-0.5, window).float()
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(outs["cpu_paged"], outs["torch_paged"], atol=tol, rtol=tol)
+    for name, paired in LAYOUTS:
+        if paired and (dtype != torch.bfloat16 or not bf16_pairs_supported()):
+            continue
+        kv_layout = KVLayout(paired)
+        k_shape, v_shape = kv_layout.shapes(num_blocks, kv_heads, block_size, dim)
+        caches = [(torch.zeros(k_shape, dtype=dtype), torch.zeros(v_shape, dtype=dtype))]
+        kv_layout.write(*caches[0], past_slots, past_k, past_v)
+        ctx = make_backend(name, caches, block_size, kv_layout).build(layout)
+        outs[(name, paired)] = ctx.attend(0, q, k, v, dim**-0.5, window).float()
+    reference = outs.pop(("torch_paged", False))
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    for key, out in outs.items():
+        torch.testing.assert_close(out, reference, atol=tol, rtol=tol, msg=lambda m: f"{key}: {m}")
+
+
+def test_paired_layout_round_trips():
+    kv_layout = KVLayout(paired=True)
+    k_shape, v_shape = kv_layout.shapes(4, 2, 16, 8)
+    k_cache, v_cache = torch.zeros(k_shape), torch.zeros(v_shape)
+    slots = torch.tensor([17, 18, 30, 5])
+    k, v = torch.randn(4, 2, 8), torch.randn(4, 2, 8)
+    kv_layout.write(k_cache, v_cache, slots, k, v)
+    table = torch.tensor([0, 1])
+    gk, gv = kv_layout.gather(k_cache, table, keys=True), kv_layout.gather(v_cache, table, keys=False)
+    torch.testing.assert_close(gk[:, slots].transpose(0, 1), k)
+    torch.testing.assert_close(gv[:, slots].transpose(0, 1), v)
 
 
 def test_engines_with_each_backend_agree(model_factory):

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ember.engine.attention.cpu_paged import CpuPagedBackend, load_kernels
-from ember.engine.attention.torch_paged import BatchLayout, TorchPagedBackend, kv_cache_shapes
+from ember.engine.attention.cpu_paged import CpuPagedBackend, bf16_pairs_supported, load_kernels
+from ember.engine.attention.torch_paged import BatchLayout, KVLayout, TorchPagedBackend
 
 BACKENDS = {"torch_paged": TorchPagedBackend, "cpu_paged": CpuPagedBackend}
 BACKEND_CHOICES = ("auto", *BACKENDS)
@@ -32,8 +32,12 @@ def resolve_backend(name: str, device: torch.device, shape: tuple[int, int, int,
     return name
 
 
-def make_backend(name: str, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int):
-    return BACKENDS[name](kv_caches, block_size)
+def choose_layout(backend: str, dtype: torch.dtype) -> KVLayout:
+    return KVLayout(paired=backend == "cpu_paged" and dtype == torch.bfloat16 and bf16_pairs_supported())
 
 
-__all__ = ["BACKENDS", "BACKEND_CHOICES", "BatchLayout", "kv_cache_shapes", "make_backend", "resolve_backend"]
+def make_backend(name: str, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int, layout: KVLayout):
+    return BACKENDS[name](kv_caches, block_size, layout)
+
+
+__all__ = ["BACKENDS", "BACKEND_CHOICES", "BatchLayout", "KVLayout", "choose_layout", "make_backend", "resolve_backend"]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ember.engine.attention.torch_paged import BatchLayout, PromptChunk, TorchPagedBackend, chunk_attention, write_kv
+from ember.engine.attention.torch_paged import BatchLayout, KVLayout, PromptChunk, TorchPagedBackend, chunk_attention
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,11 @@ def _vector_flags() -> list[str]:
     if {"avx2", "fma"} <= flags:
         return ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     return []
+
+
+def bf16_pairs_supported() -> bool:
+    """Whether the compiled kernel has the AVX512-BF16 path for the paired bf16 layout."""
+    return load_kernels() and bool(torch.ops.ember_cpu.bf16_pairs_supported())
 
 
 @functools.cache
@@ -64,6 +69,7 @@ def load_kernels() -> bool:
 @dataclass
 class CpuPagedContext:
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
+    layout: KVLayout
     slot_mapping: torch.Tensor
     num_kernel_rows: int  # the first rows, attended by the kernel
     block_tables: torch.Tensor
@@ -73,7 +79,7 @@ class CpuPagedContext:
 
     def attend(self, layer, q, k, v, scale, sliding_window):
         k_cache, v_cache = self.kv_caches[layer]
-        write_kv(k_cache, v_cache, self.slot_mapping, k, v)
+        self.layout.write(k_cache, v_cache, self.slot_mapping, k, v)
         rows = self.num_kernel_rows
         kernel_out = None
         if rows:
@@ -87,7 +93,8 @@ class CpuPagedContext:
         if kernel_out is not None:
             out[:rows] = kernel_out
         for chunk in self.chunks:
-            out[chunk.start:chunk.end] = chunk_attention(q, k, v, k_cache, v_cache, chunk, scale, sliding_window)
+            out[chunk.start:chunk.end] = chunk_attention(q, k, v, k_cache, v_cache, self.layout, chunk, scale,
+                                                         sliding_window)
         return out
 
 
@@ -110,6 +117,6 @@ class CpuPagedBackend(TorchPagedBackend):
             torch.tensor(layout.query_lens[:num_kernel], dtype=torch.int64, device=device),
         )
         return CpuPagedContext(
-            self.kv_caches, layout.slot_mapping, rows, layout.block_tables, token_request,
+            self.kv_caches, self.layout, layout.slot_mapping, rows, layout.block_tables, token_request,
             layout.positions[:rows] + 1, self.chunks(layout, num_kernel, rows),
         )

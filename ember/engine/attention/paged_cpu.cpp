@@ -22,6 +22,8 @@
 #include <algorithm>
 #include <type_traits>
 #include <cmath>
+#include <cstring>
+#include <immintrin.h>
 #include <cstdint>
 #include <limits>
 #include <vector>
@@ -30,6 +32,7 @@ namespace {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kPrefetchBlocks = 2;  // how far ahead to fetch the next blocks
+constexpr int kChains = 4;  // independent accumulators in the q.k loop
 
 template <typename T>
 inline Vec load_vec(const T* p) {
@@ -97,12 +100,18 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::
             }
           }
         }
-        // Scores of this chunk's keys for every head of the group: each K row is loaded once.
-        for (int g = 0; g < G; ++g) scores[g] = Vec(0.f);
-        for (int64_t d = 0; d < dim; ++d) {
-          const Vec key = load_vec(keys + d * block_size);
-          for (int g = 0; g < G; ++g) scores[g] = at::vec::fmadd(Vec(qf[g * dim + d]), key, scores[g]);
+        // Scores of this chunk's keys for every head of the group: each K row is loaded once, and
+        // kChains independent sums per head keep the multiply-adds from waiting on each other.
+        Vec part[G][kChains];
+        for (int g = 0; g < G; ++g)
+          for (int c = 0; c < kChains; ++c) part[g][c] = Vec(0.f);
+        for (int64_t d = 0; d < dim; d += kChains) {
+          for (int c = 0; c < kChains; ++c) {
+            const Vec key = load_vec(keys + (d + c) * block_size);
+            for (int g = 0; g < G; ++g) part[g][c] = at::vec::fmadd(Vec(qf[g * dim + d + c]), key, part[g][c]);
+          }
         }
+        for (int g = 0; g < G; ++g) scores[g] = (part[g][0] + part[g][1]) + (part[g][2] + part[g][3]);
         for (int g = 0; g < G; ++g) {
           Vec sc = scores[g];
           if (lo > 0 || hi < W) {  // a partial chunk at either end of the visible range
@@ -136,12 +145,126 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::
   });
 }
 
+#if defined(__AVX512BF16__) && defined(CPU_CAPABILITY_AVX512)
+#define EMBER_BF16_PAIRS 1
+// bf16 caches in "paired" layout, for AVX512-BF16's dot product of bf16 pairs:
+// K blocks [num_blocks, kv_heads, head_dim / 2, block_size, 2] (dims 2i and 2i+1 of a key adjacent),
+// V blocks [num_blocks, kv_heads, block_size / 2, head_dim, 2] (keys 2j and 2j+1 of a dim adjacent).
+// One vdpbf16ps then scores 16 keys over two dims, or adds two keys' weighted values to 16 dims.
+// The probabilities are rounded to bf16 for the second product (as GPU flash attention does).
+template <int G>
+void paired_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                   const int64_t* block_tables, int64_t max_blocks, const int64_t* token_request,
+                   const int64_t* kv_lens, int64_t window, float scale, at::Tensor& out) {
+  constexpr int64_t W = 16;
+  const int64_t num_rows = q.size(0), heads = q.size(1), dim = q.size(2);
+  const int64_t kv_heads = k_cache.size(1), block_size = k_cache.size(3);
+  const int64_t pairs = dim / 2, dim_vecs = dim / W;
+  const uint16_t* qp = reinterpret_cast<const uint16_t*>(q.data_ptr<c10::BFloat16>());
+  const uint16_t* kp = reinterpret_cast<const uint16_t*>(k_cache.data_ptr<c10::BFloat16>());
+  const uint16_t* vp = reinterpret_cast<const uint16_t*>(v_cache.data_ptr<c10::BFloat16>());
+  c10::BFloat16* op = out.data_ptr<c10::BFloat16>();
+  const int64_t head_elems = block_size * dim;  // one head's K (or V) rows in a block
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+
+  at::parallel_for(0, num_rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint32_t> qpairs(G * pairs);
+    std::vector<float> acc(G * dim);
+    float max_score[G], denom[G], correction[G];
+    alignas(64) float probs[G][W];
+    alignas(64) uint32_t ppairs[G][W / 2];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / kv_heads, kvh = item % kv_heads;
+      std::memcpy(qpairs.data(), qp + (n * heads + kvh * G) * dim, G * dim * sizeof(uint16_t));
+      std::fill(acc.begin(), acc.end(), 0.f);
+      std::fill(max_score, max_score + G, -std::numeric_limits<float>::infinity());
+      std::fill(denom, denom + G, 0.f);
+      const int64_t last = kv_lens[n];
+      const int64_t first = window > 0 ? std::max<int64_t>(0, last - window) : 0;
+      const int64_t* table = block_tables + token_request[n] * max_blocks;
+
+      for (int64_t start = first - first % W; start < last; start += W) {
+        const int64_t block = table[start / block_size], offset = start % block_size;
+        const int64_t base = (block * kv_heads + kvh) * head_elems;
+        const uint16_t* keys = kp + base + offset * 2;         // row i at keys + i * block_size * 2
+        const uint16_t* values = vp + base + offset * dim;     // key pair j at values + j * dim * 2
+        const int64_t lo = std::max<int64_t>(first - start, 0), hi = std::min<int64_t>(last - start, W);
+        if ((start + W) % block_size == 0) {
+          const int64_t ahead = start + kPrefetchBlocks * block_size;
+          if (ahead < last) {
+            const int64_t next = (table[ahead / block_size] * kv_heads + kvh) * head_elems;
+            for (int64_t b = 0; b < head_elems * 2; b += 64) {
+              __builtin_prefetch(reinterpret_cast<const char*>(kp + next) + b);
+              __builtin_prefetch(reinterpret_cast<const char*>(vp + next) + b);
+            }
+          }
+        }
+        // kChains independent sums per head: a single chain would wait on each multiply-add's latency.
+        __m512 part[G][kChains];
+        for (int g = 0; g < G; ++g)
+          for (int c = 0; c < kChains; ++c) part[g][c] = _mm512_setzero_ps();
+        for (int64_t i = 0; i < pairs; i += kChains) {
+          for (int c = 0; c < kChains; ++c) {
+            const __m512bh k = (__m512bh)_mm512_loadu_si512(keys + (i + c) * block_size * 2);
+            for (int g = 0; g < G; ++g)
+              part[g][c] = _mm512_dpbf16_ps(part[g][c], (__m512bh)_mm512_set1_epi32(qpairs[g * pairs + i + c]), k);
+          }
+        }
+        __m512 scores[G];
+        for (int g = 0; g < G; ++g)
+          scores[g] = _mm512_add_ps(_mm512_add_ps(part[g][0], part[g][1]), _mm512_add_ps(part[g][2], part[g][3]));
+        const __mmask16 valid = static_cast<__mmask16>(((1u << hi) - 1) & ~((1u << lo) - 1));
+        for (int g = 0; g < G; ++g) {
+          const Vec sc(_mm512_mask_blend_ps(valid, neg_inf, _mm512_mul_ps(scores[g], _mm512_set1_ps(scale))));
+          const float new_max = std::max(max_score[g], reduce_max(sc));
+          const Vec p = (sc - Vec(new_max)).exp();
+          correction[g] = max_score[g] == -std::numeric_limits<float>::infinity() ? 0.f : std::exp(max_score[g] - new_max);
+          max_score[g] = new_max;
+          denom[g] = denom[g] * correction[g] + reduce_sum(p);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(ppairs[g]), (__m256i)_mm512_cvtneps_pbh(p));
+        }
+        const int64_t jlo = lo / 2, jhi = (hi + 1) / 2;
+        for (int64_t dv = 0; dv < dim_vecs; ++dv) {
+          __m512 a[G];
+          for (int g = 0; g < G; ++g) a[g] = _mm512_mul_ps(_mm512_loadu_ps(&acc[g * dim + dv * W]), _mm512_set1_ps(correction[g]));
+          for (int64_t j = jlo; j < jhi; ++j) {
+            __m512i v = _mm512_loadu_si512(values + j * dim * 2 + dv * W * 2);
+            if (2 * j < lo || 2 * j + 1 >= hi) {  // one key of the pair is outside: never read its slot
+              const __mmask32 keep = (2 * j >= lo ? 0x55555555u : 0u) | (2 * j + 1 < hi ? 0xAAAAAAAAu : 0u);
+              v = _mm512_maskz_mov_epi16(keep, v);
+            }
+            for (int g = 0; g < G; ++g)
+              a[g] = _mm512_dpbf16_ps(a[g], (__m512bh)_mm512_set1_epi32(ppairs[g][j]), (__m512bh)v);
+          }
+          for (int g = 0; g < G; ++g) _mm512_storeu_ps(&acc[g * dim + dv * W], a[g]);
+        }
+      }
+      for (int g = 0; g < G; ++g) {
+        const float inv = 1.f / denom[g];
+        c10::BFloat16* dst = op + (n * heads + kvh * G + g) * dim;
+        for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<c10::BFloat16>(acc[g * dim + d] * inv);
+      }
+    }
+  });
+}
+#endif
+
+bool bf16_pairs_supported() {
+#ifdef EMBER_BF16_PAIRS
+  return true;
+#else
+  return false;
+#endif
+}
+
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                            const at::Tensor& block_tables, const at::Tensor& token_request,
                            const at::Tensor& kv_lens, int64_t window, double scale) {
+  const bool paired = k_cache.dim() == 5;  // see paired_kernel for that layout
   TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "q: contiguous [tokens, heads, head_dim] expected");
-  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous(), "k_cache: contiguous [blocks, kv_heads, head_dim, block_size]");
-  TORCH_CHECK(v_cache.dim() == 4 && v_cache.is_contiguous(), "v_cache: contiguous [blocks, kv_heads, block_size, head_dim]");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == v_cache.dim(), "k/v caches");
+  TORCH_CHECK(paired || k_cache.dim() == 4, "k_cache: [blocks, kv_heads, head_dim, block_size] expected");
+  TORCH_CHECK(!paired || (bf16_pairs_supported() && q.scalar_type() == at::kBFloat16), "paired layout needs bf16 and AVX512-BF16");
   TORCH_CHECK(k_cache.size(3) % Vec::size() == 0 && q.size(2) % Vec::size() == 0,
               "block_size and head_dim must be multiples of the vector width");
   TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(), "dtypes differ");
@@ -153,6 +276,16 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
   const auto run = [&](auto tag) {
     using T = decltype(tag);
     const auto go = [&](auto g) {
+#ifdef EMBER_BF16_PAIRS
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        if (paired) {
+          paired_kernel<decltype(g)::value>(q, k_cache, v_cache, block_tables.data_ptr<int64_t>(),
+                                            block_tables.size(1), token_request.data_ptr<int64_t>(),
+                                            kv_lens.data_ptr<int64_t>(), window, static_cast<float>(scale), out);
+          return;
+        }
+      }
+#endif
       attention_kernel<T, decltype(g)::value>(q, k_cache, v_cache, block_tables.data_ptr<int64_t>(),
                                               block_tables.size(1), token_request.data_ptr<int64_t>(),
                                               kv_lens.data_ptr<int64_t>(), window, static_cast<float>(scale), out);
@@ -182,6 +315,7 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
 TORCH_LIBRARY(ember_cpu, m) {
   m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor token_request, "
         "Tensor kv_lens, int window, float scale) -> Tensor");
+  m.def("bf16_pairs_supported() -> bool", &bf16_pairs_supported);
 }
 
 TORCH_LIBRARY_IMPL(ember_cpu, CPU, m) {

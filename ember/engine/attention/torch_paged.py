@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ember.models.attention import causal_attention, causal_mask, expand_kv
+from ember.models.attention import causal_attention, causal_mask, sdpa
 
 
 @dataclass
@@ -47,29 +47,51 @@ class PromptChunk:
     block_table: torch.Tensor  # this request's blocks covering context + chunk
 
 
-def kv_cache_shapes(num_blocks: int, kv_heads: int, block_size: int, head_dim: int):
-    return (num_blocks, kv_heads, head_dim, block_size), (num_blocks, kv_heads, block_size, head_dim)
+class KVLayout:
+    """How K and V tokens sit inside a block; backends and the runner agree on one.
+
+    "transposed": K [blocks, kv_heads, head_dim, block_size], V [blocks, kv_heads, block_size, head_dim].
+    "paired" (bf16 with AVX512-BF16): K [blocks, kv_heads, head_dim/2, block_size, 2] and
+    V [blocks, kv_heads, block_size/2, head_dim, 2], the operand order of bf16 pair dot products.
+    """
+
+    def __init__(self, paired: bool = False):
+        self.paired = paired
+
+    def shapes(self, num_blocks: int, kv_heads: int, block_size: int, head_dim: int):
+        if self.paired:
+            return ((num_blocks, kv_heads, head_dim // 2, block_size, 2),
+                    (num_blocks, kv_heads, block_size // 2, head_dim, 2))
+        return (num_blocks, kv_heads, head_dim, block_size), (num_blocks, kv_heads, block_size, head_dim)
+
+    def block_size(self, v_cache: torch.Tensor) -> int:
+        return v_cache.shape[2] * 2 if self.paired else v_cache.shape[2]
+
+    def write(self, k_cache, v_cache, slot_mapping, k, v) -> None:
+        block_size = self.block_size(v_cache)
+        blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
+        if self.paired:
+            k_cache[blocks, :, :, offsets] = k.unflatten(-1, (-1, 2))
+            v_cache[blocks, :, offsets // 2, :, offsets % 2] = v
+        else:
+            k_cache[blocks, :, :, offsets] = k
+            v_cache[blocks, :, offsets] = v
+
+    def gather(self, cache: torch.Tensor, block_table: torch.Tensor, keys: bool) -> torch.Tensor:
+        """[..., blocks] table -> [..., kv_heads, blocks * block_size, head_dim] copy."""
+        picked = cache.index_select(0, block_table.reshape(-1))
+        if self.paired and keys:  # [n, h, d/2, bs, 2] -> [n, h, bs, d]
+            picked = picked.permute(0, 1, 3, 2, 4).flatten(-2)
+        elif self.paired:  # [n, h, bs/2, d, 2] -> [n, h, bs, d]
+            picked = picked.transpose(-1, -2).flatten(-3, -2)
+        elif keys:
+            picked = picked.transpose(-1, -2)
+        _, heads, block_size, dim = picked.shape
+        picked = picked.reshape(*block_table.shape, heads, block_size, dim).transpose(-3, -4)
+        return picked.reshape(*block_table.shape[:-1], heads, block_table.shape[-1] * block_size, dim)
 
 
-def gather_blocks(cache: torch.Tensor, block_table: torch.Tensor, keys: bool) -> torch.Tensor:
-    """[..., blocks] table -> [..., kv_heads, blocks * block_size, head_dim] copy."""
-    picked = cache.index_select(0, block_table.reshape(-1))
-    if keys:
-        picked = picked.transpose(-1, -2)
-    _, heads, block_size, dim = picked.shape
-    picked = picked.view(*block_table.shape, heads, block_size, dim).transpose(-3, -4)
-    return picked.reshape(*block_table.shape[:-1], heads, block_table.shape[-1] * block_size, dim)
-
-
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor,
-             v: torch.Tensor) -> None:
-    block_size = v_cache.shape[2]
-    blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
-    k_cache[blocks, :, :, offsets] = k
-    v_cache[blocks, :, offsets] = v
-
-
-def chunk_attention(q, k, v, k_cache, v_cache, chunk: PromptChunk, scale, sliding_window) -> torch.Tensor:
+def chunk_attention(q, k, v, k_cache, v_cache, layout: KVLayout, chunk: PromptChunk, scale, sliding_window):
     """One prompt chunk [tokens, heads, dim] -> its attention output."""
     qc = q[chunk.start:chunk.end].transpose(0, 1)
     if chunk.context_len == 0:
@@ -77,16 +99,17 @@ def chunk_attention(q, k, v, k_cache, v_cache, chunk: PromptChunk, scale, slidin
         vc = v[chunk.start:chunk.end].transpose(0, 1)
         return causal_attention(qc[None], kc[None], vc[None], scale, sliding_window)[0].transpose(0, 1)
     kv_len = chunk.context_len + chunk.end - chunk.start
-    group = q.shape[1] // k.shape[1]
-    kc = expand_kv(gather_blocks(k_cache, chunk.block_table, keys=True)[:, :kv_len], group, 0)
-    vc = expand_kv(gather_blocks(v_cache, chunk.block_table, keys=False)[:, :kv_len], group, 0)
+    kc = layout.gather(k_cache, chunk.block_table, keys=True)[:, :kv_len]
+    vc = layout.gather(v_cache, chunk.block_table, keys=False)[:, :kv_len]
     mask = causal_mask(chunk.end - chunk.start, kv_len, sliding_window, q.device)
-    return F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, scale=scale).transpose(0, 1)
+    # 4-D inputs: the fused CPU kernel takes them; 3-D ones fall back to the slow math path.
+    return sdpa(qc[None], kc[None], vc[None], scale, mask=mask)[0].transpose(0, 1)
 
 
 @dataclass
 class TorchPagedContext:
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
+    layout: KVLayout
     slot_mapping: torch.Tensor
     num_decodes: int
     decode_blocks: torch.Tensor | None  # [decodes, blocks]
@@ -106,27 +129,29 @@ class TorchPagedContext:
 
     def attend(self, layer, q, k, v, scale, sliding_window):
         k_cache, v_cache = self.kv_caches[layer]
-        write_kv(k_cache, v_cache, self.slot_mapping, k, v)
+        self.layout.write(k_cache, v_cache, self.slot_mapping, k, v)
         out = torch.empty_like(q)
         nd = self.num_decodes
         if nd:
             num_kv, dim = k.shape[1], k.shape[2]
             qd = q[:nd].view(nd, num_kv, -1, dim)  # the group's heads act as query rows
-            kd = gather_blocks(k_cache, self.decode_blocks, keys=True)
-            vd = gather_blocks(v_cache, self.decode_blocks, keys=False)
+            kd = self.layout.gather(k_cache, self.decode_blocks, keys=True)
+            vd = self.layout.gather(v_cache, self.decode_blocks, keys=False)
             od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=self._decode_mask(sliding_window), scale=scale)
             out[:nd] = od.reshape(nd, -1, dim)
         for chunk in self.chunks:
-            out[chunk.start:chunk.end] = chunk_attention(q, k, v, k_cache, v_cache, chunk, scale, sliding_window)
+            out[chunk.start:chunk.end] = chunk_attention(q, k, v, k_cache, v_cache, self.layout, chunk, scale,
+                                                         sliding_window)
         return out
 
 
 class TorchPagedBackend:
     name = "torch_paged"
 
-    def __init__(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int):
+    def __init__(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int, layout: KVLayout):
         self.kv_caches = kv_caches
         self.block_size = block_size
+        self.layout = layout
 
     def chunks(self, layout: BatchLayout, first_request: int, first_row: int) -> list[PromptChunk]:
         chunks, start = [], first_row
@@ -147,5 +172,5 @@ class TorchPagedBackend:
             key_pos = torch.arange(num_blocks * self.block_size, device=seq_lens.device)
             valid = key_pos[None, :] < seq_lens[:, None]
             positions = seq_lens - 1
-        return TorchPagedContext(self.kv_caches, layout.slot_mapping, nd, blocks, valid, positions,
+        return TorchPagedContext(self.kv_caches, self.layout, layout.slot_mapping, nd, blocks, valid, positions,
                                  self.chunks(layout, nd, nd))
