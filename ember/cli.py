@@ -1,4 +1,4 @@
-"""`ember` command line: serve | generate | bench. Heavy imports happen inside each command."""
+"""`ember` command line: serve | generate | train | bench. Heavy imports happen inside each command."""
 
 from __future__ import annotations
 
@@ -76,6 +76,63 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+TRAIN_USAGE = """usage:
+  ember train CONFIG [--nproc N] [--nnodes M --node-rank R --rdzv-endpoint HOST:PORT]
+  ember train estimate CONFIG [--nproc N]
+  ember train export CHECKPOINT OUT_DIR [--dtype float32|bfloat16]
+  ember train plot RUN_DIR"""
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    rest = list(args.rest)
+    if not rest or rest[0] in ("-h", "--help"):
+        print(TRAIN_USAGE)
+        return 0 if rest else 2
+    action = rest[0] if rest[0] in ("estimate", "export", "plot") else "fit"
+    p = argparse.ArgumentParser(prog=f"ember train {'' if action == 'fit' else action}".strip())
+    if action == "fit":
+        p.add_argument("config")
+        p.add_argument("--nproc", type=int, default=1, help="processes on this node (torchrun)")
+        p.add_argument("--nnodes", type=int, default=1)
+        p.add_argument("--node-rank", type=int, default=None)
+        p.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT of the rendezvous for multi-node runs")
+        p.add_argument("--rdzv-id", default=None)
+        a = p.parse_args(rest)
+        from ember.train.launch import launch
+
+        return launch(a.config, a.nproc, a.nnodes, a.node_rank, a.rdzv_endpoint, a.rdzv_id)
+    rest = rest[1:]
+    if action == "estimate":
+        p.add_argument("config")
+        p.add_argument("--nproc", type=int, default=1)
+        a = p.parse_args(rest)
+        from ember.train.config import TrainConfig
+        from ember.train.estimate import estimate, report
+        from ember.train.trainer import preflight
+
+        config = TrainConfig.load(a.config)
+        _, mc = preflight(config, a.nproc)
+        print(report(estimate(config, mc.num_params, a.nproc, mc.hidden_size, mc.num_layers, mc.vocab_size),
+                     config.zero_stage, config.precision))
+        return 0
+    if action == "export":
+        p.add_argument("checkpoint")
+        p.add_argument("out_dir")
+        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+        a = p.parse_args(rest)
+        from ember.train.checkpoint import export_checkpoint
+
+        print(f"wrote {export_checkpoint(a.checkpoint, a.out_dir, a.dtype)}")
+        return 0
+    p.add_argument("run_dir")
+    a = p.parse_args(rest)
+    from ember.train.plot import plot_run
+
+    for path in plot_run(a.run_dir):
+        print(f"wrote {path}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from ember.bench import cli as bench_cli
 
@@ -111,6 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
     serve.set_defaults(func=cmd_serve)
 
+    train = sub.add_parser("train", help="ZeRO training: ember train CONFIG | estimate | export | plot",
+                           add_help=False)
+    train.add_argument("rest", nargs=argparse.REMAINDER)
+    train.set_defaults(func=cmd_train)
+
     from ember.bench.cli import add_bench_parser
 
     add_bench_parser(sub)
@@ -118,7 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "train":  # its options may come before CONFIG: argparse's REMAINDER misses those
+        args = argparse.Namespace(func=cmd_train, rest=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except ValueError as e:  # bad input: one clear line, no traceback

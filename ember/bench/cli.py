@@ -40,6 +40,12 @@ def add_bench_parser(sub) -> None:
     chunked.add_argument("--dtype", default="bfloat16")
     chunked.add_argument("--budget", type=int, default=256, help="per-step token budget with chunking")
     chunked.add_argument("--runs", type=int, default=2)
+    tr = bsub.add_parser("train", help="ember train at ZeRO stages 0-3 on 1 and 2 processes, with an FSDP2 peer")
+    tr.add_argument("--model", required=True)
+    tr.add_argument("--steps", type=int, default=4)
+    tr.add_argument("--micro-batch-size", type=int, default=8)
+    tr.add_argument("--seq-len", type=int, default=256)
+    tr.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     bench.set_defaults(func=run)
 
 
@@ -58,7 +64,66 @@ def run(args: argparse.Namespace) -> int:
         return _prefix(args)
     if args.bench_command == "chunked":
         return _chunked(args)
+    if args.bench_command == "train":
+        return _train(args)
     return _latency(args)
+
+
+def _train(args) -> int:
+    import json
+    import statistics
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    import yaml
+
+    from ember.bench.models import corpus_text
+
+    _header(args)
+    work = Path(tempfile.mkdtemp(prefix="ember-bench-train-"))
+    (work / "train.txt").write_text(corpus_text() * 200)
+    results = {}
+    for nproc in (1, 2):
+        for stage in (0, 1, 2, 3):
+            run_dir = work / f"run-{nproc}-{stage}"
+            config = {
+                "model": {"path": str(Path(args.model).resolve())},
+                "data": {"train": [str(work / "train.txt")], "seq_len": args.seq_len, "eval_fraction": 0.0},
+                "run_dir": str(run_dir), "zero_stage": stage, "precision": args.precision,
+                "micro_batch_size": args.micro_batch_size, "max_steps": args.steps, "optimizer": {"lr": 1e-4},
+            }
+            path = work / f"config-{nproc}-{stage}.yaml"
+            path.write_text(yaml.safe_dump(config))
+            out = subprocess.run([sys.executable, "-m", "ember.cli", "train", "--nproc", str(nproc), str(path)],
+                                 capture_output=True, text=True)
+            if out.returncode != 0:
+                print(f"stage {stage} x{nproc}: failed\n{out.stderr[-2000:]}")
+                continue
+            records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            step_s = statistics.median(r["step_s"] for r in records[1:])
+            peak = max(records[0]["rank_peak_bytes"])
+            state = max(records[0]["rank_model_state_bytes"])
+            results[(nproc, stage)] = step_s
+            tokens = args.micro_batch_size * nproc * args.seq_len
+            print(f"ember stage {stage} x{nproc}: {step_s:6.3f} s/step  {tokens / step_s:8.1f} tok/s  "
+                  f"model states {state / 2**20:7.1f} MiB/rank  peak {peak / 2**20:7.1f} MiB/rank", flush=True)
+    for reshard, stage in ((False, 2), (True, 3)):
+        peer = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                               "-m", "ember.bench.train_peer", str(args.model), str(args.steps),
+                               str(args.micro_batch_size), str(args.seq_len), "1" if reshard else "0"],
+                              capture_output=True, text=True)
+        line = next((x for x in peer.stdout.splitlines() if x.startswith("{")), None)
+        if line is None:
+            print(f"peer FSDP2 (stage {stage}-like) failed:\n{peer.stderr[-2000:]}")
+            continue
+        peer_s = json.loads(line)["step_s"]
+        print(f"peer FSDP2 reshard={reshard} x2: {peer_s:6.3f} s/step  (ember stage {stage} x2 / peer: "
+              f"{results.get((2, stage), float('nan')) / peer_s:.2f})", flush=True)
+    if (2, 0) in results and (2, 3) in results:
+        print(f"stage 3 / stage 0 step time on 2 ranks: {results[(2, 3)] / results[(2, 0)]:.2f}")
+    return 0
 
 
 def _alternate(args, variants: dict, run_one) -> dict[str, list]:
@@ -147,7 +212,7 @@ def _header(args) -> None:
     import torch
 
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, dtype {args.dtype}")
+          f"torch {torch.__version__}, dtype {getattr(args, 'dtype', None) or getattr(args, 'precision', '')}")
 
 
 def _throughput(args) -> int:

@@ -20,6 +20,12 @@ _DTYPES = {
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 
 
+def dtype_from_name(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise ValueError(f"dtype: {name!r} is not one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
 @dataclass(frozen=True)
 class RopeConfig:
     theta: float = 10000.0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ember.models.attention import AttentionContext
 from ember.models.config import ModelConfig
@@ -21,12 +22,16 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = Rotary(config.rope, config.head_dim)
+        self.gradient_checkpointing = False  # training: recompute each block's activations in backward
 
     def forward(self, input_ids, positions, ctx: AttentionContext | None) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin, ctx)
+            if self.gradient_checkpointing and self.training and ctx is None:
+                x = checkpoint(layer, x, cos, sin, None, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, ctx)
         return self.norm(x)
 
 

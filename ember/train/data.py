@@ -1,0 +1,135 @@
+"""Training data: text/JSONL files -> token ids -> fixed-length packed sequences.
+
+Documents are tokenized with the model's tokenizer, joined with EOS, and cut into
+`seq_len + 1` windows (inputs and next-token labels). The order of sequences is a
+function of (seed, step) only, so a run resumed on another world size sees the
+same global batches.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ember.train.config import ConfigError, DataSpec
+
+
+def expand_files(patterns: tuple[str, ...], section: str) -> list[Path]:
+    files: list[Path] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+        found = [Path(m) for m in matches if Path(m).is_file()]
+        if not found:
+            raise ConfigError(f"{section}: {pattern!r} matches no file")
+        files += found
+    return files
+
+
+def read_documents(files: list[Path], text_field: str) -> Iterator[str]:
+    for path in files:
+        if path.suffix == ".jsonl":
+            with path.open(encoding="utf-8") as f:
+                for number, line in enumerate(f, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ConfigError(f"{path}:{number}: not valid JSON ({e})") from None
+                    if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                        raise ConfigError(f"{path}:{number}: no string field {text_field!r}")
+                    yield record[text_field]
+        else:
+            yield path.read_text(encoding="utf-8", errors="replace")
+
+
+def tokenize_files(files: list[Path], tokenizer, text_field: str, cache_dir: Path | None) -> np.ndarray:
+    """All documents' tokens, each followed by EOS (cached in cache_dir by content)."""
+    key = hashlib.sha256()
+    for f in files:
+        stat = f.stat()
+        key.update(f"{f.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    key.update(tokenizer.hf.to_str().encode())
+    key.update(text_field.encode())
+    cache = cache_dir / f"tokens-{key.hexdigest()[:16]}.npy" if cache_dir else None
+    if cache is not None and cache.is_file():
+        return np.load(cache, mmap_mode="r")
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    pieces = []
+    for text in read_documents(files, text_field):
+        pieces.append(np.asarray(tokenizer.encode(text, add_special_tokens=False) + [eos], dtype=np.uint32))
+    ids = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.uint32)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp.npy")
+        np.save(tmp, ids)
+        tmp.replace(cache)
+    return ids
+
+
+class PackedDataset:
+    """Non-overlapping windows of seq_len + 1 tokens over one token stream."""
+
+    def __init__(self, ids: np.ndarray, seq_len: int):
+        self.ids = ids
+        self.seq_len = seq_len
+
+    def __len__(self) -> int:
+        return max(0, (len(self.ids) - 1) // self.seq_len)
+
+    def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        T = self.seq_len
+        rows = np.stack([np.asarray(self.ids[i * T:i * T + T + 1], dtype=np.int64) for i in indices])
+        rows = torch.from_numpy(rows)
+        return rows[:, :-1], rows[:, 1:]
+
+
+def build_datasets(spec: DataSpec, tokenizer, cache_dir: Path | None) -> tuple[PackedDataset, PackedDataset | None]:
+    train_ids = tokenize_files(expand_files(spec.train, "data.train"), tokenizer, spec.text_field, cache_dir)
+    if spec.eval:
+        eval_ids = tokenize_files(expand_files(spec.eval, "data.eval"), tokenizer, spec.text_field, cache_dir)
+    else:
+        cut = int(len(train_ids) * (1 - spec.eval_fraction)) if spec.eval_fraction > 0 else len(train_ids)
+        train_ids, eval_ids = train_ids[:cut], train_ids[cut:]
+    train = PackedDataset(train_ids, spec.seq_len)
+    if len(train) == 0:
+        raise ConfigError(f"data.train: {len(train_ids)} tokens do not make one sequence of seq_len {spec.seq_len}")
+    evaluation = PackedDataset(eval_ids, spec.seq_len)
+    return train, evaluation if len(evaluation) else None
+
+
+class StepSampler:
+    """Which sequences make global batch `step`: epochs are seeded permutations."""
+
+    def __init__(self, num_sequences: int, global_batch: int, seed: int):
+        self.n = num_sequences
+        self.global_batch = global_batch
+        self.seed = seed
+        self._epoch = -1
+        self._order: np.ndarray | None = None
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            self._epoch = epoch
+        return self._order
+
+    def global_indices(self, step: int) -> np.ndarray:
+        start = step * self.global_batch
+        out = []
+        for position in range(start, start + self.global_batch):
+            out.append(self._permutation(position // self.n)[position % self.n])
+        return np.asarray(out)
+
+    def micro_batch(self, step: int, rank: int, world: int, micro: int, micro_size: int, accum: int) -> np.ndarray:
+        """Rank r takes its contiguous share of the global batch; micro-batch m a slice of that."""
+        indices = self.global_indices(step)
+        per_rank = micro_size * accum
+        share = indices[rank * per_rank:(rank + 1) * per_rank]
+        return share[micro * micro_size:(micro + 1) * micro_size]

@@ -1,0 +1,67 @@
+"""Per-rank memory for a training config: the ZeRO paper's model-state formulas, and ember's own layout.
+
+Psi = number of parameters, N = ranks. Mixed precision Adam (bf16), the paper's counts:
+stage 0: 16 Psi; 1: 4 Psi + 12 Psi/N; 2: 2 Psi + 14 Psi/N; 3: 16 Psi/N.
+fp32 Adam: 0: 16 Psi (4 params + 4 grads + 8 moments); 1: 8 Psi + 8 Psi/N; 2: 4 Psi + 12 Psi/N; 3: 16 Psi/N.
+ember keeps fp32 master weights and grads in both precisions (bf16 is a compute dtype), and
+stages 2/3 are FSDP2, which keeps parameters sharded at rest: what ember holds between steps is
+16 Psi (stage 0), 8 Psi + 8 Psi/N (stage 1) and 16 Psi/N (stages 2 and 3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ember.train.config import TrainConfig
+
+PAPER = {
+    "bf16": {0: (16, 0), 1: (4, 12), 2: (2, 14), 3: (0, 16)},
+    "fp32": {0: (16, 0), 1: (8, 8), 2: (4, 12), 3: (0, 16)},
+}
+EMBER = {0: (16, 0), 1: (8, 8), 2: (0, 16), 3: (0, 16)}  # (replicated, sharded) bytes per parameter
+
+
+@dataclass
+class Estimate:
+    num_params: int
+    ranks: int
+    paper_bytes: int
+    ember_bytes: int
+    params_bytes: int
+    grads_bytes: int
+    optimizer_bytes: int
+    activation_bytes: int
+
+
+def estimate(config: TrainConfig, num_params: int, ranks: int, hidden: int, layers: int, vocab: int) -> Estimate:
+    stage = config.zero_stage
+    full, sharded = PAPER[config.precision][stage]
+    paper = int(num_params * (full + sharded / ranks))
+    full, sharded = EMBER[stage]
+    ember = int(num_params * (full + sharded / ranks))
+    shard = 1 if stage == 0 else ranks
+    params = 4 * num_params // (ranks if stage >= 2 else 1)
+    grads = 4 * num_params // (ranks if stage >= 2 else 1)
+    optim = 8 * num_params // shard
+    # Activations per micro-batch (Korthikanti et al., flash attention: ~34 s*b*h bytes per layer in
+    # 16-bit, twice that in fp32), plus fp32 logits and their gradient for the loss.
+    tokens = config.micro_batch_size * config.data.seq_len
+    width = 2 if config.precision == "bf16" else 4
+    per_layer = 34 * tokens * hidden * width // 2
+    if config.activation_checkpointing:
+        per_layer = tokens * hidden * width
+    activations = layers * per_layer + 2 * tokens * vocab * 4
+    return Estimate(num_params, ranks, paper, ember, params, grads, optim, activations)
+
+
+def report(e: Estimate, stage: int, precision: str) -> str:
+    gib = lambda b: f"{b / 2**30:8.3f} GiB"  # noqa: E731
+    return "\n".join([
+        f"parameters: {e.num_params:,}  ranks: {e.ranks}  zero_stage: {stage}  precision: {precision}",
+        f"  model states, ZeRO paper formula: {gib(e.paper_bytes)} per rank",
+        f"  model states, as ember holds them: {gib(e.ember_bytes)} per rank "
+        f"(params {gib(e.params_bytes).strip()}, grads {gib(e.grads_bytes).strip()}, "
+        f"optimizer {gib(e.optimizer_bytes).strip()})",
+        f"  activations per micro-batch (approx.): {gib(e.activation_bytes)}",
+        f"  total (ember, approx.): {gib(e.ember_bytes + e.activation_bytes)}",
+    ])

@@ -1,0 +1,49 @@
+"""Launching: one process in place, or N processes per node through torchrun.
+
+`python -m ember.train.launch CONFIG` is what each torchrun worker runs.
+"""
+
+from __future__ import annotations
+
+import sys
+import uuid
+
+from ember.train.config import TrainConfig
+
+
+def launch(config_path: str, nproc: int = 1, nnodes: int = 1, node_rank: int | None = None,
+           rdzv_endpoint: str | None = None, rdzv_id: str | None = None) -> int:
+    """Validate everything first, then train; returns the exit status."""
+    from ember.train.trainer import preflight, run
+
+    if nproc < 1 or nnodes < 1:
+        raise ValueError(f"--nproc/--nnodes: {nproc}/{nnodes} must be >= 1")
+    config = TrainConfig.load(config_path)
+    preflight(config, nproc * nnodes)
+    if nproc == 1 and nnodes == 1:
+        run(config)
+        return 0
+    from torch.distributed import run as torchrun
+
+    args = ["--nproc-per-node", str(nproc), "--nnodes", str(nnodes), "--max-restarts", "0"]
+    if nnodes == 1 and rdzv_endpoint is None:
+        args.append("--standalone")
+    else:
+        if rdzv_endpoint is None:
+            raise ValueError("--rdzv-endpoint: required with --nnodes > 1 (HOST:PORT of the rendezvous)")
+        args += ["--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint, "--rdzv-id", rdzv_id or uuid.uuid4().hex[:8]]
+        if node_rank is not None:
+            args += ["--node-rank", str(node_rank)]
+    args += ["-m", "ember.train.launch", config_path]
+    try:
+        torchrun.main(args)
+    except Exception as e:  # a worker failed: torchrun has already stopped the others
+        print(f"error: training failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":  # a torchrun worker
+    from ember.train.trainer import run
+
+    run(TrainConfig.load(sys.argv[1]))

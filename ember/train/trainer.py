@@ -1,0 +1,222 @@
+"""Trainer: data -> forward -> loss -> backward -> clip -> step, with accumulation, on any ZeRO stage.
+
+`Trainer(config).fit()` runs in one process or under torchrun (one Trainer per rank).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ember.models import ModelConfig, load_model, model_class
+from ember.tokenizer import Tokenizer
+from ember.train.checkpoint import load_checkpoint, save_checkpoint
+from ember.train.config import ConfigError, TrainConfig
+from ember.train.data import StepSampler, build_datasets
+from ember.train.zero import (
+    Dist, autocast, init_distributed, lr_lambda, model_state_bytes, no_grad_sync, shard_model, unwrap,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def model_config_for(config: TrainConfig, tokenizer: Tokenizer) -> ModelConfig:
+    if config.model.path is not None:
+        return ModelConfig.from_dir(config.model.path)
+    hf = {"architectures": [config.model.architecture], "model_type": "llama", "vocab_size": tokenizer.vocab_size,
+          "eos_token_id": tokenizer.eos_token_ids, "bos_token_id": tokenizer.bos_token_id,
+          "torch_dtype": "float32", **config.model.config}
+    return ModelConfig.from_hf(hf, source="model")
+
+
+def preflight(config: TrainConfig, world_size: int) -> tuple[Tokenizer, ModelConfig]:
+    """Everything that can be wrong with a run, checked before any process trains."""
+    from ember.train.data import expand_files
+
+    tokenizer_dir = config.model.tokenizer_dir
+    tokenizer = Tokenizer(tokenizer_dir)
+    model_config = model_config_for(config, tokenizer)
+    if tokenizer.vocab_size > model_config.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+            f"{model_config.vocab_size} embeddings"
+        )
+    expand_files(config.data.train, "data.train")
+    if config.data.eval:
+        expand_files(config.data.eval, "data.eval")
+    config.accumulation(world_size)  # raises if the batch does not divide
+    return tokenizer, model_config
+
+
+def build_model(config: TrainConfig, model_config: ModelConfig) -> nn.Module:
+    if config.model.path is not None:
+        model, _ = load_model(config.model.path, dtype="float32")
+        return model.train()
+    torch.manual_seed(config.seed)
+    model = model_class(model_config.architecture)(model_config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, config.model.init_std)
+    return model.train()
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig):
+        self.config = config
+
+    # ---- pieces -----------------------------------------------------------------------
+    def _setup(self) -> None:
+        c = self.config
+        self.d: Dist = init_distributed()
+        torch.manual_seed(c.seed)
+        self.tokenizer, self.model_config = preflight(c, self.d.world)
+        self.accum = c.accumulation(self.d.world)
+        self.global_batch = c.global_batch(self.d.world)
+        self.run_dir = Path(c.run_dir)
+        if self.d.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        cache = self.run_dir / "cache"
+        if self.d.is_main:
+            build_datasets(c.data, self.tokenizer, cache)  # rank 0 tokenizes; the others read its cache
+        dist.barrier()
+        self.train_data, self.eval_data = build_datasets(c.data, self.tokenizer, cache)
+        self.sampler = StepSampler(len(self.train_data), self.global_batch, c.seed)
+        base = build_model(c, self.model_config)
+        base.model.gradient_checkpointing = c.activation_checkpointing
+        self.model, self.optimizer = shard_model(base, c, self.d)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(c))
+        self.start_step = 0
+        if c.resume:
+            self.start_step = load_checkpoint(Path(c.resume), self.model, self.optimizer, self.scheduler,
+                                              c.zero_stage)
+
+    def _loss(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with autocast(self.config, self.d):
+            logits = self.model(inputs.to(self.d.device))
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.to(self.d.device).flatten())
+
+    def train_step(self, step: int) -> tuple[float, float]:
+        """One optimizer step over the global batch; returns (mean loss, grad norm)."""
+        c, d = self.config, self.d
+        total = torch.zeros((), device=d.device)
+        for micro in range(self.accum):
+            indices = self.sampler.micro_batch(step, d.rank, d.world, micro, c.micro_batch_size, self.accum)
+            inputs, labels = self.train_data.batch(indices)
+            with no_grad_sync(self.model, c, last_micro=micro == self.accum - 1):
+                loss = self._loss(inputs, labels) / self.accum
+                loss.backward()
+            total += loss.detach()
+        norm = self._clip()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.last_state_bytes = model_state_bytes(self.model, self.optimizer)
+        self.optimizer.zero_grad(set_to_none=True)
+        dist.all_reduce(total)
+        return total.item() / d.world, norm
+
+    def _clip(self) -> float:
+        max_norm = self.config.grad_clip if self.config.grad_clip else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    @torch.no_grad()
+    def evaluate(self, max_batches: int = 16) -> float | None:
+        """Mean loss over (up to max_batches x micro_batch_size) held-out sequences, all ranks together."""
+        if self.eval_data is None:
+            return None
+        self.model.eval()
+        c, d = self.config, self.d
+        n = min(len(self.eval_data), max_batches * c.micro_batch_size * d.world)
+        total = torch.zeros(2, device=d.device)
+        for start in range(0, n, c.micro_batch_size * d.world):
+            # every rank runs the same number of forwards (FSDP all-gathers are collective)
+            idx = [i % n for i in range(start + d.rank * c.micro_batch_size, start + (d.rank + 1) * c.micro_batch_size)]
+            inputs, labels = self.eval_data.batch(idx)
+            total += torch.stack([self._loss(inputs, labels) * len(idx), torch.tensor(float(len(idx)))])
+        dist.all_reduce(total)
+        self.model.train()
+        return (total[0] / total[1]).item()
+
+    def save(self, step: int, name: str | None = None) -> Path:
+        path = self.run_dir / "checkpoints" / (name or f"step-{step}")
+        if self.d.is_main:
+            path.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        tokenizer_dir = self.config.model.tokenizer_dir
+        save_checkpoint(path, step, self.model, self.optimizer, self.scheduler, self.config.zero_stage,
+                        self.model_config, tokenizer_dir, self.config.to_dict(), self.d.is_main)
+        return path
+
+    # ---- the loop ---------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        self._setup()
+        c, d = self.config, self.d
+        metrics_file = self.run_dir / "metrics.jsonl"
+        tokens_per_step = self.global_batch * c.data.seq_len
+        bar = tqdm(total=c.max_steps, initial=self.start_step, desc="train", unit="step", disable=not d.is_main)
+        last: dict[str, Any] = {}
+        try:
+            for step in range(self.start_step, c.max_steps):
+                t0 = time.perf_counter()
+                lr = self.scheduler.get_last_lr()[0]
+                loss, norm = self.train_step(step)
+                seconds = time.perf_counter() - t0
+                record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": norm,
+                          "tokens_per_s": tokens_per_step / seconds, "step_s": seconds}
+                done = step + 1 == c.max_steps
+                if (c.eval_interval and (step + 1) % c.eval_interval == 0) or done:
+                    record["eval_loss"] = self.evaluate()
+                if step == self.start_step or done:
+                    record.update(self._memory_record())
+                if c.save_interval and (step + 1) % c.save_interval == 0 and not done:
+                    self.save(step + 1)
+                if d.is_main and ((step + 1) % c.log_interval == 0 or done or "eval_loss" in record):
+                    with metrics_file.open("a") as f:
+                        f.write(json.dumps(record) + "\n")
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", lr=f"{record['lr']:.2e}")
+                last = record
+            last["checkpoint"] = str(self.save(c.max_steps, "final"))
+        finally:
+            bar.close()
+        return last
+
+    def _memory_record(self) -> dict[str, Any]:
+        """Each rank's model-state bytes and peak memory, gathered on every rank."""
+        mine = {"model_state_bytes": self.last_state_bytes["total"], "peak_bytes": peak_memory_bytes(self.d.device)}
+        everyone: list[Any] = [None] * self.d.world
+        dist.all_gather_object(everyone, mine)
+        return {"rank_model_state_bytes": [e["model_state_bytes"] for e in everyone],
+                "rank_peak_bytes": [e["peak_bytes"] for e in everyone]}
+
+
+def run(config: TrainConfig) -> dict[str, Any]:
+    """Entry point for one rank (or the only process)."""
+    try:
+        return Trainer(config).fit()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+

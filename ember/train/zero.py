@@ -1,0 +1,147 @@
+"""ZeRO stages on PyTorch's own pieces.
+
+- stage 0: DistributedDataParallel (everything replicated, gradients all-reduced);
+- stage 1: DDP + ZeroRedundancyOptimizer (optimizer state sharded);
+- stage 2: fully_shard (FSDP2) per block and root, reshard_after_forward=False
+  (parameters, gradients and optimizer state sharded at rest; no re-gather in backward);
+- stage 3: fully_shard with reshard_after_forward=True.
+bf16 keeps fp32 master weights and reduces gradients in fp32: autocast for stages 0-1,
+MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) for 2-3.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ember.train.config import TrainConfig
+
+
+@dataclass
+class Dist:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    """torchrun's environment -> a process group (gloo on CPU, nccl on CUDA); one process: a local group."""
+    use_cuda = torch.cuda.is_available()
+    backend = "nccl" if use_cuda else "gloo"
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if not dist.is_initialized():
+            dist.init_process_group(backend)
+    else:
+        rank, world, local_rank = 0, 1, 0
+        if not dist.is_initialized():
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    return Dist(rank, world, local_rank, device)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices, not norms or biases."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def shard_model(model: nn.Module, config: TrainConfig, d: Dist) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """Apply the configured stage; returns the wrapped model and its optimizer."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    opt = config.optimizer
+    adam = dict(lr=opt.lr, betas=opt.betas, eps=opt.eps)
+    model.to(d.device)
+    if config.zero_stage >= 2:
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if config.precision == "bf16" else MixedPrecisionPolicy()
+        offload = {}
+        if (config.offload_optimizer or config.offload_params) and d.device.type == "cuda":
+            # On a CPU-only machine everything already lives in host memory: nothing to move.
+            offload = {"offload_policy": CPUOffloadPolicy()}
+        reshard = config.zero_stage == 3
+        for layer in model.model.layers:
+            fully_shard(layer, mp_policy=mp, reshard_after_forward=reshard, **offload)
+        fully_shard(model, mp_policy=mp, reshard_after_forward=reshard, **offload)
+        return model, torch.optim.AdamW(param_groups(model, opt.weight_decay), **adam)
+    wrapped = DDP(model) if d.world > 1 else model
+    if config.zero_stage == 1:
+        groups = param_groups(model, opt.weight_decay)
+        return wrapped, ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, **adam)
+    return wrapped, torch.optim.AdamW(param_groups(model, opt.weight_decay), **adam)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") and not hasattr(model, "model") else model
+
+
+def autocast(config: TrainConfig, d: Dist):
+    if config.precision == "bf16" and config.zero_stage < 2:
+        return torch.autocast(d.device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def no_grad_sync(model: nn.Module, config: TrainConfig, last_micro: bool):
+    """Skip gradient communication on all but the last micro-batch of a step."""
+    if last_micro:
+        return contextlib.nullcontext()
+    if config.zero_stage >= 2:
+        model.set_requires_gradient_sync(False)
+        return _restore_sync(model)
+    return model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _restore_sync(model):
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def lr_lambda(config: TrainConfig):
+    warmup, total, floor = config.optimizer.warmup_steps, config.max_steps, config.optimizer.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def model_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Bytes this rank holds for parameters, gradients and optimizer state (the ZeRO paper's 'model states')."""
+    params = sum(_local(p).numel() * _local(p).element_size() for p in model.parameters())
+    grads = sum(_local(p.grad).numel() * _local(p.grad).element_size() for p in model.parameters() if p.grad is not None)
+    inner = getattr(optimizer, "optim", optimizer)  # ZeroRedundancyOptimizer keeps its shard in .optim
+    state = 0
+    for per_param in inner.state.values():
+        for value in per_param.values():
+            if torch.is_tensor(value):
+                state += _local(value).numel() * _local(value).element_size()
+    return {"params": params, "grads": grads, "optimizer": state, "total": params + grads + state}
