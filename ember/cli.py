@@ -18,11 +18,26 @@ def add_engine_args(p: argparse.ArgumentParser, model_required: bool = True) -> 
     p.add_argument("--no-chunked-prefill", action="store_true")
     p.add_argument("--policy", default="fcfs", choices=["fcfs", "priority"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--speculative-method", choices=["ngram", "draft"], default=None)
+    p.add_argument("--num-speculative-tokens", type=int, default=3)
+    p.add_argument("--draft-model", default=None, help="draft model directory (--speculative-method draft)")
+    p.add_argument("--max-ngram", type=int, default=3)
+
+
+def speculative(args: argparse.Namespace) -> dict | None:
+    if args.speculative_method is None:
+        return None
+    spec = {"method": args.speculative_method, "num_tokens": args.num_speculative_tokens}
+    if args.speculative_method == "ngram":
+        spec["max_ngram"] = args.max_ngram
+    else:
+        spec["model"] = args.draft_model
+    return spec
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(
-        dtype=args.dtype, device=args.device, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        speculative=speculative(args), dtype=args.dtype, device=args.device, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_gib=args.kv_cache_gib,
         enable_prefix_caching=not args.no_prefix_caching, enable_chunked_prefill=not args.no_chunked_prefill,
         policy=args.policy, seed=args.seed,

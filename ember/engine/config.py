@@ -54,6 +54,8 @@ class EngineConfig:
     seed: int = 0
     chat_template: str | None = None  # a template string overriding the model's
     attention_backend: str = "auto"  # auto | cpu_paged | torch_paged
+    # {"method": "ngram", "num_tokens": k, "max_ngram": n} or {"method": "draft", "model": DIR, "num_tokens": k}
+    speculative: dict | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 

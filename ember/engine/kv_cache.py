@@ -96,15 +96,17 @@ class KVCacheManager:
         self.hash_of = [None] * self.num_blocks
 
     # ---- allocation ---------------------------------------------------------------
-    def allocate_slots(self, request: Request, num_new_tokens: int, computed_blocks: Sequence[int] = ()) -> bool:
-        """Make room for `num_new_tokens` more tokens after the request's computed ones.
+    def allocate_slots(self, request: Request, num_new_tokens: int, computed_blocks: Sequence[int] = (),
+                       num_lookahead: int = 0) -> bool:
+        """Make room for `num_new_tokens` more tokens after the request's computed ones
+        (plus `num_lookahead` slots a draft model writes ahead).
 
         `computed_blocks` (from `get_computed_blocks`, at admission) are shared, not copied.
         Returns False, changing nothing, when the pool is short.
         """
         num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
         num_total = num_computed + num_new_tokens
-        num_new_blocks = self.blocks_for(num_total) - len(request.block_ids) - len(computed_blocks)
+        num_new_blocks = self.blocks_for(num_total + num_lookahead) - len(request.block_ids) - len(computed_blocks)
         # Cached hits with no other user sit in the free list; taking them shrinks it.
         num_revived = sum(1 for b in computed_blocks if self.ref_cnt[b] == 0)
         if num_new_blocks > self.num_free_blocks - num_revived:
@@ -117,7 +119,8 @@ class KVCacheManager:
         for _ in range(num_new_blocks):
             request.block_ids.append(self._take_free_block())
         if self.enable_prefix_caching:
-            self._cache_full_blocks(request, num_total)
+            # Only tokens known for sure: speculative drafts may still be rejected.
+            self._cache_full_blocks(request, min(num_total, request.num_tokens))
         return True
 
     def _take_free_block(self) -> int:

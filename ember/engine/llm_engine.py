@@ -19,6 +19,7 @@ from ember.engine.output import RequestGroup, Sequence, find_stop_string, logpro
 from ember.engine.request import Request, RequestOutput, RequestStatus, SamplingParams
 from ember.engine.runner import ModelRunner, kv_bytes_per_block
 from ember.engine.scheduler import Scheduler
+from ember.engine.spec import SpeculativeConfig, can_speculate, ngram_propose
 from ember.models import load_model
 from ember.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -78,6 +79,14 @@ class LLMEngine:
         self.scheduler = Scheduler(sched, self.kv, self.max_model_len)
         self.runner = ModelRunner(self.model, mc, num_blocks, cache.block_size, self.device, config.seed,
                                   config.attention_backend)
+        self.spec = SpeculativeConfig.from_any(config.speculative)
+        self.draft = None
+        if self.spec is not None and self.spec.method == "draft":
+            from ember.engine.draft import DraftProposer
+
+            self.draft = DraftProposer(self.spec, mc, num_blocks, cache.block_size, self.device, dtype,
+                                       config.seed, config.attention_backend)
+        self.spec_stats = {"spec_num_drafts": 0, "spec_num_accepted": 0, "spec_num_verifications": 0}
         logger.info(
             "%s on %s (%s, %s attention): KV cache %d blocks x %d = %d tokens (%.2f GiB), max_model_len %d",
             mc.architecture, self.device, str(dtype).removeprefix("torch."), self.runner.attention_backend,
@@ -194,15 +203,20 @@ class LLMEngine:
                 group = self._group_of(seq)
                 if seq.index == 0 and group.prompt_logprobs is not None:
                     group.prompt_logprobs.extend(logprob_entry(i, self.tokenizer) for i in infos)
+            self.spec_stats["spec_num_drafts"] += result.num_proposed
+            self.spec_stats["spec_num_accepted"] += result.num_accepted
+            self.spec_stats["spec_num_verifications"] += sum(1 for r, _ in scheduled.scheduled if r.spec_token_ids)
             now = time.monotonic()
             for request in self.scheduler.update_from_output(scheduled, result.sampled):
                 seq = self.sequences[request.request_id]
-                self._process_token(seq, result.logprobs.get(request.request_id))
+                self._process_new_tokens(seq, result.logprobs.get(request.request_id))
                 group = self._group_of(seq)
                 if group.first_token_time is None:
                     group.first_token_time = now
                     self.num_prompt_tokens += len(group.prompt_token_ids)
                 touched[group.request_id] = group
+        if self.spec is not None:
+            self._propose()
         outputs = []
         for group in touched.values():
             stops = group.sequences[0].request.params.stop
@@ -215,32 +229,66 @@ class LLMEngine:
             outputs.append(group.make_output(hold_back))
         return outputs
 
+    def _propose(self) -> None:
+        """Drafts for every decoding request that can speculate, scored in the next step."""
+        spec = self.spec
+        candidates, counts = [], []
+        for request in self.scheduler.running:
+            if request.num_computed_tokens != request.num_tokens - 1 or not can_speculate(request):
+                continue
+            k = min(spec.num_tokens, request.max_tokens - request.num_output_tokens - 1,
+                    self.max_model_len - request.num_tokens - 1)
+            if k <= 0:
+                continue
+            if self.draft is None:
+                request.spec_token_ids = ngram_propose(request.all_token_ids, k, spec.max_ngram, spec.min_ngram)
+                continue
+            # the draft's KV of rejected drafts is stale; it writes k - 1 positions ahead
+            request.num_draft_computed = min(request.num_draft_computed, request.num_tokens - 1)
+            if self.kv.allocate_slots(request, 0, num_lookahead=k):
+                candidates.append(request)
+                counts.append(k)
+        if candidates:
+            for request_id, (drafts, probs) in self.draft.propose(candidates, counts).items():
+                self.scheduler.requests[request_id].spec_token_ids = drafts
+                if probs is not None:
+                    self.runner.draft_probs[request_id] = probs
+
     def _group_of(self, seq: Sequence) -> RequestGroup:
         request_id = seq.request.request_id
         if seq.request.params.n > 1:
             request_id = request_id.rpartition("#")[0]
         return self.groups[request_id]
 
-    def _process_token(self, seq: Sequence, info) -> None:
-        request = seq.request
-        token = request.output_token_ids[-1]
-        self.num_generation_tokens += 1
-        if info is not None:
-            request.logprobs.append(logprob_entry(info, self.tokenizer))
-            request.cumulative_logprob += info.logprob
-        piece = seq.detokenizer.step(token)
-        params = request.params
-        stopped_by_token = request.status is RequestStatus.FINISHED_STOPPED and request.output_token_ids[-1] in (
-            *request.eos_token_ids, *params.stop_token_ids
-        )
-        if stopped_by_token and not params.include_stop_str_in_output:
-            piece = ""
-        seq.text += piece
-        if params.stop and piece and not request.is_finished:
-            match = find_stop_string(seq.text, len(piece), params.stop, params.include_stop_str_in_output)
-            if match is not None:
-                seq.text, request.stop_reason = match
-                self.scheduler.finish_request(request, RequestStatus.FINISHED_STOPPED)
+    def _process_new_tokens(self, seq: Sequence, infos) -> None:
+        """Logprobs, detokenization and stop strings for the tokens this step appended (one,
+        or several when drafts were accepted); a stop string cuts off the tokens after it."""
+        request, params = seq.request, seq.request.params
+        start = seq.num_processed
+        new_tokens = request.output_token_ids[start:]
+        stop_ids = (*request.eos_token_ids, *params.stop_token_ids)
+        for j, token in enumerate(new_tokens):
+            self.num_generation_tokens += 1
+            if infos is not None and j < len(infos):
+                request.logprobs.append(logprob_entry(infos[j], self.tokenizer))
+                request.cumulative_logprob += infos[j].logprob
+            piece = seq.detokenizer.step(token)
+            is_last = j == len(new_tokens) - 1
+            if is_last and request.status is RequestStatus.FINISHED_STOPPED and token in stop_ids \
+                    and not params.include_stop_str_in_output:
+                piece = ""
+            seq.text += piece
+            if params.stop and piece:
+                match = find_stop_string(seq.text, len(piece), params.stop, params.include_stop_str_in_output)
+                if match is not None:
+                    seq.text, request.stop_reason = match
+                    request.truncate_output(start + j + 1)
+                    if request.is_finished:
+                        request.status = RequestStatus.FINISHED_STOPPED
+                    else:
+                        self.scheduler.finish_request(request, RequestStatus.FINISHED_STOPPED)
+                    break
+        seq.num_processed = request.num_output_tokens
         if request.is_finished:
             self._release(seq)
 
@@ -264,7 +312,13 @@ class LLMEngine:
             "prompt_tokens": self.num_prompt_tokens,
             "generation_tokens": self.num_generation_tokens,
             "num_steps": self.num_steps,
+            **(self._spec_summary() if self.spec is not None else {}),
         }
+
+    def _spec_summary(self) -> dict[str, float]:
+        s = self.spec_stats
+        return {**s, "spec_acceptance_rate": s["spec_num_accepted"] / max(1, s["spec_num_drafts"]),
+                "spec_mean_accepted_length": 1 + s["spec_num_accepted"] / max(1, s["spec_num_verifications"])}
 
 
 class LLM:

@@ -19,6 +19,7 @@ class Sequence:
     index: int
     detokenizer: IncrementalDetokenizer | None
     text: str = ""
+    num_processed: int = 0  # output tokens already detokenized
 
 
 @dataclass

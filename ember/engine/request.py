@@ -138,6 +138,8 @@ class Request:
         self.num_registered_blocks = 0  # leading blocks entered in the prefix cache
         self.cache_salt = b""  # extra key for block hashes (e.g. an adapter id)
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache
+        self.spec_token_ids: list[int] = []  # draft tokens to verify in the next step
+        self.num_draft_computed = 0  # positions whose KV the draft model holds (method "draft")
         self.num_preemptions = 0
         self.stop_reason: int | str | None = None
         self.cumulative_logprob = 0.0
@@ -170,6 +172,13 @@ class Request:
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
+
+    def truncate_output(self, num_output_tokens: int) -> None:
+        """Drop output tokens past a stop found mid-way through a multi-token step."""
+        extra = self.num_output_tokens - num_output_tokens
+        if extra > 0:
+            del self.output_token_ids[num_output_tokens:]
+            del self.all_token_ids[len(self.all_token_ids) - extra:]
 
     def check_stop(self, max_model_len: int) -> RequestStatus | None:
         """Token-level stop conditions; stop strings are checked after detokenizing."""

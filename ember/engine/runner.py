@@ -3,6 +3,7 @@ and samples the rows that need a token."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass, field
 
@@ -14,6 +15,7 @@ from ember.engine.kv_cache import NULL_BLOCK
 from ember.engine.request import Request
 from ember.engine.sampler import Sampler, TokenLogprobInfo, compute_logprob_info
 from ember.engine.scheduler import SchedulerOutput
+from ember.engine.spec import verify
 from ember.models.config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -44,8 +46,10 @@ def allocate_kv_caches(config: ModelConfig, num_blocks: int, block_size: int, dt
 
 @dataclass
 class RunnerOutput:
-    sampled: dict[str, int] = field(default_factory=dict)
-    logprobs: dict[str, TokenLogprobInfo] = field(default_factory=dict)
+    sampled: dict[str, list[int]] = field(default_factory=dict)  # one token, or accepted drafts + one
+    logprobs: dict[str, list[TokenLogprobInfo]] = field(default_factory=dict)
+    num_proposed: int = 0  # draft tokens scored this step
+    num_accepted: int = 0
     # request id -> prompt logprobs for the prompt positions computed this step
     prompt_logprobs: dict[str, list[TokenLogprobInfo]] = field(default_factory=dict)
 
@@ -74,6 +78,7 @@ class ModelRunner:
         self.backend = make_backend(self.attention_backend, self.kv_caches, block_size, self.kv_layout)
         self.sampler = Sampler(device, seed)
         self.generators: dict[str, torch.Generator] = {}
+        self.draft_probs: dict[str, torch.Tensor] = {}  # a draft model's distributions, for sampled requests
 
     def _generator(self, request: Request) -> torch.Generator | None:
         if request.seed is None:
@@ -86,6 +91,28 @@ class ModelRunner:
 
     def release(self, request_id: str) -> None:
         self.generators.pop(request_id, None)
+        self.draft_probs.pop(request_id, None)
+
+    @torch.inference_mode()
+    def forward(self, requests: list[Request], query_lens: list[int], context_lens: list[int],
+                input_ids: list[int]) -> torch.Tensor:
+        """One flat forward: request i's `query_lens[i]` tokens at positions after its
+        `context_lens[i]` cached ones (requests ordered by query length). Returns hidden rows."""
+        device = self.device
+        lens = torch.tensor(query_lens, device=device)
+        starts = torch.tensor(context_lens, device=device)
+        token_request = torch.repeat_interleave(torch.arange(len(requests), device=device), lens)
+        first_token = torch.cumsum(lens, 0) - lens
+        positions = torch.arange(len(input_ids), device=device) + (starts - first_token)[token_request]
+        max_blocks = max(len(r.block_ids) for r in requests)
+        block_tables = torch.tensor(
+            [r.block_ids + [NULL_BLOCK] * (max_blocks - len(r.block_ids)) for r in requests],
+            dtype=torch.int64, device=device,
+        )
+        bs = self.block_size
+        slot_mapping = block_tables[token_request, positions // bs] * bs + positions % bs
+        ctx = self.backend.build(BatchLayout(query_lens, context_lens, block_tables, slot_mapping, positions))
+        return self.model(torch.tensor(input_ids, device=device), positions, ctx)
 
     @torch.inference_mode()
     def execute(self, scheduled: SchedulerOutput) -> RunnerOutput:
@@ -97,41 +124,46 @@ class ModelRunner:
         context_lens = [r.num_computed_tokens - n for r, n in items]
         input_ids: list[int] = []
         for request, n, start in zip(requests, query_lens, context_lens):
-            input_ids.extend(request.all_token_ids[start:start + n])
+            tokens = request.all_token_ids + request.spec_token_ids if request.spec_token_ids else request.all_token_ids
+            input_ids.extend(tokens[start:start + n])
 
-        device = self.device
-        lens = torch.tensor(query_lens, device=device)
-        starts = torch.tensor(context_lens, device=device)
-        token_request = torch.repeat_interleave(torch.arange(len(items), device=device), lens)
-        first_token = torch.cumsum(lens, 0) - lens
-        positions = torch.arange(len(input_ids), device=device) + (starts - first_token)[token_request]
-        max_blocks = max(len(r.block_ids) for r in requests)
-        block_tables = torch.tensor(
-            [r.block_ids + [NULL_BLOCK] * (max_blocks - len(r.block_ids)) for r in requests],
-            dtype=torch.int64, device=device,
-        )
-        bs = self.block_size
-        slot_mapping = block_tables[token_request, positions // bs] * bs + positions % bs
-        ctx = self.backend.build(BatchLayout(query_lens, context_lens, block_tables, slot_mapping, positions))
-
-        hidden = self.model(torch.tensor(input_ids, device=device), positions, ctx)
-
+        hidden = self.forward(requests, query_lens, context_lens, input_ids)
         out = RunnerOutput()
-        ends = torch.cumsum(lens, 0).tolist()
-        sample_idx = [i for i, r in enumerate(requests) if r.num_computed_tokens == r.num_tokens]
-        if sample_idx:
-            rows = torch.tensor([ends[i] - 1 for i in sample_idx], device=device)
+        ends = list(itertools.accumulate(query_lens))
+        done = [i for i, r in enumerate(requests) if r.num_computed_tokens == r.num_tokens + len(r.spec_token_ids)]
+        plain = [i for i in done if not requests[i].spec_token_ids]
+        if plain:
+            rows = torch.tensor([ends[i] - 1 for i in plain], device=self.device)
             logits = self.model.compute_logits(hidden[rows])
-            sample_reqs = [requests[i] for i in sample_idx]
+            sample_reqs = [requests[i] for i in plain]
             result = self.sampler(logits, sample_reqs, [self._generator(r) for r in sample_reqs])
             for request, token, info in zip(sample_reqs, result.token_ids, result.logprobs):
-                out.sampled[request.request_id] = token
+                out.sampled[request.request_id] = [token]
                 if info is not None:
-                    out.logprobs[request.request_id] = info
+                    out.logprobs[request.request_id] = [info]
+        for i in done:
+            if requests[i].spec_token_ids:
+                self._verify(requests[i], hidden[ends[i] - len(requests[i].spec_token_ids) - 1:ends[i]], out)
         for i, request in enumerate(requests):
             if request.params.prompt_logprobs is not None:
                 self._prompt_logprobs(request, hidden[ends[i] - query_lens[i]:ends[i]], context_lens[i], out)
         return out
+
+    def _verify(self, request: Request, hidden: torch.Tensor, out: RunnerOutput) -> None:
+        """Rows of the last token and each draft -> the accepted tokens plus one of the target's."""
+        logits = self.model.compute_logits(hidden).float()
+        drafts = request.spec_token_ids
+        draft_probs = self.draft_probs.pop(request.request_id, None)
+        verified = verify(logits, drafts, request, self._generator(request), self.sampler.generator, draft_probs)
+        out.sampled[request.request_id] = verified.tokens
+        out.num_proposed += len(drafts)
+        out.num_accepted += verified.num_accepted
+        if request.params.logprobs is not None:
+            n = len(verified.tokens)
+            raw = logits[:n].log_softmax(dim=-1)
+            out.logprobs[request.request_id] = compute_logprob_info(
+                raw, torch.tensor(verified.tokens, device=raw.device), [request.params.logprobs] * n
+            )
 
     def _prompt_logprobs(self, request: Request, hidden: torch.Tensor, start: int, out: RunnerOutput) -> None:
         # Row j predicts the token at position start + j + 1, if that is a prompt token.

@@ -74,10 +74,11 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int):
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int, num_lookahead: int = 0):
         self.config = config
         self.kv = kv
         self.max_model_len = max_model_len
+        self.num_lookahead = num_lookahead  # slots a draft model writes past the verified tokens
         self.waiting = WaitingQueue(config.policy)
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -122,8 +123,11 @@ class Scheduler:
                 break
             if request.status is not RequestStatus.RUNNING:  # preempted earlier in this loop
                 continue
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            while not self.kv.allocate_slots(request, num_new):
+            num_new = min(request.num_tokens + len(request.spec_token_ids) - request.num_computed_tokens, budget)
+            # Drafts that do not fit the budget are dropped, not split.
+            del request.spec_token_ids[max(0, num_new - (request.num_tokens - request.num_computed_tokens)):]
+            lookahead = self.num_lookahead if request.spec_token_ids else 0
+            while not self.kv.allocate_slots(request, num_new, num_lookahead=lookahead):
                 victim = self._pick_victim()
                 budget += scheduled.pop(victim, 0)
                 self._preempt(victim)
@@ -170,22 +174,32 @@ class Scheduler:
         self.kv.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
+        request.num_draft_computed = 0
+        request.spec_token_ids = []
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.push(request, front=True)
 
     # ---- results ----------------------------------------------------------------------
-    def update_from_output(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Append each sampled token, apply token-level stops; returns the requests that grew."""
+    def update_from_output(self, output: SchedulerOutput, sampled: dict[str, list[int]]) -> list[Request]:
+        """Append each request's new tokens (several when drafts were accepted), apply
+        token-level stops; returns the requests that grew."""
         updated = []
         for request, _ in output.scheduled:
-            token = sampled.get(request.request_id)
-            if token is None or request.is_finished:
+            tokens = sampled.get(request.request_id)
+            if not tokens or request.is_finished:
                 continue
-            request.append_output_token(token)
-            status = request.check_stop(self.max_model_len)
-            if status is not None:
-                self.finish_request(request, status)
+            had_drafts = bool(request.spec_token_ids)
+            request.spec_token_ids = []
+            for token in tokens:
+                request.append_output_token(token)
+                status = request.check_stop(self.max_model_len)
+                if status is not None:
+                    self.finish_request(request, status)
+                    break
+            if had_drafts and not request.is_finished:
+                # Rejected drafts' slots are rolled back: only the verified tokens count as computed.
+                request.num_computed_tokens = request.num_tokens - 1
             updated.append(request)
         return updated
 

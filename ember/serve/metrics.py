@@ -39,9 +39,12 @@ class _EngineCollector:
         yield self._counter("ember_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s["prefix_cache_queries"])
         yield self._counter("ember_prefix_cache_hits", "Prompt tokens found in the prefix cache.", s["prefix_cache_hits"])
         yield self._gauge("ember_prefix_cache_hit_rate", "Prefix cache hits / queries.", s["prefix_cache_hit_rate"])
-        for key, value in s.items():  # optional engine counters (e.g. speculative decoding)
-            if key.startswith("spec_"):
-                yield self._counter(f"ember_{key}", f"Speculative decoding: {key[5:]}.", value)
+        for key in ("spec_num_drafts", "spec_num_accepted", "spec_num_verifications"):
+            if key in s:  # speculative decoding is on
+                yield self._counter(f"ember_{key}", f"Speculative decoding: {key[5:].replace('_', ' ')}.", s[key])
+        for key in ("spec_acceptance_rate", "spec_mean_accepted_length"):
+            if key in s:
+                yield self._gauge(f"ember_{key}", f"Speculative decoding: {key[5:].replace('_', ' ')}.", s[key])
 
 
 class Metrics:

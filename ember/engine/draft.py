@@ -1,0 +1,80 @@
+"""The draft-model proposer: a smaller model with the target's vocabulary proposes k tokens.
+
+Its KV cache has the target's block layout and follows the target's block tables (the same
+KV manager hands out blocks for both), so no second allocator exists. Each step it catches
+up on the tokens it has not seen (the prompt at first, then the accepted tokens), then runs
+k - 1 one-token steps for all speculating requests together.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ember.engine.request import Request
+from ember.engine.runner import ModelRunner
+from ember.engine.spec import SpeculativeConfig
+from ember.models import load_model
+from ember.models.config import ModelConfig
+
+
+class DraftProposer:
+    def __init__(self, spec: SpeculativeConfig, target: ModelConfig, num_blocks: int, block_size: int,
+                 device: torch.device, dtype: torch.dtype, seed: int, attention_backend: str):
+        model, config = load_model(spec.model, dtype=dtype, device=device)
+        if config.vocab_size != target.vocab_size:
+            raise ValueError(
+                f"speculative.model: its vocabulary ({config.vocab_size}) differs from the target's ({target.vocab_size})"
+            )
+        self.runner = ModelRunner(model, config, num_blocks, block_size, device, seed + 1, attention_backend)
+        self.generator = torch.Generator(device=device).manual_seed(seed + 1)
+
+    def _pick(self, logits: torch.Tensor, request: Request) -> tuple[int, torch.Tensor | None]:
+        from ember.engine.sampler import apply_min_p, apply_top_k_top_p
+
+        params = request.params
+        if params.greedy:
+            return int(logits.argmax()), None
+        scaled = (logits.float() / params.temperature)[None]
+        if params.top_k > 0 or params.top_p < 1.0:
+            scaled = apply_top_k_top_p(scaled, torch.tensor([params.top_k]) if params.top_k > 0 else None,
+                                       torch.tensor([params.top_p]) if params.top_p < 1.0 else None)
+        if params.min_p > 0:
+            scaled = apply_min_p(scaled, torch.tensor([params.min_p]))
+        probs = scaled.softmax(dim=-1)[0]
+        return int(torch.multinomial(probs, 1, generator=self.generator)), probs
+
+    @torch.inference_mode()
+    def propose(self, requests: list[Request], num_drafts: list[int]) -> dict[str, tuple[list[int], torch.Tensor | None]]:
+        """request id -> (drafts, their distributions stacked [k, vocab] or None for greedy)."""
+        work = sorted(((r, k) for r, k in zip(requests, num_drafts) if k > 0),
+                      key=lambda rk: rk[0].num_tokens - rk[0].num_draft_computed)
+        if not work:
+            return {}
+        drafts: dict[str, list[int]] = {r.request_id: [] for r, _ in work}
+        probs: dict[str, list[torch.Tensor]] = {r.request_id: [] for r, _ in work}
+        # catch up on every token the draft has not seen; its last row proposes the first draft
+        reqs = [r for r, _ in work]
+        lens = [r.num_tokens - r.num_draft_computed for r in reqs]
+        ids = [t for r in reqs for t in r.all_token_ids[r.num_draft_computed:]]
+        hidden = self.runner.forward(reqs, lens, [r.num_draft_computed for r in reqs], ids)
+        rows = torch.tensor([sum(lens[:i + 1]) - 1 for i in range(len(reqs))])
+        logits = self.runner.model.compute_logits(hidden[rows])
+        for (r, _), row in zip(work, logits):
+            token, p = self._pick(row, r)
+            drafts[r.request_id].append(token)
+            if p is not None:
+                probs[r.request_id].append(p)
+            r.num_draft_computed = r.num_tokens
+        for step in range(1, max(k for _, k in work)):
+            active = [r for r, k in work if k > step]
+            if not active:
+                break
+            hidden = self.runner.forward(active, [1] * len(active), [r.num_tokens + step - 1 for r in active],
+                                         [drafts[r.request_id][-1] for r in active])
+            for r, row in zip(active, self.runner.model.compute_logits(hidden)):
+                token, p = self._pick(row, r)
+                drafts[r.request_id].append(token)
+                if p is not None:
+                    probs[r.request_id].append(p)
+                r.num_draft_computed = r.num_tokens + step
+        return {rid: (d, torch.stack(probs[rid]) if probs[rid] else None) for rid, d in drafts.items()}
