@@ -93,6 +93,7 @@ class LLMEngine:
             num_blocks - 1, cache.block_size, (num_blocks - 1) * cache.block_size,
             num_blocks * block_bytes / (1 << 30), self.max_model_len,
         )
+        self._grammars = None
         self.groups: dict[str, RequestGroup] = {}
         self.sequences: dict[str, Sequence] = {}
         self._pending: list[RequestGroup] = []  # aborted groups whose final output is due
@@ -144,6 +145,7 @@ class LLMEngine:
         params = params or SamplingParams()
         text, ids = self.process_prompt(prompt)
         params.validate()
+        compiled = self.compile_structured(params.structured) if params.structured is not None else None
         room = self.max_model_len - len(ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         eos = tuple(self.tokenizer.eos_token_ids) or self.model_config.eos_token_ids
@@ -152,6 +154,9 @@ class LLMEngine:
             child_id = request_id if params.n == 1 else f"{request_id}#{i}"
             seed = None if params.seed is None else params.seed + i
             request = Request(child_id, ids, params, max_tokens, eos, priority, seed=seed)
+            if compiled is not None:
+                request.matcher = self.grammars.matcher(compiled)
+                request.banned_tokens = self.grammars.banned_tokens(params.structured)
             detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
             sequences.append(Sequence(request, i, detok))
         self.scheduler.check_fits(sequences[0].request)
@@ -159,6 +164,20 @@ class LLMEngine:
         if params.prompt_logprobs is not None:
             group.prompt_logprobs = [None]
         return group
+
+    @property
+    def grammars(self):
+        """xgrammar's compiler for this tokenizer, built on first use."""
+        if self._grammars is None:
+            from ember.engine.structured import GrammarCompiler
+
+            self._grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size)
+        return self._grammars
+
+    def compile_structured(self, spec):
+        """Compile (or fetch from the cache) a structured-output spec; ValueError if it is invalid.
+        Thread-safe: the server compiles off the event loop before submitting."""
+        return self.grammars.compile(spec)
 
     def add_request_group(self, group: RequestGroup) -> None:
         if group.request_id in self.groups:
@@ -272,6 +291,8 @@ class LLMEngine:
             if infos is not None and j < len(infos):
                 request.logprobs.append(logprob_entry(infos[j], self.tokenizer))
                 request.cumulative_logprob += infos[j].logprob
+            if request.matcher is not None and not request.matcher.is_terminated():
+                request.matcher.accept_token(token)
             piece = seq.detokenizer.step(token)
             is_last = j == len(new_tokens) - 1
             if is_last and request.status is RequestStatus.FINISHED_STOPPED and token in stop_ids \

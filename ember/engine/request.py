@@ -6,6 +6,7 @@ Plain Python (no torch), so the scheduler and KV manager are testable directly.
 from __future__ import annotations
 
 import enum
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +16,37 @@ MAX_LOGPROBS = 20
 
 def _invalid(name: str, value: Any, why: str) -> ValueError:
     return ValueError(f"{name}: {value!r} is invalid ({why})")
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    json_schema: dict | str | None = None
+    json_object: bool = False  # any JSON object
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None  # EBNF (GBNF-style), rule `root`
+
+    def __post_init__(self):
+        if self.choice is not None:
+            object.__setattr__(self, "choice", tuple(self.choice))
+        given = [k for k in ("json_schema", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise ValueError(f"structured: exactly one of json_schema, json_object, regex, choice, grammar (got {given})")
+        if self.choice is not None and (not self.choice or not all(isinstance(c, str) for c in self.choice)):
+            raise ValueError(f"structured.choice: {list(self.choice)!r} must be a non-empty list of strings")
+
+    def key(self) -> tuple[str, str]:
+        if self.json_schema is not None:
+            schema = self.json_schema if isinstance(self.json_schema, str) else json.dumps(self.json_schema, sort_keys=True)
+            return "json_schema", schema
+        if self.json_object:
+            return "json_object", ""
+        if self.regex is not None:
+            return "regex", self.regex
+        if self.choice is not None:
+            return "choice", json.dumps(self.choice)
+        return "grammar", self.grammar
 
 
 @dataclass
@@ -38,8 +70,11 @@ class SamplingParams:
     logprobs: int | None = None  # top-k logprobs per output token (plus the sampled one)
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    structured: StructuredOutput | None = None  # constrain the output to a JSON schema, regex, choice or grammar
 
     def __post_init__(self):
+        if isinstance(self.structured, dict):
+            self.structured = StructuredOutput(**self.structured)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
@@ -148,6 +183,8 @@ class Request:
             [None] if params.prompt_logprobs is not None else None
         )
         self.first_token_time: float | None = None
+        self.matcher = None  # xgrammar GrammarMatcher of a structured request
+        self.banned_tokens = None  # bool [vocab] tensor of tokens its structure never allows
 
     @property
     def num_tokens(self) -> int:

@@ -69,7 +69,25 @@ def compute_logprob_info(logprobs: torch.Tensor, token_ids: torch.Tensor, num_to
 def _plain_greedy(request: Request) -> bool:
     p = request.params
     return (p.greedy and p.logprobs is None and not p.needs_penalties and not p.logit_bias
-            and request.num_output_tokens >= p.min_tokens)
+            and request.num_output_tokens >= p.min_tokens and request.matcher is None)
+
+
+def apply_grammar_masks(logits: torch.Tensor, requests: list[Request]) -> None:
+    """Structured requests: forbid every token their grammar does not allow next."""
+    rows = [i for i, r in enumerate(requests) if r.matcher is not None and not r.matcher.is_terminated()]
+    if not rows:
+        return
+    import xgrammar as xgr
+
+    vocab = logits.shape[1]
+    bitmask = xgr.allocate_token_bitmask(len(requests), vocab)
+    for i in rows:
+        requests[i].matcher.fill_next_token_bitmask(bitmask, i)
+    xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=vocab, indices=rows)
+    for i in rows:
+        banned = requests[i].banned_tokens
+        if banned is not None:
+            logits[i, :banned.shape[0]].masked_fill_(banned.to(logits.device), float("-inf"))
 
 
 class Sampler:
@@ -89,6 +107,7 @@ class Sampler:
         raw_logprobs = logits[want_logprobs].log_softmax(dim=-1) if want_logprobs else None
 
         apply_logits_processors(logits, requests)
+        apply_grammar_masks(logits, requests)
         token_ids = logits.argmax(dim=-1)
         random_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
         if random_rows:

@@ -21,6 +21,7 @@ from ember.engine.async_llm import AsyncLLM, EngineDeadError, QueueFullError, Re
 from ember.engine.request import CompletionOutput, Logprob, RequestOutput, SamplingParams
 from ember.serve.metrics import Metrics
 from ember.serve.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, bad_request, now
+from ember.serve.tools import ToolPlan, new_call_id, structured_from_body
 
 logger = logging.getLogger("ember.serve")
 
@@ -219,9 +220,12 @@ async def create_completion(body: CompletionRequest, state: ServerState, http: R
         for _, ids in prompts:
             check_length(ids, body.max_tokens, state.max_model_len, "max_tokens")
         want_prompt_logprobs = body.echo and body.logprobs is not None
-        params = body.sampling_params(body.max_tokens, body.logprobs, body.logprobs if want_prompt_logprobs else None)
+        spec = structured_from_body(body)
+        params = body.sampling_params(body.max_tokens, body.logprobs, body.logprobs if want_prompt_logprobs else None,
+                                      structured=spec)
     except ValueError as e:
         raise bad_request(e) from None
+    await precompile(engine, spec)
     tracker = _Tracker(state.metrics, request_id, prompt_tokens=sum(len(ids) for _, ids in prompts))
     streams = submit_all(state.llm, [ids for _, ids in prompts], params, request_id, body.priority)
     tokenizer = engine.tokenizer
@@ -324,6 +328,83 @@ def chat_logprobs(entries: list[dict[int, Logprob]], tokens: list[int], tokenize
     return content
 
 
+async def precompile(engine, spec) -> None:
+    """Compile a structured-output spec on a worker thread (an invalid one is a 400 here);
+    the engine then finds it in the compiler's cache."""
+    if spec is not None:
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, engine.compile_structured, spec)
+        except ValueError as e:
+            raise bad_request(e) from None
+
+
+@dataclass
+class _ChatChoiceStream:
+    """Turns one choice's cumulative outputs into chat deltas, tool calls included."""
+
+    index: int
+    plan: ToolPlan
+    content_sent: int = 0
+    tokens_sent: int = 0
+    call_id: str | None = None
+    finished: bool = False
+
+    def deltas(self, c: CompletionOutput, logprobs) -> list[dict[str, Any]]:
+        if self.finished or (len(c.token_ids) == self.tokens_sent and not c.finished):
+            return []
+        self.tokens_sent, self.finished = len(c.token_ids), c.finished
+        out: list[dict[str, Any]] = []
+        if self.plan.mode == "named":
+            if self.call_id is None:
+                self.call_id = new_call_id()
+                out.append({"tool_calls": [{"index": 0, "id": self.call_id, "type": "function",
+                                            "function": {"name": self.plan.name, "arguments": ""}}]})
+            piece = c.text[self.content_sent:]
+            self.content_sent = len(c.text)
+            if piece:
+                out.append({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
+        else:
+            safe = self.plan.streamable_content(c.text, c.finished)
+            piece = safe[self.content_sent:]
+            self.content_sent = max(self.content_sent, len(safe))
+            if piece or not out:
+                out.append({"content": piece} if piece or not c.finished else {})
+            if c.finished and self.plan.mode in ("auto", "required"):
+                try:
+                    _, calls = self.plan.parse(c.text)
+                except (ValueError, KeyError, TypeError):
+                    calls = []
+                for i, call in enumerate(calls):
+                    out.append({"tool_calls": [{"index": i, **call}]})
+        if c.finished and not out:
+            out.append({})  # the finish_reason still needs a chunk
+        reason = finish_reason(c, self.plan, bool(self.call_id) or any("tool_calls" in d for d in out))
+        chunks = [{"index": self.index, "delta": d, "logprobs": None, "finish_reason": None} for d in out]
+        if chunks:
+            chunks[0]["logprobs"] = logprobs
+            if c.finished:
+                chunks[-1]["finish_reason"] = reason
+                chunks[-1]["stop_reason"] = c.stop_reason
+        return chunks
+
+
+def finish_reason(c: CompletionOutput, plan: ToolPlan, called: bool) -> str | None:
+    if c.finish_reason == "stop" and called and plan.mode != "none":
+        return "tool_calls"
+    return c.finish_reason
+
+
+def chat_message(c: CompletionOutput, plan: ToolPlan) -> tuple[dict[str, Any], bool]:
+    try:
+        content, calls = plan.parse(c.text)
+    except (ValueError, KeyError, TypeError):  # cut off by max_tokens: not a complete call
+        content, calls = c.text, []
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if calls:
+        message["tool_calls"] = calls
+    return message, bool(calls)
+
+
 async def create_chat_completion(body: ChatCompletionRequest, state: ServerState, http: Request, request_id: str):
     engine = state.llm.engine
     tokenizer = engine.tokenizer
@@ -331,15 +412,24 @@ async def create_chat_completion(body: ChatCompletionRequest, state: ServerState
         raise OpenAIError(400, "top_logprobs: requires logprobs to be true", param="top_logprobs")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     field_name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    plan = ToolPlan.from_body(body.tools, body.tool_choice)
+    spec, tool_spec = structured_from_body(body), plan.structured()
+    if spec is not None and tool_spec is not None:
+        raise OpenAIError(400, "response_format: cannot be combined with tool_choice required or a named function",
+                          param="response_format")
+    spec = spec or tool_spec
     try:
-        ids = tokenizer.encode_chat([m.for_template() for m in body.messages], body.add_generation_prompt,
-                                    **(body.chat_template_kwargs or {}))
+        kwargs = dict(body.chat_template_kwargs or {})
+        if plan.template_tools():
+            kwargs["tools"] = plan.template_tools()
+        ids = tokenizer.encode_chat([m.for_template() for m in body.messages], body.add_generation_prompt, **kwargs)
         engine.process_prompt(ids)
         check_length(ids, max_tokens, state.max_model_len, field_name)
         top = body.top_logprobs or 0
-        params = body.sampling_params(max_tokens, top if body.logprobs else None)
+        params = body.sampling_params(max_tokens, top if body.logprobs else None, structured=spec)
     except ValueError as e:
         raise bad_request(e) from None
+    await precompile(engine, spec)
     tracker = _Tracker(state.metrics, request_id, prompt_tokens=len(ids))
     streams = submit_all(state.llm, [ids], params, request_id, body.priority)
     created = now()
@@ -356,10 +446,11 @@ async def create_chat_completion(body: ChatCompletionRequest, state: ServerState
         output = outputs[0]
         choices = []
         for c in output.outputs:
-            choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
-                            "logprobs": logprobs_of(c, 0, len(c.token_ids)), "finish_reason": c.finish_reason,
-                            "stop_reason": c.stop_reason})
-            tracker.finish_reasons.append(c.finish_reason)
+            message, called = chat_message(c, plan)
+            reason = finish_reason(c, plan, called)
+            choices.append({"index": c.index, "message": message, "logprobs": logprobs_of(c, 0, len(c.token_ids)),
+                            "finish_reason": reason, "stop_reason": c.stop_reason})
+            tracker.finish_reasons.append(reason)
         tracker.output_tokens = sum(len(c.token_ids) for c in output.outputs)
         tracker.done()
         return JSONResponse({
@@ -374,7 +465,7 @@ async def create_chat_completion(body: ChatCompletionRequest, state: ServerState
                     "model": state.model_name, "choices": choices})
 
     async def events():
-        sent = [_Choice() for _ in range(params.n)]
+        choice_streams = [_ChatChoiceStream(j, plan) for j in range(params.n)]
         final = None
         try:
             for j in range(params.n):
@@ -383,17 +474,12 @@ async def create_chat_completion(body: ChatCompletionRequest, state: ServerState
             async for _, output in merged(streams):
                 tracker.on_output()
                 for c in output.outputs:
-                    s = sent[c.index]
-                    if s.finished or (len(c.token_ids) == s.tokens_sent and not c.finished):
-                        continue
-                    text = c.text[s.text_sent:]
-                    logprobs = logprobs_of(c, s.tokens_sent, len(c.token_ids))
-                    s.text_sent, s.tokens_sent, s.finished = len(c.text), len(c.token_ids), c.finished
-                    delta = {"content": text} if text or not c.finished else {}  # a chunk per step with new tokens
-                    if c.finished:
-                        tracker.finish_reasons.append(c.finish_reason)
-                    yield chunk([{"index": c.index, "delta": delta, "logprobs": logprobs,
-                                  "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}])
+                    cs = choice_streams[c.index]
+                    start = cs.tokens_sent
+                    for entry in cs.deltas(c, logprobs_of(c, start, len(c.token_ids))):
+                        if entry["finish_reason"]:
+                            tracker.finish_reasons.append(entry["finish_reason"])
+                        yield chunk([entry])
                 if output.finished:
                     final = output
             tracker.output_tokens = sum(len(c.token_ids) for c in final.outputs) if final else 0
