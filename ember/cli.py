@@ -6,8 +6,9 @@ import argparse
 import sys
 
 
-def add_engine_args(p: argparse.ArgumentParser, model_required: bool = True) -> None:
-    p.add_argument("--model", required=model_required, help="HF-format model directory")
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="an HF-format model directory or a name from `ember models` (default: the embedded model)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--max-model-len", type=int, default=None)
@@ -67,11 +68,31 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from ember.registry import list_models, models_folder
+
+    if args.architectures:
+        from ember.models import ARCHITECTURES
+
+        print("\n".join(sorted(ARCHITECTURES)))
+        return 0
+    found = list_models()
+    for name, path in found.items():
+        print(f"{name:<24} {path}")
+    if not found:
+        print(f"no models (add HF directories under {models_folder()})")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from ember.chat import chat_loop
+
+    return chat_loop(args)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    if args.model is None:
-        raise ValueError("--model: required (give an HF-format model directory)")
     from ember.engine.async_llm import AsyncLLM
     from ember.serve.app import ServerConfig, run_server
 
@@ -87,7 +108,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         chat_template = path.read_text()
     llm = AsyncLLM.from_args(args.model, max_waiting=args.max_waiting, chat_template=chat_template,
                              **engine_kwargs(args))
-    run_server(llm, args.served_model_name or args.model, config)
+    run_server(llm, args.served_model_name or args.model or "default", config)
     return 0
 
 
@@ -170,8 +191,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     gen.set_defaults(func=cmd_generate)
 
+    chat = sub.add_parser("chat", help="chat in the terminal (streamed; /reset, /exit; Ctrl-C stops an answer)")
+    add_engine_args(chat)
+    chat.add_argument("--system", default=None, help="a system message to start every conversation")
+    chat.add_argument("--max-tokens", type=int, default=512)
+    chat.add_argument("--temperature", type=float, default=0.7)
+    chat.add_argument("--top-p", type=float, default=0.95)
+    chat.set_defaults(func=cmd_chat)
+
+    models = sub.add_parser("models", help="list model names usable with --model")
+    models.add_argument("--architectures", action="store_true", help="list the supported HF architectures")
+    models.set_defaults(func=cmd_models)
+
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
-    add_engine_args(serve, model_required=False)
+    add_engine_args(serve)
     serve.add_argument("--served-model-name", default=None, help="the model id clients use (default: --model)")
     serve.add_argument("--chat-template", default=None, help="a jinja file overriding the model's chat template")
     serve.add_argument("--host", default="127.0.0.1")

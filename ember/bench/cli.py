@@ -40,6 +40,10 @@ def add_bench_parser(sub) -> None:
     chunked.add_argument("--dtype", default="bfloat16")
     chunked.add_argument("--budget", type=int, default=256, help="per-step token budget with chunking")
     chunked.add_argument("--runs", type=int, default=2)
+    st = bsub.add_parser("structured", help="W1 with every request constrained to a JSON schema vs unconstrained")
+    st.add_argument("--model", required=True)
+    st.add_argument("--dtype", default="bfloat16")
+    st.add_argument("--runs", type=int, default=2)
     tr = bsub.add_parser("train", help="ember train at ZeRO stages 0-3 on 1 and 2 processes, with an FSDP2 peer")
     tr.add_argument("--model", required=True)
     tr.add_argument("--steps", type=int, default=4)
@@ -66,7 +70,50 @@ def run(args: argparse.Namespace) -> int:
         return _chunked(args)
     if args.bench_command == "train":
         return _train(args)
+    if args.bench_command == "structured":
+        return _structured(args)
     return _latency(args)
+
+
+BENCH_SCHEMA = {"type": "object", "properties": {
+    "title": {"type": "string"}, "year": {"type": "integer", "minimum": 1900, "maximum": 2100},
+    "tags": {"type": "array", "items": {"type": "string"}}}, "required": ["title", "year", "tags"]}
+
+
+def _structured(args) -> int:
+    import time
+
+    from ember import LLM, SamplingParams
+    from ember.bench.workloads import w1
+    from ember.engine.request import StructuredOutput
+
+    _header(args)
+    workload = w1(64)
+    llm = LLM(args.model, dtype=args.dtype)
+    spec = StructuredOutput(json_schema=BENCH_SCHEMA)
+    t0 = time.perf_counter()
+    llm.engine.compile_structured(spec)
+    print(f"first compile of the schema: {(time.perf_counter() - t0) * 1e3:.1f} ms")
+    t0 = time.perf_counter()
+    llm.generate([workload.prompts[0]], SamplingParams(temperature=0, max_tokens=1, structured=spec), use_tqdm=False)
+    print(f"time to first token with the cached schema (one request): {(time.perf_counter() - t0) * 1e3:.1f} ms")
+    arms = {"unconstrained": None, "json schema": spec}
+    results: dict[str, list[float]] = {name: [] for name in arms}
+    for i in range(args.runs):
+        for name, structured in arms.items():
+            llm.engine.kv.reset_prefix_cache()
+            params = SamplingParams(temperature=0, max_tokens=workload.max_tokens, ignore_eos=structured is None,
+                                    structured=structured)
+            t0 = time.perf_counter()
+            outs = llm.generate(workload.prompts, params, use_tqdm=False)
+            seconds = time.perf_counter() - t0
+            tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+            results[name].append(tokens / seconds)
+            print(f"  run {i + 1} {name}: {tokens / seconds:.1f} output tok/s ({tokens} tokens, {seconds:.2f} s)",
+                  flush=True)
+    med = {k: sorted(v)[len(v) // 2] for k, v in results.items()}
+    print(f"constrained / unconstrained output tok/s: {med['json schema'] / med['unconstrained']:.2f}")
+    return 0
 
 
 def _train(args) -> int:

@@ -77,7 +77,7 @@ class AsyncLLM:
         self._thread.start()
 
     @classmethod
-    def from_args(cls, model: str, max_waiting: int | None = None, **kwargs) -> "AsyncLLM":
+    def from_args(cls, model: str | None = None, max_waiting: int | None = None, **kwargs) -> "AsyncLLM":
         return cls(LLMEngine.from_args(model, **kwargs), max_waiting=max_waiting)
 
     @property

@@ -103,8 +103,11 @@ class LLMEngine:
         self._ids = itertools.count()
 
     @classmethod
-    def from_args(cls, model: str, **kwargs) -> "LLMEngine":
-        return cls(EngineConfig.from_kwargs(model, **kwargs))
+    def from_args(cls, model: str | None = None, **kwargs) -> "LLMEngine":
+        """`model`: a directory, a model name (see `ember models`) or None for the default model."""
+        from ember.registry import resolve_model
+
+        return cls(EngineConfig.from_kwargs(resolve_model(model), **kwargs))
 
     # ---- requests -------------------------------------------------------------------
     def process_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
@@ -345,7 +348,7 @@ class LLMEngine:
 class LLM:
     """Offline batched generation: `LLM(model_dir).generate(prompts, params)`."""
 
-    def __init__(self, model: str, **kwargs: Any):
+    def __init__(self, model: str | None = None, **kwargs: Any):
         self.engine = LLMEngine.from_args(model, **kwargs)
         self._ids = itertools.count()
 

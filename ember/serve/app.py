@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from importlib import resources
 import secrets
 import signal
 from contextlib import asynccontextmanager
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -147,6 +148,12 @@ def build_app(state: ServerState, config: ServerConfig) -> FastAPI:
 
     def request_id(request: Request, prefix: str) -> str:
         return request.state.request_id or random_id(prefix)
+
+    page = resources.files("ember.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+
+    @app.get("/", include_in_schema=False)
+    async def chat_page() -> HTMLResponse:
+        return HTMLResponse(page)
 
     @app.get("/health")
     async def health() -> Response:
