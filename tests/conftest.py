@@ -69,3 +69,13 @@ def load_hf(path: Path):
 
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def train_assets(tmp_path_factory):
+    from ember.bench.models import corpus_text, write_tokenizer
+
+    root = tmp_path_factory.mktemp("train-assets")
+    write_tokenizer(root / "tok", vocab_size=384)
+    (root / "train.txt").write_text(corpus_text() * 6)
+    return root

@@ -94,6 +94,8 @@ class LLMEngine:
             num_blocks * block_bytes / (1 << 30), self.max_model_len,
         )
         self._grammars = None
+        self.weight_version = 0
+        self.sleeping = False
         self.groups: dict[str, RequestGroup] = {}
         self.sequences: dict[str, Sequence] = {}
         self._pending: list[RequestGroup] = []  # aborted groups whose final output is due
@@ -214,6 +216,8 @@ class LLMEngine:
 
     # ---- one step -----------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self.sleeping:
+            raise ValueError("step: the engine is asleep; call wake() first")
         touched: dict[str, RequestGroup] = {g.request_id: g for g in self._pending}
         self._pending = []
         scheduled = self.scheduler.schedule()
@@ -248,7 +252,7 @@ class LLMEngine:
                 self.groups.pop(group.request_id, None)
                 for seq in group.sequences:
                     self.sequences.pop(seq.request.request_id, None)
-            outputs.append(group.make_output(hold_back))
+            outputs.append(group.make_output(hold_back, self.weight_version))
         return outputs
 
     def _propose(self) -> None:
@@ -319,6 +323,35 @@ class LLMEngine:
     def _release(self, seq: Sequence) -> None:
         self.runner.release(seq.request.request_id)
 
+    # ---- RL: weights in, memory out --------------------------------------------------
+    def update_weights(self, named_tensors, strict: bool = False) -> int:
+        """Copy tensors into the model in place, by HF parameter name (a full state dict, or
+        any subset); forget the prefix cache, whose KV the old weights made. Returns the new
+        weight version, which every later output carries."""
+        from ember.models.loader import load_weights
+
+        items = named_tensors.items() if hasattr(named_tensors, "items") else named_tensors
+        loaded = load_weights(self.model, ((n, t, "update_weights") for n, t in items), strict=strict)
+        if not loaded:
+            raise ValueError("update_weights: no tensor matched a parameter name of the model")
+        self.kv.reset_prefix_cache()
+        self.weight_version += 1
+        return self.weight_version
+
+    def sleep(self) -> None:
+        """Free the KV cache between rollout phases (requests must have finished)."""
+        if self.has_unfinished_requests():
+            raise ValueError("sleep: requests are still running; finish or abort them first")
+        if not self.sleeping:
+            self.runner.release_kv_cache()
+            self.kv.reset_prefix_cache()
+            self.sleeping = True
+
+    def wake(self) -> None:
+        if self.sleeping:
+            self.runner.allocate_kv_cache()
+            self.sleeping = False
+
     # ---- introspection ------------------------------------------------------------
     def get_stats(self) -> dict[str, Any]:
         kv = self.kv
@@ -354,6 +387,15 @@ class LLM:
 
     def get_tokenizer(self) -> Tokenizer:
         return self.engine.tokenizer
+
+    def update_weights(self, named_tensors, strict: bool = False) -> int:
+        return self.engine.update_weights(named_tensors, strict)
+
+    def sleep(self) -> None:
+        self.engine.sleep()
+
+    def wake(self) -> None:
+        self.engine.wake()
 
     def generate(
         self,

@@ -37,7 +37,7 @@ class RequestGroup:
     def finished(self) -> bool:
         return all(s.request.is_finished for s in self.sequences)
 
-    def make_output(self, hold_back: int) -> RequestOutput:
+    def make_output(self, hold_back: int, weight_version: int = 0) -> RequestOutput:
         outputs = []
         for seq in self.sequences:
             request = seq.request
@@ -71,6 +71,7 @@ class RequestGroup:
             finished=self.finished,
             num_cached_tokens=first.num_cached_tokens,
             metrics=metrics,
+            weight_version=weight_version,
         )
 
 

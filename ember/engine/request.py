@@ -262,3 +262,4 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    weight_version: int = 0  # which pushed weights produced it (RL: see LLMEngine.update_weights)

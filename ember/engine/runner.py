@@ -74,11 +74,24 @@ class ModelRunner:
             attention_backend, device, (config.num_heads, config.num_kv_heads, config.head_dim, block_size)
         )
         self.kv_layout = choose_layout(self.attention_backend, self.dtype)
-        self.kv_caches = allocate_kv_caches(config, num_blocks, block_size, self.dtype, device, self.kv_layout)
-        self.backend = make_backend(self.attention_backend, self.kv_caches, block_size, self.kv_layout)
+        self.num_blocks = num_blocks
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.allocate_kv_cache()
         self.sampler = Sampler(device, seed)
         self.generators: dict[str, torch.Generator] = {}
         self.draft_probs: dict[str, torch.Tensor] = {}  # a draft model's distributions, for sampled requests
+
+    def allocate_kv_cache(self) -> None:
+        self.kv_caches = allocate_kv_caches(self.config, self.num_blocks, self.block_size, self.dtype, self.device,
+                                            self.kv_layout)
+        self.backend = make_backend(self.attention_backend, self.kv_caches, self.block_size, self.kv_layout)
+
+    def release_kv_cache(self) -> None:
+        """Drop every reference to the KV buffer so its memory goes back to the allocator."""
+        self.kv_caches = []
+        self.backend = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _generator(self, request: Request) -> torch.Generator | None:
         if request.seed is None:

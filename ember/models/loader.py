@@ -70,15 +70,18 @@ def load_weights(
     error naming the tensor and the file it came from.
     """
     pmap = hf_parameter_map(model)
+    # Module names (e.g. a trainer's state dict: `...qkv_proj.weight`) are accepted too.
+    aliases = {name.removeprefix("module."): (p, 0, None) for name, p in model.named_parameters()}
     loaded: set[str] = set()
     unexpected: list[str] = []
     with torch.no_grad():
         for name, tensor, source in weights:
-            if name not in pmap:
+            entry = pmap.get(name) or aliases.get(name)
+            if entry is None:
                 if not name.endswith(_IGNORED_SUFFIXES):
                     unexpected.append(name)
                 continue
-            target = _target(*pmap[name])
+            target = _target(*entry)
             if tuple(target.shape) != tuple(tensor.shape):
                 raise ValueError(
                     f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, "
@@ -86,6 +89,8 @@ def load_weights(
                 )
             target.copy_(tensor)
             loaded.add(name)
+            if name in aliases and name not in pmap:  # a merged parameter covers all its HF names
+                loaded.update(n for n, (p, _, _) in pmap.items() if p is entry[0])
     if unexpected:
         logger.warning("ignored %d unexpected tensors, e.g. %s", len(unexpected), unexpected[:3])
     if strict:

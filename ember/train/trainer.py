@@ -159,6 +159,28 @@ class Trainer:
         self.model.train()
         return (total[0] / total[1]).item()
 
+    @torch.no_grad()
+    def logprobs(self, token_ids: list[list[int]]) -> list[list[float]]:
+        """log p(token_t | tokens before t) for t >= 1 of each sequence, with the training
+        forward, one sequence at a time (so no padding or batch shape changes a number)."""
+        was_training = self.model.training
+        self.model.eval()
+        out = []
+        for ids in token_ids:
+            x = torch.tensor([ids], device=self.d.device)
+            with autocast(self.config, self.d):
+                logits = self.model(x)[0].float()
+            out.append(logits[:-1].log_softmax(-1).gather(1, x[0, 1:, None]).squeeze(1).tolist())
+        self.model.train(was_training)
+        return out
+
+    def state_dict_for_engine(self) -> dict[str, torch.Tensor]:
+        """The full model state (gathered from shards) on rank 0; an empty dict elsewhere."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return full if self.d.is_main else {}
+
     def save(self, step: int, name: str | None = None) -> Path:
         path = self.run_dir / "checkpoints" / (name or f"step-{step}")
         if self.d.is_main:

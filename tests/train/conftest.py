@@ -11,16 +11,6 @@ import pytest
 import yaml
 
 
-@pytest.fixture(scope="session")
-def train_assets(tmp_path_factory):
-    from ember.bench.models import corpus_text, write_tokenizer
-
-    root = tmp_path_factory.mktemp("train-assets")
-    write_tokenizer(root / "tok", vocab_size=384)
-    (root / "train.txt").write_text(corpus_text() * 6)
-    return root
-
-
 def write_config(directory: Path, assets: Path, **overrides) -> Path:
     config = {
         "model": {"tokenizer": str(assets / "tok"), "hidden_size": 64, "intermediate_size": 128,
