@@ -169,6 +169,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rl(args: argparse.Namespace) -> int:
+    p = argparse.ArgumentParser(prog="ember rl", description="RL post-training with the engine in the loop")
+    sub = p.add_subparsers(dest="algo", required=True)
+    grpo = sub.add_parser("grpo", help="GRPO on a verifiable toy task (see ember/rl/grpo.py)")
+    grpo.add_argument("config")
+    grpo.add_argument("--nproc", type=int, default=1)
+    a = p.parse_args(args.rest)
+    from ember.rl.launch import launch
+
+    return launch(a.config, a.nproc)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from ember.bench import cli as bench_cli
 
@@ -231,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "train":  # its options may come before CONFIG: argparse's REMAINDER misses those
         args = argparse.Namespace(func=cmd_train, rest=argv[1:])
+    elif argv and argv[0] == "rl":
+        args = argparse.Namespace(func=cmd_rl, rest=argv[1:])
     else:
         args = build_parser().parse_args(argv)
     try:

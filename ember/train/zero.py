@@ -64,27 +64,32 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def shard_model(model: nn.Module, config: TrainConfig, d: Dist) -> tuple[nn.Module, torch.optim.Optimizer]:
     """Apply the configured stage; returns the wrapped model and its optimizer."""
+    return shard(model, d, config.zero_stage, config.precision, config.optimizer,
+                 offload=config.offload_optimizer or config.offload_params)
+
+
+def shard(model: nn.Module, d: Dist, zero_stage: int, precision: str, opt, offload: bool = False):
+    """`shard_model` without a TrainConfig (the RL loop uses it too)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    opt = config.optimizer
     adam = dict(lr=opt.lr, betas=opt.betas, eps=opt.eps)
     model.to(d.device)
-    if config.zero_stage >= 2:
+    if zero_stage >= 2:
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-            if config.precision == "bf16" else MixedPrecisionPolicy()
-        offload = {}
-        if (config.offload_optimizer or config.offload_params) and d.device.type == "cuda":
+            if precision == "bf16" else MixedPrecisionPolicy()
+        offload_policy = {}
+        if offload and d.device.type == "cuda":
             # On a CPU-only machine everything already lives in host memory: nothing to move.
-            offload = {"offload_policy": CPUOffloadPolicy()}
-        reshard = config.zero_stage == 3
+            offload_policy = {"offload_policy": CPUOffloadPolicy()}
+        reshard = zero_stage == 3
         for layer in model.model.layers:
-            fully_shard(layer, mp_policy=mp, reshard_after_forward=reshard, **offload)
-        fully_shard(model, mp_policy=mp, reshard_after_forward=reshard, **offload)
+            fully_shard(layer, mp_policy=mp, reshard_after_forward=reshard, **offload_policy)
+        fully_shard(model, mp_policy=mp, reshard_after_forward=reshard, **offload_policy)
         return model, torch.optim.AdamW(param_groups(model, opt.weight_decay), **adam)
     wrapped = DDP(model) if d.world > 1 else model
-    if config.zero_stage == 1:
+    if zero_stage == 1:
         groups = param_groups(model, opt.weight_decay)
         return wrapped, ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, **adam)
     return wrapped, torch.optim.AdamW(param_groups(model, opt.weight_decay), **adam)

@@ -1,0 +1,31 @@
+"""`ember rl grpo CONFIG [--nproc N]`: one process in place, or N under torchrun."""
+
+from __future__ import annotations
+
+import sys
+
+from ember.rl.grpo import GRPOConfig
+
+
+def launch(config_path: str, nproc: int = 1) -> int:
+    from ember.rl.grpo import run
+
+    GRPOConfig.load(config_path)  # validate before any process starts
+    if nproc == 1:
+        run(GRPOConfig.load(config_path))
+        return 0
+    from torch.distributed import run as torchrun
+
+    try:
+        torchrun.main(["--standalone", "--nproc-per-node", str(nproc), "--max-restarts", "0",
+                       "-m", "ember.rl.launch", config_path])
+    except Exception as e:
+        print(f"error: grpo failed: {type(e).__name__}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":  # a torchrun worker
+    from ember.rl.grpo import run
+
+    run(GRPOConfig.load(sys.argv[1]))

@@ -1,0 +1,42 @@
+"""The GRPO example end to end: rollouts, rewards, clipped updates, weight pushes, metrics."""
+
+import json
+
+import pytest
+import yaml
+
+from ember.rl.grpo import GRPOConfig, run
+from ember.rl.tasks import Task
+from ember.train.config import ConfigError
+
+
+def test_reward_and_task_sampling():
+    import random
+
+    prompt, answer = Task("reverse", 3).sample(random.Random(0))
+    assert prompt.endswith("<reverse>") and answer == prompt[:3][::-1]
+    assert Task.reward(answer, answer) == (1.0, True)
+    assert Task.reward("", answer) == (0.0, False)
+    partial, exact = Task.reward(answer[0] + "xx", answer)
+    assert not exact and abs(partial - 0.7 / 3) < 1e-9
+
+
+def test_two_iterations_end_to_end(tmp_path):
+    config = GRPOConfig(run_dir=str(tmp_path / "run"), steps=2, prompts_per_step=4, group_size=4, eval_prompts=8,
+                        eval_interval=1)
+    last = run(config)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2]
+    assert last["weight_version"] == 2  # pushed after each iteration
+    for key in ("reward_mean", "accuracy", "kl", "rollout_s", "train_s", "push_s", "rollout_tokens_per_s",
+                "train_tokens_per_s", "accuracy_greedy"):
+        assert key in records[-1]
+
+
+def test_config_errors(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"task": "reverse", "group_sise": 4}))
+    with pytest.raises(ConfigError, match="group_sise: unknown key; did you mean 'group_size'"):
+        GRPOConfig.load(path)
+    with pytest.raises(ConfigError, match="group_size"):
+        GRPOConfig(group_size=1)
