@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 
@@ -116,7 +117,8 @@ TRAIN_USAGE = """usage:
   ember train CONFIG [--nproc N] [--nnodes M --node-rank R --rdzv-endpoint HOST:PORT]
   ember train estimate CONFIG [--nproc N]
   ember train export CHECKPOINT OUT_DIR [--dtype float32|bfloat16]
-  ember train plot RUN_DIR"""
+  ember train plot RUN_DIR
+  ember train eval MODEL FILE... [--seq-len 256]"""
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -124,7 +126,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not rest or rest[0] in ("-h", "--help"):
         print(TRAIN_USAGE)
         return 0 if rest else 2
-    action = rest[0] if rest[0] in ("estimate", "export", "plot") else "fit"
+    action = rest[0] if rest[0] in ("estimate", "export", "plot", "eval") else "fit"
     p = argparse.ArgumentParser(prog=f"ember train {'' if action == 'fit' else action}".strip())
     if action == "fit":
         p.add_argument("config")
@@ -150,6 +152,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         _, mc = preflight(config, a.nproc)
         print(report(estimate(config, mc.num_params, a.nproc, mc.hidden_size, mc.num_layers, mc.vocab_size),
                      config.zero_stage, config.precision))
+        return 0
+    if action == "eval":
+        p.add_argument("model", help="an HF model directory or a name from `ember models`")
+        p.add_argument("data", nargs="+", help="held-out text or JSONL files")
+        p.add_argument("--seq-len", type=int, default=256)
+        p.add_argument("--text-field", default="text")
+        a = p.parse_args(rest)
+        from ember.train.evaluate import heldout_loss
+
+        loss, tokens = heldout_loss(a.model, a.data, a.seq_len, a.text_field)
+        print(f"held-out loss: {loss:.4f} nats/token over {tokens} tokens (perplexity {math.exp(loss):.2f})")
         return 0
     if action == "export":
         p.add_argument("checkpoint")

@@ -1,0 +1,31 @@
+"""Held-out loss of an HF model directory on text/JSONL files (`ember train eval`)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def heldout_loss(model: str, files: list[str], seq_len: int = 256, text_field: str = "text",
+                 batch_size: int = 8) -> tuple[float, int]:
+    """(mean next-token cross-entropy in nats, tokens scored), packed like training data."""
+    from ember.models import load_model
+    from ember.registry import resolve_model
+    from ember.tokenizer import Tokenizer
+    from ember.train.data import PackedDataset, expand_files, tokenize_files
+
+    path = resolve_model(model)
+    net, _ = load_model(path, dtype="float32")
+    tokenizer = Tokenizer(path)
+    ids = tokenize_files(expand_files(tuple(files), "data"), tokenizer, text_field, cache_dir=None)
+    data = PackedDataset(ids, seq_len)
+    if len(data) == 0:
+        raise ValueError(f"data: {len(ids)} tokens do not make one sequence of {seq_len}")
+    total, count = 0.0, 0
+    for start in range(0, len(data), batch_size):
+        inputs, labels = data.batch(list(range(start, min(len(data), start + batch_size))))
+        logits = net(inputs).float()
+        total += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum").item()
+        count += labels.numel()
+    return total / count, count
