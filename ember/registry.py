@@ -40,7 +40,7 @@ def resolve_model(model: str | os.PathLike | None) -> str:
     if model is None or str(model) == DEFAULT_NAME:
         default = default_model_dir()
         if default is None:
-            raise ValueError("model: no default model is installed with this copy of ember; give a model directory")
+            raise ValueError("model: no default model is installed with this copy of ember; give one with --model DIR")
         return str(default)
     path = Path(model).expanduser()
     if path.is_dir():

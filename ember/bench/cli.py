@@ -40,6 +40,16 @@ def add_bench_parser(sub) -> None:
     chunked.add_argument("--dtype", default="bfloat16")
     chunked.add_argument("--budget", type=int, default=256, help="per-step token budget with chunking")
     chunked.add_argument("--runs", type=int, default=2)
+    sp = bsub.add_parser("spec", help="W2 single-stream decode with speculative decoding vs without")
+    sp.add_argument("--model", required=True)
+    sp.add_argument("--dtype", default="bfloat16")
+    sp.add_argument("--runs", type=int, default=3)
+    sp.add_argument("--num-tokens", type=int, default=4)
+    sp.add_argument("--draft-model", default=None, help="also run a draft-model arm")
+    md = bsub.add_parser("make-draft", help="a draft model: the first layers of MODEL with its embeddings and head")
+    md.add_argument("model")
+    md.add_argument("out_dir")
+    md.add_argument("--layers", type=int, default=2)
     st = bsub.add_parser("structured", help="W1 with every request constrained to a JSON schema vs unconstrained")
     st.add_argument("--model", required=True)
     st.add_argument("--dtype", default="bfloat16")
@@ -72,7 +82,46 @@ def run(args: argparse.Namespace) -> int:
         return _train(args)
     if args.bench_command == "structured":
         return _structured(args)
+    if args.bench_command == "spec":
+        return _spec(args)
+    if args.bench_command == "make-draft":
+        from ember.bench.models import make_draft_model
+
+        print(f"wrote {make_draft_model(args.model, args.out_dir, args.layers)}")
+        return 0
     return _latency(args)
+
+
+def _spec(args) -> int:
+    import statistics
+
+    from ember.bench.throughput import EmberRunner
+    from ember.bench.workloads import w2, w2_repetitive
+
+    _header(args)
+    arms = {"plain": None, f"ngram k={args.num_tokens}": {"method": "ngram", "num_tokens": args.num_tokens}}
+    if args.draft_model:
+        arms[f"draft k={args.num_tokens}"] = {"method": "draft", "model": args.draft_model,
+                                             "num_tokens": args.num_tokens}
+    runners = {name: EmberRunner(args.model, args.dtype, speculative=spec) for name, spec in arms.items()}
+    for workload in (w2(), w2_repetitive()):
+        times: dict[str, list[float]] = {name: [] for name in runners}
+        for runner in runners.values():
+            runner.latency(w2(prompt_len=16, output_len=8))
+        for _ in range(args.runs):
+            for name, runner in runners.items():
+                times[name].append(runner.latency(workload)[1])
+        base = statistics.median(times["plain"])
+        for name, runner in runners.items():
+            med = statistics.median(times[name])
+            stats = runner.llm.engine.get_stats()
+            extra = ""
+            if "spec_acceptance_rate" in stats:
+                extra = (f"  acceptance {stats['spec_acceptance_rate']:.2f}, mean tokens per step "
+                         f"{stats['spec_mean_accepted_length']:.2f}")
+            print(f"{workload.name:>14} {name:>12}: {med * 1e3:6.2f} ms/token  speed-up {base / med:5.2f}x{extra}",
+                  flush=True)
+    return 0
 
 
 BENCH_SCHEMA = {"type": "object", "properties": {

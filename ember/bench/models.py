@@ -70,7 +70,7 @@ def write_random_model(out_dir: str | Path, hf_config: dict[str, Any], seed: int
                        std: float = 0.02) -> None:
     """Random weights as WORKLOAD.md prescribes: every Linear/Embedding ~ N(0, std), norms = 1."""
     from ember.models.config import ModelConfig
-    from ember.models.loader import save_model
+    from ember.models.loader import init_random_weights, save_model
     from ember.models import model_class
 
     config = ModelConfig.from_hf(dict(hf_config))
@@ -80,14 +80,7 @@ def write_random_model(out_dir: str | Path, hf_config: dict[str, Any], seed: int
     model = model.to_empty(device="cpu")
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
-            elif name.endswith(".bias"):
-                param.zero_()
-            else:
-                param.normal_(0.0, std)
+    init_random_weights(model, std)
     save_model(model, config, out_dir, dtype=dtype)
 
 
@@ -100,4 +93,33 @@ def make_bench_model(name: str, out_dir: str | Path, tokenizer_vocab: int = 4096
     eos = json.loads((out_dir / "generation_config.json").read_text())["eos_token_id"]
     hf.update(eos_token_id=eos, bos_token_id=None, torch_dtype="bfloat16")
     write_random_model(out_dir, hf)
+    return out_dir
+
+
+def make_draft_model(model_dir: str | Path, out_dir: str | Path, num_layers: int = 2) -> Path:
+    """A draft for speculative decoding: the first `num_layers` decoder layers of a model with its
+    embeddings, final norm and head (so it often agrees with its target), in HF format."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from ember.models.loader import safetensors_files
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["num_hidden_layers"] = num_layers
+    if config.get("layer_types"):
+        config["layer_types"] = config["layer_types"][:num_layers]
+    kept = {}
+    for path in safetensors_files(model_dir):
+        for name, tensor in load_file(str(path)).items():
+            if ".layers." in name and int(name.split(".layers.")[1].split(".")[0]) >= num_layers:
+                continue
+            kept[name] = tensor
+    save_file(kept, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        if (model_dir / name).is_file():
+            shutil.copy(model_dir / name, out_dir / name)
     return out_dir

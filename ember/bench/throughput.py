@@ -59,11 +59,16 @@ class EmberRunner:
         params = SamplingParams(temperature=0, max_tokens=workload.max_tokens, ignore_eos=True)
         start = time.perf_counter()
         engine.add_request(None, workload.prompts[0], params)
-        times = []
+        first = last = None
+        tokens = 0
         while engine.has_unfinished_requests():
-            if engine.step():
-                times.append(time.perf_counter())
-        return times[0] - start, (times[-1] - times[0]) / (len(times) - 1)
+            for output in engine.step():
+                now = time.perf_counter()
+                first = first or now
+                last = now
+                tokens = len(output.outputs[0].token_ids)
+        # per token after the first (a speculative step may bring several)
+        return first - start, (last - first) / max(1, tokens - 1)
 
 
 class HFRunner:

@@ -38,3 +38,12 @@ def w3(num_requests: int = 64, prefix_len: int = 1024, suffix_len: int = 64, out
     rng = np.random.default_rng(3)
     prompts = [prefix + rng.integers(100, 30000, size=suffix_len).tolist() for _ in range(num_requests)]
     return Workload("W3", prompts, output_len)
+
+
+def w2_repetitive(prompt_len: int = 128, output_len: int = 256, passage_len: int = 48) -> Workload:
+    """W2's shape, but the prompt holds a passage written three times, so a model that has
+    learned to continue a repetition (greedy on a random model does, once it loops) quotes it."""
+    rng = np.random.default_rng(1)
+    passage = rng.integers(100, 30000, size=passage_len).tolist()
+    prompt = (passage * (prompt_len // passage_len + 1))[:prompt_len]
+    return Workload("W2-repetitive", [prompt], output_len)

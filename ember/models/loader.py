@@ -156,6 +156,18 @@ def load_model(
     return model, config
 
 
+def init_random_weights(model: nn.Module, std: float) -> None:
+    """Every Linear/Embedding weight ~ N(0, std), norms 1, biases 0 (as ../shared/bench prescribes)."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            elif name.endswith(".bias"):
+                param.zero_()
+            else:
+                param.normal_(0.0, std)
+
+
 def save_model(model: nn.Module, config: ModelConfig, out_dir: str | Path, dtype: torch.dtype | None = None) -> None:
     """Write config.json and model.safetensors in HF format."""
     out_dir = Path(out_dir)

@@ -171,6 +171,20 @@ def usage(outputs: list[RequestOutput], num_prompt_tokens: int) -> dict[str, Any
     }
 
 
+async def guarded(events: AsyncIterator[str], streams: list[RequestStream]) -> AsyncIterator[str]:
+    """An SSE body that reports an engine error as a last event, and always aborts its requests
+    (a client that disconnects closes this generator)."""
+    try:
+        async for item in events:
+            yield item
+    except (ValueError, EngineDeadError) as e:
+        yield sse(translate(e).body())
+        yield "data: [DONE]\n\n"
+    finally:
+        for s in streams:
+            s.abort()
+
+
 def sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
@@ -280,38 +294,31 @@ async def create_completion(body: CompletionRequest, state: ServerState, http: R
     async def events():
         sent = {(i, j): _Choice() for i in range(len(streams)) for j in range(n)}
         finals: dict[int, RequestOutput] = {}
-        try:
-            async for i, output in merged(streams):
-                tracker.on_output()
-                for c in output.outputs:
-                    state_ = sent[(i, c.index)]
-                    if state_.finished or (len(c.token_ids) == state_.tokens_sent and not c.finished):
-                        continue
-                    text, logprobs = choice_delta(i, c, state_, output)
-                    state_.finished = c.finished
-                    if c.finished:
-                        tracker.finish_reasons.append(c.finish_reason)
-                    yield sse({"id": request_id, "object": "text_completion", "created": created,
-                               "model": state.model_name,
-                               "choices": [{"index": i * n + c.index, "text": text, "logprobs": logprobs,
-                                            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}]})
-                if output.finished:
-                    finals[i] = output
-            outputs = [finals[i] for i in sorted(finals)]
-            tracker.output_tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
-            if include_usage:
+        async for i, output in merged(streams):
+            tracker.on_output()
+            for c in output.outputs:
+                state_ = sent[(i, c.index)]
+                if state_.finished or (len(c.token_ids) == state_.tokens_sent and not c.finished):
+                    continue
+                text, logprobs = choice_delta(i, c, state_, output)
+                state_.finished = c.finished
+                if c.finished:
+                    tracker.finish_reasons.append(c.finish_reason)
                 yield sse({"id": request_id, "object": "text_completion", "created": created,
-                           "model": state.model_name, "choices": [], "usage": usage(outputs, tracker.prompt_tokens)})
-            yield "data: [DONE]\n\n"
-            tracker.done()
-        except (ValueError, EngineDeadError) as e:
-            yield sse(translate(e).body())
-            yield "data: [DONE]\n\n"
-        finally:
-            for s in streams:
-                s.abort()
+                           "model": state.model_name,
+                           "choices": [{"index": i * n + c.index, "text": text, "logprobs": logprobs,
+                                        "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}]})
+            if output.finished:
+                finals[i] = output
+        outputs = [finals[i] for i in sorted(finals)]
+        tracker.output_tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+        if include_usage:
+            yield sse({"id": request_id, "object": "text_completion", "created": created,
+                       "model": state.model_name, "choices": [], "usage": usage(outputs, tracker.prompt_tokens)})
+        yield "data: [DONE]\n\n"
+        tracker.done()
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    return StreamingResponse(guarded(events(), streams), media_type="text/event-stream")
 
 
 # ---- /v1/chat/completions ---------------------------------------------------------------
@@ -467,32 +474,25 @@ async def create_chat_completion(body: ChatCompletionRequest, state: ServerState
     async def events():
         choice_streams = [_ChatChoiceStream(j, plan) for j in range(params.n)]
         final = None
-        try:
-            for j in range(params.n):
-                yield chunk([{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None}])
-            async for _, output in merged(streams):
-                tracker.on_output()
-                for c in output.outputs:
-                    cs = choice_streams[c.index]
-                    start = cs.tokens_sent
-                    for entry in cs.deltas(c, logprobs_of(c, start, len(c.token_ids))):
-                        if entry["finish_reason"]:
-                            tracker.finish_reasons.append(entry["finish_reason"])
-                        yield chunk([entry])
-                if output.finished:
-                    final = output
-            tracker.output_tokens = sum(len(c.token_ids) for c in final.outputs) if final else 0
-            if include_usage and final is not None:
-                yield sse({"id": request_id, "object": "chat.completion.chunk", "created": created,
-                           "model": state.model_name, "choices": [], "usage": usage([final], len(ids))})
-            yield "data: [DONE]\n\n"
-            tracker.done()
-        except (ValueError, EngineDeadError) as e:
-            yield sse(translate(e).body())
-            yield "data: [DONE]\n\n"
-        finally:
-            for s in streams:
-                s.abort()
+        for j in range(params.n):
+            yield chunk([{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None}])
+        async for _, output in merged(streams):
+            tracker.on_output()
+            for c in output.outputs:
+                cs = choice_streams[c.index]
+                start = cs.tokens_sent
+                for entry in cs.deltas(c, logprobs_of(c, start, len(c.token_ids))):
+                    if entry["finish_reason"]:
+                        tracker.finish_reasons.append(entry["finish_reason"])
+                    yield chunk([entry])
+            if output.finished:
+                final = output
+        tracker.output_tokens = sum(len(c.token_ids) for c in final.outputs) if final else 0
+        if include_usage and final is not None:
+            yield sse({"id": request_id, "object": "chat.completion.chunk", "created": created,
+                       "model": state.model_name, "choices": [], "usage": usage([final], len(ids))})
+        yield "data: [DONE]\n\n"
+        tracker.done()
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    return StreamingResponse(guarded(events(), streams), media_type="text/event-stream")

@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ember.models import ModelConfig, load_model, model_class
+from ember.models.loader import init_random_weights
 from ember.tokenizer import Tokenizer
 from ember.train.checkpoint import load_checkpoint, save_checkpoint
 from ember.train.config import ConfigError, TrainConfig
@@ -64,14 +65,7 @@ def build_model(config: TrainConfig, model_config: ModelConfig) -> nn.Module:
         return model.train()
     torch.manual_seed(config.seed)
     model = model_class(model_config.architecture)(model_config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            elif name.endswith(".bias"):
-                p.zero_()
-            else:
-                p.normal_(0.0, config.model.init_std)
+    init_random_weights(model, config.model.init_std)
     return model.train()
 
 

@@ -48,8 +48,3 @@ def test_sigterm_drains_in_flight_requests(model_factory):
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-
-
-def test_serve_without_model_is_a_clear_error():
-    out = subprocess.run([sys.executable, "-m", "ember.cli", "serve"], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 2 and "--model" in out.stderr
