@@ -28,6 +28,11 @@ def hf_config(arch: str, **overrides):
     if arch == "mistral":
         kwargs.setdefault("sliding_window", 24)
         return transformers.MistralConfig(**kwargs)
+    if arch == "gpt2":
+        return transformers.GPT2Config(n_embd=kwargs["hidden_size"], n_layer=kwargs["num_hidden_layers"],
+                                       n_head=kwargs["num_attention_heads"], vocab_size=kwargs["vocab_size"],
+                                       n_positions=kwargs["max_position_embeddings"],
+                                       initializer_range=kwargs.get("initializer_range", 0.02))
     raise ValueError(arch)
 
 

@@ -78,8 +78,7 @@ def write_random_model(out_dir: str | Path, hf_config: dict[str, Any], seed: int
     with torch.device("meta"):
         model = model_class(config.architecture)(config)
     model = model.to_empty(device="cpu")
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+    model.tie_weights()
     init_random_weights(model, std)
     save_model(model, config, out_dir, dtype=dtype)
 

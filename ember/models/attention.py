@@ -71,3 +71,13 @@ def causal_attention(
     if sliding_window is None or sliding_window >= seq:
         return sdpa(q, k, v, scale, is_causal=True)
     return sdpa(q, k, v, scale, mask=causal_mask(seq, seq, sliding_window, q.device))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, layer: int,
+           ctx: AttentionContext | None, sliding_window: int | None = None) -> torch.Tensor:
+    """q/k/v [..., tokens, heads, dim]: causal SDPA over [batch, seq] without a context,
+    else the engine's paged attention."""
+    if ctx is None:
+        return causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale,
+                                sliding_window).transpose(1, 2)
+    return ctx.attend(layer, q, k, v, scale, sliding_window)

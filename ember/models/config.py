@@ -139,6 +139,7 @@ class ModelConfig:
     def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> "ModelConfig":
         from ember.models import ARCHITECTURES
 
+        hf = {**{new: hf[old] for old, new in _ALIASES.items() if old in hf}, **hf}
         archs = hf.get("architectures") or []
         arch = next((a for a in archs if a in ARCHITECTURES), None)
         if arch is None:
@@ -155,7 +156,7 @@ class ModelConfig:
                 model_type=hf.get("model_type", ""),
                 vocab_size=int(hf["vocab_size"]),
                 hidden_size=hidden,
-                intermediate_size=int(hf["intermediate_size"]),
+                intermediate_size=int(hf.get("intermediate_size") or 4 * hidden),
                 num_layers=num_layers,
                 num_heads=num_heads,
                 num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
@@ -164,17 +165,18 @@ class ModelConfig:
         except KeyError as e:
             raise ValueError(f"{source}: missing required field {e.args[0]!r}") from None
         qwen2 = arch == "Qwen2ForCausalLM"
+        gpt2 = arch == "GPT2LMHeadModel"
         eos = hf.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         return cls(
             **cfg,
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rms_norm_eps=float(hf.get("rms_norm_eps", hf.get("layer_norm_eps", 1e-6))),
             max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", gpt2)),
             qkv_bias=qwen2 or bool(hf.get("attention_bias", False)),
             o_bias=bool(hf.get("attention_bias", False)) and not qwen2,
             mlp_bias=bool(hf.get("mlp_bias", False)),
-            hidden_act=hf.get("hidden_act", "silu"),
+            hidden_act=hf.get("hidden_act", hf.get("activation_function", "silu")),
             sliding_windows=_sliding_windows(hf, num_layers),
             rope=RopeConfig.from_hf(hf),
             torch_dtype=hf.get("dtype") or hf.get("torch_dtype"),
@@ -195,6 +197,12 @@ class ModelConfig:
         if resolved == torch.float16 and device.type == "cpu":
             return torch.bfloat16
         return resolved
+
+
+# Field names of older configs (GPT-2) -> the names read above.
+_ALIASES = {"n_embd": "hidden_size", "n_layer": "num_hidden_layers", "n_head": "num_attention_heads",
+            "n_positions": "max_position_embeddings", "n_inner": "intermediate_size",
+            "layer_norm_epsilon": "layer_norm_eps"}
 
 
 def _sliding_windows(hf: dict[str, Any], num_layers: int) -> tuple[int | None, ...]:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ember.models.attention import AttentionContext, causal_attention
+from ember.models.attention import AttentionContext, attend
 from ember.models.config import ModelConfig, RopeConfig
 
 
@@ -40,6 +40,12 @@ class MergedLinear(nn.Linear):
         self.shard_names = list(shard_names)
 
 
+class TransposedLinear(nn.Linear):
+    """A Linear whose checkpoint stores the weight as [in, out] (HF's Conv1D in GPT-2)."""
+
+    transposed_checkpoint = True
+
+
 class Rotary:
     """cos/sin tables for the positions of one forward, shared by every layer."""
 
@@ -65,7 +71,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.addcmul(x * cos, rotated, sin)
 
 
-_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+                "gelu_new": lambda x: F.gelu(x, approximate="tanh")}
 
 
 class GatedMLP(nn.Module):
@@ -106,12 +113,7 @@ class Attention(nn.Module):
         qk = apply_rotary(qk.unflatten(-1, (self.num_heads + self.num_kv_heads, self.head_dim)), cos, sin)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=-2)
         v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
-        if ctx is None:  # [batch, seq, heads, dim] -> SDPA's [batch, heads, seq, dim]
-            out = causal_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.scale, self.sliding_window
-            ).transpose(1, 2)
-        else:
-            out = ctx.attend(self.layer, q, k, v, self.scale, self.sliding_window)
+        out = attend(q, k, v, self.scale, self.layer, ctx, self.sliding_window)
         return self.o_proj(out.flatten(-2))
 
 

@@ -41,8 +41,18 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.model = LlamaModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def blocks(self) -> nn.ModuleList:
+        """The transformer blocks (the unit of sharding and of activation checkpointing)."""
+        return self.model.layers
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        self.model.gradient_checkpointing = enabled
 
     def forward(
         self,

@@ -32,6 +32,8 @@ def hf_parameter_map(model: nn.Module) -> dict[str, tuple[nn.Parameter, int, int
     for module_name, module in model.named_modules():
         prefix = f"{module_name}." if module_name else ""
         for param_name, param in module.named_parameters(recurse=False):
+            if getattr(module, "transposed_checkpoint", False) and param.dim() == 2:
+                param.transposed_checkpoint = True  # checkpoints hold it as [in, out]
             if isinstance(module, MergedLinear):
                 parent = module_name.rpartition(".")[0]
                 start = 0
@@ -44,7 +46,8 @@ def hf_parameter_map(model: nn.Module) -> dict[str, tuple[nn.Parameter, int, int
 
 
 def _target(param: nn.Parameter, start: int, size: int | None) -> torch.Tensor:
-    return param.data if size is None else param.data.narrow(0, start, size)
+    target = param.data if size is None else param.data.narrow(0, start, size)
+    return target.t() if getattr(param, "transposed_checkpoint", False) else target
 
 
 def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -149,8 +152,7 @@ def load_model(
     with torch.device("meta"):
         model = model_class(config.architecture)(config)
     model = model.to(dtype=torch_dtype).to_empty(device=device)
-    if config.tie_word_embeddings:  # to_empty unties; tie again
-        model.lm_head.weight = model.model.embed_tokens.weight
+    model.tie_weights()  # to_empty() unties shared tensors
     load_weights(model, iter_safetensors(files))
     model.eval()
     return model, config

@@ -132,8 +132,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, dtype: str = 
     with torch.device("meta"):
         model = model_class(config.architecture)(config)
     model = model.to_empty(device="cpu")
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+    model.tie_weights()
     state = {name: tensor for name, tensor in model.state_dict().items()}
     with warnings.catch_warnings():  # "no process group: loading in a single process" is the intent here
         warnings.simplefilter("ignore", UserWarning)

@@ -98,7 +98,7 @@ class Trainer:
         self.train_data, self.eval_data = build_datasets(c.data, self.tokenizer, cache)
         self.sampler = StepSampler(len(self.train_data), self.global_batch, c.seed)
         base = build_model(c, self.model_config)
-        base.model.gradient_checkpointing = c.activation_checkpointing
+        base.set_gradient_checkpointing(c.activation_checkpointing)
         self.model, self.optimizer = shard_model(base, c, self.d)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(c))
         self.start_step = 0

@@ -84,7 +84,7 @@ def shard(model: nn.Module, d: Dist, zero_stage: int, precision: str, opt, offlo
             # On a CPU-only machine everything already lives in host memory: nothing to move.
             offload_policy = {"offload_policy": CPUOffloadPolicy()}
         reshard = zero_stage == 3
-        for layer in model.model.layers:
+        for layer in model.blocks():
             fully_shard(layer, mp_policy=mp, reshard_after_forward=reshard, **offload_policy)
         fully_shard(model, mp_policy=mp, reshard_after_forward=reshard, **offload_policy)
         return model, torch.optim.AdamW(param_groups(model, opt.weight_decay), **adam)

@@ -21,6 +21,7 @@ VARIANTS = {
                                                   "original_max_position_embeddings": 256}}),
     "linear-rope": ("llama", {"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}}),
     "mha-headdim": ("llama", {"num_key_value_heads": 4, "head_dim": 32}),
+    "gpt2": ("gpt2", {}),
 }
 
 
