@@ -107,9 +107,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if not path.is_file():
             raise ValueError(f"--chat-template: {args.chat_template!r} is not a file")
         chat_template = path.read_text()
-    llm = AsyncLLM.from_args(args.model, max_waiting=args.max_waiting, chat_template=chat_template,
-                             **engine_kwargs(args))
-    run_server(llm, args.served_model_name or args.model or "default", config)
+    from ember.models.config import ModelConfig
+    from ember.registry import resolve_model
+
+    path = resolve_model(args.model)
+    name = args.served_model_name or args.model or "default"
+    if ModelConfig.from_dir(path).architecture == "BertModel":  # an embedding model: /v1/embeddings
+        from ember.engine.embed import EmbeddingEngine
+
+        run_server(None, name, config, embedder=EmbeddingEngine(path, dtype=args.dtype, device=args.device))
+        return 0
+    llm = AsyncLLM.from_args(path, max_waiting=args.max_waiting, chat_template=chat_template, **engine_kwargs(args))
+    run_server(llm, name, config)
     return 0
 
 

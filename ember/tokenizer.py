@@ -61,6 +61,10 @@ class Tokenizer:
             self.hf = HFTokenizer.from_file(str(path))
         except Exception as e:  # the Rust library raises a bare Exception
             raise ValueError(f"{path}: cannot be read as a tokenizer ({e})") from None
+        # Some tokenizer.json files carry padding/truncation settings (e.g. sentence-transformers'):
+        # ember decides lengths itself.
+        self.hf.no_padding()
+        self.hf.no_truncation()
         config = _read_json(model_dir / "tokenizer_config.json")
         generation = _read_json(model_dir / "generation_config.json")
         model_config = _read_json(model_dir / "config.json")

@@ -382,8 +382,26 @@ class LLM:
     """Offline batched generation: `LLM(model_dir).generate(prompts, params)`."""
 
     def __init__(self, model: str | None = None, **kwargs: Any):
-        self.engine = LLMEngine.from_args(model, **kwargs)
+        from ember.models.config import ModelConfig
+        from ember.registry import resolve_model
+
+        path = resolve_model(model)
+        self.embedder = None
+        if ModelConfig.from_dir(path).architecture == "BertModel":  # an encoder: embeddings only
+            from ember.engine.embed import EmbeddingEngine
+
+            self.embedder = EmbeddingEngine(path, **kwargs)
+            self.engine = None
+        else:
+            self.engine = LLMEngine.from_args(path, **kwargs)
         self._ids = itertools.count()
+
+    def embed(self, texts: str | list[str] | list[list[int]]) -> list[list[float]]:
+        """Sentence embeddings (pooled and normalised as the model directory says)."""
+        if self.embedder is None:
+            raise ValueError("model: this is a generative model; embed() needs an embedding model (e.g. BERT)")
+        vectors, _ = self.embedder.embed([texts] if isinstance(texts, str) else list(texts))
+        return vectors.tolist()
 
     def get_tokenizer(self) -> Tokenizer:
         return self.engine.tokenizer
@@ -404,6 +422,8 @@ class LLM:
         use_tqdm: bool = True,
         priority: Seq[int] | None = None,
     ) -> list[RequestOutput]:
+        if self.engine is None:
+            raise ValueError("model: this is an embedding model; use embed(), not generate()")
         if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts, list) and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)

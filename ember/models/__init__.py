@@ -12,6 +12,7 @@ ARCHITECTURES: dict[str, str] = {
     "Qwen2ForCausalLM": "ember.models.llama:LlamaForCausalLM",
     "MistralForCausalLM": "ember.models.llama:LlamaForCausalLM",
     "GPT2LMHeadModel": "ember.models.gpt2:GPT2LMHeadModel",
+    "BertModel": "ember.models.bert:BertModel",
 }
 
 

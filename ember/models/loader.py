@@ -23,7 +23,7 @@ from ember.models.layers import MergedLinear
 logger = logging.getLogger(__name__)
 
 # Tensors some checkpoints carry that are recomputed, not loaded.
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "position_ids", "attn.bias", "attn.masked_bias")
 
 
 def hf_parameter_map(model: nn.Module) -> dict[str, tuple[nn.Parameter, int, int | None]]:
@@ -153,7 +153,10 @@ def load_model(
         model = model_class(config.architecture)(config)
     model = model.to(dtype=torch_dtype).to_empty(device=device)
     model.tie_weights()  # to_empty() unties shared tensors
-    load_weights(model, iter_safetensors(files))
+    # BERT checkpoints come with and without the "bert." prefix; a pooler is not used for embeddings.
+    weights = ((n.removeprefix("bert."), t, src) for n, t, src in iter_safetensors(files)
+               if not n.startswith(("pooler.", "bert.pooler.", "cls.")))
+    load_weights(model, weights)
     model.eval()
     return model, config
 

@@ -24,6 +24,7 @@ from ember.serve.handlers import ServerState
 from ember.serve.metrics import Metrics
 from ember.serve.protocol import (
     ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse, DetokenizeRequest,
+    EmbeddingRequest,
     DetokenizeResponse, ErrorResponse, ModelList, OpenAIError, TokenizeRequest, TokenizeResponse, bad_request,
     random_id,
 )
@@ -98,7 +99,8 @@ def build_app(state: ServerState, config: ServerConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
-        state.llm.shutdown()
+        if state.llm is not None:
+            state.llm.shutdown()
 
     app = FastAPI(title="ember", version=ember.__version__, lifespan=lifespan,
                   responses={400: {"model": ErrorResponse}})
@@ -182,10 +184,15 @@ def build_app(state: ServerState, config: ServerConfig) -> FastAPI:
         check_model(body.model)
         return await handlers.create_chat_completion(body, state, request, request_id(request, "chatcmpl"))
 
+    @app.post("/v1/embeddings", dependencies=[Depends(check_key)])
+    async def embeddings(body: EmbeddingRequest):
+        check_model(body.model)
+        return await handlers.create_embeddings(body, state)
+
     @app.post("/tokenize", response_model=TokenizeResponse, dependencies=[Depends(check_key)])
     async def tokenize(body: TokenizeRequest):
         check_model(body.model)
-        tokenizer = state.llm.tokenizer
+        tokenizer = state.tokenizer
         try:
             if body.messages is not None:
                 ids = tokenizer.encode_chat([m.for_template() for m in body.messages], body.add_generation_prompt)
@@ -200,11 +207,11 @@ def build_app(state: ServerState, config: ServerConfig) -> FastAPI:
     @app.post("/detokenize", response_model=DetokenizeResponse, dependencies=[Depends(check_key)])
     async def detokenize(body: DetokenizeRequest):
         check_model(body.model)
-        vocab = state.llm.engine.model_config.vocab_size
+        vocab = state.vocab_size
         bad = [t for t in body.tokens if not 0 <= t < vocab]
         if bad:
             raise OpenAIError(400, f"tokens: {bad[:5]} are not token ids in [0, {vocab})", param="tokens")
-        return {"prompt": state.llm.tokenizer.decode(body.tokens)}
+        return {"prompt": state.tokenizer.decode(body.tokens)}
 
     if config.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins), allow_methods=["*"],
@@ -213,11 +220,20 @@ def build_app(state: ServerState, config: ServerConfig) -> FastAPI:
     return app
 
 
-def make_state(llm: AsyncLLM, model_name: str) -> ServerState:
-    return ServerState(llm, model_name, Metrics(llm.get_stats, model_name))
+_IDLE_STATS = {"num_running": 0, "num_waiting": 0, "kv_cache_usage": 0.0, "prompt_tokens": 0,
+               "generation_tokens": 0, "num_preemptions": 0, "prefix_cache_queries": 0, "prefix_cache_hits": 0,
+               "prefix_cache_hit_rate": 0.0}
 
 
-def run_server(llm: AsyncLLM, model_name: str, config: ServerConfig) -> None:
+def make_state(llm: AsyncLLM | None, model_name: str, embedder=None) -> ServerState:
+    from concurrent.futures import ThreadPoolExecutor
+
+    stats = llm.get_stats if llm is not None else (lambda: dict(_IDLE_STATS))
+    executor = ThreadPoolExecutor(max_workers=1) if embedder is not None else None
+    return ServerState(llm, model_name, Metrics(stats, model_name), embedder=embedder, embed_executor=executor)
+
+
+def run_server(llm: AsyncLLM | None, model_name: str, config: ServerConfig, embedder=None) -> None:
     """Serve until SIGINT/SIGTERM; in-flight requests get `drain_timeout` seconds to finish."""
     import uvicorn
 
@@ -228,7 +244,7 @@ def run_server(llm: AsyncLLM, model_name: str, config: ServerConfig) -> None:
             if sig == signal.SIGTERM and sig in captured:
                 captured.remove(sig)  # a drained SIGTERM is a clean exit (0), not death by signal
 
-    app = build_app(make_state(llm, model_name), config)
+    app = build_app(make_state(llm, model_name, embedder), config)
     server = Server(uvicorn.Config(
         app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=config.drain_timeout,
     ))

@@ -28,14 +28,30 @@ logger = logging.getLogger("ember.serve")
 
 @dataclass
 class ServerState:
-    llm: AsyncLLM
+    llm: AsyncLLM | None  # a generative model ...
     model_name: str
     metrics: Metrics
+    embedder: Any = None  # ... or an embedding model (EmbeddingEngine)
+    embed_executor: Any = None  # one worker thread running embedding batches
     created: int = field(default_factory=now)
 
     @property
     def max_model_len(self) -> int:
-        return self.llm.engine.max_model_len
+        return self.llm.engine.max_model_len if self.llm else self.embedder.max_len
+
+    @property
+    def tokenizer(self):
+        return self.llm.tokenizer if self.llm else self.embedder.tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return (self.llm.engine if self.llm else self.embedder).model_config.vocab_size
+
+    def generator(self) -> AsyncLLM:
+        if self.llm is None:
+            raise OpenAIError(400, f"model: {self.model_name!r} is an embedding model; use /v1/embeddings",
+                              param="model")
+        return self.llm
 
 
 # ---- shared plumbing ------------------------------------------------------------------
@@ -228,7 +244,7 @@ async def create_completion(body: CompletionRequest, state: ServerState, http: R
         raw = [raw]
     if not raw:
         raise OpenAIError(400, "prompt: is empty", param="prompt")
-    engine = state.llm.engine
+    engine = state.generator().engine
     try:
         prompts = [engine.process_prompt(p) for p in raw]
         for _, ids in prompts:
@@ -413,7 +429,7 @@ def chat_message(c: CompletionOutput, plan: ToolPlan) -> tuple[dict[str, Any], b
 
 
 async def create_chat_completion(body: ChatCompletionRequest, state: ServerState, http: Request, request_id: str):
-    engine = state.llm.engine
+    engine = state.generator().engine
     tokenizer = engine.tokenizer
     if body.top_logprobs is not None and not body.logprobs:
         raise OpenAIError(400, "top_logprobs: requires logprobs to be true", param="top_logprobs")
@@ -496,3 +512,34 @@ async def create_chat_completion(body: ChatCompletionRequest, state: ServerState
         tracker.done()
 
     return StreamingResponse(guarded(events(), streams), media_type="text/event-stream")
+
+
+# ---- /v1/embeddings ----------------------------------------------------------------------------
+async def create_embeddings(body, state: ServerState) -> JSONResponse:
+    import base64
+
+    import numpy as np
+
+    if state.embedder is None:
+        raise OpenAIError(400, f"model: {state.model_name!r} does not produce embeddings", param="model")
+    if body.dimensions is not None and body.dimensions != state.embedder.dimensions:
+        raise OpenAIError(400, f"dimensions: {body.dimensions} is not supported (this model gives "
+                               f"{state.embedder.dimensions})", param="dimensions")
+    raw = body.input
+    items = [raw] if isinstance(raw, str) or (raw and isinstance(raw[0], int)) else list(raw)
+    if not items:
+        raise OpenAIError(400, "input: is empty", param="input")
+    loop = asyncio.get_running_loop()
+    try:  # one worker thread: the model runs one batch at a time
+        vectors, tokens = await loop.run_in_executor(state.embed_executor, state.embedder.embed, items)
+    except ValueError as e:
+        raise bad_request(e) from None
+    data = []
+    for i, v in enumerate(vectors):
+        if body.encoding_format == "base64":
+            value: Any = base64.b64encode(v.numpy().astype(np.float32).tobytes()).decode()
+        else:
+            value = v.tolist()
+        data.append({"object": "embedding", "index": i, "embedding": value})
+    return JSONResponse({"object": "list", "data": data, "model": state.model_name,
+                         "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})

@@ -71,3 +71,31 @@ def client(server):
     import openai
 
     return openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0)
+
+
+@contextmanager
+def running_server_for(embedding_model_dir, model_name="tiny"):
+    """A real server for an embedding model (no generation engine)."""
+    import uvicorn
+
+    from ember.engine.embed import EmbeddingEngine
+    from ember.serve.app import ServerConfig, build_app, make_state
+
+    port = free_port()
+    app = build_app(make_state(None, model_name, EmbeddingEngine(str(embedding_model_dir), dtype="float32")),
+                    ServerConfig(port=port))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    running = RunningServer(server, thread, base, None)
+    try:
+        yield running
+    finally:
+        running.stop()
