@@ -28,6 +28,14 @@ def hf_config(arch: str, **overrides):
     if arch == "mistral":
         kwargs.setdefault("sliding_window", 24)
         return transformers.MistralConfig(**kwargs)
+    if arch == "mixtral":
+        kwargs.setdefault("num_local_experts", 4)
+        kwargs.setdefault("num_experts_per_tok", 2)
+        return transformers.MixtralConfig(**kwargs)
+    if arch == "qwen2_moe":
+        kwargs.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                      shared_expert_intermediate_size=80, tie_word_embeddings=False, norm_topk_prob=False)
+        return transformers.Qwen2MoeConfig(**kwargs)
     if arch == "gpt2":
         return transformers.GPT2Config(n_embd=kwargs["hidden_size"], n_layer=kwargs["num_hidden_layers"],
                                        n_head=kwargs["num_attention_heads"], vocab_size=kwargs["vocab_size"],

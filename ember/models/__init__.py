@@ -11,6 +11,8 @@ ARCHITECTURES: dict[str, str] = {
     "LlamaForCausalLM": "ember.models.llama:LlamaForCausalLM",
     "Qwen2ForCausalLM": "ember.models.llama:LlamaForCausalLM",
     "MistralForCausalLM": "ember.models.llama:LlamaForCausalLM",
+    "MixtralForCausalLM": "ember.models.llama:LlamaForCausalLM",
+    "Qwen2MoeForCausalLM": "ember.models.llama:LlamaForCausalLM",
     "GPT2LMHeadModel": "ember.models.gpt2:GPT2LMHeadModel",
     "BertModel": "ember.models.bert:BertModel",
 }

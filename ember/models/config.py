@@ -164,7 +164,7 @@ class ModelConfig:
             )
         except KeyError as e:
             raise ValueError(f"{source}: missing required field {e.args[0]!r}") from None
-        qwen2 = arch == "Qwen2ForCausalLM"
+        qwen2 = arch in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
         gpt2 = arch == "GPT2LMHeadModel"
         eos = hf.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
@@ -212,7 +212,7 @@ def _sliding_windows(hf: dict[str, Any], num_layers: int) -> tuple[int | None, .
     layer_types = hf.get("layer_types")
     if layer_types:
         return tuple(window if t == "sliding_attention" else None for t in layer_types)
-    if hf.get("model_type") == "qwen2":
+    if hf.get("model_type") in ("qwen2", "qwen2_moe"):
         if not hf.get("use_sliding_window", False):
             return (None,) * num_layers
         first = int(hf.get("max_window_layers", num_layers))

@@ -117,16 +117,34 @@ class Attention(nn.Module):
         return self.o_proj(out.flatten(-2))
 
 
+def _is_sparse(config: ModelConfig, layer: int) -> bool:
+    raw = config.raw
+    if config.architecture == "MixtralForCausalLM":
+        return True
+    if config.architecture == "Qwen2MoeForCausalLM":
+        step = int(raw.get("decoder_sparse_step", 1))
+        return layer not in (raw.get("mlp_only_layers") or []) and (layer + 1) % step == 0
+    return False
+
+
 class DecoderLayer(nn.Module):
-    """Pre-norm attention + gated MLP block with HF's parameter names."""
+    """Pre-norm attention + gated MLP (or Mixture-of-Experts) block with HF's parameter names."""
 
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config, layer)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias)
+        # Mixtral names its MoE block `block_sparse_moe`; everyone else `mlp`.
+        self.ffn_name = "block_sparse_moe" if config.architecture == "MixtralForCausalLM" else "mlp"
+        if _is_sparse(config, layer):
+            from ember.models.moe import MoE
+
+            ffn = MoE(config, "mixtral" if self.ffn_name == "block_sparse_moe" else "qwen2_moe")
+        else:
+            ffn = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias)
+        setattr(self, self.ffn_name, ffn)
 
     def forward(self, x, cos, sin, ctx):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + getattr(self, self.ffn_name)(self.post_attention_layernorm(x))

@@ -26,11 +26,17 @@ logger = logging.getLogger(__name__)
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "position_ids", "attn.bias", "attn.masked_bias")
 
 
-def hf_parameter_map(model: nn.Module) -> dict[str, tuple[nn.Parameter, int, int | None]]:
-    """HF name -> (parameter, first row, number of rows or None for the whole tensor)."""
-    names: dict[str, tuple[nn.Parameter, int, int | None]] = {}
+Index = tuple  # what part of a parameter an HF tensor is: param.data[index]
+
+
+def hf_parameter_map(model: nn.Module) -> dict[str, tuple[nn.Parameter, Index]]:
+    """HF name -> (parameter, index of the part of it that HF tensor is; () for all of it)."""
+    names: dict[str, tuple[nn.Parameter, Index]] = {}
     for module_name, module in model.named_modules():
         prefix = f"{module_name}." if module_name else ""
+        if hasattr(module, "hf_parameters"):  # e.g. stacked experts: one tensor per expert on disk
+            names.update(module.hf_parameters(prefix))
+            continue
         for param_name, param in module.named_parameters(recurse=False):
             if getattr(module, "transposed_checkpoint", False) and param.dim() == 2:
                 param.transposed_checkpoint = True  # checkpoints hold it as [in, out]
@@ -38,27 +44,30 @@ def hf_parameter_map(model: nn.Module) -> dict[str, tuple[nn.Parameter, int, int
                 parent = module_name.rpartition(".")[0]
                 start = 0
                 for shard, size in zip(module.shard_names, module.output_sizes):
-                    names[f"{parent}.{shard}.{param_name}"] = (param, start, size)
+                    names[f"{parent}.{shard}.{param_name}"] = (param, (slice(start, start + size),))
                     start += size
             else:
-                names[f"{prefix}{param_name}"] = (param, 0, None)
+                names[f"{prefix}{param_name}"] = (param, ())
     return names
 
 
-def _target(param: nn.Parameter, start: int, size: int | None) -> torch.Tensor:
-    target = param.data if size is None else param.data.narrow(0, start, size)
+def _target(param: nn.Parameter, index: Index) -> torch.Tensor:
+    target = param.data[index]
     return target.t() if getattr(param, "transposed_checkpoint", False) else target
+
+
+def _key(param: nn.Parameter, index: Index) -> tuple[int, str]:
+    return id(param), repr(index)
 
 
 def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's tensors under transformers' names (tied weights once, as HF saves them)."""
     out, seen = {}, set()
-    for name, (param, start, size) in hf_parameter_map(model).items():
-        key = (id(param), start)
-        if key in seen:
+    for name, (param, index) in hf_parameter_map(model).items():
+        if _key(param, index) in seen:
             continue
-        seen.add(key)
-        out[name] = _target(param, start, size)
+        seen.add(_key(param, index))
+        out[name] = _target(param, index)
     return out
 
 
@@ -74,7 +83,7 @@ def load_weights(
     """
     pmap = hf_parameter_map(model)
     # Module names (e.g. a trainer's state dict: `...qkv_proj.weight`) are accepted too.
-    aliases = {name.removeprefix("module."): (p, 0, None) for name, p in model.named_parameters()}
+    aliases = {name.removeprefix("module."): (p, ()) for name, p in model.named_parameters()}
     loaded: set[str] = set()
     unexpected: list[str] = []
     with torch.no_grad():
@@ -93,12 +102,12 @@ def load_weights(
             target.copy_(tensor)
             loaded.add(name)
             if name in aliases and name not in pmap:  # a merged parameter covers all its HF names
-                loaded.update(n for n, (p, _, _) in pmap.items() if p is entry[0])
+                loaded.update(n for n, (p, _) in pmap.items() if p is entry[0])
     if unexpected:
         logger.warning("ignored %d unexpected tensors, e.g. %s", len(unexpected), unexpected[:3])
     if strict:
-        covered = {(id(p), s) for n, (p, s, _) in pmap.items() if n in loaded}
-        missing = [n for n, (p, s, _) in pmap.items() if (id(p), s) not in covered]
+        covered = {_key(p, i) for n, (p, i) in pmap.items() if n in loaded}
+        missing = [n for n, (p, i) in pmap.items() if _key(p, i) not in covered]
         if missing:
             raise ValueError(
                 f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:5]}"

@@ -17,6 +17,8 @@ HF_MODEL_FIELDS = {
     "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
     "head_dim", "vocab_size", "max_position_embeddings", "rope_theta", "rms_norm_eps", "tie_word_embeddings",
     "attention_bias", "mlp_bias", "hidden_act", "sliding_window", "model_type",
+    "num_local_experts", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
+    "shared_expert_intermediate_size", "norm_topk_prob", "router_aux_loss_coef", "decoder_sparse_step",
 }
 
 

@@ -98,6 +98,11 @@ class Trainer:
         self.train_data, self.eval_data = build_datasets(c.data, self.tokenizer, cache)
         self.sampler = StepSampler(len(self.train_data), self.global_batch, c.seed)
         base = build_model(c, self.model_config)
+        from ember.models.moe import MoE
+
+        self.moe_layers = [m for m in base.modules() if isinstance(m, MoE)]
+        self.aux_coef = float(self.model_config.raw.get("router_aux_loss_coef", 0.01))
+        self.last_aux_loss = 0.0
         base.set_gradient_checkpointing(c.activation_checkpointing)
         self.model, self.optimizer = shard_model(base, c, self.d)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(c))
@@ -109,7 +114,12 @@ class Trainer:
     def _loss(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         with autocast(self.config, self.d):
             logits = self.model(inputs.to(self.d.device))
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.to(self.d.device).flatten())
+        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.to(self.d.device).flatten())
+        if self.model.training and self.moe_layers:  # the routers' load-balancing loss
+            aux = sum(m.aux_loss for m in self.moe_layers)
+            self.last_aux_loss = float(aux)
+            loss = loss + self.aux_coef * aux
+        return loss
 
     def train_step(self, step: int) -> tuple[float, float]:
         """One optimizer step over the global batch; returns (mean loss, grad norm)."""
@@ -200,6 +210,7 @@ class Trainer:
                 loss, norm = self.train_step(step)
                 seconds = time.perf_counter() - t0
                 record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": norm,
+                          **({"aux_loss": self.last_aux_loss} if self.moe_layers else {}),
                           "tokens_per_s": tokens_per_step / seconds, "step_s": seconds}
                 done = step + 1 == c.max_steps
                 if (c.eval_interval and (step + 1) % c.eval_interval == 0) or done:

@@ -6,7 +6,7 @@ import torch
 from ember import LLM, SamplingParams
 from tests.conftest import VOCAB, load_hf
 
-ARCHS = {"llama": {}, "qwen2": {}, "mistral": {"sliding_window": 24}, "gpt2": {}}
+ARCHS = {"llama": {}, "qwen2": {}, "mistral": {"sliding_window": 24}, "gpt2": {}, "mixtral": {}, "qwen2_moe": {}}
 
 
 def hf_greedy(model, prompt, num_tokens):

@@ -22,6 +22,9 @@ VARIANTS = {
     "linear-rope": ("llama", {"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}}),
     "mha-headdim": ("llama", {"num_key_value_heads": 4, "head_dim": 32}),
     "gpt2": ("gpt2", {}),
+    "mixtral": ("mixtral", {}),
+    "qwen2-moe": ("qwen2_moe", {}),
+    "qwen2-moe-sparse-step": ("qwen2_moe", {"decoder_sparse_step": 2}),
 }
 
 

@@ -106,3 +106,15 @@ def test_a_crashed_rank_ends_the_job(train_assets, tmp_path):
     code = proc.wait(timeout=60)
     assert code != 0 and time.time() - start < 30
     assert not subprocess.run(["pgrep", "-f", "ember.train.launch"], capture_output=True, text=True).stdout.split()
+
+
+def test_moe_training_reports_the_aux_loss(train_assets, tmp_path):
+    from ember.train.trainer import Trainer
+
+    path = write_config(tmp_path, train_assets, max_steps=3, model={
+        "architecture": "MixtralForCausalLM", "num_local_experts": 4, "num_experts_per_tok": 2})
+    raw = load_raw(path)
+    raw["model"].update(num_local_experts=4, num_experts_per_tok=2)
+    path.write_text(yaml.safe_dump(raw))
+    last = Trainer(TrainConfig.load(path)).fit()
+    assert last["aux_loss"] > 0 and last["loss"] > 0

@@ -1,0 +1,86 @@
+"""Mixture-of-Experts MLP: top-k routing, experts stored stacked, tokens grouped per expert.
+
+Mixtral (`block_sparse_moe`): softmax over experts, top-k, renormalised. Qwen2-MoE (`mlp`):
+renormalised only if `norm_topk_prob`, plus a shared expert gated by sigmoid(shared_expert_gate).
+Checkpoints keep one tensor per expert (`experts.E.w1` / `experts.E.gate_proj` ...);
+`hf_parameters` maps each onto its slice of the stacked weights. Each forward records the
+router's load-balancing loss (Switch Transformer: E * sum_e f_e * P_e) for the trainer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ember.models.config import ModelConfig
+from ember.models.layers import _ACTIVATIONS, GatedMLP
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig, style: str):
+        super().__init__()
+        raw = config.raw
+        self.style = style  # "mixtral" | "qwen2_moe"
+        self.num_experts = int(raw.get("num_local_experts") or raw.get("num_experts"))
+        self.top_k = int(raw.get("num_experts_per_tok", 2))
+        self.normalize = style == "mixtral" or bool(raw.get("norm_topk_prob", False))
+        hidden = config.hidden_size
+        inter = int(raw.get("moe_intermediate_size") or config.intermediate_size)
+        self.intermediate = inter
+        self.gate = nn.Linear(hidden, self.num_experts, bias=False)
+        self.w13 = nn.Parameter(torch.empty(self.num_experts, 2 * inter, hidden))  # gate and up, stacked
+        self.w2 = nn.Parameter(torch.empty(self.num_experts, hidden, inter))
+        self.act = _ACTIVATIONS[config.hidden_act]
+        self.shared_expert = self.shared_expert_gate = None
+        if style == "qwen2_moe" and raw.get("shared_expert_intermediate_size"):
+            self.shared_expert = GatedMLP(hidden, int(raw["shared_expert_intermediate_size"]), config.hidden_act, False)
+            self.shared_expert_gate = nn.Linear(hidden, 1, bias=False)
+        self.aux_loss = torch.zeros(())
+
+    def hf_parameters(self, prefix: str):
+        names = {f"{prefix}gate.weight": (self.gate.weight, ())}
+        up, gate_name, down = ("w3", "w1", "w2") if self.style == "mixtral" else ("up_proj", "gate_proj", "down_proj")
+        inter = self.intermediate
+        for e in range(self.num_experts):
+            names[f"{prefix}experts.{e}.{gate_name}.weight"] = (self.w13, (e, slice(0, inter)))
+            names[f"{prefix}experts.{e}.{up}.weight"] = (self.w13, (e, slice(inter, 2 * inter)))
+            names[f"{prefix}experts.{e}.{down}.weight"] = (self.w2, (e,))
+        if self.shared_expert is not None:
+            names[f"{prefix}shared_expert.gate_proj.weight"] = (self.shared_expert.gate_up_proj.weight,
+                                                              (slice(0, self.shared_expert.gate_up_proj.output_sizes[0]),))
+            names[f"{prefix}shared_expert.up_proj.weight"] = (self.shared_expert.gate_up_proj.weight,
+                                                            (slice(self.shared_expert.gate_up_proj.output_sizes[0], None),))
+            names[f"{prefix}shared_expert.down_proj.weight"] = (self.shared_expert.down_proj.weight, ())
+            names[f"{prefix}shared_expert_gate.weight"] = (self.shared_expert_gate.weight, ())
+        return names
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        probs = self.gate(x).float().softmax(dim=-1)  # [tokens, experts]
+        weights, experts = probs.topk(self.top_k, dim=-1)
+        if self.normalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = weights.to(x.dtype)
+        if self.training:
+            routed = F.one_hot(experts, self.num_experts).sum(1).float().mean(0) / self.top_k
+            self.aux_loss = self.num_experts * (routed * probs.mean(0)).sum()
+        # Group the (token, expert) assignments by expert: one matmul pair per expert, no per-token loop.
+        flat = experts.flatten()
+        order = flat.argsort(stable=True)
+        tokens = order // self.top_k
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        grouped = x.index_select(0, tokens)
+        out = torch.empty_like(grouped)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                gate, up = F.linear(grouped[start:start + n], self.w13[e]).chunk(2, dim=-1)
+                out[start:start + n] = F.linear(self.act(gate) * up, self.w2[e])
+                start += n
+        out = out * weights.flatten()[order, None]
+        result = torch.zeros_like(x).index_add_(0, tokens, out)
+        if self.shared_expert is not None:
+            result = result + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return result.reshape(shape)
