@@ -50,6 +50,11 @@ def add_bench_parser(sub) -> None:
     md.add_argument("model")
     md.add_argument("out_dir")
     md.add_argument("--layers", type=int, default=2)
+    rl = bsub.add_parser("rl", help="time split of GRPO iterations (rollout, scoring, training, weight push)")
+    rl.add_argument("--model", required=True)
+    rl.add_argument("--steps", type=int, default=4)
+    rl.add_argument("--prompts-per-step", type=int, default=16)
+    rl.add_argument("--group-size", type=int, default=8)
     st = bsub.add_parser("structured", help="W1 with every request constrained to a JSON schema vs unconstrained")
     st.add_argument("--model", required=True)
     st.add_argument("--dtype", default="bfloat16")
@@ -84,12 +89,35 @@ def run(args: argparse.Namespace) -> int:
         return _structured(args)
     if args.bench_command == "spec":
         return _spec(args)
+    if args.bench_command == "rl":
+        return _rl(args)
     if args.bench_command == "make-draft":
         from ember.bench.models import make_draft_model
 
         print(f"wrote {make_draft_model(args.model, args.out_dir, args.layers)}")
         return 0
     return _latency(args)
+
+
+def _rl(args) -> int:
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from ember.rl.grpo import GRPOConfig, run
+
+    print(f"GRPO on {args.model}: {args.prompts_per_step} prompts x {args.group_size} samples per step")
+    run_dir = Path(tempfile.mkdtemp(prefix="ember-bench-rl-"))
+    run(GRPOConfig(run_dir=str(run_dir), model={"path": str(Path(args.model).resolve())}, steps=args.steps,
+                   prompts_per_step=args.prompts_per_step, group_size=args.group_size, lr=1e-5, eval_interval=0,
+                   eval_prompts=8, max_new_tokens=8))
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()][2:]  # skip warm-up
+    for key in ("rollout_s", "train_s", "push_s"):
+        print(f"  {key[:-2]:>8}: {sum(r[key] for r in records) / len(records) * 1e3:8.1f} ms per iteration")
+    total = sum(r["rollout_s"] + r["train_s"] + r["push_s"] for r in records) / len(records)
+    push = sum(r["push_s"] for r in records) / len(records)
+    print(f"weight push share of an iteration: {push / total:.1%}  (scoring is inside rollout: a string compare)")
+    return 0
 
 
 def _spec(args) -> int:
