@@ -58,7 +58,10 @@ def can_speculate(request: Request) -> bool:
 
 
 def ngram_propose(tokens: list[int], k: int, max_n: int, min_n: int) -> list[int]:
-    """The continuation of the latest earlier occurrence of the last n tokens (longest n first)."""
+    """The continuation of the latest earlier occurrence of the last n tokens (longest n first).
+
+    When that continuation reaches the end of the text, the text is taken to repeat with the
+    period the match implies (a loop keeps looping), so short loops still get k drafts."""
     if len(tokens) < min_n + 1:
         return []
     arr = np.asarray(tokens, dtype=np.int64)
@@ -68,7 +71,8 @@ def ngram_propose(tokens: list[int], k: int, max_n: int, min_n: int) -> list[int
         hits = np.flatnonzero((windows == suffix).all(axis=1))
         if len(hits):
             start = int(hits[-1]) + n
-            return arr[start:start + k].tolist()
+            period = len(arr) - start
+            return [int(arr[start + i % period]) for i in range(k)]
     return []
 
 

@@ -18,6 +18,8 @@ def test_ngram_lookup():
     assert ngram_propose([1, 2, 3], 2, 3, 1) == []
     # the latest occurrence wins
     assert ngram_propose([7, 1, 8, 7, 1, 9, 7], 1, 1, 1) == [1]
+    # a loop keeps looping: the continuation wraps with the period of the match
+    assert ngram_propose([4, 5, 6, 5, 6, 5, 6], 5, 2, 1) == [5, 6, 5, 6, 5]
 
 
 def repetitive_prompts(n, seed):
