@@ -161,7 +161,7 @@ class LLMEngine:
             request = Request(child_id, ids, params, max_tokens, eos, priority, seed=seed)
             if compiled is not None:
                 request.matcher = self.grammars.matcher(compiled)
-                request.banned_tokens = self.grammars.banned_tokens(params.structured)
+                request.allowed_bitmask = self.grammars.allowed_bitmask(params.structured)
             detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
             sequences.append(Sequence(request, i, detok))
         self.scheduler.check_fits(sequences[0].request)

@@ -184,7 +184,7 @@ class Request:
         )
         self.first_token_time: float | None = None
         self.matcher = None  # xgrammar GrammarMatcher of a structured request
-        self.banned_tokens = None  # bool [vocab] tensor of tokens its structure never allows
+        self.allowed_bitmask = None  # xgrammar bitmask row ANDed into its grammar mask (None: no extra ban)
 
     @property
     def num_tokens(self) -> int:

@@ -72,22 +72,32 @@ def _plain_greedy(request: Request) -> bool:
             and request.num_output_tokens >= p.min_tokens and request.matcher is None)
 
 
+_batch_matcher = None
+_BIT_SHIFTS = torch.arange(32, dtype=torch.int32)
+
+
 def apply_grammar_masks(logits: torch.Tensor, requests: list[Request]) -> None:
-    """Structured requests: forbid every token their grammar does not allow next."""
+    """Structured requests: forbid every token their grammar does not allow next (the bitmasks
+    of all rows are filled in one batched call, on xgrammar's threads)."""
+    global _batch_matcher
     rows = [i for i, r in enumerate(requests) if r.matcher is not None and not r.matcher.is_terminated()]
     if not rows:
         return
     import xgrammar as xgr
 
+    if _batch_matcher is None:
+        _batch_matcher = xgr.BatchGrammarMatcher(max_threads=2)
     vocab = logits.shape[1]
     bitmask = xgr.allocate_token_bitmask(len(requests), vocab)
-    for i in rows:
-        requests[i].matcher.fill_next_token_bitmask(bitmask, i)
-    xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=vocab, indices=rows)
-    for i in rows:
-        banned = requests[i].banned_tokens
-        if banned is not None:
-            logits[i, :banned.shape[0]].masked_fill_(banned.to(logits.device), float("-inf"))
+    _batch_matcher.batch_fill_next_token_bitmask([requests[i].matcher for i in rows], bitmask, indices=rows)
+    for i in rows:  # tokens a JSON output may never use, folded into the same bitmask
+        if requests[i].allowed_bitmask is not None:
+            bitmask[i] &= requests[i].allowed_bitmask
+    # Unpack the bits with tensor ops (several times faster here than xgrammar's CPU kernel).
+    index = torch.tensor(rows, device=logits.device)
+    words = bitmask.to(logits.device).index_select(0, index)
+    allowed = ((words.unsqueeze(-1) >> _BIT_SHIFTS.to(logits.device)) & 1).bool().flatten(1)[:, :vocab]
+    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
 
 
 class Sampler:

@@ -50,8 +50,12 @@ class GrammarCompiler:
         # JSON forbids raw control characters in strings, but xgrammar's length-bounded string
         # rules let them through: JSON outputs also ban every token holding a byte below 0x20
         # (compact JSON never needs one).
-        self.control_tokens = torch.tensor([any(b < 0x20 for b in piece) for piece in info.decoded_vocab],
-                                           dtype=torch.bool)
+        banned = torch.tensor([any(b < 0x20 for b in piece) for piece in info.decoded_vocab], dtype=torch.bool)
+        # as an allowed-token bitmask row (xgrammar's format: bit j of word w is token 32w + j)
+        allowed = torch.ones(self.xgr.get_bitmask_shape(1, vocab_size)[1] * 32, dtype=torch.bool)
+        allowed[:len(banned)] = ~banned
+        bits = (allowed.view(-1, 32).to(torch.int64) << torch.arange(32)).sum(1)
+        self.json_allowed = torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32)
         self._cache: dict[tuple[str, str], Any] = {}
         self._lock = threading.Lock()
 
@@ -83,8 +87,9 @@ class GrammarCompiler:
     def matcher(self, compiled):
         return self.xgr.GrammarMatcher(compiled)
 
-    def banned_tokens(self, spec: StructuredOutput) -> torch.Tensor | None:
-        return self.control_tokens if spec.key()[0] in ("json_schema", "json_object") else None
+    def allowed_bitmask(self, spec: StructuredOutput) -> torch.Tensor | None:
+        """An allowed-bitmask row to AND into a JSON request's grammar mask (None: nothing banned)."""
+        return self.json_allowed if spec.key()[0] in ("json_schema", "json_object") else None
 
     def allocate_bitmask(self, rows: int) -> torch.Tensor:
         return self.xgr.allocate_token_bitmask(rows, self.vocab_size)
