@@ -159,7 +159,7 @@ class GRPO:
             old[i, start:start + len(s["ids"])] = torch.tensor(s["old"])
         logits = self.model(inputs)[:, :-1].float()
         new = logits.log_softmax(-1).gather(2, inputs[:, 1:, None]).squeeze(2)
-        ratio = torch.exp(new - old)
+        ratio = torch.exp(((new - old) * mask).clamp(-20.0, 20.0))  # masked positions: ratio 1
         surrogate = torch.minimum(ratio * advantages, ratio.clamp(1 - c.clip, 1 + c.clip) * advantages)
         per_token = -surrogate
         kl = torch.zeros(())
@@ -169,11 +169,12 @@ class GRPO:
             delta = ref - new
             per_token_kl = torch.exp(delta) - delta - 1  # k3, unbiased and >= 0
             per_token = per_token + c.kl_coef * per_token_kl
-            kl = (per_token_kl * mask).sum() / mask.sum()
-        loss = (per_token * mask).sum() / mask.sum()
+            kl = torch.where(mask.bool(), per_token_kl, 0.0).sum() / mask.sum()
+        loss = torch.where(mask.bool(), per_token, 0.0).sum() / mask.sum()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        self.optimizer.step()
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        if torch.isfinite(norm):  # a non-finite gradient would poison the policy: skip that update
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": loss.item(), "kl": float(kl), "train_tokens": int(mask.sum())}
 
