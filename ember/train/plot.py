@@ -22,25 +22,26 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     records = read_metrics(run_dir)
     out = []
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in records], [r["loss"] for r in records], label="train loss")
-    evals = [r for r in records if r.get("eval_loss") is not None]
-    if evals:
-        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="held-out loss")
-    for key, label in (("reward_mean", "reward"), ("accuracy", "accuracy")):
-        series = [r for r in records if key in r]
-        if series:
-            ax.plot([r["step"] for r in series], [r[key] for r in series], label=label)
+    rl = any("reward_mean" in r for r in records)
+    series = ([("reward_mean", "reward", "-"), ("accuracy", "sampled accuracy", "-"),
+               ("accuracy_greedy", "greedy accuracy", "o-")] if rl else
+              [("loss", "train loss", "-"), ("eval_loss", "held-out loss", "o-")])
+    for key, label, style in series:
+        points = [r for r in records if r.get(key) is not None]
+        if points:
+            ax.plot([r["step"] for r in points], [r[key] for r in points], style, label=label)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss")
+    ax.set_ylabel("reward / accuracy" if rl else "loss")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    out.append(Path(run_dir) / "loss.png")
+    out.append(Path(run_dir) / ("reward.png" if rl else "loss.png"))
     fig.savefig(out[-1], dpi=120)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in records], [r["tokens_per_s"] for r in records])
+    points = [r for r in records if "tokens_per_s" in r]
+    ax.plot([r["step"] for r in points], [r["tokens_per_s"] for r in points])
     ax.set_xlabel("step")
     ax.set_ylabel("tokens / s")
     ax.grid(alpha=0.3)
