@@ -24,6 +24,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-speculative-tokens", type=int, default=3)
     p.add_argument("--draft-model", default=None, help="draft model directory (--speculative-method draft)")
     p.add_argument("--max-ngram", type=int, default=3)
+    p.add_argument("--quantization", choices=["int8", "int4"], default=None,
+                   help="weight-only quantization at load time (GPTQ/AWQ checkpoints need none)")
+    p.add_argument("--quantization-group-size", type=int, default=64, help="int4: input channels per scale")
+    p.add_argument("--no-quantize-lm-head", action="store_true", help="keep the LM head in the model's dtype")
+    p.add_argument("--no-quantize-embeddings", action="store_true", help="keep the embedding table unquantized")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "int8"], default="auto")
 
 
 def speculative(args: argparse.Namespace) -> dict | None:
@@ -42,7 +48,9 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         speculative=speculative(args), dtype=args.dtype, device=args.device, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_gib=args.kv_cache_gib,
         enable_prefix_caching=not args.no_prefix_caching, enable_chunked_prefill=not args.no_chunked_prefill,
-        policy=args.policy, seed=args.seed,
+        policy=args.policy, seed=args.seed, quantization=args.quantization,
+        quantization_group_size=args.quantization_group_size, quantize_lm_head=not args.no_quantize_lm_head,
+        quantize_embeddings=not args.no_quantize_embeddings, kv_cache_dtype=args.kv_cache_dtype,
     )
 
 
@@ -167,10 +175,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         p.add_argument("data", nargs="+", help="held-out text or JSONL files")
         p.add_argument("--seq-len", type=int, default=256)
         p.add_argument("--text-field", default="text")
+        p.add_argument("--quantization", choices=["int8", "int4"], default=None, help="evaluate it quantized")
+        p.add_argument("--quantization-group-size", type=int, default=64)
         a = p.parse_args(rest)
         from ember.train.evaluate import heldout_loss
 
-        loss, tokens = heldout_loss(a.model, a.data, a.seq_len, a.text_field)
+        loss, tokens = heldout_loss(a.model, a.data, a.seq_len, a.text_field, quantization=a.quantization,
+                                    group_size=a.quantization_group_size)
         print(f"held-out loss: {loss:.4f} nats/token over {tokens} tokens (perplexity {math.exp(loss):.2f})")
         return 0
     if action == "export":
@@ -201,6 +212,22 @@ def cmd_rl(args: argparse.Namespace) -> int:
     from ember.rl.launch import launch
 
     return launch(a.config, a.nproc)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ember.models import load_model
+    from ember.models.quant import QuantConfig
+    from ember.models.quant_formats import save_quantized
+    from ember.registry import resolve_model
+
+    model_dir = Path(resolve_model(args.model_dir))
+    config = QuantConfig(args.method, args.group_size)
+    model, _ = load_model(model_dir, dtype="float32")
+    save_quantized(model, model_dir, Path(args.out_dir), config)
+    print(f"wrote {args.method} GPTQ checkpoint to {args.out_dir}")
+    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -249,6 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-waiting", type=int, default=None, help="429 when this many requests wait")
     serve.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
     serve.set_defaults(func=cmd_serve)
+
+    quant = sub.add_parser("quantize", help="write an int8/int4 (GPTQ-format) copy of a model directory")
+    quant.add_argument("model_dir", help="an HF model directory or a name from `ember models`")
+    quant.add_argument("out_dir")
+    quant.add_argument("--method", choices=["int8", "int4"], required=True)
+    quant.add_argument("--group-size", type=int, default=64, help="int4: input channels per scale")
+    quant.set_defaults(func=cmd_quantize)
 
     train = sub.add_parser("train", help="ZeRO training: ember train CONFIG | estimate | export | plot",
                            add_help=False)

@@ -1,6 +1,7 @@
 """The embedded default model: it loads with no arguments, knows some English, and beats its recorded loss."""
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -18,6 +19,17 @@ def test_heldout_loss_is_below_the_recorded_threshold():
     threshold = json.loads((ROOT / "recipes" / "default_thresholds.json").read_text())["heldout_loss_max"]
     loss, tokens = heldout_loss("default", [str(ROOT / "tests" / "assets" / "default_eval.jsonl")])
     assert tokens > 5000 and loss < threshold, (loss, threshold)
+
+
+def test_quantized_perplexity_rises_less_than_the_bars():
+    """Issue 10's bars: held-out perplexity +2% at most for int8 weights, +10% for int4."""
+    from ember.train.evaluate import heldout_loss
+
+    data = [str(ROOT / "tests" / "assets" / "default_eval.jsonl")]
+    base, _ = heldout_loss("default", data)
+    for method, bar in (("int8", 0.02), ("int4", 0.10)):
+        loss, _ = heldout_loss("default", data, quantization=method)
+        assert math.exp(loss - base) - 1 < bar, (method, loss, base)
 
 
 def test_greedy_continuations_are_mostly_words():

@@ -59,6 +59,14 @@ def add_bench_parser(sub) -> None:
     st.add_argument("--model", required=True)
     st.add_argument("--dtype", default="bfloat16")
     st.add_argument("--runs", type=int, default=2)
+    qb = bsub.add_parser("quant", help="bf16 vs int8 vs int4 weights: W2, W1, memory; llama.cpp as a peer")
+    qb.add_argument("--model", required=True)
+    qb.add_argument("--runs", type=int, default=3, help="W2 runs of each variant (alternating)")
+    qb.add_argument("--w1-runs", type=int, default=0, help="W1 runs of each variant (0: skip W1)")
+    qb.add_argument("--group-size", type=int, default=64, help="int4 group size")
+    qb.add_argument("--llamacpp-python", default=None, help="python of a venv with llama-cpp-python")
+    qb.add_argument("--llamacpp-source", default=None, help="llama.cpp source tree (for its GGUF converter)")
+    qb.add_argument("--gguf-dir", default=None, help="where converted GGUF files are kept (default: next to --model)")
     tr = bsub.add_parser("train", help="ember train at ZeRO stages 0-3 on 1 and 2 processes, with an FSDP2 peer")
     tr.add_argument("--model", required=True)
     tr.add_argument("--steps", type=int, default=4)
@@ -91,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
         return _spec(args)
     if args.bench_command == "rl":
         return _rl(args)
+    if args.bench_command == "quant":
+        return _quant(args)
     if args.bench_command == "make-draft":
         from ember.bench.models import make_draft_model
 
@@ -329,6 +339,73 @@ def _serve(args) -> int:
         server.stop()
     if 16 in results:
         print(f"ratio server @16 / offline @16 (output tok/s): {results[16].output_tps / offline_tps:.2f}")
+    return 0
+
+
+def _quant(args) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from ember.bench.peers import LlamaCpp
+    from ember.bench.throughput import EmberRunner, median_result
+    from ember.bench.workloads import w1, w2
+    from ember.engine.runner import kv_bytes_per_block
+    from ember.models.quant import weight_bytes
+
+    args.dtype = "bfloat16"
+    _header(args)
+    variants = {"bf16": {}, "int8": {"quantization": "int8"},
+                "int4": {"quantization": "int4", "quantization_group_size": args.group_size}}
+    runners = {name: EmberRunner(args.model, "bfloat16", kv_cache_gib=1, **kw) for name, kw in variants.items()}
+    peers = {}
+    if args.llamacpp_python:
+        if not args.llamacpp_source:
+            raise ValueError("--llamacpp-source: needed with --llamacpp-python (the GGUF converter lives there)")
+        llama = LlamaCpp(args.llamacpp_python, args.llamacpp_source)
+        folder = Path(args.gguf_dir or Path(args.model).parent / "gguf")
+        name = Path(args.model).name
+        for kind in ("bf16", "q8_0", "q4_0"):
+            peers[f"llama.cpp {kind}"] = llama.convert(args.model, folder / f"{name}-{kind}.gguf", kind)
+    workload = w2()
+    for runner in runners.values():
+        runner.latency(w2(prompt_len=16, output_len=8))
+    w2_results: dict[str, list[tuple[float, float]]] = {n: [] for n in [*runners, *peers]}
+    for i in range(args.runs):  # A B A B: ember variants and peers alternate
+        for name, runner in runners.items():
+            w2_results[name].append(runner.latency(workload))
+        for name, gguf in peers.items():
+            ttft, tpot = llama.latency(gguf, workload.prompts[0], workload.max_tokens, 1)
+            w2_results[name].append((ttft[0], tpot[0]))
+        print(f"  round {i + 1}: " + ", ".join(f"{n} {r[-1][1] * 1e3:.2f}" for n, r in w2_results.items())
+              + " ms/token", flush=True)
+    decode = {n: statistics.median(t for _, t in r) for n, r in w2_results.items()}
+    ttft = {n: statistics.median(t for t, _ in r) for n, r in w2_results.items()}
+    config = runners["bf16"].llm.engine.model_config
+    kv_auto = kv_bytes_per_block(config, 16, torch.bfloat16) / 16
+    kv_int8 = kv_bytes_per_block(config, 16, torch.bfloat16, "int8") / 16
+    print("W2 (median of runs): variant | TTFT ms | decode ms/token | weights MiB")
+    for name in w2_results:
+        mib = weight_bytes(runners[name].llm.engine.model) / (1 << 20) if name in runners else \
+            peers[name].stat().st_size / (1 << 20)
+        print(f"  {name:>15} | {ttft[name] * 1e3:7.1f} | {decode[name] * 1e3:6.2f} | {mib:8.1f}")
+    print(f"KV cache bytes per token: bf16 {kv_auto:.0f}, int8 {kv_int8:.0f} ({kv_auto / kv_int8:.2f}x the tokens)")
+    print(f"decode int8 / bf16: {decode['int8'] / decode['bf16']:.3f}   int4 / bf16: {decode['int4'] / decode['bf16']:.3f}")
+    if peers:
+        print(f"decode ember int8 / llama.cpp q8_0: {decode['int8'] / decode['llama.cpp q8_0']:.3f}   "
+              f"ember int4 / llama.cpp q4_0: {decode['int4'] / decode['llama.cpp q4_0']:.3f}   "
+              f"ember bf16 / llama.cpp bf16: {decode['bf16'] / decode['llama.cpp bf16']:.3f}")
+    if args.w1_runs:
+        arch = config.architecture
+        load = w1(16 if arch.startswith("Qwen2") else 64)
+        w1_results = {n: [] for n in runners}
+        for _ in range(args.w1_runs):
+            for name, runner in runners.items():
+                w1_results[name].append(runner.run(load))
+                print(f"  W1 {name}: {w1_results[name][-1].output_tps:.1f} output tok/s", flush=True)
+        tps = {n: median_result(r).output_tps for n, r in w1_results.items()}
+        print("W1 output tok/s: " + ", ".join(f"{n} {v:.1f}" for n, v in tps.items())
+              + f"   int8 / bf16 {tps['int8'] / tps['bf16']:.2f}x, int4 / bf16 {tps['int4'] / tps['bf16']:.2f}x")
     return 0
 
 

@@ -20,9 +20,12 @@ class CacheConfig:
     # Memory for K/V blocks; None picks min(4 GiB, a quarter of available memory).
     kv_cache_gib: float | None = None
     enable_prefix_caching: bool = True
+    # "int8": K/V stored in 8 bits with a bf16 scale per token and head (~2x the tokens per GiB).
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self):
         _check(self.block_size in (8, 16, 32, 64, 128), "block_size", self.block_size, "one of 8, 16, 32, 64, 128")
+        _check(self.kv_cache_dtype in ("auto", "int8"), "kv_cache_dtype", self.kv_cache_dtype, "auto or int8")
         if self.kv_cache_gib is not None:
             _check(self.kv_cache_gib > 0, "kv_cache_gib", self.kv_cache_gib, "must be > 0")
 
@@ -56,6 +59,12 @@ class EngineConfig:
     attention_backend: str = "auto"  # auto | cpu_paged | torch_paged
     # {"method": "ngram", "num_tokens": k, "max_ngram": n} or {"method": "draft", "model": DIR, "num_tokens": k}
     speculative: dict | None = None
+    # Weight-only quantization at load time: None | "int8" (per channel) | "int4" (per group).
+    # GPTQ/AWQ checkpoints are recognised from their config.json and need none of this.
+    quantization: str | None = None
+    quantization_group_size: int = 64
+    quantize_lm_head: bool = True
+    quantize_embeddings: bool = True
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -65,6 +74,16 @@ class EngineConfig:
             self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
             "device", self.device, "auto, cpu, cuda or cuda:N",
         )
+        if self.quantization is not None:
+            self.quant_config()  # validates method and group size
+
+    def quant_config(self):
+        from ember.models.quant import QuantConfig
+
+        if self.quantization is None:
+            return None
+        return QuantConfig(self.quantization, self.quantization_group_size, self.quantize_lm_head,
+                           self.quantize_embeddings)
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> "EngineConfig":

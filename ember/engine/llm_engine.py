@@ -21,6 +21,7 @@ from ember.engine.runner import ModelRunner, kv_bytes_per_block
 from ember.engine.scheduler import Scheduler
 from ember.engine.spec import SpeculativeConfig, can_speculate, ngram_propose
 from ember.models import load_model
+from ember.models.quant import QuantizedLinear, quantize_model, weight_bytes
 from ember.tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ class LLMEngine:
         self.config = config
         self.device = resolve_device(config.device)
         self.model, self.model_config = load_model(config.model, config.dtype, self.device)
+        if config.quantization is not None:
+            quantize_model(self.model, config.quant_config())
         self.tokenizer = Tokenizer(config.tokenizer or config.model, chat_template=config.chat_template)
         mc = self.model_config
         sched = config.scheduler
@@ -68,7 +71,7 @@ class LLMEngine:
 
         cache = config.cache
         dtype = next(self.model.parameters()).dtype
-        block_bytes = kv_bytes_per_block(mc, cache.block_size, dtype)
+        block_bytes = kv_bytes_per_block(mc, cache.block_size, dtype, cache.kv_cache_dtype)
         budget = cache.kv_cache_gib * (1 << 30) if cache.kv_cache_gib else min(4 << 30, _available_memory_bytes(self.device) // 4)
         num_blocks = int(budget // block_bytes)
         enough = sched.max_num_seqs * -(-self.max_model_len // cache.block_size) + 1
@@ -78,7 +81,7 @@ class LLMEngine:
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(sched, self.kv, self.max_model_len)
         self.runner = ModelRunner(self.model, mc, num_blocks, cache.block_size, self.device, config.seed,
-                                  config.attention_backend)
+                                  config.attention_backend, cache.kv_cache_dtype)
         self.spec = SpeculativeConfig.from_any(config.speculative)
         self.draft = None
         if self.spec is not None and self.spec.method == "draft":
@@ -88,8 +91,11 @@ class LLMEngine:
                                        config.seed, config.attention_backend)
         self.spec_stats = {"spec_num_drafts": 0, "spec_num_accepted": 0, "spec_num_verifications": 0}
         logger.info(
-            "%s on %s (%s, %s attention): KV cache %d blocks x %d = %d tokens (%.2f GiB), max_model_len %d",
+            "%s on %s (%s, %s attention, weights %.1f MiB%s): KV cache %s %d blocks x %d = %d tokens (%.2f GiB), "
+            "max_model_len %d",
             mc.architecture, self.device, str(dtype).removeprefix("torch."), self.runner.attention_backend,
+            weight_bytes(self.model) / (1 << 20), f", {config.quantization}" if config.quantization else "",
+            cache.kv_cache_dtype,
             num_blocks - 1, cache.block_size, (num_blocks - 1) * cache.block_size,
             num_blocks * block_bytes / (1 << 30), self.max_model_len,
         )
@@ -330,6 +336,9 @@ class LLMEngine:
         weight version, which every later output carries."""
         from ember.models.loader import load_weights
 
+        if any(isinstance(m, QuantizedLinear) for m in self.model.modules()):
+            raise ValueError("update_weights: this engine's weights are quantized; push weights into an engine "
+                             "without quantization")
         items = named_tensors.items() if hasattr(named_tensors, "items") else named_tensors
         loaded = load_weights(self.model, ((n, t, "update_weights") for n, t in items), strict=strict)
         if not loaded:

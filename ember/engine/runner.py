@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ember.engine.attention import BatchLayout, KVLayout, choose_layout, make_backend, resolve_backend
+from ember.engine.attention.torch_paged import LayerCache
 from ember.engine.kv_cache import NULL_BLOCK
 from ember.engine.request import Request
 from ember.engine.sampler import Sampler, TokenLogprobInfo, compute_logprob_info
@@ -21,17 +22,20 @@ from ember.models.config import ModelConfig
 logger = logging.getLogger(__name__)
 
 
-def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    element = torch.tensor([], dtype=dtype).element_size()
-    return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * element
+def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
+    layout = KVLayout(quantized=kv_cache_dtype == "int8", dtype=dtype)
+    return config.num_layers * block_size * config.num_kv_heads * layout.bytes_per_token_head(config.head_dim)
 
 
-def allocate_kv_caches(config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
-                       device: torch.device, layout: KVLayout) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """One buffer holds every layer's K and V blocks."""
+def allocate_kv_caches(config: ModelConfig, num_blocks: int, block_size: int, device: torch.device,
+                       layout: KVLayout) -> list[LayerCache]:
+    """One buffer holds every layer's K and V blocks (and one more their scales, for int8 caches)."""
     k_shape, v_shape = layout.shapes(num_blocks, config.num_kv_heads, block_size, config.head_dim)
     per_tensor = num_blocks * config.num_kv_heads * block_size * config.head_dim
-    buffer = torch.empty(2 * config.num_layers * per_tensor, dtype=dtype, device=device)
+    buffer = torch.empty(2 * config.num_layers * per_tensor, dtype=layout.storage_dtype, device=device)
+    per_scales = num_blocks * config.num_kv_heads * block_size
+    scales = torch.ones(2 * config.num_layers * per_scales, dtype=torch.bfloat16, device=device) \
+        if layout.quantized else None
 
     caches = []
     for layer in range(config.num_layers):
@@ -40,7 +44,12 @@ def allocate_kv_caches(config: ModelConfig, num_blocks: int, block_size: int, dt
         # Padding in gathers points at the null block: it must hold finite values.
         k[NULL_BLOCK].zero_()
         v[NULL_BLOCK].zero_()
-        caches.append((k, v))
+        cache = (k, v)
+        if scales is not None:
+            scale_shape = (num_blocks, config.num_kv_heads, block_size)
+            cache += (scales[2 * layer * per_scales:(2 * layer + 1) * per_scales].view(scale_shape),
+                      scales[(2 * layer + 1) * per_scales:(2 * layer + 2) * per_scales].view(scale_shape))
+        caches.append(cache)
     return caches
 
 
@@ -64,6 +73,7 @@ class ModelRunner:
         device: torch.device,
         seed: int,
         attention_backend: str = "auto",
+        kv_cache_dtype: str = "auto",
     ):
         self.model = model
         self.config = config
@@ -73,17 +83,16 @@ class ModelRunner:
         self.attention_backend = resolve_backend(
             attention_backend, device, (config.num_heads, config.num_kv_heads, config.head_dim, block_size)
         )
-        self.kv_layout = choose_layout(self.attention_backend, self.dtype)
+        self.kv_layout = choose_layout(self.attention_backend, self.dtype, kv_cache_dtype)
         self.num_blocks = num_blocks
-        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.kv_caches: list[LayerCache] = []
         self.allocate_kv_cache()
         self.sampler = Sampler(device, seed)
         self.generators: dict[str, torch.Generator] = {}
         self.draft_probs: dict[str, torch.Tensor] = {}  # a draft model's distributions, for sampled requests
 
     def allocate_kv_cache(self) -> None:
-        self.kv_caches = allocate_kv_caches(self.config, self.num_blocks, self.block_size, self.dtype, self.device,
-                                            self.kv_layout)
+        self.kv_caches = allocate_kv_caches(self.config, self.num_blocks, self.block_size, self.device, self.kv_layout)
         self.backend = make_backend(self.attention_backend, self.kv_caches, self.block_size, self.kv_layout)
 
     def release_kv_cache(self) -> None:

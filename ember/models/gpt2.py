@@ -9,7 +9,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ember.models.attention import AttentionContext, attend
 from ember.models.config import ModelConfig
-from ember.models.layers import _ACTIVATIONS, TransposedLinear
+from ember.models.layers import _ACTIVATIONS, Linear, TransposedLinear
 
 
 class GPT2Attention(nn.Module):
@@ -72,7 +72,7 @@ class GPT2LMHeadModel(nn.Module):
         super().__init__()
         self.config = config
         self.transformer = GPT2Model(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
 
     def tie_weights(self) -> None:

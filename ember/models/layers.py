@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ember.models import cpu_linear
 from ember.models.attention import AttentionContext, attend
 from ember.models.config import ModelConfig, RopeConfig
 
@@ -27,7 +28,14 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
-class MergedLinear(nn.Linear):
+class Linear(nn.Linear):
+    """nn.Linear whose decode-sized products go through ember's CPU GEMV kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return cpu_linear.linear(x, self.weight, self.bias)
+
+
+class MergedLinear(Linear):
     """Several HF projections stored as one matrix (one matmul instead of several).
 
     `shard_names[i]` is the HF module name of rows `output_sizes[i]`; the loader
@@ -40,7 +48,7 @@ class MergedLinear(nn.Linear):
         self.shard_names = list(shard_names)
 
 
-class TransposedLinear(nn.Linear):
+class TransposedLinear(Linear):
     """A Linear whose checkpoint stores the weight as [in, out] (HF's Conv1D in GPT-2)."""
 
     transposed_checkpoint = True
@@ -81,7 +89,7 @@ class GatedMLP(nn.Module):
         if act not in _ACTIVATIONS:
             raise ValueError(f"config.json: hidden_act={act!r} is not supported ({sorted(_ACTIVATIONS)})")
         self.gate_up_proj = MergedLinear(hidden, [intermediate] * 2, ["gate_proj", "up_proj"], bias)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        self.down_proj = Linear(intermediate, hidden, bias=bias)
         self.act = _ACTIVATIONS[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,7 +111,7 @@ class Attention(nn.Module):
         self.qkv_proj = MergedLinear(
             config.hidden_size, self.split_sizes, ["q_proj", "k_proj", "v_proj"], config.qkv_bias
         )
-        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.o_bias)
+        self.o_proj = Linear(q_size, config.hidden_size, bias=config.o_bias)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext | None

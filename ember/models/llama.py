@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ember.models.attention import AttentionContext
 from ember.models.config import ModelConfig
-from ember.models.layers import DecoderLayer, RMSNorm, Rotary
+from ember.models.layers import DecoderLayer, Linear, RMSNorm, Rotary
 
 
 class LlamaModel(nn.Module):
@@ -40,7 +40,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
 
     def tie_weights(self) -> None:

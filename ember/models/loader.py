@@ -150,6 +150,7 @@ def load_model(
 ) -> tuple[nn.Module, ModelConfig]:
     """Build the model for `model_dir` on the meta device, then fill it from safetensors."""
     from ember.models import model_class
+    from ember.models.quant_formats import QUANTIZED_SUFFIXES, checkpoint_quantization, load_quantized_linears
 
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -165,6 +166,12 @@ def load_model(
     # BERT checkpoints come with and without the "bert." prefix; a pooler is not used for embeddings.
     weights = ((n.removeprefix("bert."), t, src) for n, t, src in iter_safetensors(files)
                if not n.startswith(("pooler.", "bert.pooler.", "cls.")))
+    quant = checkpoint_quantization(config.raw, str(model_dir / "config.json"))
+    if quant is not None:  # GPTQ / AWQ: packed tensors become quantized linears, the rest loads as usual
+        weights = list(weights)
+        packed = {n: t for n, t, _ in weights if n.endswith(QUANTIZED_SUFFIXES)}
+        load_quantized_linears(model, packed, quant, torch_dtype, str(model_dir))
+        weights = [w for w in weights if not w[0].endswith(QUANTIZED_SUFFIXES)]
     load_weights(model, weights)
     model.eval()
     return model, config

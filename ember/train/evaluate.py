@@ -8,8 +8,9 @@ import torch.nn.functional as F
 
 @torch.no_grad()
 def heldout_loss(model: str, files: list[str], seq_len: int = 256, text_field: str = "text",
-                 batch_size: int = 8) -> tuple[float, int]:
-    """(mean next-token cross-entropy in nats, tokens scored), packed like training data."""
+                 batch_size: int = 8, quantization: str | None = None, group_size: int = 64) -> tuple[float, int]:
+    """(mean next-token cross-entropy in nats, tokens scored), packed like training data;
+    with `quantization` ("int8" | "int4"), of the model as the engine would quantize it."""
     from ember.models import load_model
     from ember.registry import resolve_model
     from ember.tokenizer import Tokenizer
@@ -17,6 +18,10 @@ def heldout_loss(model: str, files: list[str], seq_len: int = 256, text_field: s
 
     path = resolve_model(model)
     net, _ = load_model(path, dtype="float32")
+    if quantization is not None:
+        from ember.models.quant import QuantConfig, quantize_model
+
+        quantize_model(net, QuantConfig(quantization, group_size))
     tokenizer = Tokenizer(path)
     ids = tokenize_files(expand_files(tuple(files), "data"), tokenizer, text_field, cache_dir=None)
     data = PackedDataset(ids, seq_len)

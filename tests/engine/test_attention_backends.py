@@ -28,6 +28,14 @@ def random_layout(query_lens, context_lens, block_size, num_blocks, device="cpu"
 LAYOUTS = [("torch_paged", False), ("cpu_paged", False), ("cpu_paged", True)]
 
 
+def int8_reference(k: torch.Tensor) -> torch.Tensor:
+    """What an int8 cache gives back: per token and head, absmax / 127 steps."""
+    from ember.engine.attention.torch_paged import quantize_heads
+
+    q, scale = quantize_heads(k)
+    return (q.float() * scale.float()[..., None]).to(k.dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("window", [None, 20])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 2), (6, 1), (4, 4)])
@@ -55,7 +63,7 @@ def test_cpu_paged_matches_reference(dtype, window, heads, kv_heads):
         kv_layout = KVLayout(paired)
         k_shape, v_shape = kv_layout.shapes(num_blocks, kv_heads, block_size, dim)
         caches = [(torch.zeros(k_shape, dtype=dtype), torch.zeros(v_shape, dtype=dtype))]
-        kv_layout.write(*caches[0], past_slots, past_k, past_v)
+        kv_layout.write(caches[0], past_slots, past_k, past_v)
         ctx = make_backend(name, caches, block_size, kv_layout).build(layout)
         outs[(name, paired)] = ctx.attend(0, q, k, v, dim**-0.5, window).float()
     reference = outs.pop(("torch_paged", False))
@@ -64,15 +72,74 @@ def test_cpu_paged_matches_reference(dtype, window, heads, kv_heads):
         torch.testing.assert_close(out, reference, atol=tol, rtol=tol, msg=lambda m: f"{key}: {m}")
 
 
+@pytest.mark.parametrize("backend", ["torch_paged", "cpu_paged"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [None, 20])
+def test_int8_cache_matches_dequantized_reference(backend, dtype, window):
+    """int8 K/V through each backend = attention over the dequantized K/V with the exact backend."""
+    heads, kv_heads, block_size, dim, num_blocks = 4, 2, 16, 32, 64
+    if backend == "cpu_paged" and resolve_backend("auto", torch.device("cpu"), (heads, kv_heads, dim, block_size)) != "cpu_paged":
+        pytest.skip("cpu_paged kernels unavailable")
+    torch.manual_seed(1)
+    query_lens, context_lens = [1, 1, 3, 40, 70], [0, 45, 17, 0, 50]
+    layout = random_layout(query_lens, context_lens, block_size, num_blocks)
+    n = sum(query_lens)
+    q, k, v = (torch.randn(n, h, dim, dtype=dtype) for h in (heads, kv_heads, kv_heads))
+    past_slots = torch.cat([layout.block_tables[i, torch.arange(c) // block_size] * block_size + torch.arange(c) % block_size
+                            for i, c in enumerate(context_lens)])
+    past_k, past_v = (torch.randn(len(past_slots), kv_heads, dim, dtype=dtype) * 3 for _ in range(2))
+
+    def run(kv_layout, name, k_new, v_new, pk, pv):
+        k_shape, v_shape = kv_layout.shapes(num_blocks, kv_heads, block_size, dim)
+        cache = (torch.zeros(k_shape, dtype=kv_layout.storage_dtype), torch.zeros(v_shape, dtype=kv_layout.storage_dtype))
+        if kv_layout.quantized:
+            cache += (torch.ones(num_blocks, kv_heads, block_size, dtype=torch.bfloat16),)
+            cache += (torch.ones(num_blocks, kv_heads, block_size, dtype=torch.bfloat16),)
+        kv_layout.write(cache, past_slots, pk, pv)
+        return make_backend(name, [cache], block_size, kv_layout).build(layout).attend(0, q, k_new, v_new, dim**-0.5, window)
+
+    quantized = run(KVLayout(quantized=True, dtype=dtype), backend, k, v, past_k, past_v).float()
+    # Fresh prompts attend over their own unquantized K/V (as every engine does); cached context is int8.
+    reference = run(KVLayout(dtype=dtype), "torch_paged", k, v, int8_reference(past_k), int8_reference(past_v))
+    ends = torch.tensor(query_lens).cumsum(0)
+    fresh = torch.zeros(n, dtype=torch.bool)
+    for i, (ql, cl) in enumerate(zip(query_lens, context_lens)):
+        if cl == 0 and ql > 16:
+            fresh[ends[i] - ql:ends[i]] = True
+    # Rows over cached context read the new tokens back from the int8 cache too.
+    reference_cached = run(KVLayout(dtype=dtype), "torch_paged", int8_reference(k), int8_reference(v),
+                           int8_reference(past_k), int8_reference(past_v))
+    expected = torch.where(fresh[:, None, None], reference, reference_cached).float()
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(quantized, expected, atol=tol, rtol=tol)
+    # And against the unquantized cache: a small, bounded error.
+    exact = run(KVLayout(dtype=dtype), "torch_paged", k, v, past_k, past_v).float()
+    relative = (quantized - exact).abs().mean() / exact.abs().mean()
+    assert relative < 0.02, relative
+
+
+def test_int8_cache_holds_twice_the_tokens():
+    from ember.engine.runner import kv_bytes_per_block
+    from ember.models.config import ModelConfig
+
+    config = ModelConfig.from_hf({"architectures": ["LlamaForCausalLM"], "hidden_size": 512,
+                                    "intermediate_size": 1408, "num_hidden_layers": 8, "num_attention_heads": 8,
+                                    "num_key_value_heads": 4, "vocab_size": 32000})
+    bf16 = kv_bytes_per_block(config, 16, torch.bfloat16)
+    int8 = kv_bytes_per_block(config, 16, torch.bfloat16, "int8")
+    assert bf16 / int8 == pytest.approx(128 / 66)  # head_dim 64: 64 int8 values + a bf16 scale vs 64 bf16 values
+    assert kv_bytes_per_block(config, 16, torch.float32) / int8 == pytest.approx(256 / 66)
+
+
 def test_paired_layout_round_trips():
     kv_layout = KVLayout(paired=True)
     k_shape, v_shape = kv_layout.shapes(4, 2, 16, 8)
     k_cache, v_cache = torch.zeros(k_shape), torch.zeros(v_shape)
     slots = torch.tensor([17, 18, 30, 5])
     k, v = torch.randn(4, 2, 8), torch.randn(4, 2, 8)
-    kv_layout.write(k_cache, v_cache, slots, k, v)
+    kv_layout.write((k_cache, v_cache), slots, k, v)
     table = torch.tensor([0, 1])
-    gk, gv = kv_layout.gather(k_cache, table, keys=True), kv_layout.gather(v_cache, table, keys=False)
+    gk, gv = kv_layout.gather((k_cache, v_cache), table, keys=True), kv_layout.gather((k_cache, v_cache), table, keys=False)
     torch.testing.assert_close(gk[:, slots].transpose(0, 1), k)
     torch.testing.assert_close(gv[:, slots].transpose(0, 1), v)
 

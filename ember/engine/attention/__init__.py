@@ -32,12 +32,18 @@ def resolve_backend(name: str, device: torch.device, shape: tuple[int, int, int,
     return name
 
 
-def choose_layout(backend: str, dtype: torch.dtype) -> KVLayout:
-    return KVLayout(paired=backend == "cpu_paged" and dtype == torch.bfloat16 and bf16_pairs_supported())
+KV_CACHE_DTYPES = ("auto", "int8")
 
 
-def make_backend(name: str, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int, layout: KVLayout):
+def choose_layout(backend: str, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> KVLayout:
+    if kv_cache_dtype == "int8":
+        return KVLayout(quantized=True, dtype=dtype)
+    paired = backend == "cpu_paged" and dtype == torch.bfloat16 and bf16_pairs_supported()
+    return KVLayout(paired=paired, dtype=dtype)
+
+
+def make_backend(name: str, kv_caches: list, block_size: int, layout: KVLayout):
     return BACKENDS[name](kv_caches, block_size, layout)
 
 
-__all__ = ["BACKENDS", "BACKEND_CHOICES", "BatchLayout", "KVLayout", "choose_layout", "make_backend", "resolve_backend"]
+__all__ = ["BACKENDS", "BACKEND_CHOICES", "KV_CACHE_DTYPES", "BatchLayout", "KVLayout", "choose_layout", "make_backend", "resolve_backend"]

@@ -13,31 +13,16 @@ The kernel is compiled on first use (torch.utils.cpp_extension, ~15 s, cached in
 
 from __future__ import annotations
 
-import functools
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ember.engine.attention.torch_paged import BatchLayout, KVLayout, PromptChunk, TorchPagedBackend, chunk_attention
-
-logger = logging.getLogger(__name__)
+from ember.engine.attention.torch_paged import (BatchLayout, KVLayout, LayerCache, PromptChunk, TorchPagedBackend,
+                                                chunk_attention)
+from ember.models.cpu_build import build
 
 KERNEL_MAX_QUERY = 16
-
-
-def _vector_flags() -> list[str]:
-    """Select ATen's Vectorized<float> implementation for this CPU (as ATen's own kernels do)."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return []
-    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
-        return ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
-    if {"avx2", "fma"} <= flags:
-        return ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
-    return []
 
 
 def bf16_pairs_supported() -> bool:
@@ -45,30 +30,14 @@ def bf16_pairs_supported() -> bool:
     return load_kernels() and bool(torch.ops.ember_cpu.bf16_pairs_supported())
 
 
-@functools.cache
 def load_kernels() -> bool:
     """Compile (or load the cached build of) the C++ kernels; False if that is impossible."""
-    try:
-        from torch.utils import cpp_extension
-
-        source = Path(__file__).with_name("paged_cpu.cpp")
-        cpp_extension.load(
-            name="ember_paged_cpu",
-            sources=[str(source)],
-            extra_cflags=["-O3", "-march=native", "-fopenmp", *_vector_flags()],
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-            verbose=False,
-        )
-        return True
-    except Exception as e:  # no compiler, no ninja, no headers: stay correct, only slower
-        logger.warning("paged CPU kernels unavailable (%s); using the torch_paged backend", str(e).splitlines()[0])
-        return False
+    return build("ember_paged_cpu", str(Path(__file__).with_name("paged_cpu.cpp")))
 
 
 @dataclass
 class CpuPagedContext:
-    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
+    kv_caches: list[LayerCache]
     layout: KVLayout
     slot_mapping: torch.Tensor
     num_kernel_rows: int  # the first rows, attended by the kernel
@@ -78,14 +47,14 @@ class CpuPagedContext:
     chunks: list[PromptChunk]
 
     def attend(self, layer, q, k, v, scale, sliding_window):
-        k_cache, v_cache = self.kv_caches[layer]
-        self.layout.write(k_cache, v_cache, self.slot_mapping, k, v)
+        cache = self.kv_caches[layer]
+        self.layout.write(cache, self.slot_mapping, k, v)
         rows = self.num_kernel_rows
         kernel_out = None
         if rows:
             kernel_out = torch.ops.ember_cpu.paged_attention(
-                q[:rows].contiguous(), k_cache, v_cache, self.block_tables, self.token_request, self.kv_lens,
-                sliding_window or 0, scale,
+                q[:rows].contiguous(), *cache[:2], self.block_tables, self.token_request, self.kv_lens,
+                sliding_window or 0, scale, *cache[2:],
             )
             if not self.chunks:
                 return kernel_out
@@ -93,8 +62,7 @@ class CpuPagedContext:
         if kernel_out is not None:
             out[:rows] = kernel_out
         for chunk in self.chunks:
-            out[chunk.start:chunk.end] = chunk_attention(q, k, v, k_cache, v_cache, self.layout, chunk, scale,
-                                                         sliding_window)
+            out[chunk.start:chunk.end] = chunk_attention(q, k, v, cache, self.layout, chunk, scale, sliding_window)
         return out
 
 

@@ -25,6 +25,8 @@
 #include <cstring>
 #include <immintrin.h>
 #include <cstdint>
+#include <optional>
+#include <tuple>
 #include <limits>
 #include <vector>
 
@@ -44,6 +46,19 @@ template <>
 inline Vec load_vec<float>(const float* p) {
   return Vec::loadu(p);
 }
+// int8 caches: one vector of keys (or value dims) widened to fp32.
+template <>
+inline Vec load_vec<int8_t>(const int8_t* p) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return Vec(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))));
+#elif defined(CPU_CAPABILITY_AVX2)
+  return Vec(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))));
+#else
+  alignas(64) float wide[Vec::size()];
+  for (int64_t i = 0; i < Vec::size(); ++i) wide[i] = p[i];
+  return Vec::loadu(wide);
+#endif
+}
 
 inline float reduce_max(const Vec& v) {
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, v);
@@ -53,16 +68,20 @@ inline float reduce_sum(const Vec& v) {
 }
 
 // G: query heads per KV head, a compile-time constant so the group's accumulators stay in registers.
-template <typename T, int G>
+// T: the dtype of q and out; C: the caches' (T, or int8 with a bf16 scale per token and head:
+// scales [num_blocks, kv_heads, block_size], applied to the scores and to the probabilities).
+template <typename T, typename C, int G>
 void attention_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                      const c10::BFloat16* k_scales, const c10::BFloat16* v_scales,
                       const int64_t* block_tables, int64_t max_blocks, const int64_t* token_request,
                       const int64_t* kv_lens, int64_t window, float scale, at::Tensor& out) {
+  constexpr bool kQuantized = std::is_same_v<C, int8_t>;
   constexpr int64_t W = Vec::size();  // keys per chunk: one vector of scores
   const int64_t num_rows = q.size(0), heads = q.size(1), dim = q.size(2);
   const int64_t kv_heads = k_cache.size(1), block_size = k_cache.size(3), group = G;
   const T* qp = q.data_ptr<T>();
-  const T* kp = k_cache.data_ptr<T>();
-  const T* vp = v_cache.data_ptr<T>();
+  const C* kp = k_cache.data_ptr<C>();
+  const C* vp = v_cache.data_ptr<C>();
   T* op = out.data_ptr<T>();
   const int64_t block_elems = kv_heads * block_size * dim;
   const float neg_inf = -std::numeric_limits<float>::infinity();
@@ -84,8 +103,9 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::
 
       for (int64_t start = first - first % W; start < last; start += W) {
         const int64_t block = table[start / block_size], offset = start % block_size;
-        const T* keys = kp + block * block_elems + kvh * dim * block_size + offset;  // [dim][block_size]
-        const T* values = vp + block * block_elems + (kvh * block_size + offset) * dim;  // [block_size][dim]
+        const C* keys = kp + block * block_elems + kvh * dim * block_size + offset;  // [dim][block_size]
+        const C* values = vp + block * block_elems + (kvh * block_size + offset) * dim;  // [block_size][dim]
+        const int64_t scale_at = (block * kv_heads + kvh) * block_size + offset;  // int8 caches only
         const int64_t lo = std::max<int64_t>(first - start, 0), hi = std::min<int64_t>(last - start, W);
         if ((start + W) % block_size == 0) {
           // Blocks live anywhere: fetch the K and V rows of a block a few ahead now.
@@ -94,7 +114,7 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::
             const int64_t next = table[ahead / block_size] * block_elems;
             const char* next_keys = reinterpret_cast<const char*>(kp + next + kvh * dim * block_size);
             const char* next_values = reinterpret_cast<const char*>(vp + next + kvh * block_size * dim);
-            for (int64_t b = 0; b < dim * block_size * static_cast<int64_t>(sizeof(T)); b += 64) {
+            for (int64_t b = 0; b < dim * block_size * static_cast<int64_t>(sizeof(C)); b += 64) {
               __builtin_prefetch(next_keys + b);
               __builtin_prefetch(next_values + b);
             }
@@ -112,6 +132,10 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::
           }
         }
         for (int g = 0; g < G; ++g) scores[g] = (part[g][0] + part[g][1]) + (part[g][2] + part[g][3]);
+        if constexpr (kQuantized) {
+          const Vec key_scale = load_vec(k_scales + scale_at);
+          for (int g = 0; g < G; ++g) scores[g] = scores[g] * key_scale;
+        }
         for (int g = 0; g < G; ++g) {
           Vec sc = scores[g];
           if (lo > 0 || hi < W) {  // a partial chunk at either end of the visible range
@@ -124,7 +148,11 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::
           correction[g] = max_score[g] == neg_inf ? 0.f : std::exp(max_score[g] - new_max);
           max_score[g] = new_max;
           denom[g] = denom[g] * correction[g] + reduce_sum(p);
-          p.store(probs[g]);
+          if constexpr (kQuantized) {
+            (p * load_vec(v_scales + scale_at)).store(probs[g]);  // each int8 V row's scale folded in
+          } else {
+            p.store(probs[g]);
+          }
         }
         // Weighted V rows: each V row is loaded once for the whole group.
         for (int64_t d = 0; d < dim; d += W) {
@@ -259,7 +287,9 @@ bool bf16_pairs_supported() {
 
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                            const at::Tensor& block_tables, const at::Tensor& token_request,
-                           const at::Tensor& kv_lens, int64_t window, double scale) {
+                           const at::Tensor& kv_lens, int64_t window, double scale,
+                           const std::optional<at::Tensor>& k_scales, const std::optional<at::Tensor>& v_scales) {
+  const bool quantized = k_cache.scalar_type() == at::kChar;
   const bool paired = k_cache.dim() == 5;  // see paired_kernel for that layout
   TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "q: contiguous [tokens, heads, head_dim] expected");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == v_cache.dim(), "k/v caches");
@@ -267,7 +297,14 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
   TORCH_CHECK(!paired || (bf16_pairs_supported() && q.scalar_type() == at::kBFloat16), "paired layout needs bf16 and AVX512-BF16");
   TORCH_CHECK(k_cache.size(3) % Vec::size() == 0 && q.size(2) % Vec::size() == 0,
               "block_size and head_dim must be multiples of the vector width");
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(), "dtypes differ");
+  TORCH_CHECK(quantized || (q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type()),
+              "dtypes differ");
+  TORCH_CHECK(!quantized || (v_cache.scalar_type() == at::kChar && k_scales && v_scales &&
+                             k_scales->scalar_type() == at::kBFloat16 && v_scales->scalar_type() == at::kBFloat16 &&
+                             k_scales->is_contiguous() && v_scales->is_contiguous()),
+              "int8 caches need contiguous bf16 k_scales and v_scales");
+  const c10::BFloat16* ks = quantized ? k_scales->data_ptr<c10::BFloat16>() : nullptr;
+  const c10::BFloat16* vs = quantized ? v_scales->data_ptr<c10::BFloat16>() : nullptr;
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.is_contiguous(), "int64 block_tables");
   TORCH_CHECK(token_request.scalar_type() == at::kLong && kv_lens.scalar_type() == at::kLong, "int64 indices");
   at::Tensor out = at::empty_like(q);
@@ -286,9 +323,14 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
         }
       }
 #endif
-      attention_kernel<T, decltype(g)::value>(q, k_cache, v_cache, block_tables.data_ptr<int64_t>(),
-                                              block_tables.size(1), token_request.data_ptr<int64_t>(),
-                                              kv_lens.data_ptr<int64_t>(), window, static_cast<float>(scale), out);
+      const auto args = std::make_tuple(block_tables.data_ptr<int64_t>(), block_tables.size(1),
+                                        token_request.data_ptr<int64_t>(), kv_lens.data_ptr<int64_t>(), window,
+                                        static_cast<float>(scale));
+      if (quantized) {
+        std::apply([&](auto... a) { attention_kernel<T, int8_t, decltype(g)::value>(q, k_cache, v_cache, ks, vs, a..., out); }, args);
+      } else {
+        std::apply([&](auto... a) { attention_kernel<T, T, decltype(g)::value>(q, k_cache, v_cache, ks, vs, a..., out); }, args);
+      }
     };
     switch (group) {
       case 1: go(std::integral_constant<int, 1>{}); break;
@@ -314,7 +356,7 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
 
 TORCH_LIBRARY(ember_cpu, m) {
   m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor token_request, "
-        "Tensor kv_lens, int window, float scale) -> Tensor");
+        "Tensor kv_lens, int window, float scale, Tensor? k_scales=None, Tensor? v_scales=None) -> Tensor");
   m.def("bf16_pairs_supported() -> bool", &bf16_pairs_supported);
 }
 

@@ -47,16 +47,42 @@ class PromptChunk:
     block_table: torch.Tensor  # this request's blocks covering context + chunk
 
 
+LayerCache = tuple  # (k, v) blocks, or (k, v, k_scales, v_scales) for int8 caches
+
+
+def quantize_heads(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[tokens, heads, dim] -> int8 values and one bf16 scale per token and head (absmax / 127)."""
+    scale = (x.float().abs().amax(dim=-1) / 127).clamp(min=1e-8).to(torch.bfloat16)
+    q = torch.round(x.float() / scale.float()[..., None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
 class KVLayout:
     """How K and V tokens sit inside a block; backends and the runner agree on one.
 
     "transposed": K [blocks, kv_heads, head_dim, block_size], V [blocks, kv_heads, block_size, head_dim].
     "paired" (bf16 with AVX512-BF16): K [blocks, kv_heads, head_dim/2, block_size, 2] and
     V [blocks, kv_heads, block_size/2, head_dim, 2], the operand order of bf16 pair dot products.
+    "quantized" (kv_cache_dtype int8): transposed int8 blocks plus K and V scales
+    [blocks, kv_heads, block_size] in bf16, one per token and head: ~half the bytes of bf16.
     """
 
-    def __init__(self, paired: bool = False):
+    def __init__(self, paired: bool = False, quantized: bool = False, dtype: torch.dtype = torch.float32):
+        if paired and quantized:
+            raise ValueError("an int8 KV cache uses the transposed layout")
         self.paired = paired
+        self.quantized = quantized
+        self.dtype = dtype  # what attention computes in (the model's dtype)
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        return torch.int8 if self.quantized else self.dtype
+
+    def bytes_per_token_head(self, head_dim: int) -> int:
+        """K and V bytes of one token of one KV head."""
+        if self.quantized:
+            return 2 * (head_dim + 2)
+        return 2 * head_dim * torch.tensor([], dtype=self.dtype).element_size()
 
     def shapes(self, num_blocks: int, kv_heads: int, block_size: int, head_dim: int):
         if self.paired:
@@ -67,9 +93,15 @@ class KVLayout:
     def block_size(self, v_cache: torch.Tensor) -> int:
         return v_cache.shape[2] * 2 if self.paired else v_cache.shape[2]
 
-    def write(self, k_cache, v_cache, slot_mapping, k, v) -> None:
+    def write(self, cache: LayerCache, slot_mapping, k, v) -> None:
+        k_cache, v_cache = cache[0], cache[1]
         block_size = self.block_size(v_cache)
         blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
+        if self.quantized:
+            k, k_scale = quantize_heads(k)
+            v, v_scale = quantize_heads(v)
+            cache[2][blocks, :, offsets] = k_scale
+            cache[3][blocks, :, offsets] = v_scale
         if self.paired:
             k_cache[blocks, :, :, offsets] = k.unflatten(-1, (-1, 2))
             v_cache[blocks, :, offsets // 2, :, offsets % 2] = v
@@ -77,9 +109,13 @@ class KVLayout:
             k_cache[blocks, :, :, offsets] = k
             v_cache[blocks, :, offsets] = v
 
-    def gather(self, cache: torch.Tensor, block_table: torch.Tensor, keys: bool) -> torch.Tensor:
+    def gather(self, cache: LayerCache, block_table: torch.Tensor, keys: bool) -> torch.Tensor:
         """[..., blocks] table -> [..., kv_heads, blocks * block_size, head_dim] copy."""
-        picked = cache.index_select(0, block_table.reshape(-1))
+        flat_table = block_table.reshape(-1)
+        picked = cache[0 if keys else 1].index_select(0, flat_table)
+        if self.quantized:  # scales [n, h, bs] sit on the token axis: last for K, second to last for V
+            scales = cache[2 if keys else 3].index_select(0, flat_table).to(self.dtype)
+            picked = picked.to(self.dtype) * (scales[:, :, None, :] if keys else scales[..., None])
         if self.paired and keys:  # [n, h, d/2, bs, 2] -> [n, h, bs, d]
             picked = picked.permute(0, 1, 3, 2, 4).flatten(-2)
         elif self.paired:  # [n, h, bs/2, d, 2] -> [n, h, bs, d]
@@ -91,7 +127,7 @@ class KVLayout:
         return picked.reshape(*block_table.shape[:-1], heads, block_table.shape[-1] * block_size, dim)
 
 
-def chunk_attention(q, k, v, k_cache, v_cache, layout: KVLayout, chunk: PromptChunk, scale, sliding_window):
+def chunk_attention(q, k, v, cache: LayerCache, layout: KVLayout, chunk: PromptChunk, scale, sliding_window):
     """One prompt chunk [tokens, heads, dim] -> its attention output."""
     qc = q[chunk.start:chunk.end].transpose(0, 1)
     if chunk.context_len == 0:
@@ -99,8 +135,8 @@ def chunk_attention(q, k, v, k_cache, v_cache, layout: KVLayout, chunk: PromptCh
         vc = v[chunk.start:chunk.end].transpose(0, 1)
         return causal_attention(qc[None], kc[None], vc[None], scale, sliding_window)[0].transpose(0, 1)
     kv_len = chunk.context_len + chunk.end - chunk.start
-    kc = layout.gather(k_cache, chunk.block_table, keys=True)[:, :kv_len]
-    vc = layout.gather(v_cache, chunk.block_table, keys=False)[:, :kv_len]
+    kc = layout.gather(cache, chunk.block_table, keys=True)[:, :kv_len]
+    vc = layout.gather(cache, chunk.block_table, keys=False)[:, :kv_len]
     mask = causal_mask(chunk.end - chunk.start, kv_len, sliding_window, q.device)
     # 4-D inputs: the fused CPU kernel takes them; 3-D ones fall back to the slow math path.
     return sdpa(qc[None], kc[None], vc[None], scale, mask=mask)[0].transpose(0, 1)
@@ -108,7 +144,7 @@ def chunk_attention(q, k, v, k_cache, v_cache, layout: KVLayout, chunk: PromptCh
 
 @dataclass
 class TorchPagedContext:
-    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
+    kv_caches: list[LayerCache]
     layout: KVLayout
     slot_mapping: torch.Tensor
     num_decodes: int
@@ -128,27 +164,26 @@ class TorchPagedContext:
         return self._masks[window]
 
     def attend(self, layer, q, k, v, scale, sliding_window):
-        k_cache, v_cache = self.kv_caches[layer]
-        self.layout.write(k_cache, v_cache, self.slot_mapping, k, v)
+        cache = self.kv_caches[layer]
+        self.layout.write(cache, self.slot_mapping, k, v)
         out = torch.empty_like(q)
         nd = self.num_decodes
         if nd:
             num_kv, dim = k.shape[1], k.shape[2]
             qd = q[:nd].view(nd, num_kv, -1, dim)  # the group's heads act as query rows
-            kd = self.layout.gather(k_cache, self.decode_blocks, keys=True)
-            vd = self.layout.gather(v_cache, self.decode_blocks, keys=False)
+            kd = self.layout.gather(cache, self.decode_blocks, keys=True)
+            vd = self.layout.gather(cache, self.decode_blocks, keys=False)
             od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=self._decode_mask(sliding_window), scale=scale)
             out[:nd] = od.reshape(nd, -1, dim)
         for chunk in self.chunks:
-            out[chunk.start:chunk.end] = chunk_attention(q, k, v, k_cache, v_cache, self.layout, chunk, scale,
-                                                         sliding_window)
+            out[chunk.start:chunk.end] = chunk_attention(q, k, v, cache, self.layout, chunk, scale, sliding_window)
         return out
 
 
 class TorchPagedBackend:
     name = "torch_paged"
 
-    def __init__(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int, layout: KVLayout):
+    def __init__(self, kv_caches: list[LayerCache], block_size: int, layout: KVLayout):
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.layout = layout

@@ -1,0 +1,82 @@
+"""Peers run in their own virtual environments, as subprocesses (never needed by the tests).
+
+llama.cpp comes from `pip install llama-cpp-python` (it builds from source); its source
+distribution carries the HF -> GGUF converter. That converter recognises a tokenizer by
+hashing how it splits a test string and refuses unknown ones, so for ember's locally
+trained byte-level BPE it is told "gpt-2" (the pre-tokenizer that BPE was trained with).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+_CONVERT = r"""
+import sys
+src = sys.argv[1]
+sys.path[:0] = [src, src + "/gguf-py"]
+import conversion.base as base
+base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
+import convert_hf_to_gguf
+sys.argv = ["convert_hf_to_gguf.py", *sys.argv[2:]]
+convert_hf_to_gguf.main()
+"""
+
+_QUANTIZE = r"""
+import ctypes, sys
+import llama_cpp
+params = llama_cpp.llama_model_quantize_default_params()
+params.ftype = {"q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0, "q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0}[sys.argv[3]]
+params.nthread = 2
+rc = llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(params))
+sys.exit(rc)
+"""
+
+# W2 in llama.cpp: prompt as token ids, greedy, EOS ignored (generate() never stops by itself).
+_LATENCY = r"""
+import json, statistics, sys, time
+import llama_cpp
+path, prompt, output_len, runs = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+llm = llama_cpp.Llama(path, n_ctx=1024, n_batch=512, n_threads=2, n_threads_batch=2, verbose=False)
+def once(n):
+    llm.reset()
+    start = time.perf_counter(); stamps = []
+    for _ in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
+        stamps.append(time.perf_counter())
+        if len(stamps) == n:
+            break
+    return stamps[0] - start, (stamps[-1] - stamps[0]) / (n - 1)
+once(8)
+results = [once(output_len) for _ in range(runs)]
+print(json.dumps({"ttft": [r[0] for r in results], "tpot": [r[1] for r in results]}))
+"""
+
+
+@dataclass
+class LlamaCpp:
+    python: str  # the peer venv's python, with llama-cpp-python installed
+    source: str  # llama.cpp's source tree (vendor/llama.cpp of the llama-cpp-python sdist)
+
+    def convert(self, model_dir: str, out: Path, outtype: str) -> Path:
+        """HF directory -> GGUF (bf16 / q8_0 by the converter; q4_0 by llama.cpp's quantizer)."""
+        if out.is_file():
+            return out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if outtype == "q4_0":
+            bf16 = self.convert(model_dir, out.with_name(out.stem.rsplit("-", 1)[0] + "-bf16.gguf"), "bf16")
+            subprocess.run([self.python, "-c", _QUANTIZE, str(bf16), str(out), "q4_0"], check=True, capture_output=True)
+        else:
+            # The converter imports torch and transformers: ember's own interpreter has both.
+            subprocess.run([sys.executable, "-c", _CONVERT, self.source, model_dir, "--outtype", outtype,
+                            "--outfile", str(out)], check=True, capture_output=True)
+        return out
+
+    def latency(self, gguf: Path, prompt: list[int], output_len: int, runs: int) -> tuple[list[float], list[float]]:
+        """W2 on the GGUF file: (TTFTs, decode seconds per token) of each run."""
+        done = subprocess.run([self.python, "-c", _LATENCY, str(gguf), json.dumps(prompt), str(output_len), str(runs)],
+                              check=True, capture_output=True, text=True)
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        return result["ttft"], result["tpot"]

@@ -1,0 +1,51 @@
+"""Linear layers at decode batch sizes on CPU: `linear_cpu.cpp`'s matrix-vector kernels.
+
+A decode step multiplies a handful of rows by every weight matrix, which PyTorch runs
+at a fraction of the memory bandwidth here; the kernels stream each weight once for up
+to four rows at a time (see BENCHMARKS.md, issue 10, for the measurements behind
+`GEMV_MAX_ROWS`). Used only for bf16 activations on CPUs with AVX512-BF16 and VNNI,
+without autograd; everything else goes through PyTorch.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ember.models.cpu_build import build
+
+GEMV_MAX_ROWS = 4  # bf16 weights: above this oneDNN's blocked GEMM wins
+INT8_GEMV_MAX_ROWS = 16  # int8 weights: above this dequantizing once + GEMM wins
+
+
+@functools.cache
+def gemv_available() -> bool:
+    return build("ember_linear_cpu", str(Path(__file__).with_name("linear_cpu.cpp"))) and \
+        bool(torch.ops.ember_linear.gemv_supported())
+
+
+def _kernel_ok(x: torch.Tensor, max_rows: int, *tensors: torch.Tensor | None) -> bool:
+    if x.device.type != "cpu" or x.dtype != torch.bfloat16 or x.numel() > max_rows * x.shape[-1]:
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *tensors)):
+        return False
+    return gemv_available()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear, through the GEMV kernel for a few bf16 rows."""
+    if weight.dtype != torch.bfloat16 or not _kernel_ok(x, GEMV_MAX_ROWS, weight, bias):
+        return F.linear(x, weight, bias)
+    out = torch.ops.ember_linear.linear_gemv(x.reshape(-1, x.shape[-1]).contiguous(), weight, None, bias)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """x @ (q * scales).T + bias for int8 q and fp32 scales, or None where the kernel does not apply."""
+    if not _kernel_ok(x, INT8_GEMV_MAX_ROWS):
+        return None
+    out = torch.ops.ember_linear.linear_gemv(x.reshape(-1, x.shape[-1]).contiguous(), q, scales, bias)
+    return out.view(*x.shape[:-1], q.shape[0])

@@ -1,0 +1,348 @@
+// Matrix-vector products for decoding on CPU: y[m, n] = sum_k x[m, k] * w[n, k] for a few rows m.
+//
+// At one to a few rows a linear layer is bound by reading its weight once; PyTorch's
+// GEMV paths reach a fraction of the memory bandwidth here. These kernels stream each
+// weight row once for all rows of x, four output channels at a time (so every x load
+// serves four rows of w), with AVX512-BF16 dot products of bf16 pairs:
+// - bf16 weights: loaded as they are;
+// - int8 weights (one scale per output channel): widened to fp32 and rounded to bf16,
+//   which is exact for |q| <= 127, then scaled once per channel at the end.
+// Activations must be bf16 (the model's dtype on CPUs with AVX512-BF16); everywhere else
+// ember keeps PyTorch's kernels (see quant.py).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+#include <cstdint>
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <vector>
+
+namespace {
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define EMBER_GEMV 1
+
+constexpr int kMaxRowsX = 4;  // rows of x per pass
+
+inline __m512bh load_weights(const c10::BFloat16* p, __mmask32 mask) {
+  return (__m512bh)_mm512_maskz_loadu_epi16(mask, p);
+}
+
+inline __m512bh load_weights(const int8_t* p, __mmask32 mask) {
+  const __m256i bytes = _mm256_maskz_loadu_epi8(mask, p);
+  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(bytes)));
+  const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(bytes, 1)));
+  return _mm512_cvtne2ps_pbh(hi, lo);
+}
+
+// One output channel at a time, so the weights stream strictly in order (as the hardware
+// prefetcher likes best); kChains partial sums per row of x hide the dot product's latency.
+template <typename W, int M>
+void gemv_rows(const c10::BFloat16* x, int64_t x_stride, const W* w, int64_t k_dim, int64_t n_begin, int64_t n_end,
+               const float* scales, const c10::BFloat16* bias, c10::BFloat16* out, int64_t out_stride) {
+  constexpr int kChains = 4;
+  constexpr int64_t kStep = 32 * kChains;
+  const int64_t k_main = k_dim / kStep * kStep;
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const W* row = w + n * k_dim;
+    __m512 acc[M][kChains];
+    for (int m = 0; m < M; ++m)
+      for (int c = 0; c < kChains; ++c) acc[m][c] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < k_main; k += kStep) {
+      __m512bh wv[kChains];
+      for (int c = 0; c < kChains; ++c) wv[c] = load_weights(row + k + 32 * c, ~__mmask32(0));
+      for (int m = 0; m < M; ++m)
+        for (int c = 0; c < kChains; ++c)
+          acc[m][c] = _mm512_dpbf16_ps(acc[m][c], (__m512bh)_mm512_loadu_si512(x + m * x_stride + k + 32 * c), wv[c]);
+    }
+    for (int64_t k = k_main; k < k_dim; k += 32) {
+      const __mmask32 mask = k + 32 <= k_dim ? ~__mmask32(0) : (__mmask32(1) << (k_dim - k)) - 1;
+      const __m512bh wv = load_weights(row + k, mask);
+      for (int m = 0; m < M; ++m)
+        acc[m][0] = _mm512_dpbf16_ps(acc[m][0], (__m512bh)_mm512_maskz_loadu_epi16(mask, x + m * x_stride + k), wv);
+    }
+    for (int m = 0; m < M; ++m) {
+      float y = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]),
+                                                   _mm512_add_ps(acc[m][2], acc[m][3])));
+      if (scales) y *= scales[n];
+      if (bias) y += static_cast<float>(bias[n]);
+      out[m * out_stride + n] = static_cast<c10::BFloat16>(y);
+    }
+  }
+}
+
+// int8 weights: x is rounded once per call to int16 with one scale per row (an error of
+// 1/65534 of the row's largest value, far below the weights' own int8 steps), so the inner
+// loop is integer pair dot products (AVX512-VNNI: 32 multiply-adds per instruction, no
+// per-weight conversion to floating point).
+constexpr int64_t kFlushElems = 8192;  // int32 lanes are moved to fp32 before they could overflow
+
+template <int M>
+void gemv_int8_rows(const int16_t* xq, int64_t k_dim, const int8_t* w, int64_t n_begin, int64_t n_end,
+                    const float* x_scales, const float* scales, const c10::BFloat16* bias, c10::BFloat16* out,
+                    int64_t out_stride) {
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const int8_t* row = w + n * k_dim;
+    __m512 total[M];
+    __m512i acc[M][2];
+    for (int m = 0; m < M; ++m) {
+      total[m] = _mm512_setzero_ps();
+      acc[m][0] = acc[m][1] = _mm512_setzero_si512();
+    }
+    for (int64_t k0 = 0; k0 < k_dim; k0 += kFlushElems) {
+      const int64_t k1 = std::min(k_dim, k0 + kFlushElems);
+      int64_t k = k0;
+      for (; k + 64 <= k1; k += 64) {
+        const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k)));
+        const __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k + 32)));
+        for (int m = 0; m < M; ++m) {
+          acc[m][0] = _mm512_dpwssd_epi32(acc[m][0], _mm512_loadu_si512(xq + m * k_dim + k), w0);
+          acc[m][1] = _mm512_dpwssd_epi32(acc[m][1], _mm512_loadu_si512(xq + m * k_dim + k + 32), w1);
+        }
+      }
+      for (; k < k1; k += 32) {
+        const __mmask32 mask = k + 32 <= k1 ? ~__mmask32(0) : (__mmask32(1) << (k1 - k)) - 1;
+        const __m512i wv = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mask, row + k));
+        for (int m = 0; m < M; ++m)
+          acc[m][0] = _mm512_dpwssd_epi32(acc[m][0], _mm512_maskz_loadu_epi16(mask, xq + m * k_dim + k), wv);
+      }
+      for (int m = 0; m < M; ++m) {
+        total[m] = _mm512_add_ps(total[m], _mm512_cvtepi32_ps(_mm512_add_epi32(acc[m][0], acc[m][1])));
+        acc[m][0] = acc[m][1] = _mm512_setzero_si512();
+      }
+    }
+    for (int m = 0; m < M; ++m) {
+      float y = _mm512_reduce_add_ps(total[m]) * x_scales[m] * scales[n];
+      if (bias) y += static_cast<float>(bias[n]);
+      out[m * out_stride + n] = static_cast<c10::BFloat16>(y);
+    }
+  }
+}
+
+std::vector<float> quantize_rows(const at::Tensor& x, std::vector<int16_t>& xq);
+
+template <typename Body>
+void over_channels(int64_t n_dim, const Body& body) {
+  // A few chunks per thread; each chunk streams its rows of weights once.
+  const int64_t grain = std::max<int64_t>(16, n_dim / (at::get_num_threads() * 4));
+  at::parallel_for(0, n_dim, grain, body);
+}
+
+void gemv_bf16(const at::Tensor& x, const at::Tensor& w, const c10::BFloat16* bias, at::Tensor& out) {
+  const int64_t m_dim = x.size(0), k_dim = x.size(1), n_dim = w.size(0);
+  const auto* xp = x.data_ptr<c10::BFloat16>();
+  const auto* wp = w.data_ptr<c10::BFloat16>();
+  auto* op = out.data_ptr<c10::BFloat16>();
+  over_channels(n_dim, [&](int64_t n0, int64_t n1) {
+    for (int64_t m = 0; m < m_dim; m += kMaxRowsX) {
+      const auto* xm = xp + m * k_dim;
+      auto* om = op + m * n_dim;
+      switch (std::min<int64_t>(kMaxRowsX, m_dim - m)) {
+        case 1: gemv_rows<c10::BFloat16, 1>(xm, k_dim, wp, k_dim, n0, n1, nullptr, bias, om, n_dim); break;
+        case 2: gemv_rows<c10::BFloat16, 2>(xm, k_dim, wp, k_dim, n0, n1, nullptr, bias, om, n_dim); break;
+        case 3: gemv_rows<c10::BFloat16, 3>(xm, k_dim, wp, k_dim, n0, n1, nullptr, bias, om, n_dim); break;
+        default: gemv_rows<c10::BFloat16, 4>(xm, k_dim, wp, k_dim, n0, n1, nullptr, bias, om, n_dim); break;
+      }
+    }
+  });
+}
+
+void gemv_int8(const at::Tensor& x, const at::Tensor& w, const float* scales, const c10::BFloat16* bias,
+               at::Tensor& out) {
+  const int64_t m_dim = x.size(0), k_dim = x.size(1), n_dim = w.size(0);
+  std::vector<int16_t> xq;
+  const std::vector<float> x_scales = quantize_rows(x, xq);
+  const auto* wp = w.data_ptr<int8_t>();
+  auto* op = out.data_ptr<c10::BFloat16>();
+  over_channels(n_dim, [&](int64_t n0, int64_t n1) {
+    for (int64_t m = 0; m < m_dim; m += kMaxRowsX) {
+      const int16_t* xm = xq.data() + m * k_dim;
+      const float* sm = x_scales.data() + m;
+      auto* om = op + m * n_dim;
+      switch (std::min<int64_t>(kMaxRowsX, m_dim - m)) {
+        case 1: gemv_int8_rows<1>(xm, k_dim, wp, n0, n1, sm, scales, bias, om, n_dim); break;
+        case 2: gemv_int8_rows<2>(xm, k_dim, wp, n0, n1, sm, scales, bias, om, n_dim); break;
+        case 3: gemv_int8_rows<3>(xm, k_dim, wp, n0, n1, sm, scales, bias, om, n_dim); break;
+        default: gemv_int8_rows<4>(xm, k_dim, wp, n0, n1, sm, scales, bias, om, n_dim); break;
+      }
+    }
+  });
+}
+// int4 weights, asymmetric per group of input channels: w = (q - zero) * scale with q in 0..15.
+// Row layout (uint8 [N, K / 2]): in every 64 input channels, byte j holds channel j in its
+// low nibble and channel 32 + j in its high one, so one 32-byte load gives two vectors of 32
+// channels after a mask and a shift. Per group g of row n:
+//   sum_k x_k w_k = scale * (sum_k x_k q_k - zero * sum_k x_k),
+// the first sum by integer dot products, the second from per-group sums of x made once per call.
+template <int M>
+void gemv_int4_rows(const int16_t* xq, int64_t k_dim, const uint8_t* w, int64_t group, int64_t n_begin,
+                    int64_t n_end, const float* x_scales, const float* x_sums, const float* scales,
+                    const float* scaled_zeros, const c10::BFloat16* bias, c10::BFloat16* out, int64_t out_stride) {
+  const int64_t groups = k_dim / group, chunks = group / 64;  // chunks of 64 channels per group (0: group 32)
+  const __m512i low = _mm512_set1_epi16(0x0F);
+  const auto scaled = [](__m512i acc, float scale, __m512 total) {
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(scale), total);
+  };
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const uint8_t* row = w + n * (k_dim / 2);
+    const float* row_scales = scales + n * groups;
+    __m512 total[M];
+    for (int m = 0; m < M; ++m) total[m] = _mm512_setzero_ps();
+    if (chunks == 0) {  // group 32: the two halves of each 64 channels have their own scales
+      for (int64_t k = 0; k < k_dim; k += 64) {
+        const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k / 2)));
+        const __m512i lo = _mm512_and_si512(bytes, low), hi = _mm512_srli_epi16(bytes, 4);
+        for (int m = 0; m < M; ++m) {
+          const __m512i a = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(xq + m * k_dim + k), lo);
+          const __m512i b = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(xq + m * k_dim + k + 32), hi);
+          total[m] = scaled(b, row_scales[k / 32 + 1], scaled(a, row_scales[k / 32], total[m]));
+        }
+      }
+    } else {
+      for (int64_t g = 0, k = 0; g < groups; ++g) {
+        __m512i acc[M][2];
+        for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_si512();
+        for (int64_t c = 0; c < chunks; ++c, k += 64) {
+          const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k / 2)));
+          const __m512i lo = _mm512_and_si512(bytes, low), hi = _mm512_srli_epi16(bytes, 4);
+          for (int m = 0; m < M; ++m) {
+            acc[m][0] = _mm512_dpwssd_epi32(acc[m][0], _mm512_loadu_si512(xq + m * k_dim + k), lo);
+            acc[m][1] = _mm512_dpwssd_epi32(acc[m][1], _mm512_loadu_si512(xq + m * k_dim + k + 32), hi);
+          }
+        }
+        for (int m = 0; m < M; ++m) total[m] = scaled(_mm512_add_epi32(acc[m][0], acc[m][1]), row_scales[g], total[m]);
+      }
+    }
+    // The zero points' share: sum over groups of scale * zero * (sum of x over the group).
+    const float* row_zeros = scaled_zeros + n * groups;
+    for (int m = 0; m < M; ++m) {
+      __m512 zero_part = _mm512_setzero_ps();
+      for (int64_t g = 0; g < groups; g += 16) {
+        const __mmask16 mask = g + 16 <= groups ? __mmask16(0xFFFF) : __mmask16((1u << (groups - g)) - 1);
+        zero_part = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, row_zeros + g),
+                                    _mm512_maskz_loadu_ps(mask, x_sums + m * groups + g), zero_part);
+      }
+      float y = _mm512_reduce_add_ps(total[m]) * x_scales[m] - _mm512_reduce_add_ps(zero_part);
+      if (bias) y += static_cast<float>(bias[n]);
+      out[m * out_stride + n] = static_cast<c10::BFloat16>(y);
+    }
+  }
+}
+
+// x rounded to int16 per row (see gemv_int8_rows); returns the row scales.
+std::vector<float> quantize_rows(const at::Tensor& x, std::vector<int16_t>& xq) {
+  const int64_t m_dim = x.size(0), k_dim = x.size(1);
+  const auto* xp = x.data_ptr<c10::BFloat16>();
+  xq.resize(m_dim * k_dim);
+  std::vector<float> x_scales(m_dim);
+  for (int64_t m = 0; m < m_dim; ++m) {
+    float amax = 0.f;
+    for (int64_t k = 0; k < k_dim; ++k) amax = std::max(amax, std::abs(static_cast<float>(xp[m * k_dim + k])));
+    const float scale = amax > 0.f ? amax / 32767.f : 1.f;
+    x_scales[m] = scale;
+    for (int64_t k = 0; k < k_dim; ++k)
+      xq[m * k_dim + k] = static_cast<int16_t>(std::nearbyint(static_cast<float>(xp[m * k_dim + k]) / scale));
+  }
+  return x_scales;
+}
+
+void gemv_int4(const at::Tensor& x, const at::Tensor& w, int64_t group, const float* scales,
+               const float* scaled_zeros, const c10::BFloat16* bias, at::Tensor& out) {
+  const int64_t m_dim = x.size(0), k_dim = x.size(1), n_dim = w.size(0), groups = k_dim / group;
+  std::vector<int16_t> xq;
+  const std::vector<float> x_scales = quantize_rows(x, xq);
+  std::vector<float> x_sums(m_dim * groups, 0.f);  // per row and group, in x's units
+  for (int64_t m = 0; m < m_dim; ++m) {
+    for (int64_t g = 0; g < groups; ++g) {
+      int64_t sum = 0;
+      for (int64_t k = g * group; k < (g + 1) * group; ++k) sum += xq[m * k_dim + k];
+      x_sums[m * groups + g] = static_cast<float>(sum) * x_scales[m];
+    }
+  }
+  const auto* wp = w.data_ptr<uint8_t>();
+  auto* op = out.data_ptr<c10::BFloat16>();
+  over_channels(n_dim, [&](int64_t n0, int64_t n1) {
+    for (int64_t m = 0; m < m_dim; m += kMaxRowsX) {
+      const int16_t* xm = xq.data() + m * k_dim;
+      const float* sm = x_scales.data() + m;
+      const float* zm = x_sums.data() + m * groups;
+      auto* om = op + m * n_dim;
+      switch (std::min<int64_t>(kMaxRowsX, m_dim - m)) {
+        case 1: gemv_int4_rows<1>(xm, k_dim, wp, group, n0, n1, sm, zm, scales, scaled_zeros, bias, om, n_dim); break;
+        case 2: gemv_int4_rows<2>(xm, k_dim, wp, group, n0, n1, sm, zm, scales, scaled_zeros, bias, om, n_dim); break;
+        case 3: gemv_int4_rows<3>(xm, k_dim, wp, group, n0, n1, sm, zm, scales, scaled_zeros, bias, om, n_dim); break;
+        default: gemv_int4_rows<4>(xm, k_dim, wp, group, n0, n1, sm, zm, scales, scaled_zeros, bias, om, n_dim); break;
+      }
+    }
+  });
+}
+#endif
+
+bool gemv_supported() {
+#ifdef EMBER_GEMV
+  return true;
+#else
+  return false;
+#endif
+}
+
+at::Tensor linear_gemv(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& scales,
+                       const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(gemv_supported(), "linear_gemv: built without AVX512-BF16");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16, "x: contiguous bf16 [M, K]");
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) == x.size(1), "w: contiguous [N, K]");
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16 || (w.scalar_type() == at::kChar && scales), "w: bf16, or int8 with scales");
+  TORCH_CHECK(!scales || (scales->scalar_type() == at::kFloat && scales->is_contiguous() && scales->numel() == w.size(0)),
+              "scales: fp32 [N]");
+  TORCH_CHECK(!bias || (bias->scalar_type() == at::kBFloat16 && bias->is_contiguous() && bias->numel() == w.size(0)),
+              "bias: bf16 [N]");
+  at::Tensor out = at::empty({x.size(0), w.size(0)}, x.options());
+#ifdef EMBER_GEMV
+  const float* sp = scales ? scales->data_ptr<float>() : nullptr;
+  const c10::BFloat16* bp = bias ? bias->data_ptr<c10::BFloat16>() : nullptr;
+  if (w.scalar_type() == at::kChar) {
+    gemv_int8(x, w, sp, bp, out);
+  } else {
+    gemv_bf16(x, w, bp, out);
+  }
+#endif
+  return out;
+}
+
+at::Tensor linear_gemv_int4(const at::Tensor& x, const at::Tensor& w, int64_t group, const at::Tensor& scales,
+                            const at::Tensor& scaled_zeros, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(gemv_supported(), "linear_gemv_int4: built without AVX512-BF16/VNNI");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16, "x: contiguous bf16 [M, K]");
+  const int64_t n_dim = w.size(0), k_dim = x.size(1);
+  TORCH_CHECK(k_dim % 64 == 0 && w.scalar_type() == at::kByte && w.is_contiguous() && w.size(1) * 2 == k_dim,
+              "w: contiguous uint8 [N, K / 2] with K a multiple of 64");
+  TORCH_CHECK(group % 32 == 0 && k_dim % group == 0 && (group == 32 || group % 64 == 0), "group: 32 or a multiple of 64");
+  for (const auto* t : {&scales, &scaled_zeros})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == n_dim * (k_dim / group),
+                "scales, scaled_zeros: fp32 [N, K / group]");
+  TORCH_CHECK(!bias || (bias->scalar_type() == at::kBFloat16 && bias->is_contiguous() && bias->numel() == n_dim),
+              "bias: bf16 [N]");
+  at::Tensor out = at::empty({x.size(0), n_dim}, x.options());
+#ifdef EMBER_GEMV
+  gemv_int4(x, w, group, scales.data_ptr<float>(), scaled_zeros.data_ptr<float>(),
+            bias ? bias->data_ptr<c10::BFloat16>() : nullptr, out);
+#endif
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(ember_linear, m) {
+  m.def("linear_gemv(Tensor x, Tensor w, Tensor? scales=None, Tensor? bias=None) -> Tensor");
+  m.def("linear_gemv_int4(Tensor x, Tensor w, int group, Tensor scales, Tensor scaled_zeros, Tensor? bias=None) -> Tensor");
+  m.def("gemv_supported() -> bool", &gemv_supported);
+}
+
+TORCH_LIBRARY_IMPL(ember_linear, CPU, m) {
+  m.impl("linear_gemv", &linear_gemv);
+  m.impl("linear_gemv_int4", &linear_gemv_int4);
+}
