@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ember.models import cpu_linear
+from ember.models import cpu_ops
 from ember.models.attention import AttentionContext, attend
 from ember.models.config import ModelConfig, RopeConfig
 
@@ -23,16 +23,16 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # torch's fused kernel normalises in fp32 like transformers does; in bf16 it rounds
-        # once at the end where transformers rounds before the weight (a last-bit difference).
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        # fp32 statistics like transformers; in bf16 ember's one-pass kernel (PyTorch's rounds once
+        # at the end where transformers rounds before the weight: a last-bit difference).
+        return cpu_ops.rms_norm(x, self.weight, self.eps)
 
 
 class Linear(nn.Linear):
     """nn.Linear whose decode-sized products go through ember's CPU GEMV kernel."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cpu_linear.linear(x, self.weight, self.bias)
+        return cpu_ops.linear(x, self.weight, self.bias)
 
 
 class MergedLinear(Linear):

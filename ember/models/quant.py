@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ember.models import cpu_linear
+from ember.models import cpu_ops
 from ember.models.layers import MergedLinear
 
 METHODS = ("int8", "int4")
@@ -124,7 +124,7 @@ class QuantizedLinear(nn.Module):
         module = cls(k, n, 4, group_size, bias, dtype, **names)
         q = q.to(torch.int32).contiguous()
         scale = scale.float()
-        if dtype == torch.bfloat16 and k % 64 == 0 and cpu_linear.gemv_available():
+        if dtype == torch.bfloat16 and k % 64 == 0 and cpu_ops.gemv_available():
             # ember's kernel: per 64 channels, byte j = channel j (low nibble) | channel 32 + j (high).
             module.layout = "ember"
             halves = q.to(torch.uint8).reshape(n, k // 64, 2, 32)
@@ -181,14 +181,14 @@ class QuantizedLinear(nn.Module):
         if self.perm is not None:
             flat = flat.index_select(1, self.perm)
         if self.bits == 8:
-            out = cpu_linear.int8_linear(flat, self.qweight, self.scales_f32, self.bias)
+            out = cpu_ops.int8_linear(flat, self.qweight, self.scales_f32, self.bias)
             if out is not None:
                 return out.reshape(*shape[:-1], self.out_features)
             out = torch.ops.aten._weight_int8pack_mm(flat.contiguous(), self.qweight, self.scales)
         elif self.layout == "ember":
             if flat.dtype != torch.bfloat16:
                 return F.linear(x, self.dequantize(), self.bias)
-            out = torch.ops.ember_linear.linear_gemv_int4(flat.contiguous(), self.qweight, self.group_size,
+            out = torch.ops.ember_ops.linear_gemv_int4(flat.contiguous(), self.qweight, self.group_size,
                                                           self.scales_f32, self.scaled_zeros, self.bias)
             return out.reshape(*shape[:-1], self.out_features)
         else:

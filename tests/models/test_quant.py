@@ -7,42 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ember.models import cpu_linear, load_model
+from ember.models import load_model
 from ember.models.quant import QuantConfig, QuantizedLinear, quantize_model
-
-needs_gemv = pytest.mark.skipif(not cpu_linear.gemv_available(), reason="no AVX512-BF16/VNNI GEMV kernels here")
-
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-@needs_gemv
-@pytest.mark.parametrize("n,k", [(1, 32), (7, 70), (100, 128), (300, 896), (33, 4160)])
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 6])
-def test_gemv_kernels_match_plain_pytorch(n, k, rows):
-    g = torch.Generator().manual_seed(n * k + rows)
-    x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
-    w = torch.randn(n, k, generator=g).to(torch.bfloat16)
-    bias = torch.randn(n, generator=g).to(torch.bfloat16)
-    with torch.inference_mode():
-        got = cpu_linear.linear(x, w, bias)
-        assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
-        expected = torch.nn.functional.linear(x.float(), w.float(), bias.float())
-        assert relative_error(got, expected) < 5e-3
-        q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
-        scales = torch.rand(n, generator=g) / 100
-        got8 = cpu_linear.int8_linear(x, q, scales, bias)
-        expected8 = torch.nn.functional.linear(x.float(), q.float() * scales[:, None], bias.float())
-        assert relative_error(got8, expected8) < 5e-3
-
-
-def test_gemv_is_not_used_under_autograd():
-    layer = torch.nn.Linear(64, 32).to(torch.bfloat16)
-    x = torch.randn(1, 64, dtype=torch.bfloat16, requires_grad=True)
-    out = cpu_linear.linear(x, layer.weight, layer.bias)
-    out.sum().backward()  # F.linear's autograd, not the kernel's (which has none)
-    assert x.grad is not None
 
 
 # Documented per-layer bounds (relative Frobenius error of the weight, Gaussian weights):

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ember.engine.attention.torch_paged import (BatchLayout, KVLayout, LayerCache, PromptChunk, TorchPagedBackend,
-                                                chunk_attention)
+                                                chunk_attention, split_slots)
 from ember.models.cpu_build import build
 
 KERNEL_MAX_QUERY = 16
@@ -39,7 +39,7 @@ def load_kernels() -> bool:
 class CpuPagedContext:
     kv_caches: list[LayerCache]
     layout: KVLayout
-    slot_mapping: torch.Tensor
+    slots: tuple[torch.Tensor, torch.Tensor]  # (block, offset) of each new token
     num_kernel_rows: int  # the first rows, attended by the kernel
     block_tables: torch.Tensor
     token_request: torch.Tensor  # [kernel rows] request index of each row
@@ -48,7 +48,7 @@ class CpuPagedContext:
 
     def attend(self, layer, q, k, v, scale, sliding_window):
         cache = self.kv_caches[layer]
-        self.layout.write(cache, self.slot_mapping, k, v)
+        self.layout.write(cache, self.slots, k, v)
         rows = self.num_kernel_rows
         kernel_out = None
         if rows:
@@ -85,6 +85,6 @@ class CpuPagedBackend(TorchPagedBackend):
             torch.tensor(layout.query_lens[:num_kernel], dtype=torch.int64, device=device),
         )
         return CpuPagedContext(
-            self.kv_caches, self.layout, layout.slot_mapping, rows, layout.block_tables, token_request,
+            self.kv_caches, self.layout, split_slots(layout.slot_mapping, self.block_size), rows, layout.block_tables, token_request,
             layout.positions[:rows] + 1, self.chunks(layout, num_kernel, rows),
         )

@@ -57,6 +57,10 @@ def quantize_heads(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+def split_slots(slot_mapping: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return slot_mapping // block_size, slot_mapping % block_size
+
+
 class KVLayout:
     """How K and V tokens sit inside a block; backends and the runner agree on one.
 
@@ -93,10 +97,10 @@ class KVLayout:
     def block_size(self, v_cache: torch.Tensor) -> int:
         return v_cache.shape[2] * 2 if self.paired else v_cache.shape[2]
 
-    def write(self, cache: LayerCache, slot_mapping, k, v) -> None:
+    def write(self, cache: LayerCache, slots, k, v) -> None:
+        """slots: each new token's slot number, or (block, offset) pairs already split (once per step)."""
         k_cache, v_cache = cache[0], cache[1]
-        block_size = self.block_size(v_cache)
-        blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
+        blocks, offsets = split_slots(slots, self.block_size(v_cache)) if isinstance(slots, torch.Tensor) else slots
         if self.quantized:
             k, k_scale = quantize_heads(k)
             v, v_scale = quantize_heads(v)
@@ -146,7 +150,7 @@ def chunk_attention(q, k, v, cache: LayerCache, layout: KVLayout, chunk: PromptC
 class TorchPagedContext:
     kv_caches: list[LayerCache]
     layout: KVLayout
-    slot_mapping: torch.Tensor
+    slots: tuple[torch.Tensor, torch.Tensor]  # (block, offset) of each new token
     num_decodes: int
     decode_blocks: torch.Tensor | None  # [decodes, blocks]
     decode_valid: torch.Tensor | None  # [decodes, blocks * block_size] bool
@@ -165,7 +169,7 @@ class TorchPagedContext:
 
     def attend(self, layer, q, k, v, scale, sliding_window):
         cache = self.kv_caches[layer]
-        self.layout.write(cache, self.slot_mapping, k, v)
+        self.layout.write(cache, self.slots, k, v)
         out = torch.empty_like(q)
         nd = self.num_decodes
         if nd:
@@ -207,5 +211,6 @@ class TorchPagedBackend:
             key_pos = torch.arange(num_blocks * self.block_size, device=seq_lens.device)
             valid = key_pos[None, :] < seq_lens[:, None]
             positions = seq_lens - 1
-        return TorchPagedContext(self.kv_caches, self.layout, layout.slot_mapping, nd, blocks, valid, positions,
+        slots = split_slots(layout.slot_mapping, self.block_size)
+        return TorchPagedContext(self.kv_caches, self.layout, slots, nd, blocks, valid, positions,
                                  self.chunks(layout, nd, nd))

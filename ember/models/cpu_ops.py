@@ -1,10 +1,11 @@
-"""Linear layers at decode batch sizes on CPU: `linear_cpu.cpp`'s matrix-vector kernels.
+"""Decode-sized work on CPU through `cpu_ops.cpp`: matrix-vector products and RMSNorm.
 
 A decode step multiplies a handful of rows by every weight matrix, which PyTorch runs
 at a fraction of the memory bandwidth here; the kernels stream each weight once for up
 to four rows at a time (see BENCHMARKS.md, issue 10, for the measurements behind
-`GEMV_MAX_ROWS`). Used only for bf16 activations on CPUs with AVX512-BF16 and VNNI,
-without autograd; everything else goes through PyTorch.
+`GEMV_MAX_ROWS`). RMSNorm in bf16 is one pass instead of PyTorch's ~8 ops. Used only
+for bf16 activations on CPUs with AVX512-BF16 and VNNI, without autograd; everything
+else goes through PyTorch.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ INT8_GEMV_MAX_ROWS = 16  # int8 weights: above this dequantizing once + GEMM win
 
 @functools.cache
 def gemv_available() -> bool:
-    return build("ember_linear_cpu", str(Path(__file__).with_name("linear_cpu.cpp"))) and \
-        bool(torch.ops.ember_linear.gemv_supported())
+    return build("ember_cpu_ops", str(Path(__file__).with_name("cpu_ops.cpp"))) and \
+        bool(torch.ops.ember_ops.gemv_supported())
 
 
 def _kernel_ok(x: torch.Tensor, max_rows: int, *tensors: torch.Tensor | None) -> bool:
@@ -39,7 +40,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     """F.linear, through the GEMV kernel for a few bf16 rows."""
     if weight.dtype != torch.bfloat16 or not _kernel_ok(x, GEMV_MAX_ROWS, weight, bias):
         return F.linear(x, weight, bias)
-    out = torch.ops.ember_linear.linear_gemv(x.reshape(-1, x.shape[-1]).contiguous(), weight, None, bias)
+    out = torch.ops.ember_ops.linear_gemv(x.reshape(-1, x.shape[-1]).contiguous(), weight, None, bias)
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -47,5 +48,12 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: to
     """x @ (q * scales).T + bias for int8 q and fp32 scales, or None where the kernel does not apply."""
     if not _kernel_ok(x, INT8_GEMV_MAX_ROWS):
         return None
-    out = torch.ops.ember_linear.linear_gemv(x.reshape(-1, x.shape[-1]).contiguous(), q, scales, bias)
+    out = torch.ops.ember_ops.linear_gemv(x.reshape(-1, x.shape[-1]).contiguous(), q, scales, bias)
     return out.view(*x.shape[:-1], q.shape[0])
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' RMSNorm (fp32 statistics, rounded to the input dtype before the weight)."""
+    if weight.dtype != torch.bfloat16 or not _kernel_ok(x, 1 << 62, weight):
+        return F.rms_norm(x, weight.shape, weight, eps)
+    return torch.ops.ember_ops.rms_norm(x.contiguous(), weight, eps)

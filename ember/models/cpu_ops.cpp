@@ -1,4 +1,5 @@
-// Matrix-vector products for decoding on CPU: y[m, n] = sum_k x[m, k] * w[n, k] for a few rows m.
+// Kernels for decode-sized batches on CPU: matrix-vector products y[m, n] = sum_k x[m, k] * w[n, k]
+// for a few rows m, and RMSNorm in one pass (PyTorch decomposes it into ~8 ops for bf16).
 //
 // At one to a few rows a linear layer is bound by reading its weight once; PyTorch's
 // GEMV paths reach a fraction of the memory bandwidth here. These kernels stream each
@@ -125,6 +126,18 @@ void gemv_int8_rows(const int16_t* xq, int64_t k_dim, const int8_t* w, int64_t n
 
 std::vector<float> quantize_rows(const at::Tensor& x, std::vector<int16_t>& xq);
 
+// Calls body(std::integral_constant<int, R>) for R = min(rows, kMaxRowsX) rows of x (R is a template
+// argument, so each row count gets its own register allocation).
+template <typename Body>
+void with_rows(int64_t rows, const Body& body) {
+  switch (std::min<int64_t>(kMaxRowsX, rows)) {
+    case 1: body(std::integral_constant<int, 1>{}); break;
+    case 2: body(std::integral_constant<int, 2>{}); break;
+    case 3: body(std::integral_constant<int, 3>{}); break;
+    default: body(std::integral_constant<int, 4>{}); break;
+  }
+}
+
 template <typename Body>
 void over_channels(int64_t n_dim, const Body& body) {
   // A few chunks per thread; each chunk streams its rows of weights once.
@@ -141,12 +154,9 @@ void gemv_bf16(const at::Tensor& x, const at::Tensor& w, const c10::BFloat16* bi
     for (int64_t m = 0; m < m_dim; m += kMaxRowsX) {
       const auto* xm = xp + m * k_dim;
       auto* om = op + m * n_dim;
-      switch (std::min<int64_t>(kMaxRowsX, m_dim - m)) {
-        case 1: gemv_rows<c10::BFloat16, 1>(xm, k_dim, wp, k_dim, n0, n1, nullptr, bias, om, n_dim); break;
-        case 2: gemv_rows<c10::BFloat16, 2>(xm, k_dim, wp, k_dim, n0, n1, nullptr, bias, om, n_dim); break;
-        case 3: gemv_rows<c10::BFloat16, 3>(xm, k_dim, wp, k_dim, n0, n1, nullptr, bias, om, n_dim); break;
-        default: gemv_rows<c10::BFloat16, 4>(xm, k_dim, wp, k_dim, n0, n1, nullptr, bias, om, n_dim); break;
-      }
+      with_rows(m_dim - m, [&](auto rows) {
+        gemv_rows<c10::BFloat16, decltype(rows)::value>(xm, k_dim, wp, k_dim, n0, n1, nullptr, bias, om, n_dim);
+      });
     }
   });
 }
@@ -163,12 +173,9 @@ void gemv_int8(const at::Tensor& x, const at::Tensor& w, const float* scales, co
       const int16_t* xm = xq.data() + m * k_dim;
       const float* sm = x_scales.data() + m;
       auto* om = op + m * n_dim;
-      switch (std::min<int64_t>(kMaxRowsX, m_dim - m)) {
-        case 1: gemv_int8_rows<1>(xm, k_dim, wp, n0, n1, sm, scales, bias, om, n_dim); break;
-        case 2: gemv_int8_rows<2>(xm, k_dim, wp, n0, n1, sm, scales, bias, om, n_dim); break;
-        case 3: gemv_int8_rows<3>(xm, k_dim, wp, n0, n1, sm, scales, bias, om, n_dim); break;
-        default: gemv_int8_rows<4>(xm, k_dim, wp, n0, n1, sm, scales, bias, om, n_dim); break;
-      }
+      with_rows(m_dim - m, [&](auto rows) {
+        gemv_int8_rows<decltype(rows)::value>(xm, k_dim, wp, n0, n1, sm, scales, bias, om, n_dim);
+      });
     }
   });
 }
@@ -233,6 +240,14 @@ void gemv_int4_rows(const int16_t* xq, int64_t k_dim, const uint8_t* w, int64_t 
   }
 }
 
+inline __m512 load_bf16(const c10::BFloat16* p, __mmask16 mask) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
+}
+
+inline __mmask16 tail_mask(int64_t k, int64_t n) {
+  return k + 16 <= n ? __mmask16(0xFFFF) : __mmask16((1u << (n - k)) - 1);
+}
+
 // x rounded to int16 per row (see gemv_int8_rows); returns the row scales.
 std::vector<float> quantize_rows(const at::Tensor& x, std::vector<int16_t>& xq) {
   const int64_t m_dim = x.size(0), k_dim = x.size(1);
@@ -240,12 +255,18 @@ std::vector<float> quantize_rows(const at::Tensor& x, std::vector<int16_t>& xq) 
   xq.resize(m_dim * k_dim);
   std::vector<float> x_scales(m_dim);
   for (int64_t m = 0; m < m_dim; ++m) {
-    float amax = 0.f;
-    for (int64_t k = 0; k < k_dim; ++k) amax = std::max(amax, std::abs(static_cast<float>(xp[m * k_dim + k])));
-    const float scale = amax > 0.f ? amax / 32767.f : 1.f;
-    x_scales[m] = scale;
-    for (int64_t k = 0; k < k_dim; ++k)
-      xq[m * k_dim + k] = static_cast<int16_t>(std::nearbyint(static_cast<float>(xp[m * k_dim + k]) / scale));
+    const c10::BFloat16* row = xp + m * k_dim;
+    __m512 amax = _mm512_setzero_ps();
+    for (int64_t k = 0; k < k_dim; k += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(load_bf16(row + k, tail_mask(k, k_dim))));
+    const float top = _mm512_reduce_max_ps(amax);
+    x_scales[m] = top > 0.f ? top / 32767.f : 1.f;
+    const __m512 inv = _mm512_set1_ps(1.f / x_scales[m]);
+    for (int64_t k = 0; k < k_dim; k += 16) {
+      const __mmask16 mask = tail_mask(k, k_dim);
+      // round to nearest (the default rounding mode), saturate to int16
+      const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(load_bf16(row + k, mask), inv));
+      _mm256_mask_storeu_epi16(xq.data() + m * k_dim + k, mask, _mm512_cvtsepi32_epi16(q));
+    }
   }
   return x_scales;
 }
@@ -271,11 +292,33 @@ void gemv_int4(const at::Tensor& x, const at::Tensor& w, int64_t group, const fl
       const float* sm = x_scales.data() + m;
       const float* zm = x_sums.data() + m * groups;
       auto* om = op + m * n_dim;
-      switch (std::min<int64_t>(kMaxRowsX, m_dim - m)) {
-        case 1: gemv_int4_rows<1>(xm, k_dim, wp, group, n0, n1, sm, zm, scales, scaled_zeros, bias, om, n_dim); break;
-        case 2: gemv_int4_rows<2>(xm, k_dim, wp, group, n0, n1, sm, zm, scales, scaled_zeros, bias, om, n_dim); break;
-        case 3: gemv_int4_rows<3>(xm, k_dim, wp, group, n0, n1, sm, zm, scales, scaled_zeros, bias, om, n_dim); break;
-        default: gemv_int4_rows<4>(xm, k_dim, wp, group, n0, n1, sm, zm, scales, scaled_zeros, bias, om, n_dim); break;
+      with_rows(m_dim - m, [&](auto rows) {
+        gemv_int4_rows<decltype(rows)::value>(xm, k_dim, wp, group, n0, n1, sm, zm, scales, scaled_zeros, bias, om,
+                                               n_dim);
+      });
+    }
+  });
+}
+inline __m512 round_bf16(__m512 v) {  // round to bf16 (nearest even) and back, as a bf16 tensor op would
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+}
+
+// transformers' LlamaRMSNorm in bf16: x / sqrt(mean(x^2) + eps) in fp32, rounded to bf16, times the weight.
+void rms_norm_rows(const c10::BFloat16* x, const c10::BFloat16* w, c10::BFloat16* out, int64_t rows, int64_t h,
+                   float eps) {
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const c10::BFloat16* xr = x + r * h;
+      __m512 squares = _mm512_setzero_ps();
+      for (int64_t k = 0; k < h; k += 16) {
+        const __m512 v = load_bf16(xr + k, tail_mask(k, h));
+        squares = _mm512_fmadd_ps(v, v, squares);
+      }
+      const __m512 inv = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(squares) / h + eps));
+      for (int64_t k = 0; k < h; k += 16) {
+        const __mmask16 mask = tail_mask(k, h);
+        const __m512 y = _mm512_mul_ps(round_bf16(_mm512_mul_ps(load_bf16(xr + k, mask), inv)), load_bf16(w + k, mask));
+        _mm256_mask_storeu_epi16(out + r * h + k, mask, (__m256i)_mm512_cvtneps_pbh(y));
       }
     }
   });
@@ -334,15 +377,30 @@ at::Tensor linear_gemv_int4(const at::Tensor& x, const at::Tensor& w, int64_t gr
   return out;
 }
 
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(gemv_supported(), "rms_norm: built without AVX512-BF16");
+  TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kBFloat16, "x: contiguous bf16");
+  const int64_t h = x.size(-1);
+  TORCH_CHECK(weight.is_contiguous() && weight.scalar_type() == at::kBFloat16 && weight.numel() == h, "weight: bf16 [H]");
+  at::Tensor out = at::empty_like(x);
+#ifdef EMBER_GEMV
+  rms_norm_rows(x.data_ptr<c10::BFloat16>(), weight.data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>(),
+                x.numel() / h, h, static_cast<float>(eps));
+#endif
+  return out;
+}
+
 }  // namespace
 
-TORCH_LIBRARY(ember_linear, m) {
+TORCH_LIBRARY(ember_ops, m) {
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("linear_gemv(Tensor x, Tensor w, Tensor? scales=None, Tensor? bias=None) -> Tensor");
   m.def("linear_gemv_int4(Tensor x, Tensor w, int group, Tensor scales, Tensor scaled_zeros, Tensor? bias=None) -> Tensor");
   m.def("gemv_supported() -> bool", &gemv_supported);
 }
 
-TORCH_LIBRARY_IMPL(ember_linear, CPU, m) {
+TORCH_LIBRARY_IMPL(ember_ops, CPU, m) {
   m.impl("linear_gemv", &linear_gemv);
   m.impl("linear_gemv_int4", &linear_gemv_int4);
+  m.impl("rms_norm", &rms_norm);
 }

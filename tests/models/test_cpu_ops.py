@@ -1,0 +1,58 @@
+"""ember's decode kernels (GEMV, RMSNorm) against plain PyTorch."""
+
+import pytest
+import torch
+
+from ember.models import cpu_ops
+
+needs_kernels = pytest.mark.skipif(not cpu_ops.gemv_available(), reason="no AVX512-BF16/VNNI kernels here")
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@needs_kernels
+@pytest.mark.parametrize("n,k", [(1, 32), (7, 70), (100, 128), (300, 896), (33, 4160)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 6])
+def test_gemv_kernels_match_plain_pytorch(n, k, rows):
+    g = torch.Generator().manual_seed(n * k + rows)
+    x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
+    w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+    bias = torch.randn(n, generator=g).to(torch.bfloat16)
+    with torch.inference_mode():
+        got = cpu_ops.linear(x, w, bias)
+        assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+        expected = torch.nn.functional.linear(x.float(), w.float(), bias.float())
+        assert relative_error(got, expected) < 5e-3
+        q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+        scales = torch.rand(n, generator=g) / 100
+        got8 = cpu_ops.int8_linear(x, q, scales, bias)
+        expected8 = torch.nn.functional.linear(x.float(), q.float() * scales[:, None], bias.float())
+        assert relative_error(got8, expected8) < 5e-3
+
+
+def test_gemv_is_not_used_under_autograd():
+    layer = torch.nn.Linear(64, 32).to(torch.bfloat16)
+    x = torch.randn(1, 64, dtype=torch.bfloat16, requires_grad=True)
+    out = cpu_ops.linear(x, layer.weight, layer.bias)
+    out.sum().backward()  # F.linear's autograd, not the kernel's (which has none)
+    assert x.grad is not None
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(1, 64), (3, 896), (5, 7, 100), (2, 1000)])
+def test_rms_norm_matches_transformers_arithmetic(shape):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(shape, generator=g) * 3).to(torch.bfloat16)
+    weight = (torch.rand(shape[-1], generator=g) + 0.5).to(torch.bfloat16)
+    with torch.inference_mode():
+        got = cpu_ops.rms_norm(x, weight, 1e-6)
+    # LlamaRMSNorm.forward: fp32 statistics, normalised value rounded to bf16, then times the weight
+    hidden = x.float()
+    hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + 1e-6)
+    expected = weight * hidden.to(torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and got.shape == x.shape
+    mismatched = (got != expected).float().mean().item()
+    assert mismatched < 0.01  # last-bit differences from the order of the sum of squares only
+    torch.testing.assert_close(got.float(), expected.float(), rtol=8e-3, atol=1e-6)
