@@ -59,6 +59,10 @@ def add_bench_parser(sub) -> None:
     st.add_argument("--model", required=True)
     st.add_argument("--dtype", default="bfloat16")
     st.add_argument("--runs", type=int, default=2)
+    kb = bsub.add_parser("kernels", help="decode-sized linear kernels (bf16/int8/int4) on a model's shapes")
+    kb.add_argument("--model", required=True)
+    kb.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16])
+    kb.add_argument("--group-size", type=int, default=64)
     qb = bsub.add_parser("quant", help="bf16 vs int8 vs int4 weights: W2, W1, memory; llama.cpp as a peer")
     qb.add_argument("--model", required=True)
     qb.add_argument("--runs", type=int, default=3, help="W2 runs of each variant (alternating)")
@@ -101,6 +105,14 @@ def run(args: argparse.Namespace) -> int:
         return _rl(args)
     if args.bench_command == "quant":
         return _quant(args)
+    if args.bench_command == "kernels":
+        from ember.bench.kernels import run_kernels
+        from ember.models.config import ModelConfig
+
+        args.dtype = "bfloat16"
+        _header(args)
+        run_kernels(ModelConfig.from_dir(args.model), args.rows, args.group_size)
+        return 0
     if args.bench_command == "make-draft":
         from ember.bench.models import make_draft_model
 
