@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ember.models.cpu_build import build
 
-GEMV_MAX_ROWS = 4  # bf16 weights: above this oneDNN's blocked GEMM wins
+GEMV_MAX_ROWS = 8  # bf16 weights: above this oneDNN's blocked GEMM wins
 INT8_GEMV_MAX_ROWS = 16  # int8 weights: above this dequantizing once + GEMM wins
 
 

@@ -157,3 +157,23 @@ def test_engines_with_each_backend_agree(model_factory):
         for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
             tok = next(iter(x))
             assert abs(x[tok].logprob - y[tok].logprob) < 1e-4
+
+
+@pytest.mark.parametrize("backend", ["torch_paged", "auto"])
+def test_stale_cache_contents_never_reach_outputs(llama_dir, backend):
+    """The KV buffer is never cleared (freed memory comes back dirty): fill it with NaN first."""
+    import math
+
+    prompts = [list(range(3, 3 + n)) for n in (5, 17, 30)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
+    results = []
+    for dirty in (False, True):
+        llm = LLM(str(llama_dir), dtype="bfloat16", attention_backend=backend, kv_cache_gib=0.01)
+        if dirty:
+            for cache in llm.engine.runner.kv_caches:
+                for tensor in cache:
+                    tensor[1:].fill_(float("nan"))  # every block but the null block
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        assert not any(math.isnan(v.logprob) for o in outs for lp in o.outputs[0].logprobs for v in lp.values())
+        results.append([o.outputs[0].token_ids for o in outs])
+    assert results[0] == results[1]

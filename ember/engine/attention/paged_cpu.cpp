@@ -35,6 +35,7 @@ namespace {
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kPrefetchBlocks = 2;  // how far ahead to fetch the next blocks
 constexpr int kChains = 4;  // independent accumulators in the q.k loop
+constexpr int kSpan = 4;  // chunks of keys per online-softmax update (paired kernel)
 
 template <typename T>
 inline Vec load_vec(const T* p) {
@@ -199,8 +200,7 @@ void paired_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
     std::vector<uint32_t> qpairs(G * pairs);
     std::vector<float> acc(G * dim);
     float max_score[G], denom[G], correction[G];
-    alignas(64) float probs[G][W];
-    alignas(64) uint32_t ppairs[G][W / 2];
+    alignas(64) uint32_t ppairs[kSpan][G][W / 2];
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / kv_heads, kvh = item % kv_heads;
       std::memcpy(qpairs.data(), qp + (n * heads + kvh * G) * dim, G * dim * sizeof(uint16_t));
@@ -211,58 +211,77 @@ void paired_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
       const int64_t first = window > 0 ? std::max<int64_t>(0, last - window) : 0;
       const int64_t* table = block_tables + token_request[n] * max_blocks;
 
-      for (int64_t start = first - first % W; start < last; start += W) {
-        const int64_t block = table[start / block_size], offset = start % block_size;
-        const int64_t base = (block * kv_heads + kvh) * head_elems;
-        const uint16_t* keys = kp + base + offset * 2;         // row i at keys + i * block_size * 2
-        const uint16_t* values = vp + base + offset * dim;     // key pair j at values + j * dim * 2
-        const int64_t lo = std::max<int64_t>(first - start, 0), hi = std::min<int64_t>(last - start, W);
-        if ((start + W) % block_size == 0) {
-          const int64_t ahead = start + kPrefetchBlocks * block_size;
-          if (ahead < last) {
-            const int64_t next = (table[ahead / block_size] * kv_heads + kvh) * head_elems;
-            for (int64_t b = 0; b < head_elems * 2; b += 64) {
-              __builtin_prefetch(reinterpret_cast<const char*>(kp + next) + b);
-              __builtin_prefetch(reinterpret_cast<const char*>(vp + next) + b);
+      // kSpan chunks of W keys share one softmax update: one max and one sum reduction, one
+      // rescaling of the accumulators, per kSpan * W keys instead of per W.
+      for (int64_t span = first - first % W; span < last; span += kSpan * W) {
+        const int64_t chunks = std::min<int64_t>(kSpan, (last - span + W - 1) / W);
+        const uint16_t* keys[kSpan];
+        const uint16_t* values[kSpan];
+        int64_t lo[kSpan], hi[kSpan];
+        __m512 scores[kSpan][G];
+        for (int64_t c = 0; c < chunks; ++c) {
+          const int64_t start = span + c * W;
+          const int64_t block = table[start / block_size], offset = start % block_size;
+          const int64_t base = (block * kv_heads + kvh) * head_elems;
+          keys[c] = kp + base + offset * 2;         // row i at keys + i * block_size * 2
+          values[c] = vp + base + offset * dim;     // key pair j at values + j * dim * 2
+          lo[c] = std::max<int64_t>(first - start, 0);
+          hi[c] = std::min<int64_t>(last - start, W);
+          if ((start + W) % block_size == 0) {
+            const int64_t ahead = start + kPrefetchBlocks * block_size;
+            if (ahead < last) {
+              const int64_t next = (table[ahead / block_size] * kv_heads + kvh) * head_elems;
+              for (int64_t b = 0; b < head_elems * 2; b += 64) {
+                __builtin_prefetch(reinterpret_cast<const char*>(kp + next) + b);
+                __builtin_prefetch(reinterpret_cast<const char*>(vp + next) + b);
+              }
             }
           }
-        }
-        // kChains independent sums per head: a single chain would wait on each multiply-add's latency.
-        __m512 part[G][kChains];
-        for (int g = 0; g < G; ++g)
-          for (int c = 0; c < kChains; ++c) part[g][c] = _mm512_setzero_ps();
-        for (int64_t i = 0; i < pairs; i += kChains) {
-          for (int c = 0; c < kChains; ++c) {
-            const __m512bh k = (__m512bh)_mm512_loadu_si512(keys + (i + c) * block_size * 2);
-            for (int g = 0; g < G; ++g)
-              part[g][c] = _mm512_dpbf16_ps(part[g][c], (__m512bh)_mm512_set1_epi32(qpairs[g * pairs + i + c]), k);
+          // kChains independent sums per head: a single chain would wait on each multiply-add's latency.
+          __m512 part[G][kChains];
+          for (int g = 0; g < G; ++g)
+            for (int ch = 0; ch < kChains; ++ch) part[g][ch] = _mm512_setzero_ps();
+          for (int64_t i = 0; i < pairs; i += kChains) {
+            for (int ch = 0; ch < kChains; ++ch) {
+              const __m512bh k = (__m512bh)_mm512_loadu_si512(keys[c] + (i + ch) * block_size * 2);
+              for (int g = 0; g < G; ++g)
+                part[g][ch] = _mm512_dpbf16_ps(part[g][ch], (__m512bh)_mm512_set1_epi32(qpairs[g * pairs + i + ch]), k);
+            }
+          }
+          const __mmask16 valid = static_cast<__mmask16>(((1u << hi[c]) - 1) & ~((1u << lo[c]) - 1));
+          for (int g = 0; g < G; ++g) {
+            const __m512 sum = _mm512_add_ps(_mm512_add_ps(part[g][0], part[g][1]), _mm512_add_ps(part[g][2], part[g][3]));
+            scores[c][g] = _mm512_mask_blend_ps(valid, neg_inf, _mm512_mul_ps(sum, _mm512_set1_ps(scale)));
           }
         }
-        __m512 scores[G];
-        for (int g = 0; g < G; ++g)
-          scores[g] = _mm512_add_ps(_mm512_add_ps(part[g][0], part[g][1]), _mm512_add_ps(part[g][2], part[g][3]));
-        const __mmask16 valid = static_cast<__mmask16>(((1u << hi) - 1) & ~((1u << lo) - 1));
         for (int g = 0; g < G; ++g) {
-          const Vec sc(_mm512_mask_blend_ps(valid, neg_inf, _mm512_mul_ps(scores[g], _mm512_set1_ps(scale))));
-          const float new_max = std::max(max_score[g], reduce_max(sc));
-          const Vec p = (sc - Vec(new_max)).exp();
+          __m512 top = scores[0][g];
+          for (int64_t c = 1; c < chunks; ++c) top = _mm512_max_ps(top, scores[c][g]);
+          const float new_max = std::max(max_score[g], _mm512_reduce_max_ps(top));
           correction[g] = max_score[g] == -std::numeric_limits<float>::infinity() ? 0.f : std::exp(max_score[g] - new_max);
           max_score[g] = new_max;
-          denom[g] = denom[g] * correction[g] + reduce_sum(p);
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(ppairs[g]), (__m256i)_mm512_cvtneps_pbh(p));
+          __m512 total = _mm512_setzero_ps();
+          for (int64_t c = 0; c < chunks; ++c) {
+            const __m512 p = (Vec(scores[c][g]) - Vec(new_max)).exp();
+            total = _mm512_add_ps(total, p);
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(ppairs[c][g]), (__m256i)_mm512_cvtneps_pbh(p));
+          }
+          denom[g] = denom[g] * correction[g] + _mm512_reduce_add_ps(total);
         }
-        const int64_t jlo = lo / 2, jhi = (hi + 1) / 2;
         for (int64_t dv = 0; dv < dim_vecs; ++dv) {
           __m512 a[G];
           for (int g = 0; g < G; ++g) a[g] = _mm512_mul_ps(_mm512_loadu_ps(&acc[g * dim + dv * W]), _mm512_set1_ps(correction[g]));
-          for (int64_t j = jlo; j < jhi; ++j) {
-            __m512i v = _mm512_loadu_si512(values + j * dim * 2 + dv * W * 2);
-            if (2 * j < lo || 2 * j + 1 >= hi) {  // one key of the pair is outside: never read its slot
-              const __mmask32 keep = (2 * j >= lo ? 0x55555555u : 0u) | (2 * j + 1 < hi ? 0xAAAAAAAAu : 0u);
-              v = _mm512_maskz_mov_epi16(keep, v);
+          for (int64_t c = 0; c < chunks; ++c) {
+            const int64_t jlo = lo[c] / 2, jhi = (hi[c] + 1) / 2;
+            for (int64_t j = jlo; j < jhi; ++j) {
+              __m512i v = _mm512_loadu_si512(values[c] + j * dim * 2 + dv * W * 2);
+              if (2 * j < lo[c] || 2 * j + 1 >= hi[c]) {  // one key of the pair is outside: never read its slot
+                const __mmask32 keep = (2 * j >= lo[c] ? 0x55555555u : 0u) | (2 * j + 1 < hi[c] ? 0xAAAAAAAAu : 0u);
+                v = _mm512_maskz_mov_epi16(keep, v);
+              }
+              for (int g = 0; g < G; ++g)
+                a[g] = _mm512_dpbf16_ps(a[g], (__m512bh)_mm512_set1_epi32(ppairs[c][g][j]), (__m512bh)v);
             }
-            for (int g = 0; g < G; ++g)
-              a[g] = _mm512_dpbf16_ps(a[g], (__m512bh)_mm512_set1_epi32(ppairs[g][j]), (__m512bh)v);
           }
           for (int g = 0; g < G; ++g) _mm512_storeu_ps(&acc[g * dim + dv * W], a[g]);
         }

@@ -175,8 +175,11 @@ class TorchPagedContext:
         if nd:
             num_kv, dim = k.shape[1], k.shape[2]
             qd = q[:nd].view(nd, num_kv, -1, dim)  # the group's heads act as query rows
-            kd = self.layout.gather(cache, self.decode_blocks, keys=True)
-            vd = self.layout.gather(cache, self.decode_blocks, keys=False)
+            # Slots past each request's length hold whatever the buffer held (it is never cleared,
+            # and NaN * 0 is NaN): zero them, so the mask alone decides.
+            unset = ~self.decode_valid[:, None, :, None]
+            kd = self.layout.gather(cache, self.decode_blocks, keys=True).masked_fill(unset, 0)
+            vd = self.layout.gather(cache, self.decode_blocks, keys=False).masked_fill(unset, 0)
             od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=self._decode_mask(sliding_window), scale=scale)
             out[:nd] = od.reshape(nd, -1, dim)
         for chunk in self.chunks:
