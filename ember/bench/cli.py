@@ -12,7 +12,7 @@ def add_bench_parser(sub) -> None:
     bsub = bench.add_subparsers(dest="bench_command", required=True)
 
     make = bsub.add_parser("make-model", help="write a random-init benchmark model (HF format)")
-    make.add_argument("name", choices=["bench-llama-56m", "bench-qwen2-0.5b"])
+    make.add_argument("name", choices=["bench-llama-56m", "bench-qwen2-0.5b", "bench-mixtral-small"])
     make.add_argument("out_dir")
 
     for name, help_text in (("throughput", "W1: offline throughput"), ("latency", "W2: single-stream latency")):
@@ -59,6 +59,12 @@ def add_bench_parser(sub) -> None:
     st.add_argument("--model", required=True)
     st.add_argument("--dtype", default="bfloat16")
     st.add_argument("--runs", type=int, default=2)
+    eb = bsub.add_parser("embed", help="sentences/s of an embedding model vs sentence-transformers")
+    eb.add_argument("--model", required=True, help="a sentence-transformers directory (e.g. all-MiniLM-L6-v2)")
+    eb.add_argument("--dtype", default="float32")
+    eb.add_argument("--batch-size", type=int, default=64)
+    eb.add_argument("--sentences", type=int, default=1024)
+    eb.add_argument("--runs", type=int, default=3)
     kb = bsub.add_parser("kernels", help="decode-sized linear kernels (bf16/int8/int4) on a model's shapes")
     kb.add_argument("--model", required=True)
     kb.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16])
@@ -105,6 +111,8 @@ def run(args: argparse.Namespace) -> int:
         return _rl(args)
     if args.bench_command == "quant":
         return _quant(args)
+    if args.bench_command == "embed":
+        return _embed(args)
     if args.bench_command == "kernels":
         from ember.bench.kernels import run_kernels
         from ember.models.config import ModelConfig
@@ -351,6 +359,43 @@ def _serve(args) -> int:
         server.stop()
     if 16 in results:
         print(f"ratio server @16 / offline @16 (output tok/s): {results[16].output_tps / offline_tps:.2f}")
+    return 0
+
+
+def _embed(args) -> int:
+    import re
+    import time
+
+    import torch
+
+    from ember import LLM
+    from ember.bench.models import corpus_text
+
+    _header(args)
+    pieces = [p.strip() for p in re.split(r"(?<=[.!?])\s+", corpus_text()) if len(p.strip()) > 10]
+    sentences = [pieces[i % len(pieces)] + ("" if i < len(pieces) else f" ({i})") for i in range(args.sentences)]
+    batches = [sentences[i:i + args.batch_size] for i in range(0, len(sentences), args.batch_size)]
+    llm = LLM(args.model, dtype=args.dtype)
+    from sentence_transformers import SentenceTransformer
+
+    peer = SentenceTransformer(args.model, device="cpu")
+    if args.dtype == "bfloat16":
+        peer = peer.to(torch.bfloat16)
+    runners = {"ember": lambda batch: llm.embed(batch),
+               "sentence-transformers": lambda batch: peer.encode(batch, batch_size=args.batch_size)}
+    for run in runners.values():
+        run(batches[0])
+    rates: dict[str, list[float]] = {name: [] for name in runners}
+    for i in range(args.runs):  # alternating
+        for name, run in runners.items():
+            start = time.perf_counter()
+            for batch in batches:
+                run(batch)
+            rates[name].append(len(sentences) / (time.perf_counter() - start))
+            print(f"  run {i + 1} {name}: {rates[name][-1]:.1f} sentences/s", flush=True)
+    med = {n: statistics.median(r) for n, r in rates.items()}
+    print(f"{len(sentences)} sentences, batch {args.batch_size}: ember {med['ember']:.1f}, sentence-transformers "
+          f"{med['sentence-transformers']:.1f} sentences/s; ratio {med['ember'] / med['sentence-transformers']:.2f}x")
     return 0
 
 

@@ -30,6 +30,13 @@ BENCH_MODELS: dict[str, dict[str, Any]] = {
         tie_word_embeddings=True, rope_theta=1000000.0, max_position_embeddings=32768, rms_norm_eps=1e-6,
         use_sliding_window=False, sliding_window=None,
     ),
+    # Not a workload model of ../shared/bench: the small random Mixture-of-Experts of issue 11's benchmark.
+    "bench-mixtral-small": dict(
+        architectures=["MixtralForCausalLM"], model_type="mixtral", hidden_size=512, intermediate_size=704,
+        num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, vocab_size=32000,
+        num_local_experts=8, num_experts_per_tok=2, tie_word_embeddings=False, rope_theta=10000.0,
+        max_position_embeddings=4096, rms_norm_eps=1e-6, sliding_window=None, router_aux_loss_coef=0.01,
+    ),
 }
 
 
