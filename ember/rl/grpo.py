@@ -49,6 +49,8 @@ class GRPOConfig:
     zero_stage: int = 0
     eval_prompts: int = 64
     eval_interval: int = 25
+    # Stop once the greedy evaluation reaches this accuracy (None: run all `steps`).
+    target_accuracy: float | None = None
     seed: int = 0
 
     def __post_init__(self):
@@ -242,6 +244,8 @@ class GRPO:
                 with metrics_file.open("a") as f:
                     f.write(json.dumps(record) + "\n")
             bar.set_postfix(reward=f"{record['reward_mean']:.3f}", acc=f"{record['accuracy']:.2f}")
+            if c.target_accuracy is not None and record.get("accuracy_greedy", 0.0) >= c.target_accuracy:
+                break  # every rank evaluated the same greedy prompts, so all stop together
         bar.close()
         return record
 

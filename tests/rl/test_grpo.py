@@ -58,7 +58,8 @@ def test_two_processes(tmp_path):
 
 @pytest.mark.slow
 def test_grpo_learns_to_reverse_digits(tmp_path):
-    """From a random-init model to >= 0.8 greedy exact-match accuracy (recipes/grpo_reverse.yaml; about 4 min).
+    """From a random-init model to >= 0.8 greedy exact-match accuracy (recipes/grpo_reverse.yaml: up to 4,000
+    steps, stopping at the target; the recorded run reached it at step 2,500, about 5 min).
     The recorded run: recipes/grpo_reverse_metrics.jsonl and recipes/grpo_reverse_curve.png."""
     from pathlib import Path
 
@@ -68,4 +69,4 @@ def test_grpo_learns_to_reverse_digits(tmp_path):
     run(config)
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     greedy = [r["accuracy_greedy"] for r in records if r.get("accuracy_greedy") is not None]
-    assert greedy[0] < 0.1 and max(greedy[-2:]) >= 0.8, greedy
+    assert greedy[0] < 0.1 and greedy[-1] >= 0.8, greedy
