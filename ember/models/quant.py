@@ -2,19 +2,19 @@
 
 Decoding one sequence on a CPU reads every weight once per token, so its speed is
 bytes of weights / memory bandwidth: 8-bit weights halve the bytes, 4-bit ones
-quarter them. The matmuls run on PyTorch's own weight-only kernels
-(`aten._weight_int8pack_mm`, `aten._weight_int4pack_mm_for_cpu`: the kernels
-torchao's CPU layouts call), which read the packed weights directly. They are
-GEMV-shaped: their cost grows with the number of rows, so for large batches
-(prefill) a layer dequantizes its weight once and runs the ordinary bf16 matmul,
-whichever is faster at that row count (`KERNEL_MAX_ROWS`, measured in
-BENCHMARKS.md).
+quarter them. For a few rows of bf16 activations the products run on ember's kernels
+(`cpu_ops.cpp`: integer dot products straight from the packed weights); elsewhere on
+PyTorch's weight-only kernels (`aten._weight_int8pack_mm`,
+`aten._weight_int4pack_mm_for_cpu`: the kernels torchao's CPU layouts call). Both are
+GEMV-shaped, their cost growing with the number of rows, so for large batches (prefill)
+a layer dequantizes its weight once and runs the ordinary matmul (`KERNEL_MAX_ROWS`,
+measured in BENCHMARKS.md).
 
 Numerics, per output channel n and input channel k (g = k // group_size):
 - int8: w[n, k] = q[n, k] * scale[n], q in [-127, 127] (symmetric).
 - int4: w[n, k] = (q[n, k] - zero[g, n]) * scale[g, n], q in [0, 15] (asymmetric,
-  as GPTQ and AWQ store it); kept as torch's `(q - 8) * scale + offset` with
-  offset = (8 - zero) * scale.
+  as GPTQ and AWQ store it). ember's layout keeps scale and scale * zero per group;
+  torch's keeps `(q - 8) * scale + offset` with offset = (8 - zero) * scale.
 """
 
 from __future__ import annotations
