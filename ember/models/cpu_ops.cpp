@@ -29,47 +29,36 @@ namespace {
 
 constexpr int kMaxRowsX = 4;  // rows of x per pass
 
-inline __m512bh load_weights(const c10::BFloat16* p, __mmask32 mask) {
-  return (__m512bh)_mm512_maskz_loadu_epi16(mask, p);
-}
-
-inline __m512bh load_weights(const int8_t* p, __mmask32 mask) {
-  const __m256i bytes = _mm256_maskz_loadu_epi8(mask, p);
-  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(bytes)));
-  const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(bytes, 1)));
-  return _mm512_cvtne2ps_pbh(hi, lo);
-}
-
 // One output channel at a time, so the weights stream strictly in order (as the hardware
 // prefetcher likes best); kChains partial sums per row of x hide the dot product's latency.
-template <typename W, int M>
-void gemv_rows(const c10::BFloat16* x, int64_t x_stride, const W* w, int64_t k_dim, int64_t n_begin, int64_t n_end,
-               const float* scales, const c10::BFloat16* bias, c10::BFloat16* out, int64_t out_stride) {
+// bf16 weights, x rows of length k_dim.
+template <int M>
+void gemv_rows(const c10::BFloat16* x, const c10::BFloat16* w, int64_t k_dim, int64_t n_begin, int64_t n_end,
+               const c10::BFloat16* bias, c10::BFloat16* out, int64_t out_stride) {
   constexpr int kChains = 4;
   constexpr int64_t kStep = 32 * kChains;
   const int64_t k_main = k_dim / kStep * kStep;
   for (int64_t n = n_begin; n < n_end; ++n) {
-    const W* row = w + n * k_dim;
+    const c10::BFloat16* row = w + n * k_dim;
     __m512 acc[M][kChains];
     for (int m = 0; m < M; ++m)
       for (int c = 0; c < kChains; ++c) acc[m][c] = _mm512_setzero_ps();
     for (int64_t k = 0; k < k_main; k += kStep) {
       __m512bh wv[kChains];
-      for (int c = 0; c < kChains; ++c) wv[c] = load_weights(row + k + 32 * c, ~__mmask32(0));
+      for (int c = 0; c < kChains; ++c) wv[c] = (__m512bh)_mm512_loadu_si512(row + k + 32 * c);
       for (int m = 0; m < M; ++m)
         for (int c = 0; c < kChains; ++c)
-          acc[m][c] = _mm512_dpbf16_ps(acc[m][c], (__m512bh)_mm512_loadu_si512(x + m * x_stride + k + 32 * c), wv[c]);
+          acc[m][c] = _mm512_dpbf16_ps(acc[m][c], (__m512bh)_mm512_loadu_si512(x + m * k_dim + k + 32 * c), wv[c]);
     }
     for (int64_t k = k_main; k < k_dim; k += 32) {
       const __mmask32 mask = k + 32 <= k_dim ? ~__mmask32(0) : (__mmask32(1) << (k_dim - k)) - 1;
-      const __m512bh wv = load_weights(row + k, mask);
+      const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mask, row + k);
       for (int m = 0; m < M; ++m)
-        acc[m][0] = _mm512_dpbf16_ps(acc[m][0], (__m512bh)_mm512_maskz_loadu_epi16(mask, x + m * x_stride + k), wv);
+        acc[m][0] = _mm512_dpbf16_ps(acc[m][0], (__m512bh)_mm512_maskz_loadu_epi16(mask, x + m * k_dim + k), wv);
     }
     for (int m = 0; m < M; ++m) {
       float y = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]),
                                                    _mm512_add_ps(acc[m][2], acc[m][3])));
-      if (scales) y *= scales[n];
       if (bias) y += static_cast<float>(bias[n]);
       out[m * out_stride + n] = static_cast<c10::BFloat16>(y);
     }
@@ -155,7 +144,7 @@ void gemv_bf16(const at::Tensor& x, const at::Tensor& w, const c10::BFloat16* bi
       const auto* xm = xp + m * k_dim;
       auto* om = op + m * n_dim;
       with_rows(m_dim - m, [&](auto rows) {
-        gemv_rows<c10::BFloat16, decltype(rows)::value>(xm, k_dim, wp, k_dim, n0, n1, nullptr, bias, om, n_dim);
+        gemv_rows<decltype(rows)::value>(xm, wp, k_dim, n0, n1, bias, om, n_dim);
       });
     }
   });
