@@ -24,6 +24,8 @@ def add_bench_parser(sub) -> None:
         p.add_argument("--num-requests", type=int, default=None, help="W1 requests (default 64; 16 for qwen2)")
         p.add_argument("--max-num-batched-tokens", type=int, default=2048)
         p.add_argument("--max-num-seqs", type=int, default=256)
+        p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (both ember and the peer)")
+        p.add_argument("--hf-batch-size", type=int, default=16, help="transformers' generate batch size")
     serve = bsub.add_parser("serve", help="W5: W1 over HTTP against `ember serve` at several concurrencies")
     serve.add_argument("--model", required=True)
     serve.add_argument("--dtype", default="bfloat16")
@@ -471,6 +473,9 @@ def _header(args) -> None:
 
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, dtype {getattr(args, 'dtype', None) or getattr(args, 'precision', '')}")
+    device = getattr(args, "device", "cpu")
+    if torch.cuda.is_available() and device != "cpu":
+        print(f"device: {torch.cuda.get_device_name(torch.device(device) if device != 'auto' else None)}")
 
 
 def _throughput(args) -> int:
@@ -486,9 +491,10 @@ def _throughput(args) -> int:
     _header(args)
     print(f"W1: {num} requests, {workload.num_prompt_tokens} prompt tokens, {workload.max_tokens} output tokens each")
     runners = [EmberRunner(args.model, args.dtype, max_num_batched_tokens=args.max_num_batched_tokens,
-                           max_num_seqs=args.max_num_seqs)]
+                           max_num_seqs=args.max_num_seqs, device=args.device)]
     if args.compare == "hf":
-        runners.append(HFRunner(args.model, args.dtype))
+        runners.append(HFRunner(args.model, args.dtype, batch_size=args.hf_batch_size,
+                                device=runners[0].llm.engine.device))
     warm = Workload("warm-up", workload.prompts[:8], 8)
     for r in runners:
         r.run(warm)
@@ -513,7 +519,7 @@ def _latency(args) -> int:
 
     workload = w2()
     _header(args)
-    runner = EmberRunner(args.model, args.dtype)
+    runner = EmberRunner(args.model, args.dtype, device=args.device)
     runner.latency(w2(prompt_len=16, output_len=8))
     ttfts, tpots = [], []
     for i in range(args.runs):

@@ -76,18 +76,20 @@ class HFRunner:
 
     name = "transformers"
 
-    def __init__(self, model_dir: str, dtype: str = "bfloat16", batch_size: int = 16):
+    def __init__(self, model_dir: str, dtype: str = "bfloat16", batch_size: int = 16, device: torch.device | str = "cpu"):
         import transformers
 
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+        self.device = torch.device(device)
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+        self.model = model.to(self.device).eval()
         self.batch_size = batch_size
 
     def _generate(self, prompts: list[list[int]], max_tokens: int) -> int:
         import transformers
 
         width = max(len(p) for p in prompts)
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=self.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
         config = transformers.GenerationConfig(
             max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False, eos_token_id=None, pad_token_id=0
         )

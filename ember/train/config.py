@@ -112,12 +112,14 @@ class TrainConfig:
     eval_interval: int = 0  # 0: only at the end
     save_interval: int = 0  # 0: only at the end
     resume: str | None = None  # a checkpoint directory to continue from
+    device: str = "auto"  # auto (CUDA when each process on a node gets a GPU, else CPU) | cpu | cuda
     optimizer: OptimSpec = field(default_factory=OptimSpec)
 
     def __post_init__(self):
         checks = [
             ("zero_stage", self.zero_stage in (0, 1, 2, 3), "one of 0, 1, 2, 3"),
             ("precision", self.precision in ("fp32", "bf16"), "fp32 or bf16"),
+            ("device", self.device in ("auto", "cpu", "cuda"), "auto, cpu or cuda"),
             ("micro_batch_size", self.micro_batch_size >= 1, ">= 1"),
             ("grad_accum", self.grad_accum is None or self.grad_accum >= 1, ">= 1"),
             ("max_steps", self.max_steps >= 1, ">= 1"),

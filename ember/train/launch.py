@@ -15,11 +15,13 @@ def launch(config_path: str, nproc: int = 1, nnodes: int = 1, node_rank: int | N
            rdzv_endpoint: str | None = None, rdzv_id: str | None = None) -> int:
     """Validate everything first, then train; returns the exit status."""
     from ember.train.trainer import preflight, run
+    from ember.train.zero import training_device
 
     if nproc < 1 or nnodes < 1:
         raise ValueError(f"--nproc/--nnodes: {nproc}/{nnodes} must be >= 1")
     config = TrainConfig.load(config_path)
     preflight(config, nproc * nnodes)
+    training_device(config.device, nproc)  # too few GPUs for device: cuda fails here, not in every worker
     if nproc == 1 and nnodes == 1:
         run(config)
         return 0

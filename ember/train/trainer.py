@@ -82,7 +82,7 @@ class Trainer:
     # ---- pieces -----------------------------------------------------------------------
     def _setup(self) -> None:
         c = self.config
-        self.d: Dist = init_distributed()
+        self.d: Dist = init_distributed(c.device)
         torch.manual_seed(c.seed)
         self.tokenizer, self.model_config = preflight(c, self.d.world)
         self.accum = c.accumulation(self.d.world)

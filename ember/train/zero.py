@@ -12,6 +12,7 @@ MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) for 2-3.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ember.train.config import TrainConfig
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -35,9 +38,22 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed() -> Dist:
+def training_device(preference: str, local_world: int) -> str:
+    """'cuda' or 'cpu': one GPU per process on a node (nccl), else gloo on CPU."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if preference == "cpu" or (preference == "auto" and gpus < local_world):
+        if preference == "auto" and 0 < gpus < local_world:
+            logger.warning("device: %d processes per node but %d GPU(s): training on CPU", local_world, gpus)
+        return "cpu"
+    if gpus < local_world:
+        raise ValueError(f"device: 'cuda' needs one GPU per process: {local_world} per node, {gpus} visible")
+    return "cuda"
+
+
+def init_distributed(preference: str = "auto") -> Dist:
     """torchrun's environment -> a process group (gloo on CPU, nccl on CUDA); one process: a local group."""
-    use_cuda = torch.cuda.is_available()
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    use_cuda = training_device(preference, local_world) == "cuda"
     backend = "nccl" if use_cuda else "gloo"
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

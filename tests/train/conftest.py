@@ -23,6 +23,7 @@ def write_config(directory: Path, assets: Path, **overrides) -> Path:
         "global_batch_size": 8,
         "max_steps": 20,
         "seed": 0,
+        "device": "cpu",  # CPU even where a GPU is present: the references are CPU runs (tests/test_gpu.py covers CUDA)
         "optimizer": {"lr": 0.003, "warmup_steps": 3},
     }
     for key, value in overrides.items():
