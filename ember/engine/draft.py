@@ -35,11 +35,12 @@ class DraftProposer:
         if params.greedy:
             return int(logits.argmax()), None
         scaled = (logits.float() / params.temperature)[None]
+        device = logits.device
         if params.top_k > 0 or params.top_p < 1.0:
-            scaled = apply_top_k_top_p(scaled, torch.tensor([params.top_k]) if params.top_k > 0 else None,
-                                       torch.tensor([params.top_p]) if params.top_p < 1.0 else None)
+            scaled = apply_top_k_top_p(scaled, torch.tensor([params.top_k], device=device) if params.top_k > 0 else None,
+                                       torch.tensor([params.top_p], device=device) if params.top_p < 1.0 else None)
         if params.min_p > 0:
-            scaled = apply_min_p(scaled, torch.tensor([params.min_p]))
+            scaled = apply_min_p(scaled, torch.tensor([params.min_p], device=device))
         probs = scaled.softmax(dim=-1)[0]
         return int(torch.multinomial(probs, 1, generator=self.generator)), probs
 
@@ -57,7 +58,7 @@ class DraftProposer:
         lens = [r.num_tokens - r.num_draft_computed for r in reqs]
         ids = [t for r in reqs for t in r.all_token_ids[r.num_draft_computed:]]
         hidden = self.runner.forward(reqs, lens, [r.num_draft_computed for r in reqs], ids)
-        rows = torch.tensor([sum(lens[:i + 1]) - 1 for i in range(len(reqs))])
+        rows = torch.tensor([sum(lens[:i + 1]) - 1 for i in range(len(reqs))], device=hidden.device)
         logits = self.runner.model.compute_logits(hidden[rows])
         for (r, _), row in zip(work, logits):
             token, p = self._pick(row, r)

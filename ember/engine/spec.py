@@ -103,18 +103,18 @@ def verify(
     scaled = logits / params.temperature
     if params.top_k > 0 or params.top_p < 1.0:
         rows = scaled.shape[0]
-        top_k = torch.full((rows,), params.top_k) if params.top_k > 0 else None
-        top_p = torch.full((rows,), params.top_p) if params.top_p < 1.0 else None
+        top_k = torch.full((rows,), params.top_k, device=logits.device) if params.top_k > 0 else None
+        top_p = torch.full((rows,), params.top_p, device=logits.device) if params.top_p < 1.0 else None
         scaled = apply_top_k_top_p(scaled, top_k, top_p)
     if params.min_p > 0:
-        scaled = apply_min_p(scaled, torch.full((scaled.shape[0],), params.min_p))
+        scaled = apply_min_p(scaled, torch.full((scaled.shape[0],), params.min_p, device=logits.device))
     probs = scaled.softmax(dim=-1)
     gen = generator or default_generator
-    uniforms = torch.rand(len(drafts) + 1, generator=gen)
+    uniforms = torch.rand(len(drafts) + 1, generator=gen, device=gen.device).tolist()
     for j, token in enumerate(drafts):
         p = probs[j, token].item()
         q = 1.0 if draft_probs is None else draft_probs[j, token].item()
-        if q > 0 and uniforms[j].item() < min(1.0, p / q):
+        if q > 0 and uniforms[j] < min(1.0, p / q):
             continue
         residual = probs[j].clone()
         if draft_probs is None:

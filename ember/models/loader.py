@@ -171,6 +171,7 @@ def load_model(
         weights = list(weights)
         packed = {n: t for n, t, _ in weights if n.endswith(QUANTIZED_SUFFIXES)}
         load_quantized_linears(model, packed, quant, torch_dtype, str(model_dir))
+        model.to(device)  # the quantized linears were built on CPU from the files
         weights = [w for w in weights if not w[0].endswith(QUANTIZED_SUFFIXES)]
     load_weights(model, weights)
     model.eval()

@@ -104,8 +104,10 @@ class QuantizedLinear(nn.Module):
         self.shard_names = shard_names  # set for merged projections (HF names of the row blocks)
         self.output_sizes = output_sizes
         self.bias = nn.Parameter(bias.to(dtype), requires_grad=False) if bias is not None else None
-        self.perm: torch.Tensor | None = None  # GPTQ act-order: input channels in group order
-        self._own_int4: torch.Tensor | None = None  # unpacked copy where torch's packing is not known
+        # Buffers (so .to(device) moves them): GPTQ act-order's input channels in group order, and an
+        # unpacked int4 copy where torch's packing is not known.
+        self.register_buffer("perm", None)
+        self.register_buffer("_own_int4", None)
         self.layout = "aten"  # int4: "ember" (ember's kernel and packing) or "aten" (torch's)
 
     @classmethod
@@ -124,15 +126,17 @@ class QuantizedLinear(nn.Module):
         module = cls(k, n, 4, group_size, bias, dtype, **names)
         q = q.to(torch.int32).contiguous()
         scale = scale.float()
-        if dtype == torch.bfloat16 and k % 64 == 0 and cpu_ops.gemv_available():
+        if k % 64 == 0 and (q.device.type != "cpu" or (dtype == torch.bfloat16 and cpu_ops.gemv_available())):
             # ember's kernel: per 64 channels, byte j = channel j (low nibble) | channel 32 + j (high).
+            # Off CPU the same packing serves the dequantize path.
             module.layout = "ember"
             halves = q.to(torch.uint8).reshape(n, k // 64, 2, 32)
             module.register_buffer("qweight", (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(n, k // 2))
             module.register_buffer("scales_f32", scale.t().contiguous())  # [N, G]
             module.register_buffer("scaled_zeros", (scale * zero.float()).t().contiguous())
             return module
-        module.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.cpu(), 1)  # torch packs on CPU only
+        module.register_buffer("qweight", packed.to(q.device))
         offset = (8 - zero.float()) * scale
         module.register_buffer("scale_offsets", torch.stack((scale, offset), dim=-1).to(dtype).contiguous())
         if n % _INT4_BLOCK_N or not _int4_layout_known():

@@ -196,12 +196,12 @@ class GRPO:
         prompts = [self.task.sample(rng) for _ in range(self.config.eval_prompts // self.d.world)]
         outs = self.engine.generate([p for p, _ in prompts], SamplingParams(
             temperature=0, max_tokens=self.config.max_new_tokens, structured=self.answer_format), use_tqdm=False)
-        hits = torch.tensor(float(sum(o.outputs[0].text == a for (_, a), o in zip(prompts, outs))))
+        hits = torch.tensor(float(sum(o.outputs[0].text == a for (_, a), o in zip(prompts, outs))), device=self.d.device)
         dist.all_reduce(hits)
         return hits.item() / (len(prompts) * self.d.world)
 
     def _mean(self, value: float) -> float:
-        t = torch.tensor(float(value))
+        t = torch.tensor(float(value), device=self.d.device)
         dist.all_reduce(t)
         return t.item() / self.d.world
 

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import uuid
 
@@ -21,7 +22,9 @@ def launch(config_path: str, nproc: int = 1, nnodes: int = 1, node_rank: int | N
         raise ValueError(f"--nproc/--nnodes: {nproc}/{nnodes} must be >= 1")
     config = TrainConfig.load(config_path)
     preflight(config, nproc * nnodes)
-    training_device(config.device, nproc)  # too few GPUs for device: cuda fails here, not in every worker
+    # Too few GPUs for device: cuda fails here, not in every worker; a CPU run hides the GPUs from its
+    # workers, or torch's defaults (FSDP meshes, collectives' object transport) would still reach for them.
+    cpu_run = training_device(config.device, nproc) == "cpu"
     if nproc == 1 and nnodes == 1:
         run(config)
         return 0
@@ -37,11 +40,19 @@ def launch(config_path: str, nproc: int = 1, nnodes: int = 1, node_rank: int | N
         if node_rank is not None:
             args += ["--node-rank", str(node_rank)]
     args += ["-m", "ember.train.launch", config_path]
+    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if cpu_run:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the workers inherit it at spawn
     try:
         torchrun.main(args)
     except Exception as e:  # a worker failed: torchrun has already stopped the others
         print(f"error: training failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
         return 1
+    finally:
+        if saved is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = saved
     return 0
 
 

@@ -158,7 +158,7 @@ class Trainer:
             # every rank runs the same number of forwards (FSDP all-gathers are collective)
             idx = [i % n for i in range(start + d.rank * c.micro_batch_size, start + (d.rank + 1) * c.micro_batch_size)]
             inputs, labels = self.eval_data.batch(idx)
-            total += torch.stack([self._loss(inputs, labels) * len(idx), torch.tensor(float(len(idx)))])
+            total += torch.stack([self._loss(inputs, labels) * len(idx), torch.tensor(float(len(idx)), device=d.device)])
         dist.all_reduce(total)
         self.model.train()
         return (total[0] / total[1]).item()

@@ -100,9 +100,13 @@ def shard(model: nn.Module, d: Dist, zero_stage: int, precision: str, opt, offlo
             # On a CPU-only machine everything already lives in host memory: nothing to move.
             offload_policy = {"offload_policy": CPUOffloadPolicy()}
         reshard = zero_stage == 3
+        # The mesh names the device: FSDP's default picks CUDA whenever it exists, even for a CPU run.
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(d.device.type, (d.world,))
         for layer in model.blocks():
-            fully_shard(layer, mp_policy=mp, reshard_after_forward=reshard, **offload_policy)
-        fully_shard(model, mp_policy=mp, reshard_after_forward=reshard, **offload_policy)
+            fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard, **offload_policy)
+        fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard, **offload_policy)
         return model, torch.optim.AdamW(param_groups(model, opt.weight_decay), **adam)
     wrapped = DDP(model) if d.world > 1 else model
     if zero_stage == 1:

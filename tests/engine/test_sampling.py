@@ -139,7 +139,7 @@ def test_engine_first_token_follows_the_model_distribution(model_factory):
     llm = LLM(str(path), dtype="float32")
     prompt = [5, 6, 7, 8]
     with torch.no_grad():
-        logits = llm.engine.model(torch.tensor([prompt]))[0, -1].float()
+        logits = llm.engine.model(torch.tensor([prompt], device=llm.engine.device))[0, -1].float().cpu()
     top = logits.topk(4)
     probs = torch.zeros_like(logits)
     probs[top.indices] = (top.values / 0.9).softmax(-1)

@@ -53,7 +53,7 @@ def test_packed_engine_forward_matches_training_forward(llama_dir):
     outs = llm.generate(prompts, params, use_tqdm=False)
     for prompt, out in zip(prompts, outs):
         with torch.no_grad():
-            ref = model(torch.tensor([prompt]))[0].float().log_softmax(-1)
+            ref = model(torch.tensor([prompt], device=llm.engine.device))[0].float().log_softmax(-1)
         for pos in range(1, len(prompt)):
             got = out.prompt_logprobs[pos][prompt[pos]].logprob
             assert abs(got - ref[pos - 1, prompt[pos]].item()) < 1e-5

@@ -2,6 +2,7 @@
 
 import gc
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -93,7 +94,7 @@ def test_bf16_engine_logprobs_close_to_bf16_trainer(trained, llama_dir):
 
 
 def test_sleep_frees_the_kv_cache_and_wake_restores(llama_dir):
-    llm = LLM(str(llama_dir), dtype="float32", kv_cache_gib=0.25)
+    llm = LLM(str(llama_dir), dtype="float32", kv_cache_gib=0.25, device="cpu")  # RSS: host memory
     params = SamplingParams(max_tokens=12, temperature=0)
     before = llm.generate(prompts(), params, use_tqdm=False)
     caches = llm.engine.runner.kv_caches
@@ -120,7 +121,7 @@ def test_update_weights_by_hf_name_and_errors(llama_dir):
     q_rows = llm.engine.model_config.num_heads * llm.engine.model_config.head_dim
     new_q = torch.full((q_rows, weight.shape[1]), 0.5)
     assert llm.engine.update_weights({"model.layers.0.self_attn.q_proj.weight": new_q}) == 1
-    assert torch.equal(weight[:q_rows], new_q)
+    assert torch.equal(weight[:q_rows].cpu(), new_q)
     with pytest.raises(ValueError, match="no tensor matched"):
         llm.engine.update_weights({"nonsense": torch.zeros(1)})
     with pytest.raises(ValueError, match="shape"):
@@ -138,7 +139,8 @@ def test_fsdp_zero3_push_on_two_processes(stage, llama_dir, train_assets, tmp_pa
     script = Path(__file__).with_name("zero3_push.py")
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           str(script), str(config), str(tmp_path / "result.json")],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})  # two CPU ranks, even beside a GPU
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["max_abs_diff"] < 1e-5 and result["weight_version"] == 1

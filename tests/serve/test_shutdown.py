@@ -22,8 +22,9 @@ def test_sigterm_drains_in_flight_requests(model_factory):
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
+        deadline = time.time() + 120
+        while True:
+            assert time.time() < deadline and proc.poll() is None, "the server did not become ready"
             try:
                 if httpx.get(f"{base}/health", timeout=1).status_code == 200:
                     break
