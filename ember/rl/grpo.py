@@ -109,7 +109,7 @@ class GRPO:
         torch.manual_seed(c.seed)
         model, _ = load_model(policy, dtype="float32")
         model.train()
-        self.reference = copy.deepcopy(model).eval() if c.kl_coef > 0 else None
+        self.reference = copy.deepcopy(model).to(self.d.device).eval() if c.kl_coef > 0 else None
         self.model, self.optimizer = shard(model, self.d, c.zero_stage, "fp32",
                                            OptimSpec(lr=c.lr, weight_decay=0.0, betas=(0.9, 0.99)))
         self.engine = LLM(str(policy), dtype="float32", kv_cache_gib=0.05, seed=c.seed + self.d.rank,
@@ -159,12 +159,14 @@ class GRPO:
             start = len(s["prompt_ids"]) - 1  # position predicting the first completion token
             mask[i, start:start + len(s["ids"])] = 1
             old[i, start:start + len(s["ids"])] = torch.tensor(s["old"])
+        device = self.d.device
+        inputs, mask, old, advantages = (t.to(device) for t in (inputs, mask, old, advantages))
         logits = self.model(inputs)[:, :-1].float()
         new = logits.log_softmax(-1).gather(2, inputs[:, 1:, None]).squeeze(2)
         ratio = torch.exp(((new - old) * mask).clamp(-20.0, 20.0))  # masked positions: ratio 1
         surrogate = torch.minimum(ratio * advantages, ratio.clamp(1 - c.clip, 1 + c.clip) * advantages)
         per_token = -surrogate
-        kl = torch.zeros(())
+        kl = torch.zeros((), device=device)
         if self.reference is not None:
             with torch.no_grad():
                 ref = self.reference(inputs)[:, :-1].float().log_softmax(-1).gather(2, inputs[:, 1:, None]).squeeze(2)
