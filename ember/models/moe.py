@@ -37,6 +37,9 @@ class MoE(nn.Module):
             self.shared_expert = GatedMLP(hidden, int(raw["shared_expert_intermediate_size"]), config.hidden_act, False)
             self.shared_expert_gate = nn.Linear(hidden, 1, bias=False)
         self.aux_loss = torch.zeros(())
+        # Set by expert-parallel training (ember.train.expert_parallel): (moe, rows grouped by expert,
+        # rows per expert) -> the experts' outputs for those rows, wherever the experts live.
+        self.dispatcher = None
 
     def hf_parameters(self, prefix: str):
         names = {f"{prefix}gate.weight": (self.gate.weight, ())}
@@ -55,6 +58,17 @@ class MoE(nn.Module):
             names[f"{prefix}shared_expert_gate.weight"] = (self.shared_expert_gate.weight, ())
         return names
 
+    def apply_experts(self, grouped: torch.Tensor, counts: list[int], w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+        """Rows grouped by expert (counts[e] rows for expert e of w13/w2) -> each row's expert output."""
+        out = torch.empty_like(grouped)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                gate, up = F.linear(grouped[start:start + n], w13[e]).chunk(2, dim=-1)
+                out[start:start + n] = F.linear(self.act(gate) * up, w2[e])
+                start += n
+        return out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
@@ -70,15 +84,12 @@ class MoE(nn.Module):
         flat = experts.flatten()
         order = flat.argsort(stable=True)
         tokens = order // self.top_k
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        counts = torch.bincount(flat, minlength=self.num_experts)
         grouped = x.index_select(0, tokens)
-        out = torch.empty_like(grouped)
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                gate, up = F.linear(grouped[start:start + n], self.w13[e]).chunk(2, dim=-1)
-                out[start:start + n] = F.linear(self.act(gate) * up, self.w2[e])
-                start += n
+        if self.dispatcher is not None:  # experts on other ranks (expert-parallel training)
+            out = self.dispatcher(self, grouped, counts)
+        else:
+            out = self.apply_experts(grouped, counts.tolist(), self.w13, self.w2)
         out = out * weights.flatten()[order, None]
         result = torch.zeros_like(x).index_add_(0, tokens, out)
         if self.shared_expert is not None:

@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ember.rl.tasks import DIGITS, SPECIALS, Task, write_task_tokenizer

@@ -112,6 +112,7 @@ class TrainConfig:
     eval_interval: int = 0  # 0: only at the end
     save_interval: int = 0  # 0: only at the end
     resume: str | None = None  # a checkpoint directory to continue from
+    expert_parallel: bool = False  # MoE: experts sharded over the processes, tokens moved by all-to-all
     device: str = "auto"  # auto (CUDA when each process on a node gets a GPU, else CPU) | cpu | cuda
     optimizer: OptimSpec = field(default_factory=OptimSpec)
 
@@ -128,6 +129,8 @@ class TrainConfig:
             ("optimizer.lr", self.optimizer.lr > 0, "> 0"),
             ("offload_params", not self.offload_params or self.zero_stage == 3, "needs zero_stage 3"),
             ("offload_optimizer", not self.offload_optimizer or self.zero_stage >= 2, "needs zero_stage 2 or 3"),
+            ("expert_parallel", not self.expert_parallel or self.zero_stage != 1,
+             "works with zero_stage 0, 2 or 3: ZeRO-1's optimizer assumes replicated parameters"),
         ]
         for name, ok, why in checks:
             if not ok:

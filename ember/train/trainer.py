@@ -25,7 +25,7 @@ from ember.train.checkpoint import load_checkpoint, save_checkpoint
 from ember.train.config import ConfigError, TrainConfig
 from ember.train.data import StepSampler, build_datasets
 from ember.train.zero import (
-    Dist, autocast, init_distributed, lr_lambda, model_state_bytes, no_grad_sync, shard_model, unwrap,
+    Dist, autocast, init_distributed, lr_lambda, model_state_bytes, no_grad_sync, shard_model,
 )
 
 logger = logging.getLogger(__name__)
@@ -55,6 +55,12 @@ def preflight(config: TrainConfig, world_size: int) -> tuple[Tokenizer, ModelCon
     expand_files(config.data.train, "data.train")
     if config.data.eval:
         expand_files(config.data.eval, "data.eval")
+    if config.expert_parallel:
+        experts = model_config.raw.get("num_local_experts") or model_config.raw.get("num_experts")
+        if not experts:
+            raise ConfigError(f"expert_parallel: {model_config.architecture} has no Mixture-of-Experts layers")
+        if int(experts) % world_size:
+            raise ConfigError(f"expert_parallel: {experts} experts do not divide over {world_size} processes")
     config.accumulation(world_size)  # raises if the batch does not divide
     return tokenizer, model_config
 
@@ -105,6 +111,9 @@ class Trainer:
         self.last_aux_loss = 0.0
         base.set_gradient_checkpointing(c.activation_checkpointing)
         self.model, self.optimizer = shard_model(base, c, self.d)
+        from ember.train.expert_parallel import expert_params
+
+        self.expert_params = expert_params(base)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(c))
         self.start_step = 0
         if c.resume:
@@ -117,7 +126,7 @@ class Trainer:
         loss = F.cross_entropy(logits.float().flatten(0, 1), labels.to(self.d.device).flatten())
         if self.model.training and self.moe_layers:  # the routers' load-balancing loss
             aux = sum(m.aux_loss for m in self.moe_layers)
-            self.last_aux_loss = float(aux)
+            self.last_aux_loss = float(aux.detach())
             loss = loss + self.aux_coef * aux
         return loss
 
@@ -142,6 +151,13 @@ class Trainer:
 
     def _clip(self) -> float:
         max_norm = self.config.grad_clip if self.config.grad_clip else float("inf")
+        if self.expert_params:
+            from ember.train.expert_parallel import clip_grad_norm, scale_expert_grads
+
+            scale_expert_grads(self.expert_params, self.d.world)
+            ids = {id(p) for p in self.expert_params}
+            dense = [p for p in self.model.parameters() if id(p) not in ids]
+            return clip_grad_norm(dense, self.expert_params, max_norm)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 

@@ -70,28 +70,44 @@ def init_distributed(preference: str = "auto") -> Dist:
     return Dist(rank, world, local_rank, device)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices, not norms or biases."""
+def param_groups(model: nn.Module, weight_decay: float, experts: list[nn.Parameter] = ()) -> list[dict]:
+    """Decay matrices, not norms or biases; MoE experts in a group of their own (sharded by expert
+    parallelism they are DTensors, and the optimizer's fused steps take one kind of tensor per group)."""
+    expert_ids = {id(p) for p in experts}
     decay, no_decay = [], []
     for _, p in model.named_parameters():
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if id(p) not in expert_ids:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return groups + ([{"params": list(experts), "weight_decay": weight_decay}] if experts else [])
 
 
 def shard_model(model: nn.Module, config: TrainConfig, d: Dist) -> tuple[nn.Module, torch.optim.Optimizer]:
     """Apply the configured stage; returns the wrapped model and its optimizer."""
     return shard(model, d, config.zero_stage, config.precision, config.optimizer,
-                 offload=config.offload_optimizer or config.offload_params)
+                 offload=config.offload_optimizer or config.offload_params, expert_parallel=config.expert_parallel)
 
 
-def shard(model: nn.Module, d: Dist, zero_stage: int, precision: str, opt, offload: bool = False):
+def shard(model: nn.Module, d: Dist, zero_stage: int, precision: str, opt, offload: bool = False,
+          expert_parallel: bool = False):
     """`shard_model` without a TrainConfig (the RL loop uses it too)."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     adam = dict(lr=opt.lr, betas=opt.betas, eps=opt.eps)
     model.to(d.device)
+    # The mesh names the device: FSDP's default picks CUDA whenever it exists, even for a CPU run.
+    mesh = init_device_mesh(d.device.type, (d.world,)) if zero_stage >= 2 or (expert_parallel and d.world > 1) else None
+    from ember.train.expert_parallel import check_expert_parallel, moe_layers, shard_experts
+
+    experts: list[nn.Parameter] = []  # sharded experts (expert-parallel only)
+    if expert_parallel and d.world > 1:
+        check_expert_parallel(model, d.world)
+        experts = shard_experts(model, mesh)
+    # MoE experts get an optimizer group of their own, sharded or not, so checkpoints resume either way.
+    expert_group = experts or [p for m in moe_layers(model) for p in (m.w13, m.w2)]
     if zero_stage >= 2:
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if precision == "bf16" else MixedPrecisionPolicy()
@@ -100,19 +116,19 @@ def shard(model: nn.Module, d: Dist, zero_stage: int, precision: str, opt, offlo
             # On a CPU-only machine everything already lives in host memory: nothing to move.
             offload_policy = {"offload_policy": CPUOffloadPolicy()}
         reshard = zero_stage == 3
-        # The mesh names the device: FSDP's default picks CUDA whenever it exists, even for a CPU run.
-        from torch.distributed.device_mesh import init_device_mesh
-
-        mesh = init_device_mesh(d.device.type, (d.world,))
+        ignored = {"ignored_params": set(experts)} if experts else {}
         for layer in model.blocks():
-            fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard, **offload_policy)
-        fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard, **offload_policy)
-        return model, torch.optim.AdamW(param_groups(model, opt.weight_decay), **adam)
+            fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard, **offload_policy, **ignored)
+        fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard, **offload_policy, **ignored)
+        return model, torch.optim.AdamW(param_groups(model, opt.weight_decay, expert_group), **adam)
+    if experts:  # DDP averages the replicated parameters only; the experts are sharded, not copies
+        names = {id(p): n for n, p in model.named_parameters()}
+        DDP._set_params_and_buffers_to_ignore_for_model(model, [names[id(p)] for p in experts])
     wrapped = DDP(model) if d.world > 1 else model
     if zero_stage == 1:
-        groups = param_groups(model, opt.weight_decay)
+        groups = param_groups(model, opt.weight_decay, expert_group)
         return wrapped, ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, **adam)
-    return wrapped, torch.optim.AdamW(param_groups(model, opt.weight_decay), **adam)
+    return wrapped, torch.optim.AdamW(param_groups(model, opt.weight_decay, expert_group), **adam)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -278,7 +278,7 @@ def test_api_key_and_queue_limit(model_factory):
             lines = running.iter_lines()  # keep a reference: a collected iterator closes the stream
             next(line for line in lines if line.startswith("data: "))
             # one more waits behind it ...
-            with httpx.stream("POST", f"{s.v1}/completions", json={**long_body, "max_tokens": 5}, headers=headers) as waiting:
+            with httpx.stream("POST", f"{s.v1}/completions", json={**long_body, "max_tokens": 5}, headers=headers):
                 time.sleep(0.3)
                 # ... and the next is turned away
                 r = httpx.post(f"{s.v1}/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2}, headers=headers)
