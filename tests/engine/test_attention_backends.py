@@ -36,16 +36,21 @@ def int8_reference(k: torch.Tensor) -> torch.Tensor:
     return (q.float() * scale.float()[..., None]).to(k.dtype)
 
 
+# decodes, a short chunk over context, a fresh prompt, a long chunk over context; then chunks over
+# context of many lengths (the kernel's multi-row tiles, a short last tile)
+BATCHES = [([1, 1, 1, 5, 40, 70], [0, 17, 100, 33, 0, 50]), ([1, 3, 19, 40, 70], [9, 17, 100, 60, 50])]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("window", [None, 20])
-@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (6, 1), (4, 4)])
-def test_cpu_paged_matches_reference(dtype, window, heads, kv_heads):
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (6, 1), (4, 4), (8, 1)])
+@pytest.mark.parametrize("batch", [0, 1])
+def test_cpu_paged_matches_reference(dtype, window, heads, kv_heads, batch):
     if resolve_backend("auto", torch.device("cpu"), (heads, kv_heads, 32, 16)) != "cpu_paged":
         pytest.skip("cpu_paged kernels unavailable")
     torch.manual_seed(0)
     block_size, dim, num_blocks = 16, 32, 64
-    # decodes, a short chunk over context, a fresh prompt, a long chunk over context
-    query_lens, context_lens = [1, 1, 1, 5, 40, 70], [0, 17, 100, 33, 0, 50]
+    query_lens, context_lens = BATCHES[batch]
     layout = random_layout(query_lens, context_lens, block_size, num_blocks)
     n = sum(query_lens)
     q = torch.randn(n, heads, dim, dtype=dtype)

@@ -27,6 +27,7 @@
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <utility>
 #include <limits>
 #include <vector>
 
@@ -181,55 +182,77 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::
 // V blocks [num_blocks, kv_heads, block_size / 2, head_dim, 2] (keys 2j and 2j+1 of a dim adjacent).
 // One vdpbf16ps then scores 16 keys over two dims, or adds two keys' weighted values to 16 dims.
 // The probabilities are rounded to bf16 for the second product (as GPU flash attention does).
-template <int G>
+//
+// A work item is a tile of up to R consecutive rows of one request and one KV head: its R x G
+// query heads share every K and V load, which makes prompt chunks over cached context compute-bound
+// instead of load-bound (R = 1 for decodes). Each row keeps its own visible key range.
+template <int G, int R>
 void paired_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                    const int64_t* block_tables, int64_t max_blocks, const int64_t* token_request,
-                   const int64_t* kv_lens, int64_t window, float scale, at::Tensor& out) {
+                   const int64_t* kv_lens, int64_t window, float scale, const std::vector<int64_t>& tiles,
+                   at::Tensor& out) {
   constexpr int64_t W = 16;
-  const int64_t num_rows = q.size(0), heads = q.size(1), dim = q.size(2);
+  constexpr int H = G * R;  // query heads per work item
+  constexpr int S = R == 1 ? kSpan : 2;  // chunks per softmax update (fewer with more heads: registers)
+  constexpr int C = H >= 4 ? 1 : 4 / H;  // independent multiply-add chains per head
+  const int64_t heads = q.size(1), dim = q.size(2);
   const int64_t kv_heads = k_cache.size(1), block_size = k_cache.size(3);
   const int64_t pairs = dim / 2, dim_vecs = dim / W;
+  const int64_t num_tiles = static_cast<int64_t>(tiles.size()) / 2;
   const uint16_t* qp = reinterpret_cast<const uint16_t*>(q.data_ptr<c10::BFloat16>());
   const uint16_t* kp = reinterpret_cast<const uint16_t*>(k_cache.data_ptr<c10::BFloat16>());
   const uint16_t* vp = reinterpret_cast<const uint16_t*>(v_cache.data_ptr<c10::BFloat16>());
   c10::BFloat16* op = out.data_ptr<c10::BFloat16>();
   const int64_t head_elems = block_size * dim;  // one head's K (or V) rows in a block
-  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const __m512 neg_inf = _mm512_set1_ps(kNegInf);
 
-  at::parallel_for(0, num_rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<uint32_t> qpairs(G * pairs);
-    std::vector<float> acc(G * dim);
-    float max_score[G], denom[G], correction[G];
-    alignas(64) uint32_t ppairs[kSpan][G][W / 2];
+  at::parallel_for(0, num_tiles * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint32_t> qpairs(H * pairs);
+    std::vector<float> acc(H * dim);
+    float max_score[H], denom[H], correction[H];
+    int64_t first[R], last[R];
+    alignas(64) uint32_t ppairs[S][H][W / 2];
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t n = item / kv_heads, kvh = item % kv_heads;
-      std::memcpy(qpairs.data(), qp + (n * heads + kvh * G) * dim, G * dim * sizeof(uint16_t));
+      const int64_t tile = item / kv_heads, kvh = item % kv_heads;
+      const int64_t row0 = tiles[2 * tile], rows = tiles[2 * tile + 1];
+      int64_t lo_all = std::numeric_limits<int64_t>::max(), hi_all = 0;
+      for (int r = 0; r < R; ++r) {
+        if (r < rows) {
+          std::memcpy(&qpairs[r * G * pairs], qp + ((row0 + r) * heads + kvh * G) * dim, G * dim * sizeof(uint16_t));
+          last[r] = kv_lens[row0 + r];
+          first[r] = window > 0 ? std::max<int64_t>(0, last[r] - window) : 0;
+          lo_all = std::min(lo_all, first[r]);
+          hi_all = std::max(hi_all, last[r]);
+        } else {  // a short tile: these heads score nothing and are never written
+          std::fill(&qpairs[r * G * pairs], &qpairs[(r + 1) * G * pairs], 0u);
+          first[r] = last[r] = 0;
+        }
+      }
       std::fill(acc.begin(), acc.end(), 0.f);
-      std::fill(max_score, max_score + G, -std::numeric_limits<float>::infinity());
-      std::fill(denom, denom + G, 0.f);
-      const int64_t last = kv_lens[n];
-      const int64_t first = window > 0 ? std::max<int64_t>(0, last - window) : 0;
-      const int64_t* table = block_tables + token_request[n] * max_blocks;
+      std::fill(max_score, max_score + H, kNegInf);
+      std::fill(denom, denom + H, 0.f);
+      const int64_t* table = block_tables + token_request[row0] * max_blocks;
 
-      // kSpan chunks of W keys share one softmax update: one max and one sum reduction, one
-      // rescaling of the accumulators, per kSpan * W keys instead of per W.
-      for (int64_t span = first - first % W; span < last; span += kSpan * W) {
-        const int64_t chunks = std::min<int64_t>(kSpan, (last - span + W - 1) / W);
-        const uint16_t* keys[kSpan];
-        const uint16_t* values[kSpan];
-        int64_t lo[kSpan], hi[kSpan];
-        __m512 scores[kSpan][G];
+      // S chunks of W keys share one softmax update: one max and one sum reduction, one
+      // rescaling of the accumulators, per S * W keys instead of per W.
+      for (int64_t span = lo_all - lo_all % W; span < hi_all; span += S * W) {
+        const int64_t chunks = std::min<int64_t>(S, (hi_all - span + W - 1) / W);
+        const uint16_t* keys[S];
+        const uint16_t* values[S];
+        int64_t lo[S], hi[S];  // the tile's visible keys in each chunk (the union of its rows')
+        __m512 scores[S][H];
         for (int64_t c = 0; c < chunks; ++c) {
           const int64_t start = span + c * W;
           const int64_t block = table[start / block_size], offset = start % block_size;
           const int64_t base = (block * kv_heads + kvh) * head_elems;
           keys[c] = kp + base + offset * 2;         // row i at keys + i * block_size * 2
           values[c] = vp + base + offset * dim;     // key pair j at values + j * dim * 2
-          lo[c] = std::max<int64_t>(first - start, 0);
-          hi[c] = std::min<int64_t>(last - start, W);
+          lo[c] = std::max<int64_t>(lo_all - start, 0);
+          hi[c] = std::min<int64_t>(hi_all - start, W);
           if ((start + W) % block_size == 0) {
             const int64_t ahead = start + kPrefetchBlocks * block_size;
-            if (ahead < last) {
+            if (ahead < hi_all) {
               const int64_t next = (table[ahead / block_size] * kv_heads + kvh) * head_elems;
               for (int64_t b = 0; b < head_elems * 2; b += 64) {
                 __builtin_prefetch(reinterpret_cast<const char*>(kp + next) + b);
@@ -237,40 +260,50 @@ void paired_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
               }
             }
           }
-          // kChains independent sums per head: a single chain would wait on each multiply-add's latency.
-          __m512 part[G][kChains];
-          for (int g = 0; g < G; ++g)
-            for (int ch = 0; ch < kChains; ++ch) part[g][ch] = _mm512_setzero_ps();
-          for (int64_t i = 0; i < pairs; i += kChains) {
-            for (int ch = 0; ch < kChains; ++ch) {
+          // C independent sums per head: a single chain would wait on each multiply-add's latency.
+          __m512 part[H][C];
+          for (int h = 0; h < H; ++h)
+            for (int ch = 0; ch < C; ++ch) part[h][ch] = _mm512_setzero_ps();
+          for (int64_t i = 0; i < pairs; i += C) {
+            for (int ch = 0; ch < C; ++ch) {
               const __m512bh k = (__m512bh)_mm512_loadu_si512(keys[c] + (i + ch) * block_size * 2);
-              for (int g = 0; g < G; ++g)
-                part[g][ch] = _mm512_dpbf16_ps(part[g][ch], (__m512bh)_mm512_set1_epi32(qpairs[g * pairs + i + ch]), k);
+              for (int h = 0; h < H; ++h)
+                part[h][ch] = _mm512_dpbf16_ps(part[h][ch], (__m512bh)_mm512_set1_epi32(qpairs[h * pairs + i + ch]), k);
             }
           }
-          const __mmask16 valid = static_cast<__mmask16>(((1u << hi[c]) - 1) & ~((1u << lo[c]) - 1));
-          for (int g = 0; g < G; ++g) {
-            const __m512 sum = _mm512_add_ps(_mm512_add_ps(part[g][0], part[g][1]), _mm512_add_ps(part[g][2], part[g][3]));
-            scores[c][g] = _mm512_mask_blend_ps(valid, neg_inf, _mm512_mul_ps(sum, _mm512_set1_ps(scale)));
+          for (int r = 0; r < R; ++r) {
+            const int64_t rlo = std::clamp<int64_t>(first[r] - start, 0, W), rhi = std::clamp<int64_t>(last[r] - start, 0, W);
+            const __mmask16 valid = rhi > rlo ? static_cast<__mmask16>(((1u << rhi) - 1) & ~((1u << rlo) - 1)) : 0;
+            for (int g = 0; g < G; ++g) {
+              const int h = r * G + g;
+              __m512 sum = part[h][0];
+              for (int ch = 1; ch < C; ++ch) sum = _mm512_add_ps(sum, part[h][ch]);
+              scores[c][h] = _mm512_mask_blend_ps(valid, neg_inf, _mm512_mul_ps(sum, _mm512_set1_ps(scale)));
+            }
           }
         }
-        for (int g = 0; g < G; ++g) {
-          __m512 top = scores[0][g];
-          for (int64_t c = 1; c < chunks; ++c) top = _mm512_max_ps(top, scores[c][g]);
-          const float new_max = std::max(max_score[g], _mm512_reduce_max_ps(top));
-          correction[g] = max_score[g] == -std::numeric_limits<float>::infinity() ? 0.f : std::exp(max_score[g] - new_max);
-          max_score[g] = new_max;
+        for (int h = 0; h < H; ++h) {
+          __m512 top = scores[0][h];
+          for (int64_t c = 1; c < chunks; ++c) top = _mm512_max_ps(top, scores[c][h]);
+          const float new_max = std::max(max_score[h], _mm512_reduce_max_ps(top));
+          if (new_max == kNegInf) {  // nothing visible to this row yet (a window, or a short tile)
+            correction[h] = 1.f;
+            for (int64_t c = 0; c < chunks; ++c) std::fill(ppairs[c][h], ppairs[c][h] + W / 2, 0u);
+            continue;
+          }
+          correction[h] = max_score[h] == kNegInf ? 0.f : std::exp(max_score[h] - new_max);
+          max_score[h] = new_max;
           __m512 total = _mm512_setzero_ps();
           for (int64_t c = 0; c < chunks; ++c) {
-            const __m512 p = (Vec(scores[c][g]) - Vec(new_max)).exp();
+            const __m512 p = (Vec(scores[c][h]) - Vec(new_max)).exp();
             total = _mm512_add_ps(total, p);
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(ppairs[c][g]), (__m256i)_mm512_cvtneps_pbh(p));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(ppairs[c][h]), (__m256i)_mm512_cvtneps_pbh(p));
           }
-          denom[g] = denom[g] * correction[g] + _mm512_reduce_add_ps(total);
+          denom[h] = denom[h] * correction[h] + _mm512_reduce_add_ps(total);
         }
         for (int64_t dv = 0; dv < dim_vecs; ++dv) {
-          __m512 a[G];
-          for (int g = 0; g < G; ++g) a[g] = _mm512_mul_ps(_mm512_loadu_ps(&acc[g * dim + dv * W]), _mm512_set1_ps(correction[g]));
+          __m512 a[H];
+          for (int h = 0; h < H; ++h) a[h] = _mm512_mul_ps(_mm512_loadu_ps(&acc[h * dim + dv * W]), _mm512_set1_ps(correction[h]));
           for (int64_t c = 0; c < chunks; ++c) {
             const int64_t jlo = lo[c] / 2, jhi = (hi[c] + 1) / 2;
             for (int64_t j = jlo; j < jhi; ++j) {
@@ -279,20 +312,53 @@ void paired_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
                 const __mmask32 keep = (2 * j >= lo[c] ? 0x55555555u : 0u) | (2 * j + 1 < hi[c] ? 0xAAAAAAAAu : 0u);
                 v = _mm512_maskz_mov_epi16(keep, v);
               }
-              for (int g = 0; g < G; ++g)
-                a[g] = _mm512_dpbf16_ps(a[g], (__m512bh)_mm512_set1_epi32(ppairs[c][g][j]), (__m512bh)v);
+              for (int h = 0; h < H; ++h)
+                a[h] = _mm512_dpbf16_ps(a[h], (__m512bh)_mm512_set1_epi32(ppairs[c][h][j]), (__m512bh)v);
             }
           }
-          for (int g = 0; g < G; ++g) _mm512_storeu_ps(&acc[g * dim + dv * W], a[g]);
+          for (int h = 0; h < H; ++h) _mm512_storeu_ps(&acc[h * dim + dv * W], a[h]);
         }
       }
-      for (int g = 0; g < G; ++g) {
-        const float inv = 1.f / denom[g];
-        c10::BFloat16* dst = op + (n * heads + kvh * G + g) * dim;
-        for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<c10::BFloat16>(acc[g * dim + d] * inv);
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int g = 0; g < G; ++g) {
+          const int h = r * G + g;
+          const float inv = 1.f / denom[h];
+          c10::BFloat16* dst = op + ((row0 + r) * heads + kvh * G + g) * dim;
+          for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<c10::BFloat16>(acc[h * dim + d] * inv);
+        }
       }
     }
   });
+}
+
+// Rows -> (first row, row count) tiles: requests with one row (decodes) as tiles of 1, longer
+// ones cut into tiles of up to `rows_per_tile` rows.
+std::pair<std::vector<int64_t>, std::vector<int64_t>> row_tiles(const int64_t* token_request, int64_t num_rows,
+                                                                int64_t rows_per_tile) {
+  std::vector<int64_t> single, multi;
+  for (int64_t n = 0; n < num_rows;) {
+    int64_t m = n + 1;
+    while (m < num_rows && token_request[m] == token_request[n]) ++m;
+    if (m - n == 1) {
+      single.insert(single.end(), {n, 1});
+    } else {
+      for (int64_t t = n; t < m; t += rows_per_tile) multi.insert(multi.end(), {t, std::min(rows_per_tile, m - t)});
+    }
+    n = m;
+  }
+  return {single, multi};
+}
+
+template <int G>
+void paired_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                      const int64_t* block_tables, int64_t max_blocks, const int64_t* token_request,
+                      const int64_t* kv_lens, int64_t window, float scale, at::Tensor& out) {
+  constexpr int R = G >= 8 ? 1 : 8 / G;  // rows per tile for prompt chunks: 8 query heads per item
+  auto [single, multi] = row_tiles(token_request, q.size(0), R);
+  if (!single.empty())
+    paired_kernel<G, 1>(q, k_cache, v_cache, block_tables, max_blocks, token_request, kv_lens, window, scale, single, out);
+  if (!multi.empty())
+    paired_kernel<G, R>(q, k_cache, v_cache, block_tables, max_blocks, token_request, kv_lens, window, scale, multi, out);
 }
 #endif
 
@@ -335,9 +401,9 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
 #ifdef EMBER_BF16_PAIRS
       if constexpr (std::is_same_v<T, c10::BFloat16>) {
         if (paired) {
-          paired_kernel<decltype(g)::value>(q, k_cache, v_cache, block_tables.data_ptr<int64_t>(),
-                                            block_tables.size(1), token_request.data_ptr<int64_t>(),
-                                            kv_lens.data_ptr<int64_t>(), window, static_cast<float>(scale), out);
+          paired_attention<decltype(g)::value>(q, k_cache, v_cache, block_tables.data_ptr<int64_t>(),
+                                               block_tables.size(1), token_request.data_ptr<int64_t>(),
+                                               kv_lens.data_ptr<int64_t>(), window, static_cast<float>(scale), out);
           return;
         }
       }
