@@ -53,6 +53,31 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
+def expert_linear(x: torch.Tensor, stacked: torch.Tensor, expert: int) -> torch.Tensor:
+    """F.linear(x, stacked[expert]) for MoE weights stacked [experts, out, in], on the same fast paths."""
+    weight = stacked[expert]
+    if stacked.dtype != torch.bfloat16 or x.device.type != "cpu" or x.dtype != torch.bfloat16 or \
+            (torch.is_grad_enabled() and (x.requires_grad or stacked.requires_grad)):
+        return F.linear(x, weight)
+    if _kernel_ok(x, GEMV_MAX_ROWS):
+        return torch.ops.ember_ops.linear_gemv(x.contiguous(), weight, None, None)
+    packed = _packed_stack(stacked)
+    if packed is None:
+        return F.linear(x, weight)
+    return torch.ops.mkldnn._linear_pointwise(x, packed[expert], None, "none", [], "")
+
+
+def _packed_stack(stacked: torch.Tensor) -> list[torch.Tensor] | None:
+    cached = getattr(stacked, "_ember_packed", None)
+    if cached is not None and cached[0] == stacked._version:
+        return cached[1]
+    if not _onednn_packing():
+        return None
+    packed = [torch.ops.mkldnn._reorder_linear_weight(w, 64) for w in stacked.detach()]
+    stacked._ember_packed = (stacked._version, packed)
+    return packed
+
+
 def _packed(weight: torch.Tensor) -> torch.Tensor | None:
     """The weight reordered once into oneDNN's blocked layout (what F.linear redoes on every call):
     10-60% faster products at decode batch sizes, bit-identical results. Kept beside the weight

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ember.models import cpu_ops
 from ember.models.config import ModelConfig
 from ember.models.layers import _ACTIVATIONS, GatedMLP
 
@@ -64,8 +65,8 @@ class MoE(nn.Module):
         start = 0
         for e, n in enumerate(counts):
             if n:
-                gate, up = F.linear(grouped[start:start + n], w13[e]).chunk(2, dim=-1)
-                out[start:start + n] = F.linear(self.act(gate) * up, w2[e])
+                gate, up = cpu_ops.expert_linear(grouped[start:start + n], w13, e).chunk(2, dim=-1)
+                out[start:start + n] = cpu_ops.expert_linear(self.act(gate) * up, w2, e)
                 start += n
         return out
 

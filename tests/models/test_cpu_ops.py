@@ -56,3 +56,21 @@ def test_rms_norm_matches_transformers_arithmetic(shape):
     mismatched = (got != expected).float().mean().item()
     assert mismatched < 0.01  # last-bit differences from the order of the sum of squares only
     torch.testing.assert_close(got.float(), expected.float(), rtol=8e-3, atol=1e-6)
+
+
+@pytest.mark.skipif(not cpu_ops._onednn_packing(), reason="no oneDNN weight prepacking here")
+def test_prepacked_weights_are_exact_and_follow_in_place_updates():
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(96, 64).to(torch.bfloat16))
+    stacked = torch.nn.Parameter(torch.randn(3, 48, 64).to(torch.bfloat16))
+    x = torch.randn(24, 64).to(torch.bfloat16)  # above the GEMV rows: the prepacked path
+    with torch.no_grad():
+        assert torch.equal(cpu_ops.linear(x, weight, None), torch.nn.functional.linear(x, weight))
+        assert torch.equal(cpu_ops.expert_linear(x, stacked, 1), torch.nn.functional.linear(x, stacked[1]))
+        weight[:10].copy_(torch.randn(10, 64))  # an RL weight push writes slices in place
+        stacked[1].mul_(2)
+        assert torch.equal(cpu_ops.linear(x, weight, None), torch.nn.functional.linear(x, weight))
+        assert torch.equal(cpu_ops.expert_linear(x, stacked, 1), torch.nn.functional.linear(x, stacked[1]))
+    out = cpu_ops.linear(x, weight, None)  # with autograd: plain F.linear, and gradients flow
+    out.float().sum().backward()
+    assert weight.grad is not None
