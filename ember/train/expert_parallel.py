@@ -55,15 +55,6 @@ def moe_layers(model: nn.Module) -> list[MoE]:
     return [m for m in model.modules() if isinstance(m, MoE)]
 
 
-def check_expert_parallel(model: nn.Module, world: int) -> None:
-    layers = moe_layers(model)
-    if not layers:
-        raise ValueError("expert_parallel: the model has no Mixture-of-Experts layers")
-    for m in layers:
-        if m.num_experts % world:
-            raise ValueError(f"expert_parallel: {m.num_experts} experts do not divide over {world} processes")
-
-
 def shard_experts(model: nn.Module, mesh) -> list[nn.Parameter]:
     """Keep this rank's slice of every MoE layer's experts (as DTensors); returns the expert parameters."""
     world, rank = mesh.size(), mesh.get_local_rank()

@@ -114,6 +114,8 @@ class Trainer:
         from ember.train.expert_parallel import expert_params
 
         self.expert_params = expert_params(base)
+        sharded = {id(p) for p in self.expert_params}
+        self.dense_params = [p for p in self.model.parameters() if id(p) not in sharded]
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(c))
         self.start_step = 0
         if c.resume:
@@ -155,9 +157,7 @@ class Trainer:
             from ember.train.expert_parallel import clip_grad_norm, scale_expert_grads
 
             scale_expert_grads(self.expert_params, self.d.world)
-            ids = {id(p) for p in self.expert_params}
-            dense = [p for p in self.model.parameters() if id(p) not in ids]
-            return clip_grad_norm(dense, self.expert_params, max_norm)
+            return clip_grad_norm(self.dense_params, self.expert_params, max_norm)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 

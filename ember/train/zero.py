@@ -96,15 +96,14 @@ def shard(model: nn.Module, d: Dist, zero_stage: int, precision: str, opt, offlo
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    from ember.train.expert_parallel import moe_layers, shard_experts
+
     adam = dict(lr=opt.lr, betas=opt.betas, eps=opt.eps)
     model.to(d.device)
     # The mesh names the device: FSDP's default picks CUDA whenever it exists, even for a CPU run.
     mesh = init_device_mesh(d.device.type, (d.world,)) if zero_stage >= 2 or (expert_parallel and d.world > 1) else None
-    from ember.train.expert_parallel import check_expert_parallel, moe_layers, shard_experts
-
-    experts: list[nn.Parameter] = []  # sharded experts (expert-parallel only)
+    experts: list[nn.Parameter] = []  # sharded experts (expert-parallel only; preflight checked they divide)
     if expert_parallel and d.world > 1:
-        check_expert_parallel(model, d.world)
         experts = shard_experts(model, mesh)
     # MoE experts get an optimizer group of their own, sharded or not, so checkpoints resume either way.
     expert_group = experts or [p for m in moe_layers(model) for p in (m.w13, m.w2)]
