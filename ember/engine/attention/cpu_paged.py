@@ -5,7 +5,7 @@ costs more than the attention itself. Here `paged_cpu.cpp` walks each request's
 block table and computes scores, an online softmax and the weighted V sum in one
 pass. With bf16 in the paired layout (AVX512-BF16) it takes the whole batch, prompt
 chunks included: a chunk's rows go in tiles that share each K/V load, which measured
-1.1-1.9x faster than SDPA for fresh prompts of 64-4,000 tokens and ~2x for chunks over
+1.1-1.8x faster than SDPA for fresh prompts of 64-4,000 tokens and ~2x for chunks over
 cached context (SDPA there also pays for gathering the blocks). Other layouts (fp32, an
 int8 cache) send requests of up to `KERNEL_MAX_QUERY` new tokens (decodes, short chunks,
 speculative drafts) through the kernel and keep SDPA for longer prompt chunks, whose
