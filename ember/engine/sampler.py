@@ -15,6 +15,7 @@ import torch
 
 from ember.engine.logits import apply_logits_processors
 from ember.engine.request import Request
+from ember.models import cpu_ops
 
 
 @dataclass
@@ -110,9 +111,12 @@ class Sampler:
         requests: list[Request],
         generators: list[torch.Generator | None],
     ) -> SamplerOutput:
-        logits = logits.float()  # (torch's argmax is several times slower on bf16)
         if all(_plain_greedy(r) for r in requests):
-            return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(requests))
+            token_ids = cpu_ops.argmax(logits)
+            if token_ids is None:
+                token_ids = logits.float().argmax(dim=-1)  # (torch's argmax is several times slower on bf16)
+            return SamplerOutput(token_ids.tolist(), [None] * len(requests))
+        logits = logits.float()
         want_logprobs = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
         raw_logprobs = logits[want_logprobs].log_softmax(dim=-1) if want_logprobs else None
 

@@ -1,5 +1,6 @@
 // Kernels for decode-sized batches on CPU: matrix-vector products y[m, n] = sum_k x[m, k] * w[n, k]
-// for a few rows m, and RMSNorm in one pass (PyTorch decomposes it into ~8 ops for bf16).
+// for a few rows m; and, for any batch, the elementwise steps PyTorch splits into several bf16 ops
+// (each a pass over memory): RMSNorm, SwiGLU's silu(gate) * up, rotary embedding, argmax.
 //
 // At one to a few rows a linear layer is bound by reading its weight once; PyTorch's
 // GEMV paths reach a fraction of the memory bandwidth here. These kernels stream each
@@ -13,12 +14,14 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <immintrin.h>
 #include <cstdint>
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <optional>
 #include <vector>
 
@@ -312,6 +315,88 @@ void rms_norm_rows(const c10::BFloat16* x, const c10::BFloat16* w, c10::BFloat16
     }
   });
 }
+
+// SwiGLU's silu(gate) * up over rows [gate | up] of width 2 * inter, in one pass, rounded as
+// PyTorch's two bf16 ops are (silu in fp32 by ATen's own vectorized formula, rounded to bf16,
+// then the product in fp32, rounded again): the same bits, a third of the memory traffic.
+void silu_mul_rows(const c10::BFloat16* x, c10::BFloat16* out, int64_t rows, int64_t inter) {
+  using Vec = at::vec::Vectorized<float>;
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / inter), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const c10::BFloat16* gate = x + r * 2 * inter;
+      const c10::BFloat16* up = gate + inter;
+      for (int64_t k = 0; k < inter; k += 16) {
+        const __mmask16 mask = tail_mask(k, inter);
+        const Vec g(load_bf16(gate + k, mask));
+        const __m512 act = g / (Vec(1.f) + g.neg().exp());
+        const __m512 y = _mm512_mul_ps(round_bf16(act), load_bf16(up + k, mask));
+        _mm256_mask_storeu_epi16(out + r * inter + k, mask, (__m256i)_mm512_cvtneps_pbh(y));
+      }
+    }
+  });
+}
+
+// Rotary embedding in place on the first `heads` heads of each row (rows may be strided, as q|k
+// inside a fused qkv output): x * cos + rotate_half(x) * sin, rounded as ember's PyTorch path
+// (`apply_rotary`: x * cos rounded to bf16, then addcmul in fp32, rounded once more).
+void rotary_rows(c10::BFloat16* x, int64_t row_stride, const c10::BFloat16* cos, const c10::BFloat16* sin,
+                 int64_t rows, int64_t heads, int64_t dim) {
+  const int64_t half = dim / 2;
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const c10::BFloat16* c = cos + r * dim;
+      const c10::BFloat16* s = sin + r * dim;
+      for (int64_t h = 0; h < heads; ++h) {
+        c10::BFloat16* head = x + r * row_stride + h * dim;
+        for (int64_t k = 0; k < half; k += 16) {
+          const __mmask16 mask = tail_mask(k, half);
+          const __m512 x1 = load_bf16(head + k, mask), x2 = load_bf16(head + half + k, mask);
+          const __m512 lo = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_setzero_ps(), x2), load_bf16(s + k, mask),
+                                            round_bf16(_mm512_mul_ps(x1, load_bf16(c + k, mask))));
+          const __m512 hi = _mm512_fmadd_ps(x1, load_bf16(s + half + k, mask),
+                                            round_bf16(_mm512_mul_ps(x2, load_bf16(c + half + k, mask))));
+          _mm256_mask_storeu_epi16(head + k, mask, (__m256i)_mm512_cvtneps_pbh(lo));
+          _mm256_mask_storeu_epi16(head + half + k, mask, (__m256i)_mm512_cvtneps_pbh(hi));
+        }
+      }
+    }
+  });
+}
+
+// Each row's argmax (the first of equal maxima, NaN above all, as torch.argmax).
+void argmax_rows(const c10::BFloat16* x, int64_t* out, int64_t rows, int64_t n) {
+  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const c10::BFloat16* row = x + r * n;
+      __m512 best = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+      __m512i best_at = _mm512_set1_epi32(0);
+      __mmask16 nan = 0;
+      const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+      for (int64_t k = 0; k < n; k += 16) {
+        const __mmask16 mask = tail_mask(k, n);
+        const __m512 v = _mm512_mask_blend_ps(mask, _mm512_set1_ps(-std::numeric_limits<float>::infinity()),
+                                              load_bf16(row + k, mask));
+        nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        const __mmask16 greater = _mm512_cmp_ps_mask(v, best, _CMP_GT_OQ);  // strictly: the first max stays
+        best = _mm512_mask_blend_ps(greater, best, v);
+        best_at = _mm512_mask_blend_epi32(greater, best_at, _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(k))));
+      }
+      alignas(64) float values[16];
+      alignas(64) int32_t at[16];
+      _mm512_store_ps(values, best);
+      _mm512_store_si512(at, best_at);
+      int64_t arg = at[0];
+      float top = values[0];
+      for (int i = 1; i < 16; ++i)
+        if (values[i] > top || (values[i] == top && at[i] < arg)) top = values[i], arg = at[i];
+      if (nan) {  // rare: the first NaN wins
+        for (int64_t k = 0; k < n; ++k)
+          if (std::isnan(static_cast<float>(row[k]))) { arg = k; break; }
+      }
+      out[r] = arg;
+    }
+  });
+}
 #endif
 
 bool gemv_supported() {
@@ -379,9 +464,50 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return out;
 }
 
+at::Tensor silu_mul(const at::Tensor& x) {
+  TORCH_CHECK(gemv_supported(), "silu_mul: built without AVX512-BF16");
+  TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kBFloat16 && x.size(-1) % 2 == 0, "x: contiguous bf16 [..., 2 * I]");
+  const int64_t inter = x.size(-1) / 2;
+  auto sizes = x.sizes().vec();
+  sizes.back() = inter;
+  at::Tensor out = at::empty(sizes, x.options());
+#ifdef EMBER_GEMV
+  silu_mul_rows(x.data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>(), x.numel() / (2 * inter), inter);
+#endif
+  return out;
+}
+
+at::Tensor rotary_(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin, int64_t heads) {
+  TORCH_CHECK(gemv_supported(), "rotary_: built without AVX512-BF16");
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.scalar_type() == at::kBFloat16, "x: bf16 [tokens, width], rows contiguous");
+  TORCH_CHECK(cos.dim() == 2 && cos.is_contiguous() && sin.is_contiguous() && cos.sizes() == sin.sizes() &&
+              cos.size(0) == x.size(0) && cos.scalar_type() == at::kBFloat16 && sin.scalar_type() == at::kBFloat16,
+              "cos, sin: contiguous bf16 [tokens, head_dim]");
+  const int64_t dim = cos.size(1);
+  TORCH_CHECK(dim % 2 == 0 && heads * dim <= x.size(1), "heads * head_dim must fit in a row");
+#ifdef EMBER_GEMV
+  rotary_rows(x.data_ptr<c10::BFloat16>(), x.stride(0), cos.data_ptr<c10::BFloat16>(), sin.data_ptr<c10::BFloat16>(),
+              x.size(0), heads, dim);
+#endif
+  return x;
+}
+
+at::Tensor argmax_rows_op(const at::Tensor& x) {
+  TORCH_CHECK(gemv_supported(), "argmax: built without AVX512-BF16");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16 && x.size(1) > 0, "x: contiguous bf16 [rows, n]");
+  at::Tensor out = at::empty({x.size(0)}, x.options().dtype(at::kLong));
+#ifdef EMBER_GEMV
+  argmax_rows(x.data_ptr<c10::BFloat16>(), out.data_ptr<int64_t>(), x.size(0), x.size(1));
+#endif
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(ember_ops, m) {
+  m.def("silu_mul(Tensor x) -> Tensor");
+  m.def("rotary_(Tensor(a!) x, Tensor cos, Tensor sin, int heads) -> Tensor(a!)");
+  m.def("argmax(Tensor x) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("linear_gemv(Tensor x, Tensor w, Tensor? scales=None, Tensor? bias=None) -> Tensor");
   m.def("linear_gemv_int4(Tensor x, Tensor w, int group, Tensor scales, Tensor scaled_zeros, Tensor? bias=None) -> Tensor");
@@ -392,4 +518,7 @@ TORCH_LIBRARY_IMPL(ember_ops, CPU, m) {
   m.impl("linear_gemv", &linear_gemv);
   m.impl("linear_gemv_int4", &linear_gemv_int4);
   m.impl("rms_norm", &rms_norm);
+  m.impl("silu_mul", &silu_mul);
+  m.impl("rotary_", &rotary_);
+  m.impl("argmax", &argmax_rows_op);
 }

@@ -3,7 +3,8 @@
 A decode step multiplies a handful of rows by every weight matrix, which PyTorch runs
 at a fraction of the memory bandwidth here; the kernels stream each weight once for up
 to four rows at a time (see BENCHMARKS.md, issue 10, for the measurements behind
-`GEMV_MAX_ROWS`). RMSNorm in bf16 is one pass instead of PyTorch's ~8 ops. Used only
+`GEMV_MAX_ROWS`). RMSNorm, SwiGLU's silu(gate) * up, rotary embedding and greedy argmax in
+bf16 are one pass each instead of PyTorch's several ops, with the same rounding. Used only
 for bf16 activations on CPUs with AVX512-BF16 and VNNI, without autograd; everything
 else goes through PyTorch. Larger bf16 products without autograd use oneDNN with the
 weight prepacked once (see `_packed`).
@@ -109,3 +110,26 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if weight.dtype != torch.bfloat16 or not _kernel_ok(x, 1 << 62, weight):
         return F.rms_norm(x, weight.shape, weight, eps)
     return torch.ops.ember_ops.rms_norm(x.contiguous(), weight, eps)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
+    """silu(gate) * up for [..., 2 * I] = gate | up, or None where the kernel does not apply."""
+    if not _kernel_ok(gate_up, 1 << 62):
+        return None
+    return torch.ops.ember_ops.silu_mul(gate_up.contiguous())
+
+
+def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> bool:
+    """Rotate the first `heads` heads of each row of x [tokens, width] in place (the q|k part of
+    a fused qkv output); False, untouched, where the kernel does not apply."""
+    if x.dim() != 2 or x.stride(1) != 1 or cos.dtype != torch.bfloat16 or not _kernel_ok(x, 1 << 62):
+        return False
+    torch.ops.ember_ops.rotary_(x, cos.contiguous(), sin.contiguous(), heads)
+    return True
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor | None:
+    """Each row's argmax for bf16 logits [rows, vocab] (torch.argmax's ties and NaNs), or None."""
+    if logits.dim() != 2 or not _kernel_ok(logits, 1 << 62):
+        return None
+    return torch.ops.ember_ops.argmax(logits.contiguous())

@@ -83,6 +83,14 @@ _ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F
                 "gelu_new": lambda x: F.gelu(x, approximate="tanh")}
 
 
+def gated_activation(act, gate_up: torch.Tensor) -> torch.Tensor:
+    """act(gate) * up for gate_up = [..., gate | up]; SwiGLU in one pass where ember's kernel applies."""
+    if act is F.silu and (out := cpu_ops.silu_mul(gate_up)) is not None:
+        return out
+    gate, up = gate_up.chunk(2, dim=-1)
+    return act(gate) * up
+
+
 class GatedMLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int, act: str, bias: bool):
         super().__init__()
@@ -93,8 +101,7 @@ class GatedMLP(nn.Module):
         self.act = _ACTIVATIONS[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(self.act(gate) * up)
+        return self.down_proj(gated_activation(self.act, self.gate_up_proj(x)))
 
 
 class Attention(nn.Module):
@@ -116,11 +123,16 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext | None
     ) -> torch.Tensor:
-        qk, v = self.qkv_proj(x).split([self.split_sizes[0] + self.split_sizes[1], self.split_sizes[2]], dim=-1)
-        # q and k rotate together: one set of elementwise ops instead of two.
-        qk = apply_rotary(qk.unflatten(-1, (self.num_heads + self.num_kv_heads, self.head_dim)), cos, sin)
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=-2)
-        v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        qkv = self.qkv_proj(x)
+        rotated_heads = self.num_heads + self.num_kv_heads
+        if cpu_ops.rotary_(qkv, cos, sin, rotated_heads):  # q and k rotated in place, in one pass
+            q, k, v = qkv.unflatten(-1, (-1, self.head_dim)).split([self.num_heads, self.num_kv_heads, self.num_kv_heads], -2)
+        else:
+            qk, v = qkv.split([self.split_sizes[0] + self.split_sizes[1], self.split_sizes[2]], dim=-1)
+            # q and k rotate together: one set of elementwise ops instead of two.
+            qk = apply_rotary(qk.unflatten(-1, (rotated_heads, self.head_dim)), cos, sin)
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=-2)
+            v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
         out = attend(q, k, v, self.scale, self.layer, ctx, self.sliding_window)
         return self.o_proj(out.flatten(-2))
 

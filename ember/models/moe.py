@@ -15,7 +15,7 @@ from torch import nn
 
 from ember.models import cpu_ops
 from ember.models.config import ModelConfig
-from ember.models.layers import _ACTIVATIONS, GatedMLP
+from ember.models.layers import _ACTIVATIONS, GatedMLP, gated_activation
 
 
 class MoE(nn.Module):
@@ -65,8 +65,8 @@ class MoE(nn.Module):
         start = 0
         for e, n in enumerate(counts):
             if n:
-                gate, up = cpu_ops.expert_linear(grouped[start:start + n], w13, e).chunk(2, dim=-1)
-                out[start:start + n] = cpu_ops.expert_linear(self.act(gate) * up, w2, e)
+                gate_up = cpu_ops.expert_linear(grouped[start:start + n], w13, e)
+                out[start:start + n] = cpu_ops.expert_linear(gated_activation(self.act, gate_up), w2, e)
                 start += n
         return out
 

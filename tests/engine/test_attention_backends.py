@@ -182,3 +182,23 @@ def test_stale_cache_contents_never_reach_outputs(llama_dir, backend):
         assert not any(math.isnan(v.logprob) for o in outs for lp in o.outputs[0].logprobs for v in lp.values())
         results.append([o.outputs[0].token_ids for o in outs])
     assert results[0] == results[1]
+
+
+@pytest.mark.skipif(not bf16_pairs_supported(), reason="no AVX512-BF16 kernel here")
+@pytest.mark.parametrize("tokens", [1, 5, 40])
+def test_paired_write_kernel_matches_the_layout(tokens):
+    """write_paired (one C++ pass) stores exactly what KVLayout.write's index_puts store, from
+    K/V rows that are strided views into a fused qkv output, as the model hands them over."""
+    kv_layout = KVLayout(paired=True, dtype=torch.bfloat16)
+    k_shape, v_shape = kv_layout.shapes(8, 2, 16, 32)
+    g = torch.Generator().manual_seed(tokens)
+    slots = torch.randperm(8 * 16, generator=g)[:tokens]
+    qkv = torch.randn(tokens, 5 * 64, generator=g).to(torch.bfloat16)
+    k, v = qkv[:, 64:128].unflatten(-1, (2, 32)), qkv[:, 128:192].unflatten(-1, (2, 32))
+    expected = torch.zeros(k_shape, dtype=torch.bfloat16), torch.zeros(v_shape, dtype=torch.bfloat16)
+    kv_layout.write(expected, slots, k, v)
+    got = torch.zeros(k_shape, dtype=torch.bfloat16), torch.zeros(v_shape, dtype=torch.bfloat16)
+    torch.ops.ember_cpu.write_paired(got[0], got[1], k, v, slots // 16, slots % 16)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        torch.ops.ember_cpu.write_paired(got[0], got[1], k, v, slots // 16 + 8, slots % 16)

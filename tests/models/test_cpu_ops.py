@@ -1,7 +1,8 @@
-"""ember's decode kernels (GEMV, RMSNorm) against plain PyTorch."""
+"""ember's CPU kernels (GEMV, RMSNorm, SwiGLU, rotary, argmax) against plain PyTorch."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ember.models import cpu_ops
 
@@ -74,3 +75,37 @@ def test_prepacked_weights_are_exact_and_follow_in_place_updates():
     out = cpu_ops.linear(x, weight, None)  # with autograd: plain F.linear, and gradients flow
     out.float().sum().backward()
     assert weight.grad is not None
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 3, 64, 300])
+def test_elementwise_kernels_are_bit_exact(rows):
+    """SwiGLU, rotary and argmax in one pass each give PyTorch's bf16 results to the bit."""
+    from ember.models.layers import apply_rotary
+
+    g = torch.Generator().manual_seed(rows)
+    gate_up = (torch.randn(rows, 2 * 200, generator=g) * 4).to(torch.bfloat16)  # 200: a partial vector at the end
+    assert torch.equal(cpu_ops.silu_mul(gate_up), F.silu(gate_up[:, :200]) * gate_up[:, 200:])
+
+    heads, kv_heads, dim = 6, 2, 64
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * dim, generator=g).to(torch.bfloat16)
+    angles = torch.arange(rows)[:, None] * 0.37 * torch.rand(dim // 2, generator=g)
+    angles = torch.cat((angles, angles), dim=-1)
+    cos, sin = angles.cos().to(torch.bfloat16), angles.sin().to(torch.bfloat16)
+    rotated = (heads + kv_heads) * dim
+    expected = apply_rotary(qkv[:, :rotated].unflatten(-1, (heads + kv_heads, dim)), cos, sin).flatten(-2)
+    untouched = qkv[:, rotated:].clone()
+    assert cpu_ops.rotary_(qkv, cos, sin, heads + kv_heads)
+    assert torch.equal(qkv[:, :rotated], expected) and torch.equal(qkv[:, rotated:], untouched)
+
+    logits = torch.randn(rows, 1000, generator=g).to(torch.bfloat16)
+    logits[0, 7] = logits[0, 900] = 50  # ties: the first wins
+    if rows > 1:
+        logits[1, 11] = float("nan")  # NaN: above everything, as torch.argmax has it
+    assert torch.equal(cpu_ops.argmax(logits), logits.float().argmax(dim=-1))
+
+
+def test_elementwise_kernels_step_aside_for_autograd_and_fp32():
+    x = torch.randn(2, 8, requires_grad=True)
+    assert cpu_ops.silu_mul(x) is None and cpu_ops.argmax(x) is None
+    assert not cpu_ops.rotary_(x, torch.ones(2, 4), torch.zeros(2, 4), 1)

@@ -53,7 +53,10 @@ class CpuPagedContext:
 
     def attend(self, layer, q, k, v, scale, sliding_window):
         cache = self.kv_caches[layer]
-        self.layout.write(cache, self.slots, k, v)
+        if self.layout.paired:
+            torch.ops.ember_cpu.write_paired(cache[0], cache[1], k, v, *self.slots)
+        else:
+            self.layout.write(cache, self.slots, k, v)
         rows = self.num_kernel_rows
         kernel_out = None
         if rows:

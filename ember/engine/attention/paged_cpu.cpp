@@ -36,7 +36,8 @@ namespace {
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kPrefetchBlocks = 2;  // how far ahead to fetch the next blocks
 constexpr int kChains = 4;  // independent accumulators in the q.k loop
-constexpr int kSpan = 4;  // chunks of keys per online-softmax update (paired kernel)
+constexpr int kSpan = 4;
+constexpr int64_t kWriteAhead = 4;  // tokens whose cache lines write_paired fetches ahead  // chunks of keys per online-softmax update (paired kernel)
 
 template <typename T>
 inline Vec load_vec(const T* p) {
@@ -117,8 +118,8 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::
             const char* next_keys = reinterpret_cast<const char*>(kp + next + kvh * dim * block_size);
             const char* next_values = reinterpret_cast<const char*>(vp + next + kvh * block_size * dim);
             for (int64_t b = 0; b < dim * block_size * static_cast<int64_t>(sizeof(C)); b += 64) {
-              __builtin_prefetch(next_keys + b);
-              __builtin_prefetch(next_values + b);
+              _mm_prefetch(next_keys + b, _MM_HINT_T1);
+              _mm_prefetch(next_values + b, _MM_HINT_T1);
             }
           }
         }
@@ -254,9 +255,10 @@ void paired_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
             const int64_t ahead = start + kPrefetchBlocks * block_size;
             if (ahead < hi_all) {
               const int64_t next = (table[ahead / block_size] * kv_heads + kvh) * head_elems;
+              // Into L2, not L1: L1's few miss buffers would stall the loads of the current block.
               for (int64_t b = 0; b < head_elems * 2; b += 64) {
-                __builtin_prefetch(reinterpret_cast<const char*>(kp + next) + b);
-                __builtin_prefetch(reinterpret_cast<const char*>(vp + next) + b);
+                _mm_prefetch(reinterpret_cast<const char*>(kp + next) + b, _MM_HINT_T1);
+                _mm_prefetch(reinterpret_cast<const char*>(vp + next) + b, _MM_HINT_T1);
               }
             }
           }
@@ -437,9 +439,63 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
   return out;
 }
 
+// New tokens' K and V rows into their slots of a paired-layout cache (see paired_kernel), one
+// pass instead of two index_put copies. k, v: [tokens, kv_heads, head_dim], rows may be strided.
+void write_paired(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,
+                  const at::Tensor& blocks, const at::Tensor& offsets) {
+  TORCH_CHECK(k_cache.dim() == 5 && k_cache.is_contiguous() && v_cache.is_contiguous(), "paired k/v caches expected");
+  TORCH_CHECK(k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16 &&
+              k_cache.scalar_type() == at::kBFloat16 && v_cache.scalar_type() == at::kBFloat16, "bf16 expected");
+  const int64_t tokens = k.size(0), kv_heads = k_cache.size(1), dim = k.size(2), block_size = k_cache.size(3);
+  TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes() && k.size(1) == kv_heads && k.size(2) == 2 * k_cache.size(2),
+              "k, v: [tokens, kv_heads, head_dim] matching the cache");
+  TORCH_CHECK(k.stride(2) == 1 && k.stride(1) == dim && v.stride(2) == 1 && v.stride(1) == dim, "k, v: heads contiguous");
+  TORCH_CHECK(blocks.scalar_type() == at::kLong && offsets.scalar_type() == at::kLong && blocks.is_contiguous() &&
+              offsets.is_contiguous() && blocks.numel() == tokens && offsets.numel() == tokens, "int64 blocks, offsets [tokens]");
+  const int64_t* bp = blocks.data_ptr<int64_t>();
+  const int64_t* op = offsets.data_ptr<int64_t>();
+  const uint16_t* kp = reinterpret_cast<const uint16_t*>(k.data_ptr<c10::BFloat16>());
+  const uint16_t* vp = reinterpret_cast<const uint16_t*>(v.data_ptr<c10::BFloat16>());
+  uint32_t* kc = reinterpret_cast<uint32_t*>(k_cache.data_ptr<c10::BFloat16>());
+  uint16_t* vc = reinterpret_cast<uint16_t*>(v_cache.data_ptr<c10::BFloat16>());
+  const int64_t pairs = dim / 2;
+  const auto destinations = [&](int64_t t, auto&& visit) {  // the cache lines token t writes
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      const int64_t head = bp[t] * kv_heads + h;
+      for (int64_t i = 0; i < pairs; ++i) visit(kc + (head * pairs + i) * block_size + op[t]);
+      for (int64_t d = 0; d < dim; d += 16) visit(vc + ((head * (block_size / 2) + op[t] / 2) * dim + d) * 2);
+    }
+  };
+  at::parallel_for(0, tokens, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      // Each token's K pairs land a row apart (one cache line each): fetch the lines of the
+      // tokens a few ahead for writing, or every store waits for memory in turn.
+      if (t == t0)
+        for (int64_t a = t; a < std::min(t1, t + kWriteAhead); ++a) destinations(a, [](auto* p) { __builtin_prefetch(p, 1, 3); });
+      if (t + kWriteAhead < t1) destinations(t + kWriteAhead, [](auto* p) { __builtin_prefetch(p, 1, 3); });
+      const int64_t block = bp[t], offset = op[t];
+      TORCH_CHECK(block >= 0 && block < k_cache.size(0) && offset >= 0 && offset < block_size, "slot out of range");
+      for (int64_t h = 0; h < kv_heads; ++h) {
+        const int64_t head = block * kv_heads + h;
+        const uint16_t* key = kp + t * k.stride(0) + h * dim;
+        const uint16_t* value = vp + t * v.stride(0) + h * dim;
+        uint32_t* kdst = kc + head * pairs * block_size + offset;  // [pairs][block_size] of (2i, 2i+1)
+        for (int64_t i = 0; i < pairs; ++i) {
+          uint32_t pair;
+          std::memcpy(&pair, key + 2 * i, sizeof(pair));
+          kdst[i * block_size] = pair;
+        }
+        uint16_t* vdst = vc + ((head * (block_size / 2) + offset / 2) * dim) * 2 + offset % 2;  // [dim][2]
+        for (int64_t d = 0; d < dim; ++d) vdst[2 * d] = value[d];
+      }
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(ember_cpu, m) {
+  m.def("write_paired(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor blocks, Tensor offsets) -> ()");
   m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor token_request, "
         "Tensor kv_lens, int window, float scale, Tensor? k_scales=None, Tensor? v_scales=None) -> Tensor");
   m.def("bf16_pairs_supported() -> bool", &bf16_pairs_supported);
@@ -447,4 +503,5 @@ TORCH_LIBRARY(ember_cpu, m) {
 
 TORCH_LIBRARY_IMPL(ember_cpu, CPU, m) {
   m.impl("paged_attention", &paged_attention);
+  m.impl("write_paired", &write_paired);
 }
