@@ -20,6 +20,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <type_traits>
 #include <cmath>
 #include <cstring>
@@ -208,14 +209,26 @@ void paired_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   const __m512 neg_inf = _mm512_set1_ps(kNegInf);
 
-  at::parallel_for(0, num_tiles * kv_heads, 1, [&](int64_t begin, int64_t end) {
+  // Work items vary a lot (a prompt's first rows see a few keys, its last rows all of them): the
+  // threads take items from a shared counter, longest first, instead of fixed halves of the list.
+  std::vector<int64_t> order(num_tiles);
+  std::vector<int64_t> cost(num_tiles);
+  for (int64_t t = 0; t < num_tiles; ++t) {
+    order[t] = t;
+    cost[t] = kv_lens[tiles[2 * t] + tiles[2 * t + 1] - 1];  // the tile's last row sees the most keys
+  }
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
+  std::atomic<int64_t> next_item{0};
+  const int64_t num_items = num_tiles * kv_heads;
+
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     std::vector<uint32_t> qpairs(H * pairs);
     std::vector<float> acc(H * dim);
     float max_score[H], denom[H], correction[H];
     int64_t first[R], last[R];
     alignas(64) uint32_t ppairs[S][H][W / 2];
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t tile = item / kv_heads, kvh = item % kv_heads;
+    for (int64_t item; (item = next_item.fetch_add(1, std::memory_order_relaxed)) < num_items;) {
+      const int64_t tile = order[item / kv_heads], kvh = item % kv_heads;  // a tile's KV heads side by side
       const int64_t row0 = tiles[2 * tile], rows = tiles[2 * tile + 1];
       int64_t lo_all = std::numeric_limits<int64_t>::max(), hi_all = 0;
       for (int r = 0; r < R; ++r) {
