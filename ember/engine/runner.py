@@ -121,18 +121,23 @@ class ModelRunner:
         """One flat forward: request i's `query_lens[i]` tokens at positions after its
         `context_lens[i]` cached ones (requests ordered by query length). Returns hidden rows."""
         device = self.device
-        lens = torch.tensor(query_lens, device=device)
-        starts = torch.tensor(context_lens, device=device)
-        token_request = torch.repeat_interleave(torch.arange(len(requests), device=device), lens)
-        first_token = torch.cumsum(lens, 0) - lens
-        positions = torch.arange(len(input_ids), device=device) + (starts - first_token)[token_request]
+        bs = self.block_size
         max_blocks = max(len(r.block_ids) for r in requests)
         block_tables = torch.tensor(
             [r.block_ids + [NULL_BLOCK] * (max_blocks - len(r.block_ids)) for r in requests],
             dtype=torch.int64, device=device,
         )
-        bs = self.block_size
-        slot_mapping = block_tables[token_request, positions // bs] * bs + positions % bs
+        if len(input_ids) == len(requests):  # decodes only (the common step): a few list lookups
+            positions = torch.tensor(context_lens, device=device)
+            slot_mapping = torch.tensor([r.block_ids[p // bs] * bs + p % bs for r, p in zip(requests, context_lens)],
+                                        device=device)
+        else:
+            lens = torch.tensor(query_lens, device=device)
+            starts = torch.tensor(context_lens, device=device)
+            token_request = torch.repeat_interleave(torch.arange(len(requests), device=device), lens)
+            first_token = torch.cumsum(lens, 0) - lens
+            positions = torch.arange(len(input_ids), device=device) + (starts - first_token)[token_request]
+            slot_mapping = block_tables[token_request, positions // bs] * bs + positions % bs
         ctx = self.backend.build(BatchLayout(query_lens, context_lens, block_tables, slot_mapping, positions))
         return self.model(torch.tensor(input_ids, device=device), positions, ctx)
 

@@ -23,6 +23,7 @@
 #include <cmath>
 #include <limits>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -296,11 +297,20 @@ inline __m512 round_bf16(__m512 v) {  // round to bf16 (nearest even) and back, 
 }
 
 // transformers' LlamaRMSNorm in bf16: x / sqrt(mean(x^2) + eps) in fp32, rounded to bf16, times the weight.
+// With `delta`, x + delta first (a residual add, rounded to bf16 as PyTorch's add is), stored to `sum`.
 void rms_norm_rows(const c10::BFloat16* x, const c10::BFloat16* w, c10::BFloat16* out, int64_t rows, int64_t h,
-                   float eps) {
+                   float eps, const c10::BFloat16* delta = nullptr, c10::BFloat16* sum = nullptr) {
   at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const c10::BFloat16* xr = x + r * h;
+      if (delta) {
+        for (int64_t k = 0; k < h; k += 16) {
+          const __mmask16 mask = tail_mask(k, h);
+          const __m512 v = _mm512_add_ps(load_bf16(xr + k, mask), load_bf16(delta + r * h + k, mask));
+          _mm256_mask_storeu_epi16(sum + r * h + k, mask, (__m256i)_mm512_cvtneps_pbh(v));
+        }
+        xr = sum + r * h;
+      }
       __m512 squares = _mm512_setzero_ps();
       for (int64_t k = 0; k < h; k += 16) {
         const __m512 v = load_bf16(xr + k, tail_mask(k, h));
@@ -464,6 +474,21 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return out;
 }
 
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& delta, const at::Tensor& weight,
+                                                double eps) {
+  TORCH_CHECK(gemv_supported(), "add_rms_norm: built without AVX512-BF16");
+  TORCH_CHECK(x.is_contiguous() && delta.is_contiguous() && x.sizes() == delta.sizes() &&
+              x.scalar_type() == at::kBFloat16 && delta.scalar_type() == at::kBFloat16, "x, delta: contiguous bf16, one shape");
+  const int64_t h = x.size(-1);
+  TORCH_CHECK(weight.is_contiguous() && weight.scalar_type() == at::kBFloat16 && weight.numel() == h, "weight: bf16 [H]");
+  at::Tensor sum = at::empty_like(x), out = at::empty_like(x);
+#ifdef EMBER_GEMV
+  rms_norm_rows(x.data_ptr<c10::BFloat16>(), weight.data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>(),
+                x.numel() / h, h, static_cast<float>(eps), delta.data_ptr<c10::BFloat16>(), sum.data_ptr<c10::BFloat16>());
+#endif
+  return {sum, out};
+}
+
 at::Tensor silu_mul(const at::Tensor& x) {
   TORCH_CHECK(gemv_supported(), "silu_mul: built without AVX512-BF16");
   TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kBFloat16 && x.size(-1) % 2 == 0, "x: contiguous bf16 [..., 2 * I]");
@@ -506,6 +531,7 @@ at::Tensor argmax_rows_op(const at::Tensor& x) {
 
 TORCH_LIBRARY(ember_ops, m) {
   m.def("silu_mul(Tensor x) -> Tensor");
+  m.def("add_rms_norm(Tensor x, Tensor delta, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("rotary_(Tensor(a!) x, Tensor cos, Tensor sin, int heads) -> Tensor(a!)");
   m.def("argmax(Tensor x) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
@@ -519,6 +545,7 @@ TORCH_LIBRARY_IMPL(ember_ops, CPU, m) {
   m.impl("linear_gemv_int4", &linear_gemv_int4);
   m.impl("rms_norm", &rms_norm);
   m.impl("silu_mul", &silu_mul);
+  m.impl("add_rms_norm", &add_rms_norm);
   m.impl("rotary_", &rotary_);
   m.impl("argmax", &argmax_rows_op);
 }

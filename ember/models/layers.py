@@ -27,6 +27,10 @@ class RMSNorm(nn.Module):
         # at the end where transformers rounds before the weight: a last-bit difference).
         return cpu_ops.rms_norm(x, self.weight, self.eps)
 
+    def add_and_norm(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, norm(x + delta)): a residual add and this norm, fused where ember's kernel applies."""
+        return cpu_ops.add_rms_norm(x, delta, self.weight, self.eps)
+
 
 class Linear(nn.Linear):
     """nn.Linear whose decode-sized products go through ember's CPU GEMV kernel."""
@@ -61,8 +65,19 @@ class Rotary:
         self.rope = rope
         self.head_dim = head_dim
         self._inv_freq: torch.Tensor | None = None
+        self._tables: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}  # CPU: cos, sin [positions, head_dim]
 
     def __call__(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if positions.device.type == "cpu":  # a lookup instead of ~8 small ops per step (the same values)
+            tables = self._tables.get(dtype)
+            needed = int(positions.max()) + 1 if positions.numel() else 0
+            if tables is None or tables[0].shape[0] < needed:
+                count = max(needed, 2 * tables[0].shape[0] if tables is not None else 1024)
+                tables = self._tables[dtype] = self._compute(torch.arange(count), dtype)
+            return tables[0][positions], tables[1][positions]
+        return self._compute(positions, dtype)
+
+    def _compute(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if self._inv_freq is None or self._inv_freq.device != positions.device:
             self._inv_freq = self.rope.inv_freq(self.head_dim).to(positions.device)
         freqs = positions.float().unsqueeze(-1) * self._inv_freq
@@ -166,5 +181,5 @@ class DecoderLayer(nn.Module):
         setattr(self, self.ffn_name, ffn)
 
     def forward(self, x, cos, sin, ctx):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
-        return x + getattr(self, self.ffn_name)(self.post_attention_layernorm(x))
+        x, h = self.post_attention_layernorm.add_and_norm(x, self.self_attn(self.input_layernorm(x), cos, sin, ctx))
+        return x + getattr(self, self.ffn_name)(h)

@@ -80,7 +80,8 @@ def test_prepacked_weights_are_exact_and_follow_in_place_updates():
 @needs_kernels
 @pytest.mark.parametrize("rows", [1, 3, 64, 300])
 def test_elementwise_kernels_are_bit_exact(rows):
-    """SwiGLU, rotary and argmax in one pass each give PyTorch's bf16 results to the bit."""
+    """SwiGLU, rotary, residual add + RMSNorm and argmax in one pass each give the separate ops' bf16
+    results to the bit."""
     from ember.models.layers import apply_rotary
 
     g = torch.Generator().manual_seed(rows)
@@ -98,6 +99,11 @@ def test_elementwise_kernels_are_bit_exact(rows):
     assert cpu_ops.rotary_(qkv, cos, sin, heads + kv_heads)
     assert torch.equal(qkv[:, :rotated], expected) and torch.equal(qkv[:, rotated:], untouched)
 
+    x, delta = torch.randn(2, rows, 200, generator=g).to(torch.bfloat16)
+    weight = torch.rand(200, generator=g).to(torch.bfloat16)
+    total, normed = cpu_ops.add_rms_norm(x, delta, weight, 1e-6)
+    assert torch.equal(total, x + delta) and torch.equal(normed, cpu_ops.rms_norm(x + delta, weight, 1e-6))
+
     logits = torch.randn(rows, 1000, generator=g).to(torch.bfloat16)
     logits[0, 7] = logits[0, 900] = 50  # ties: the first wins
     if rows > 1:
@@ -109,3 +115,6 @@ def test_elementwise_kernels_step_aside_for_autograd_and_fp32():
     x = torch.randn(2, 8, requires_grad=True)
     assert cpu_ops.silu_mul(x) is None and cpu_ops.argmax(x) is None
     assert not cpu_ops.rotary_(x, torch.ones(2, 4), torch.zeros(2, 4), 1)
+    total, normed = cpu_ops.add_rms_norm(x, x, torch.ones(8), 1e-6)
+    (total.sum() + normed.sum()).backward()  # PyTorch's ops, with their autograd
+    assert x.grad is not None

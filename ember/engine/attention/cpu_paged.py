@@ -90,10 +90,10 @@ class CpuPagedBackend(TorchPagedBackend):
             num_kernel += 1
         rows = sum(layout.query_lens[:num_kernel])
         device = layout.positions.device
-        token_request = torch.repeat_interleave(
-            torch.arange(num_kernel, device=device),
-            torch.tensor(layout.query_lens[:num_kernel], dtype=torch.int64, device=device),
-        )
+        token_request = torch.arange(num_kernel, device=device)
+        if rows > num_kernel:  # some requests bring several rows
+            token_request = torch.repeat_interleave(
+                token_request, torch.tensor(layout.query_lens[:num_kernel], dtype=torch.int64, device=device))
         return CpuPagedContext(
             self.kv_caches, self.layout, split_slots(layout.slot_mapping, self.block_size), rows, layout.block_tables, token_request,
             layout.positions[:rows] + 1, self.chunks(layout, num_kernel, rows),
