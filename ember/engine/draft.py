@@ -14,6 +14,7 @@ from ember.engine.request import Request
 from ember.engine.runner import ModelRunner
 from ember.engine.spec import SpeculativeConfig
 from ember.models import load_model
+from ember.models.huge_pages import rehome_weights
 from ember.models.config import ModelConfig
 
 
@@ -25,6 +26,8 @@ class DraftProposer:
             raise ValueError(
                 f"speculative.model: its vocabulary ({config.vocab_size}) differs from the target's ({target.vocab_size})"
             )
+        if device.type == "cpu":
+            rehome_weights(model)
         self.runner = ModelRunner(model, config, num_blocks, block_size, device, seed + 1, attention_backend)
         self.generator = torch.Generator(device=device).manual_seed(seed + 1)
 

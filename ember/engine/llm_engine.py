@@ -21,6 +21,7 @@ from ember.engine.runner import ModelRunner, kv_bytes_per_block
 from ember.engine.scheduler import Scheduler
 from ember.engine.spec import SpeculativeConfig, can_speculate, ngram_propose
 from ember.models import load_model
+from ember.models.huge_pages import rehome_weights
 from ember.models.quant import QuantizedLinear, quantize_model, weight_bytes
 from ember.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -55,6 +56,8 @@ class LLMEngine:
         self.model, self.model_config = load_model(config.model, config.dtype, self.device)
         if config.quantization is not None:
             quantize_model(self.model, config.quant_config())
+        if self.device.type == "cpu":
+            rehome_weights(self.model)
         self.tokenizer = Tokenizer(config.tokenizer or config.model, chat_template=config.chat_template)
         mc = self.model_config
         sched = config.scheduler

@@ -61,7 +61,7 @@ class CpuPagedContext:
         kernel_out = None
         if rows:
             kernel_out = torch.ops.ember_cpu.paged_attention(
-                q[:rows].contiguous(), *cache[:2], self.block_tables, self.token_request, self.kv_lens,
+                q[:rows], *cache[:2], self.block_tables, self.token_request, self.kv_lens,
                 sliding_window or 0, scale, *cache[2:],
             )
             if not self.chunks:

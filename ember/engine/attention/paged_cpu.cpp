@@ -97,7 +97,7 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::
     Vec scores[G], out_acc[G];
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / kv_heads, kvh = item % kv_heads;
-      for (int64_t i = 0; i < group * dim; ++i) qf[i] = static_cast<float>(qp[(n * heads + kvh * group) * dim + i]) * scale;
+      for (int64_t i = 0; i < group * dim; ++i) qf[i] = static_cast<float>(qp[n * q.stride(0) + kvh * group * dim + i]) * scale;
       std::fill(acc.begin(), acc.end(), 0.f);
       std::fill(max_score, max_score + G, neg_inf);
       std::fill(denom, denom + G, 0.f);
@@ -233,7 +233,7 @@ void paired_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
       int64_t lo_all = std::numeric_limits<int64_t>::max(), hi_all = 0;
       for (int r = 0; r < R; ++r) {
         if (r < rows) {
-          std::memcpy(&qpairs[r * G * pairs], qp + ((row0 + r) * heads + kvh * G) * dim, G * dim * sizeof(uint16_t));
+          std::memcpy(&qpairs[r * G * pairs], qp + (row0 + r) * q.stride(0) + kvh * G * dim, G * dim * sizeof(uint16_t));
           last[r] = kv_lens[row0 + r];
           first[r] = window > 0 ? std::max<int64_t>(0, last[r] - window) : 0;
           lo_all = std::min(lo_all, first[r]);
@@ -391,7 +391,8 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
                            const std::optional<at::Tensor>& k_scales, const std::optional<at::Tensor>& v_scales) {
   const bool quantized = k_cache.scalar_type() == at::kChar;
   const bool paired = k_cache.dim() == 5;  // see paired_kernel for that layout
-  TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "q: contiguous [tokens, heads, head_dim] expected");
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2),
+              "q: [tokens, heads, head_dim] with each row's heads contiguous expected");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == v_cache.dim(), "k/v caches");
   TORCH_CHECK(paired || k_cache.dim() == 4, "k_cache: [blocks, kv_heads, head_dim, block_size] expected");
   TORCH_CHECK(!paired || (bf16_pairs_supported() && q.scalar_type() == at::kBFloat16), "paired layout needs bf16 and AVX512-BF16");
@@ -407,7 +408,7 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
   const c10::BFloat16* vs = quantized ? v_scales->data_ptr<c10::BFloat16>() : nullptr;
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.is_contiguous(), "int64 block_tables");
   TORCH_CHECK(token_request.scalar_type() == at::kLong && kv_lens.scalar_type() == at::kLong, "int64 indices");
-  at::Tensor out = at::empty_like(q);
+  at::Tensor out = at::empty(q.sizes(), q.options());  // contiguous, whatever q's row stride
   const int64_t group = q.size(1) / k_cache.size(1);
   TORCH_CHECK(group >= 1 && group <= 8 && q.size(1) == group * k_cache.size(1), "1-8 query heads per KV head supported");
   const auto run = [&](auto tag) {
