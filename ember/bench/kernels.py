@@ -51,7 +51,7 @@ def run_kernels(config, rows: list[int], group_size: int) -> None:
             with torch.inference_mode():
                 times = [
                     _time(lambda: F.linear(x, linear.weight)),
-                    _time(lambda: cpu_ops.linear(x, linear.weight, None)) if m <= cpu_ops.GEMV_MAX_ROWS else None,
+                    _time(lambda: cpu_ops.linear(x, linear.weight, None)) if m <= cpu_ops.PAIRS_MAX_ROWS else None,
                     _time(lambda: torch.ops.aten._weight_int8pack_mm(x, int8.qweight, int8.scales)),
                     _time(lambda: int8(x)),
                     _time(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, torch_int4, group_size, torch_sz)),

@@ -407,6 +407,77 @@ void argmax_rows(const c10::BFloat16* x, int64_t* out, int64_t rows, int64_t n) 
     }
   });
 }
+
+// Small batches (a few to a few dozen rows): compute-bound once the weights are read once for
+// all rows, which the row-by-row GEMV above does not do beyond 4 rows, and where oneDNN's GEMM
+// reached ~65% of the bf16 peak here (Qwen2-0.5B shapes at 16 rows). Weights go in "pair-packed"
+// blocks of 16 output channels, [N/16][K/2][16][2] (see pack_pairs): one 64-byte load is 16
+// channels x 2 inputs, one vdpbf16ps per row of x adds them to that row's 16 outputs, so every
+// weight load serves up to 16 rows and no horizontal sums are needed.
+constexpr int64_t kPairBlock = 16;  // output channels per packed block
+
+template <int R, int B>
+void pairs_tile(const uint32_t* x, int64_t x_stride, const uint32_t* w, int64_t k_pairs, const c10::BFloat16* bias,
+                int64_t n0, int64_t n_dim, c10::BFloat16* out, int64_t out_stride) {
+  // R rows x B blocks of 16 channels: each broadcast x pair serves B products, each weight load R.
+  __m512 acc[R][B];
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < B; ++b) acc[r][b] = _mm512_setzero_ps();
+  const int64_t block_stride = k_pairs * kPairBlock;
+  for (int64_t kp = 0; kp < k_pairs; ++kp) {
+    __m512bh wv[B];
+    for (int b = 0; b < B; ++b) wv[b] = (__m512bh)_mm512_loadu_si512(w + b * block_stride + kp * kPairBlock);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(x[r * x_stride + kp]);
+      for (int b = 0; b < B; ++b) acc[r][b] = _mm512_dpbf16_ps(acc[r][b], xv, wv[b]);
+    }
+  }
+  for (int b = 0; b < B; ++b) {
+    const int64_t n = n0 + b * kPairBlock;
+    const __mmask16 mask = n < n_dim ? tail_mask(n, n_dim) : 0;
+    const __m512 bv = bias ? load_bf16(bias + n, mask) : _mm512_setzero_ps();
+    for (int r = 0; r < R; ++r)
+      _mm256_mask_storeu_epi16(out + r * out_stride + n, mask, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[r][b], bv)));
+  }
+}
+
+constexpr int kTileRows = 12;  // rows per pass: 12 x 2 accumulators + 2 weights fit the 32 vector registers
+
+template <typename Body>
+void with_block_rows(int64_t rows, const Body& body) {
+  switch (rows) {
+#define EMBER_ROWS(R) case R: body(std::integral_constant<int, R>{}); break;
+    EMBER_ROWS(1) EMBER_ROWS(2) EMBER_ROWS(3) EMBER_ROWS(4) EMBER_ROWS(5) EMBER_ROWS(6) EMBER_ROWS(7) EMBER_ROWS(8)
+    EMBER_ROWS(9) EMBER_ROWS(10) EMBER_ROWS(11)
+#undef EMBER_ROWS
+    default: body(std::integral_constant<int, kTileRows>{}); break;
+  }
+}
+
+void linear_pairs_rows(const at::Tensor& x, const at::Tensor& packed, int64_t n_dim, const c10::BFloat16* bias,
+                       at::Tensor& out) {
+  const int64_t m_dim = x.size(0), k_pairs = x.size(1) / 2, blocks = packed.size(0);
+  const auto* xp = reinterpret_cast<const uint32_t*>(x.data_ptr<c10::BFloat16>());
+  const auto* wp = reinterpret_cast<const uint32_t*>(packed.data_ptr<c10::BFloat16>());
+  auto* op = out.data_ptr<c10::BFloat16>();
+  // Pairs of blocks (32 channels) per work item; the last may be a single block.
+  at::parallel_for(0, (blocks + 1) / 2, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = 2 * t;
+      const uint32_t* w = wp + b * k_pairs * kPairBlock;
+      for (int64_t m = 0; m < m_dim; m += kTileRows) {  // the blocks' weights stay in L1/L2 between passes
+        with_block_rows(std::min<int64_t>(kTileRows, m_dim - m), [&](auto rows) {
+          constexpr int R = decltype(rows)::value;
+          if (b + 1 < blocks) {
+            pairs_tile<R, 2>(xp + m * k_pairs, k_pairs, w, k_pairs, bias, b * kPairBlock, n_dim, op + m * n_dim, n_dim);
+          } else {
+            pairs_tile<R, 1>(xp + m * k_pairs, k_pairs, w, k_pairs, bias, b * kPairBlock, n_dim, op + m * n_dim, n_dim);
+          }
+        });
+      }
+    }
+  });
+}
 #endif
 
 bool gemv_supported() {
@@ -436,6 +507,31 @@ at::Tensor linear_gemv(const at::Tensor& x, const at::Tensor& w, const std::opti
   } else {
     gemv_bf16(x, w, bp, out);
   }
+#endif
+  return out;
+}
+
+// [N, K] bf16 -> [ceil(N / 16), K / 2, 16, 2]: the layout linear_pairs reads (channels past N are zero).
+at::Tensor pack_pairs(const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16 && w.size(1) % 2 == 0, "w: bf16 [N, K] with K even");
+  const int64_t n_dim = w.size(0), k_dim = w.size(1), blocks = (n_dim + kPairBlock - 1) / kPairBlock;
+  at::Tensor padded = at::zeros({blocks * kPairBlock, k_dim}, w.options());
+  padded.narrow(0, 0, n_dim).copy_(w);
+  return padded.view({blocks, kPairBlock, k_dim / 2, 2}).transpose(1, 2).contiguous();
+}
+
+at::Tensor linear_pairs(const at::Tensor& x, const at::Tensor& packed, int64_t n_dim, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(gemv_supported(), "linear_pairs: built without AVX512-BF16");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16 && x.size(1) % 2 == 0,
+              "x: contiguous bf16 [M, K] with K even");
+  TORCH_CHECK(packed.dim() == 4 && packed.is_contiguous() && packed.scalar_type() == at::kBFloat16 &&
+              packed.size(1) * 2 == x.size(1) && packed.size(2) == kPairBlock && packed.size(3) == 2 &&
+              packed.size(0) == (n_dim + kPairBlock - 1) / kPairBlock, "packed: pack_pairs(w) of a [n_dim, K] weight");
+  TORCH_CHECK(!bias || (bias->scalar_type() == at::kBFloat16 && bias->is_contiguous() && bias->numel() == n_dim),
+              "bias: bf16 [N]");
+  at::Tensor out = at::empty({x.size(0), n_dim}, x.options());
+#ifdef EMBER_GEMV
+  linear_pairs_rows(x, packed, n_dim, bias ? bias->data_ptr<c10::BFloat16>() : nullptr, out);
 #endif
   return out;
 }
@@ -531,6 +627,8 @@ at::Tensor argmax_rows_op(const at::Tensor& x) {
 
 TORCH_LIBRARY(ember_ops, m) {
   m.def("silu_mul(Tensor x) -> Tensor");
+  m.def("pack_pairs(Tensor w) -> Tensor");
+  m.def("linear_pairs(Tensor x, Tensor packed, int n, Tensor? bias=None) -> Tensor");
   m.def("add_rms_norm(Tensor x, Tensor delta, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("rotary_(Tensor(a!) x, Tensor cos, Tensor sin, int heads) -> Tensor(a!)");
   m.def("argmax(Tensor x) -> Tensor");
@@ -545,6 +643,8 @@ TORCH_LIBRARY_IMPL(ember_ops, CPU, m) {
   m.impl("linear_gemv_int4", &linear_gemv_int4);
   m.impl("rms_norm", &rms_norm);
   m.impl("silu_mul", &silu_mul);
+  m.impl("pack_pairs", &pack_pairs);
+  m.impl("linear_pairs", &linear_pairs);
   m.impl("add_rms_norm", &add_rms_norm);
   m.impl("rotary_", &rotary_);
   m.impl("argmax", &argmax_rows_op);

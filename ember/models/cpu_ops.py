@@ -1,13 +1,16 @@
-"""Decode-sized work on CPU through `cpu_ops.cpp`: matrix-vector products and RMSNorm.
+"""Small-batch work on CPU through `cpu_ops.cpp`: matrix products for a few rows, RMSNorm and
+the other elementwise steps of a decoder layer.
 
 A decode step multiplies a handful of rows by every weight matrix, which PyTorch runs
-at a fraction of the memory bandwidth here; the kernels stream each weight once for up
-to four rows at a time (see BENCHMARKS.md, issue 10, for the measurements behind
-`GEMV_MAX_ROWS`). RMSNorm, SwiGLU's silu(gate) * up, rotary embedding and greedy argmax in
-bf16 are one pass each instead of PyTorch's several ops, with the same rounding. Used only
-for bf16 activations on CPUs with AVX512-BF16 and VNNI, without autograd; everything
-else goes through PyTorch. Larger bf16 products without autograd use oneDNN with the
-weight prepacked once (see `_packed`).
+at a fraction of the memory bandwidth (one or two rows) or of the bf16 peak (a few dozen)
+here. One or two rows go through a GEMV that streams each weight as stored; 3 to
+`PAIRS_MAX_ROWS` rows through a kernel that reads a pair-packed copy of the weight once for
+up to 12 rows at a time (see `_pairs`; BENCHMARKS.md has the measurements behind both
+limits). RMSNorm, SwiGLU's silu(gate) * up, rotary embedding and greedy argmax in bf16 are
+one pass each instead of PyTorch's several ops, with the same rounding. Used only for bf16
+activations on CPUs with AVX512-BF16 and VNNI, without autograd; everything else goes
+through PyTorch. Larger bf16 products without autograd use oneDNN with the weight
+prepacked once (see `_packed`).
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from ember.models.cpu_build import build
+from ember.models.huge_pages import huge_page_copy
 
-GEMV_MAX_ROWS = 8  # bf16 weights: above this oneDNN's blocked GEMM wins
+GEMV_MAX_ROWS = 2  # bf16 weights: row by row on the weight as stored
+PAIRS_MAX_ROWS = 32  # bf16 weights: the pair-packed kernel up to here; oneDNN's prepacked GEMM above
 INT8_GEMV_MAX_ROWS = 16  # int8 weights: above this dequantizing once + GEMM wins
 
 
@@ -49,12 +54,18 @@ def _inference_bf16(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear, through the GEMV kernel for a few bf16 rows and oneDNN with a prepacked weight for more."""
+    """F.linear: bf16 inference on CPU through ember's GEMV (1-2 rows), its pair-packed kernel (up to
+    `PAIRS_MAX_ROWS`) or oneDNN with a prepacked weight (more rows)."""
     if not _inference_bf16(x, weight):
         return F.linear(x, weight, bias)
     flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # (the engine's rows are flat already)
-    if flat.shape[0] <= GEMV_MAX_ROWS and gemv_available():
-        out = _gemv(flat if flat.is_contiguous() else flat.contiguous(), weight, None, bias)
+    rows = flat.shape[0]
+    if rows <= PAIRS_MAX_ROWS and gemv_available():
+        flat = flat if flat.is_contiguous() else flat.contiguous()
+        if rows <= GEMV_MAX_ROWS or (pairs := _pairs(weight)) is None:
+            out = _gemv(flat, weight, None, bias)
+        else:
+            out = torch.ops.ember_ops.linear_pairs.default(flat, pairs, weight.shape[0], bias)
     elif (packed := _packed(weight)) is not None:
         out = torch.ops.mkldnn._linear_pointwise(flat, packed, bias, "none", [], "")
     else:
@@ -66,8 +77,10 @@ def expert_linear(x: torch.Tensor, stacked: torch.Tensor, expert: int) -> torch.
     """F.linear(x, stacked[expert]) for MoE weights stacked [experts, out, in], on the same paths."""
     if not _inference_bf16(x, stacked):
         return F.linear(x, stacked[expert])
-    if x.shape[0] <= GEMV_MAX_ROWS and gemv_available():
-        return torch.ops.ember_ops.linear_gemv(x.contiguous(), stacked[expert], None, None)
+    if x.shape[0] <= PAIRS_MAX_ROWS and gemv_available():
+        if x.shape[0] <= GEMV_MAX_ROWS or (pairs := _pairs(stacked)) is None:
+            return _gemv(x.contiguous(), stacked[expert], None, None)
+        return torch.ops.ember_ops.linear_pairs.default(x.contiguous(), pairs[expert], stacked.shape[1], None)
     if (packed := _packed(stacked)) is not None:
         return torch.ops.mkldnn._linear_pointwise(x, packed[expert], None, "none", [], "")
     return F.linear(x, stacked[expert])
@@ -81,12 +94,28 @@ def _packed(weight: torch.Tensor):
     cached = getattr(weight, "_ember_packed", None)
     if cached is not None and cached[0] == weight._version:
         return cached[1]
-    if not _onednn_packing():
+    if not _onednn_packing() or weight.is_inference():
         return None
     plain = weight.detach()
     reorder = torch.ops.mkldnn._reorder_linear_weight
     packed = reorder(plain, 64) if plain.dim() == 2 else [reorder(w, 64) for w in plain]
     weight._ember_packed = (weight._version, packed)
+    return packed
+
+
+def _pairs(weight: torch.Tensor):
+    """The weight in the pair-packed layout of ember's small-batch kernel ([N/16, K/2, 16, 2], see
+    cpu_ops.cpp): one more copy of the weight, in huge pages, built on the first batch of 3-32 rows
+    and rebuilt after in-place updates; for stacked experts, one per expert. None if K is odd."""
+    cached = getattr(weight, "_ember_pairs", None)
+    if cached is not None and cached[0] == weight._version:
+        return cached[1]
+    if weight.shape[-1] % 2 or weight.is_inference():  # (an inference tensor is a temporary: no cache)
+        return None
+    plain = weight.detach()
+    pack = torch.ops.ember_ops.pack_pairs
+    packed = huge_page_copy(pack(plain)) if plain.dim() == 2 else [huge_page_copy(pack(w)) for w in plain]
+    weight._ember_pairs = (weight._version, packed)
     return packed
 
 

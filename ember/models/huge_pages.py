@@ -24,6 +24,33 @@ HUGE_PAGE = 2 << 20
 _ALIGN = 64  # each tensor starts on a cache line
 
 
+def _huge_page_buffer(nbytes: int) -> torch.Tensor | None:
+    """A uint8 tensor of `nbytes` starting on a 2 MiB boundary, in memory madvised for huge
+    pages; None where the platform can't."""
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
+        return None
+    try:  # private and anonymous: shared mappings would take THP's (usually disabled) shmem setting
+        mapping = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        mapping.madvise(mmap.MADV_HUGEPAGE)
+    except (OSError, ValueError) as e:
+        logger.debug("huge pages unavailable: %s", e)
+        return None
+    raw = torch.frombuffer(mapping, dtype=torch.uint8)  # holds the mapping alive
+    offset = -raw.data_ptr() % HUGE_PAGE
+    return raw[offset:offset + nbytes]
+
+
+def huge_page_copy(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of CPU tensor `t` in huge pages (`t` itself if it is under 2 MiB or
+    huge pages are unavailable)."""
+    nbytes = t.numel() * t.element_size()
+    if nbytes < HUGE_PAGE or (buffer := _huge_page_buffer(nbytes)) is None:
+        return t
+    home = buffer.view(t.dtype).view(t.shape)
+    home.copy_(t)
+    return home
+
+
 def rehome_weights(model: nn.Module, min_bytes: int = 16 << 20) -> int:
     """Copy the CPU parameters and buffers of `model` into one huge-page-backed buffer and
     point them at it. Returns the bytes moved (0 where the platform can't, or the model is
@@ -36,16 +63,9 @@ def rehome_weights(model: nn.Module, min_bytes: int = 16 << 20) -> int:
                     tensors.setdefault(id(t), t)
     sizes = {key: -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN for key, t in tensors.items()}
     total = sum(sizes.values())
-    if total < min_bytes or not hasattr(mmap, "MADV_HUGEPAGE"):
+    if total < min_bytes or (raw := _huge_page_buffer(total)) is None:
         return 0
-    try:  # private and anonymous: shared mappings would take THP's (usually disabled) shmem setting
-        mapping = mmap.mmap(-1, total + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        mapping.madvise(mmap.MADV_HUGEPAGE)
-    except (OSError, ValueError) as e:
-        logger.debug("huge pages unavailable: %s", e)
-        return 0
-    raw = torch.frombuffer(mapping, dtype=torch.uint8)  # holds the mapping alive
-    offset = -raw.data_ptr() % HUGE_PAGE
+    offset = 0
     moved: dict[int, torch.Tensor] = {}
     for key, t in tensors.items():
         nbytes = t.numel() * t.element_size()
@@ -57,7 +77,8 @@ def rehome_weights(model: nn.Module, min_bytes: int = 16 << 20) -> int:
         for name, t in module._parameters.items():
             if t is not None and id(t) in moved:
                 t.data = moved[id(t)]  # the same Parameter object: tied weights stay tied
-                t.__dict__.pop("_ember_packed", None)  # a prepacked copy of the old storage (cpu_ops)
+                for cached in ("_ember_packed", "_ember_pairs"):  # packed copies of the old storage (cpu_ops)
+                    t.__dict__.pop(cached, None)
         for name, t in list(module._buffers.items()):
             if t is not None and id(t) in moved:
                 module._buffers[name] = moved[id(t)]
