@@ -224,7 +224,10 @@ class LLMEngine:
         return bool(self.groups)
 
     # ---- one step -----------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self, finished_only: bool = False) -> list[RequestOutput]:
+        """One scheduling + forward step. Returns an output for every request it advanced (for
+        streaming), or with `finished_only` only for those that finished (offline batches, which
+        would otherwise rebuild dozens of outputs per step only to drop them)."""
         if self.sleeping:
             raise ValueError("step: the engine is asleep; call wake() first")
         touched: dict[str, RequestGroup] = {g.request_id: g for g in self._pending}
@@ -261,6 +264,8 @@ class LLMEngine:
                 self.groups.pop(group.request_id, None)
                 for seq in group.sequences:
                     self.sequences.pop(seq.request.request_id, None)
+            elif finished_only:
+                continue
             outputs.append(group.make_output(hold_back, self.weight_version))
         return outputs
 
@@ -467,7 +472,7 @@ class LLM:
         start, num_out = time.perf_counter(), 0
         try:
             while len(finished) < len(ids):
-                for output in self.engine.step():
+                for output in self.engine.step(finished_only=True):
                     if output.finished and output.request_id in wanted:
                         finished[output.request_id] = output
                         num_out += sum(len(o.token_ids) for o in output.outputs)

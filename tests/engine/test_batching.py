@@ -53,3 +53,18 @@ def test_outputs_come_back_in_input_order_with_mixed_lengths(llama_dir):
     assert [len(o.outputs[0].token_ids) for o in outs] == [30, 2, 9]
     assert [o.prompt for o in outs] == prompts
     assert all(o.finished for o in outs)
+
+
+def test_step_can_return_only_finished_requests(llama_dir):
+    """Offline batches ask the engine for finished requests only; streaming callers get every step."""
+    engine = LLM(str(llama_dir), dtype="float32").engine
+    engine.add_request("short", [5, 6, 7], SamplingParams(temperature=0, ignore_eos=True, max_tokens=2))
+    engine.add_request("long", [8, 9], SamplingParams(temperature=0, ignore_eos=True, max_tokens=5))
+    streamed = engine.step()  # prompts + each request's first token
+    assert {o.request_id for o in streamed} == {"short", "long"} and not any(o.finished for o in streamed)
+    seen = []
+    while engine.has_unfinished_requests():
+        outputs = engine.step(finished_only=True)
+        assert all(o.finished for o in outputs)
+        seen += [(o.request_id, len(o.outputs[0].token_ids)) for o in outputs]
+    assert seen == [("short", 2), ("long", 5)]
