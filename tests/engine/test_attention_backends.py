@@ -37,20 +37,23 @@ def int8_reference(k: torch.Tensor) -> torch.Tensor:
 
 
 # decodes, a short chunk over context, a fresh prompt, a long chunk over context; then chunks over
-# context of many lengths (the kernel's multi-row tiles, a short last tile)
-BATCHES = [([1, 1, 1, 5, 40, 70], [0, 17, 100, 33, 0, 50]), ([1, 3, 19, 40, 70], [9, 17, 100, 60, 50])]
+# context of many lengths (the kernel's multi-row tiles, a short last tile); then a big batch of
+# decodes (one kernel work item per row over all KV heads) beside a chunk
+BATCHES = [([1, 1, 1, 5, 40, 70], [0, 17, 100, 33, 0, 50]), ([1, 3, 19, 40, 70], [9, 17, 100, 60, 50]),
+           ([1] * 70 + [5], [i * 37 % 90 for i in range(70)] + [20])]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("window", [None, 20])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 2), (6, 1), (4, 4), (8, 1)])
-@pytest.mark.parametrize("batch", [0, 1])
+@pytest.mark.parametrize("batch", [0, 1, 2])
 def test_cpu_paged_matches_reference(dtype, window, heads, kv_heads, batch):
     if resolve_backend("auto", torch.device("cpu"), (heads, kv_heads, 32, 16)) != "cpu_paged":
         pytest.skip("cpu_paged kernels unavailable")
     torch.manual_seed(0)
-    block_size, dim, num_blocks = 16, 32, 64
     query_lens, context_lens = BATCHES[batch]
+    block_size, dim = 16, 32
+    num_blocks = max(64, sum(-(-(q + c) // block_size) for q, c in zip(query_lens, context_lens)) + 1)
     layout = random_layout(query_lens, context_lens, block_size, num_blocks)
     n = sum(query_lens)
     q = torch.randn(n, heads, dim, dtype=dtype)
