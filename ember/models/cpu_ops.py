@@ -86,37 +86,34 @@ def expert_linear(x: torch.Tensor, stacked: torch.Tensor, expert: int) -> torch.
     return F.linear(x, stacked[expert])
 
 
-def _packed(weight: torch.Tensor):
-    """The weight reordered once into oneDNN's blocked layout (what F.linear redoes on every call):
-    10-60% faster products at decode batch sizes, bit-identical results; for stacked experts
-    [experts, out, in], one per expert. Kept beside the weight (a second copy of it) and rebuilt
-    whenever the weight changes in place (e.g. an RL weight push). None where oneDNN can't."""
-    cached = getattr(weight, "_ember_packed", None)
+def _kept_copy(weight: torch.Tensor, name: str, pack, usable: bool):
+    """A repacked copy of `weight` (one per expert for stacked [experts, out, in] weights), built on
+    first use, kept on the weight as `name` and rebuilt whenever the weight changes in place (e.g. an
+    RL weight push). None where `usable` is false or the weight is an inference tensor (a temporary:
+    nothing to keep it for)."""
+    cached = getattr(weight, name, None)
     if cached is not None and cached[0] == weight._version:
         return cached[1]
-    if not _onednn_packing() or weight.is_inference():
+    if not usable or weight.is_inference():
         return None
     plain = weight.detach()
-    reorder = torch.ops.mkldnn._reorder_linear_weight
-    packed = reorder(plain, 64) if plain.dim() == 2 else [reorder(w, 64) for w in plain]
-    weight._ember_packed = (weight._version, packed)
+    packed = pack(plain) if plain.dim() == 2 else [pack(w) for w in plain]
+    setattr(weight, name, (weight._version, packed))
     return packed
+
+
+def _packed(weight: torch.Tensor):
+    """The weight reordered once into oneDNN's blocked layout (what F.linear redoes on every call):
+    10-60% faster products at decode batch sizes, bit-identical results; a second copy of it."""
+    return _kept_copy(weight, "_ember_packed", lambda w: torch.ops.mkldnn._reorder_linear_weight(w, 64),
+                      _onednn_packing())
 
 
 def _pairs(weight: torch.Tensor):
     """The weight in the pair-packed layout of ember's small-batch kernel ([N/16, K/2, 16, 2], see
-    cpu_ops.cpp): one more copy of the weight, in huge pages, built on the first batch of 3-32 rows
-    and rebuilt after in-place updates; for stacked experts, one per expert. None if K is odd."""
-    cached = getattr(weight, "_ember_pairs", None)
-    if cached is not None and cached[0] == weight._version:
-        return cached[1]
-    if weight.shape[-1] % 2 or weight.is_inference():  # (an inference tensor is a temporary: no cache)
-        return None
-    plain = weight.detach()
-    pack = torch.ops.ember_ops.pack_pairs
-    packed = huge_page_copy(pack(plain)) if plain.dim() == 2 else [huge_page_copy(pack(w)) for w in plain]
-    weight._ember_pairs = (weight._version, packed)
-    return packed
+    cpu_ops.cpp), in huge pages: one more copy, built on the first batch of 3-32 rows. None if K is odd."""
+    return _kept_copy(weight, "_ember_pairs", lambda w: huge_page_copy(torch.ops.ember_ops.pack_pairs(w)),
+                      weight.shape[-1] % 2 == 0)
 
 
 @functools.cache

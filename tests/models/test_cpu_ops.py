@@ -71,14 +71,22 @@ def test_prepacked_weights_are_exact_and_follow_in_place_updates():
     torch.manual_seed(0)
     weight = torch.nn.Parameter(torch.randn(96, 64).to(torch.bfloat16))
     stacked = torch.nn.Parameter(torch.randn(3, 48, 64).to(torch.bfloat16))
-    x = torch.randn(24, 64).to(torch.bfloat16)  # above the GEMV rows: the prepacked path
-    with torch.no_grad():
+    x = torch.randn(cpu_ops.PAIRS_MAX_ROWS + 8, 64).to(torch.bfloat16)  # oneDNN's prepacked path
+    few = torch.randn(12, 64).to(torch.bfloat16)  # ember's pair-packed copy (where the kernels exist)
+
+    def check():
         assert torch.equal(cpu_ops.linear(x, weight, None), torch.nn.functional.linear(x, weight))
         assert torch.equal(cpu_ops.expert_linear(x, stacked, 1), torch.nn.functional.linear(x, stacked[1]))
+        exact = torch.nn.functional.linear(few.float(), weight.float())
+        assert relative_error(cpu_ops.linear(few, weight, None), exact) < 5e-3
+        exact = torch.nn.functional.linear(few.float(), stacked[1].float())
+        assert relative_error(cpu_ops.expert_linear(few, stacked, 1), exact) < 5e-3
+
+    with torch.no_grad():
+        check()
         weight[:10].copy_(torch.randn(10, 64))  # an RL weight push writes slices in place
         stacked[1].mul_(2)
-        assert torch.equal(cpu_ops.linear(x, weight, None), torch.nn.functional.linear(x, weight))
-        assert torch.equal(cpu_ops.expert_linear(x, stacked, 1), torch.nn.functional.linear(x, stacked[1]))
+        check()
     out = cpu_ops.linear(x, weight, None)  # with autograd: plain F.linear, and gradients flow
     out.float().sum().backward()
     assert weight.grad is not None
