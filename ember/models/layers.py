@@ -182,7 +182,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, ctx):
         # Submodules' forward directly: they carry no hooks (FSDP wraps whole layers), and
-        # nn.Module.__call__ costs microseconds per call, a tenth of a decode step's overhead.
+        # nn.Module.__call__ costs microseconds per call (~6% of a tiny model's decode step).
         attn_out = self.self_attn.forward(self.input_layernorm.forward(x), cos, sin, ctx)
         x, h = self.post_attention_layernorm.add_and_norm(x, attn_out)
         return x + getattr(self, self.ffn_name).forward(h)

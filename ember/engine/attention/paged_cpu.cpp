@@ -37,8 +37,8 @@ namespace {
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kPrefetchBlocks = 2;  // how far ahead to fetch the next blocks
 constexpr int kChains = 4;  // independent accumulators in the q.k loop
-constexpr int kSpan = 4;
-constexpr int64_t kWriteAhead = 4;  // tokens whose cache lines write_paired fetches ahead  // chunks of keys per online-softmax update (paired kernel)
+constexpr int kSpan = 4;  // chunks of keys per online-softmax update (paired kernel)
+constexpr int64_t kWriteAhead = 4;  // tokens whose cache lines write_paired fetches ahead
 
 template <typename T>
 inline Vec load_vec(const T* p) {
@@ -262,12 +262,12 @@ void paired_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
       // rescaling of the accumulators, per S * W keys instead of per W.
       for (int64_t span = lo_all - lo_all % W; span < hi_all; span += S * W) {
         const int64_t chunks = std::min<int64_t>(S, (hi_all - span + W - 1) / W);
-        for (int64_t j = 0; j < kh_per_item; ++j) {
-          const int64_t kvh = kvh0 + j;
-          const uint32_t* qj = &qpairs[j * H * pairs];
-          float* accj = &acc[j * H * dim];
-          float* msj = &max_score[j * H];
-          float* dj = &denom[j * H];
+        for (int64_t kh = 0; kh < kh_per_item; ++kh) {  // this item's KV heads, one after another
+          const int64_t kvh = kvh0 + kh;
+          const uint32_t* qj = &qpairs[kh * H * pairs];
+          float* accj = &acc[kh * H * dim];
+          float* msj = &max_score[kh * H];
+          float* dj = &denom[kh * H];
           const uint16_t* keys[S];
           const uint16_t* values[S];
           int64_t lo[S], hi[S];  // the tile's visible keys in each chunk (the union of its rows')
