@@ -29,6 +29,7 @@ def add_bench_parser(sub) -> None:
         p.add_argument("--max-num-seqs", type=int, default=256)
         p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (both ember and the peer)")
         p.add_argument("--hf-batch-size", type=int, default=16, help="transformers' generate batch size")
+        p.add_argument("--profile", action="store_true", help="W1: one more ember run under torch.profiler, ops by time")
     serve = bsub.add_parser("serve", help="W5: W1 over HTTP against `ember serve` at several concurrencies")
     serve.add_argument("--model", required=True)
     serve.add_argument("--dtype", default="bfloat16")
@@ -522,6 +523,8 @@ def _throughput(args) -> int:
             print(f"  run {i + 1} {r.name}: {res.output_tps:.1f} output tok/s ({res.seconds:.2f} s)", flush=True)
     for name, res in results.items():
         print(summary(name, res))
+    if args.profile:
+        print(runners[0].profile(workload))
     if len(runners) > 1:
         peer = runners[1].name
         ours = median_result(results["ember"]).output_tps

@@ -50,6 +50,20 @@ class EmberRunner:
         out_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
         return RunResult(seconds, out_tokens, out_tokens + workload.num_prompt_tokens)
 
+    def profile(self, workload: Workload, top: int = 12) -> str:
+        """One more run under torch.profiler: where its time goes, op by op (self time)."""
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            result = self.run(workload)
+        events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        lines = [f"profiled run: {result.seconds:.2f} s (profiler on); ops by self time:"]
+        for e in events[:top]:
+            total_ms = e.self_cpu_time_total / 1e3
+            lines.append(f"  {e.key:<32} {total_ms:9.1f} ms  {e.count:6d} calls  {total_ms / e.count:8.3f} ms/call "
+                         f"({100 * total_ms / 1e3 / result.seconds:4.1f}%)")
+        return "\n".join(lines)
+
     def latency(self, workload: Workload) -> tuple[float, float]:
         """(time to first token, mean seconds per later token) for one request."""
         from ember import SamplingParams

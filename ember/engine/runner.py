@@ -29,27 +29,10 @@ def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype,
 
 def allocate_kv_caches(config: ModelConfig, num_blocks: int, block_size: int, device: torch.device,
                        layout: KVLayout) -> list[LayerCache]:
-    """One buffer holds every layer's K and V blocks (and one more their scales, for int8 caches)."""
-    k_shape, v_shape = layout.shapes(num_blocks, config.num_kv_heads, block_size, config.head_dim)
-    per_tensor = num_blocks * config.num_kv_heads * block_size * config.head_dim
-    buffer = torch.empty(2 * config.num_layers * per_tensor, dtype=layout.storage_dtype, device=device)
-    per_scales = num_blocks * config.num_kv_heads * block_size
-    scales = torch.ones(2 * config.num_layers * per_scales, dtype=torch.bfloat16, device=device) \
-        if layout.quantized else None
-
-    caches = []
-    for layer in range(config.num_layers):
-        k = buffer[(2 * layer) * per_tensor:(2 * layer + 1) * per_tensor].view(k_shape)
-        v = buffer[(2 * layer + 1) * per_tensor:(2 * layer + 2) * per_tensor].view(v_shape)
-        # Padding in gathers points at the null block: it must hold finite values.
-        k[NULL_BLOCK].zero_()
-        v[NULL_BLOCK].zero_()
-        cache = (k, v)
-        if scales is not None:
-            scale_shape = (num_blocks, config.num_kv_heads, block_size)
-            cache += (scales[2 * layer * per_scales:(2 * layer + 1) * per_scales].view(scale_shape),
-                      scales[(2 * layer + 1) * per_scales:(2 * layer + 2) * per_scales].view(scale_shape))
-        caches.append(cache)
+    caches = layout.allocate(config.num_layers, num_blocks, config.num_kv_heads, block_size, config.head_dim, device)
+    for cache in caches:  # padding in gathers points at the null block: it must hold finite values
+        cache[0][NULL_BLOCK].zero_()
+        cache[1][NULL_BLOCK].zero_()
     return caches
 
 

@@ -43,6 +43,13 @@ BATCHES = [([1, 1, 1, 5, 40, 70], [0, 17, 100, 33, 0, 50]), ([1, 3, 19, 40, 70],
            ([1] * 70 + [5], [i * 37 % 90 for i in range(70)] + [20])]
 
 
+def zeroed(caches):
+    for cache in caches:
+        cache[0].zero_()
+        cache[1].zero_()
+    return caches
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("window", [None, 20])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 2), (6, 1), (4, 4), (8, 1)])
@@ -68,9 +75,8 @@ def test_cpu_paged_matches_reference(dtype, window, heads, kv_heads, batch):
     for name, paired in LAYOUTS:
         if paired and (dtype != torch.bfloat16 or not bf16_pairs_supported()):
             continue
-        kv_layout = KVLayout(paired)
-        k_shape, v_shape = kv_layout.shapes(num_blocks, kv_heads, block_size, dim)
-        caches = [(torch.zeros(k_shape, dtype=dtype), torch.zeros(v_shape, dtype=dtype))]
+        kv_layout = KVLayout(paired, dtype=dtype)
+        caches = zeroed(kv_layout.allocate(1, num_blocks, kv_heads, block_size, dim))  # the engine's layout
         kv_layout.write(caches[0], past_slots, past_k, past_v)
         ctx = make_backend(name, caches, block_size, kv_layout).build(layout)
         outs[(name, paired)] = ctx.attend(0, q, k, v, dim**-0.5, window).float()
@@ -98,11 +104,7 @@ def test_int8_cache_matches_dequantized_reference(backend, dtype, window):
     past_k, past_v = (torch.randn(len(past_slots), kv_heads, dim, dtype=dtype) * 3 for _ in range(2))
 
     def run(kv_layout, name, k_new, v_new, pk, pv):
-        k_shape, v_shape = kv_layout.shapes(num_blocks, kv_heads, block_size, dim)
-        cache = (torch.zeros(k_shape, dtype=kv_layout.storage_dtype), torch.zeros(v_shape, dtype=kv_layout.storage_dtype))
-        if kv_layout.quantized:
-            cache += (torch.ones(num_blocks, kv_heads, block_size, dtype=torch.bfloat16),)
-            cache += (torch.ones(num_blocks, kv_heads, block_size, dtype=torch.bfloat16),)
+        cache = zeroed(kv_layout.allocate(1, num_blocks, kv_heads, block_size, dim))[0]
         kv_layout.write(cache, past_slots, pk, pv)
         return make_backend(name, [cache], block_size, kv_layout).build(layout).attend(0, q, k_new, v_new, dim**-0.5, window)
 
@@ -141,8 +143,11 @@ def test_int8_cache_holds_twice_the_tokens():
 
 def test_paired_layout_round_trips():
     kv_layout = KVLayout(paired=True)
-    k_shape, v_shape = kv_layout.shapes(4, 2, 16, 8)
-    k_cache, v_cache = torch.zeros(k_shape), torch.zeros(v_shape)
+    k_cache, v_cache = zeroed(kv_layout.allocate(2, 4, 2, 16, 8))[1]
+    # block b's K then V, side by side: one stretch of memory per block
+    block_bytes = k_cache[0].numel() * k_cache.element_size()
+    assert k_cache.stride(0) == v_cache.stride(0) == 2 * k_cache[0].numel()
+    assert v_cache.data_ptr() - k_cache.data_ptr() == block_bytes
     slots = torch.tensor([17, 18, 30, 5])
     k, v = torch.randn(4, 2, 8), torch.randn(4, 2, 8)
     kv_layout.write((k_cache, v_cache), slots, k, v)
@@ -200,7 +205,7 @@ def test_paired_write_kernel_matches_the_layout(tokens):
     k, v = qkv[:, 64:128].unflatten(-1, (2, 32)), qkv[:, 128:192].unflatten(-1, (2, 32))
     expected = torch.zeros(k_shape, dtype=torch.bfloat16), torch.zeros(v_shape, dtype=torch.bfloat16)
     kv_layout.write(expected, slots, k, v)
-    got = torch.zeros(k_shape, dtype=torch.bfloat16), torch.zeros(v_shape, dtype=torch.bfloat16)
+    got = zeroed(kv_layout.allocate(1, 8, 2, 16, 32))[0]  # K and V blocks interleaved, as the engine has them
     torch.ops.ember_cpu.write_paired(got[0], got[1], k, v, slots // 16, slots % 16)
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
     with pytest.raises(RuntimeError, match="slot out of range"):

@@ -87,7 +87,7 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::
   const C* kp = k_cache.data_ptr<C>();
   const C* vp = v_cache.data_ptr<C>();
   T* op = out.data_ptr<T>();
-  const int64_t block_elems = kv_heads * block_size * dim;
+  const int64_t block_elems = k_cache.stride(0);  // K and V blocks may sit side by side (see blocks_contiguous)
   const float neg_inf = -std::numeric_limits<float>::infinity();
 
   at::parallel_for(0, num_rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
@@ -206,6 +206,7 @@ void paired_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
   const uint16_t* vp = reinterpret_cast<const uint16_t*>(v_cache.data_ptr<c10::BFloat16>());
   c10::BFloat16* op = out.data_ptr<c10::BFloat16>();
   const int64_t head_elems = block_size * dim;  // one head's K (or V) rows in a block
+  const int64_t block_elems = k_cache.stride(0);
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   const __m512 neg_inf = _mm512_set1_ps(kNegInf);
 
@@ -275,7 +276,7 @@ void paired_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
           for (int64_t c = 0; c < chunks; ++c) {
             const int64_t start = span + c * W;
             const int64_t block = table[start / block_size], offset = start % block_size;
-            const int64_t base = (block * kv_heads + kvh) * head_elems;
+            const int64_t base = block * block_elems + kvh * head_elems;
             keys[c] = kp + base + offset * 2;         // row i at keys + i * block_size * 2
             values[c] = vp + base + offset * dim;     // key pair j at values + j * dim * 2
             lo[c] = std::max<int64_t>(lo_all - start, 0);
@@ -283,7 +284,7 @@ void paired_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
             if ((start + W) % block_size == 0) {
               const int64_t ahead = start + kPrefetchBlocks * block_size;
               if (ahead < hi_all) {
-                const int64_t next = (table[ahead / block_size] * kv_heads + kvh) * head_elems;
+                const int64_t next = table[ahead / block_size] * block_elems + kvh * head_elems;
                 // Into L2, not L1: L1's few miss buffers would stall the loads of the current block.
                 for (int64_t b = 0; b < head_elems * 2; b += 64) {
                   _mm_prefetch(reinterpret_cast<const char*>(kp + next) + b, _MM_HINT_T1);
@@ -404,6 +405,14 @@ bool bf16_pairs_supported() {
 #endif
 }
 
+// Caches are [num_blocks, ...] with each block contiguous; K's and V's block stride is the same
+// and may exceed a block's size, which lets a layer's K and V blocks alternate in one buffer.
+bool blocks_contiguous(const at::Tensor& k_cache, const at::Tensor& v_cache) {
+  return k_cache.dim() == v_cache.dim() && k_cache.numel() > 0 && k_cache[0].is_contiguous() &&
+         v_cache[0].is_contiguous() && k_cache.stride(0) == v_cache.stride(0) && k_cache.stride(0) >= k_cache[0].numel() &&
+         k_cache[0].numel() == v_cache[0].numel();
+}
+
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                            const at::Tensor& block_tables, const at::Tensor& token_request,
                            const at::Tensor& kv_lens, int64_t window, double scale,
@@ -412,7 +421,7 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
   const bool paired = k_cache.dim() == 5;  // see paired_kernel for that layout
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2),
               "q: [tokens, heads, head_dim] with each row's heads contiguous expected");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == v_cache.dim(), "k/v caches");
+  TORCH_CHECK(blocks_contiguous(k_cache, v_cache), "k/v caches: each block contiguous, one block stride for both");
   TORCH_CHECK(paired || k_cache.dim() == 4, "k_cache: [blocks, kv_heads, head_dim, block_size] expected");
   TORCH_CHECK(!paired || (bf16_pairs_supported() && q.scalar_type() == at::kBFloat16), "paired layout needs bf16 and AVX512-BF16");
   TORCH_CHECK(k_cache.size(3) % Vec::size() == 0 && q.size(2) % Vec::size() == 0,
@@ -476,7 +485,7 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
 // pass instead of two index_put copies. k, v: [tokens, kv_heads, head_dim], rows may be strided.
 void write_paired(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,
                   const at::Tensor& blocks, const at::Tensor& offsets) {
-  TORCH_CHECK(k_cache.dim() == 5 && k_cache.is_contiguous() && v_cache.is_contiguous(), "paired k/v caches expected");
+  TORCH_CHECK(k_cache.dim() == 5 && blocks_contiguous(k_cache, v_cache), "paired k/v caches expected");
   TORCH_CHECK(k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16 &&
               k_cache.scalar_type() == at::kBFloat16 && v_cache.scalar_type() == at::kBFloat16, "bf16 expected");
   const int64_t tokens = k.size(0), kv_heads = k_cache.size(1), dim = k.size(2), block_size = k_cache.size(3);
@@ -491,12 +500,12 @@ void write_paired(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k,
   const uint16_t* vp = reinterpret_cast<const uint16_t*>(v.data_ptr<c10::BFloat16>());
   uint32_t* kc = reinterpret_cast<uint32_t*>(k_cache.data_ptr<c10::BFloat16>());
   uint16_t* vc = reinterpret_cast<uint16_t*>(v_cache.data_ptr<c10::BFloat16>());
-  const int64_t pairs = dim / 2;
+  const int64_t pairs = dim / 2, block_elems = k_cache.stride(0);
   const auto destinations = [&](int64_t t, auto&& visit) {  // the cache lines token t writes
     for (int64_t h = 0; h < kv_heads; ++h) {
-      const int64_t head = bp[t] * kv_heads + h;
-      for (int64_t i = 0; i < pairs; ++i) visit(kc + (head * pairs + i) * block_size + op[t]);
-      for (int64_t d = 0; d < dim; d += 16) visit(vc + ((head * (block_size / 2) + op[t] / 2) * dim + d) * 2);
+      const int64_t head = bp[t] * block_elems + h * block_size * dim;  // in bf16 elements
+      for (int64_t i = 0; i < pairs; ++i) visit(kc + head / 2 + i * block_size + op[t]);
+      for (int64_t d = 0; d < dim; d += 16) visit(vc + head + ((op[t] / 2) * dim + d) * 2);
     }
   };
   at::parallel_for(0, tokens, 16, [&](int64_t t0, int64_t t1) {
@@ -509,16 +518,16 @@ void write_paired(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k,
       const int64_t block = bp[t], offset = op[t];
       TORCH_CHECK(block >= 0 && block < k_cache.size(0) && offset >= 0 && offset < block_size, "slot out of range");
       for (int64_t h = 0; h < kv_heads; ++h) {
-        const int64_t head = block * kv_heads + h;
+        const int64_t head = block * block_elems + h * block_size * dim;  // in bf16 elements
         const uint16_t* key = kp + t * k.stride(0) + h * dim;
         const uint16_t* value = vp + t * v.stride(0) + h * dim;
-        uint32_t* kdst = kc + head * pairs * block_size + offset;  // [pairs][block_size] of (2i, 2i+1)
+        uint32_t* kdst = kc + head / 2 + offset;  // [pairs][block_size] of (2i, 2i+1)
         for (int64_t i = 0; i < pairs; ++i) {
           uint32_t pair;
           std::memcpy(&pair, key + 2 * i, sizeof(pair));
           kdst[i * block_size] = pair;
         }
-        uint16_t* vdst = vc + ((head * (block_size / 2) + offset / 2) * dim) * 2 + offset % 2;  // [dim][2]
+        uint16_t* vdst = vc + head + (offset / 2) * dim * 2 + offset % 2;  // [dim][2]
         for (int64_t d = 0; d < dim; ++d) vdst[2 * d] = value[d];
       }
     }

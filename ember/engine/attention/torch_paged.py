@@ -94,6 +94,25 @@ class KVLayout:
                     (num_blocks, kv_heads, block_size // 2, head_dim, 2))
         return (num_blocks, kv_heads, head_dim, block_size), (num_blocks, kv_heads, block_size, head_dim)
 
+    def allocate(self, num_layers: int, num_blocks: int, kv_heads: int, block_size: int, head_dim: int,
+                 device: torch.device | str = "cpu") -> list[LayerCache]:
+        """Every layer's caches in one uninitialised buffer (and one more for int8 scales).
+
+        Within a layer, block b's K and V sit side by side, so a request's blocks read as
+        one stretch of memory instead of two streams a whole cache apart: CPU decode
+        attention measured ~30% faster so (BENCHMARKS.md). K and V are thus strided views
+        ([num_blocks, ...] with each block contiguous); the kernels take the stride from them.
+        """
+        k_shape, v_shape = self.shapes(num_blocks, kv_heads, block_size, head_dim)
+        per_block = kv_heads * block_size * head_dim
+        buffer = torch.empty(num_layers, num_blocks, 2, per_block, dtype=self.storage_dtype, device=device)
+        caches = [(buffer[i, :, 0].unflatten(1, k_shape[1:]), buffer[i, :, 1].unflatten(1, v_shape[1:]))
+                  for i in range(num_layers)]
+        if self.quantized:
+            scales = torch.ones(num_layers, 2, num_blocks, kv_heads, block_size, dtype=torch.bfloat16, device=device)
+            caches = [cache + (scales[i, 0], scales[i, 1]) for i, cache in enumerate(caches)]
+        return caches
+
     def block_size(self, v_cache: torch.Tensor) -> int:
         return v_cache.shape[2] * 2 if self.paired else v_cache.shape[2]
 
