@@ -6,6 +6,9 @@ Block 0 is a null block that is never allocated, so padded gathers read zeros.
 A full block's identity is hash(parent block's hash, its token ids, extra keys).
 Freed blocks keep their hash and sit in an LRU free list, so a later request with
 the same prefix takes them back; they are evicted only when the pool needs them.
+A freed block that caches nothing goes to the front of that list instead: the next
+allocation reuses it while its memory is warm, rather than a never-touched block
+(on CPU each first touch of a page faults: ~2% of a W1 run on the bench model).
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ class KVCacheManager:
         self.ref_cnt = [0] * num_blocks
         self.hash_of: list[bytes | None] = [None] * num_blocks
         self.cached: dict[bytes, int] = {}
-        # Free blocks in eviction order (least recently used first).
+        # Free blocks in the order they are taken: emptied blocks (most recent first), then
+        # never-used ones, then cached ones, least recently used first.
         self.free_blocks: OrderedDict[int, None] = OrderedDict((b, None) for b in range(1, num_blocks))
         self.num_queried_tokens = 0
         self.num_hit_tokens = 0
@@ -92,6 +96,9 @@ class KVCacheManager:
 
     def reset_prefix_cache(self) -> None:
         """Forget every block's content (e.g. after the weights changed)."""
+        emptied = [b for b in self.free_blocks if self.hash_of[b] is not None]  # least recently used first
+        for block in emptied:
+            self.free_blocks.move_to_end(block, last=False)  # the most recently used ends up first
         self.cached.clear()
         self.hash_of = [None] * self.num_blocks
 
@@ -159,6 +166,8 @@ class KVCacheManager:
                 if i >= num_valid_blocks:  # registered but never computed
                     self._uncache(block)
                 self.free_blocks[block] = None
+                if self.hash_of[block] is None:  # caches nothing: reuse it first
+                    self.free_blocks.move_to_end(block, last=False)
         request.block_ids = []
         request.num_registered_blocks = 0
 

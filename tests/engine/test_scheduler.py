@@ -142,3 +142,28 @@ def test_random_churn_keeps_accounting_exact(seed, num_blocks, budget, max_seqs,
     for r in requests:
         if r.request_id not in aborted:
             assert r.num_output_tokens == min(r.max_tokens, max_len - r.num_prompt_tokens), r
+
+
+def test_emptied_blocks_are_reused_first_and_cached_ones_last():
+    """Blocks that cache nothing are taken again before never-used ones (their memory is
+    warm); cached blocks wait behind both, and a cache reset turns them into emptied blocks."""
+    kv = KVCacheManager(16, 4, enable_prefix_caching=True)
+
+    def allocate(request_id, prompt):
+        request = make_request(request_id, prompt, max_tokens=4)
+        assert kv.allocate_slots(request, len(prompt))
+        request.num_computed_tokens = len(prompt)
+        return request
+
+    first = allocate("a", list(range(10)))  # two full blocks (cached) and a partial one
+    full, partial = first.block_ids[:2], first.block_ids[2]
+    kv.free(first)
+    second = allocate("b", list(range(100, 106)))  # unrelated: two blocks
+    assert second.block_ids[0] == partial  # the emptied block first
+    assert not set(second.block_ids) & set(full)  # then a never-used one, not a cached block
+    second_blocks = set(second.block_ids)
+    kv.free(second)
+    kv.reset_prefix_cache()
+    third = allocate("c", list(range(200, 216)))  # four blocks
+    assert set(third.block_ids) == set(full) | second_blocks  # only warm blocks
+    kv.check_invariants([third])
