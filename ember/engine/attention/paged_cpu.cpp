@@ -327,7 +327,9 @@ void paired_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
             msj[h] = new_max;
             __m512 total = _mm512_setzero_ps();
             for (int64_t c = 0; c < chunks; ++c) {
-              const __m512 p = (Vec(scores[c][h]) - Vec(new_max)).exp();
+              // exp_u20 (as PyTorch's CPU flash attention): ~1e-6 relative error, far below the
+              // bf16 rounding of p below; prompt attention ~3.5% faster than Sleef's exp here.
+              const __m512 p = (Vec(scores[c][h]) - Vec(new_max)).exp_u20();
               total = _mm512_add_ps(total, p);
               _mm256_storeu_si256(reinterpret_cast<__m256i*>(ppairs[c][h]), (__m256i)_mm512_cvtneps_pbh(p));
             }
