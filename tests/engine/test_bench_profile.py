@@ -12,6 +12,6 @@ def test_profile_lists_the_runs_ops(llama_dir):
     assert lines[0].startswith("profiled run:")
     names = [line.split()[0] for line in lines[1:]]
     assert len(names) == 30
-    assert any("linear" in name or "addmm" in name or "mm" in name for name in names), names
+    assert any("linear" in name or "mm" in name for name in names), names  # the products are profiled
     shares = [float(line.rsplit("(", 1)[1].rstrip("%)")) for line in lines[1:]]
     assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 100.5
