@@ -408,18 +408,23 @@ void argmax_rows(const c10::BFloat16* x, int64_t* out, int64_t rows, int64_t n) 
   });
 }
 
-// Small batches (a few to a few dozen rows): compute-bound once the weights are read once for
-// all rows, which the row-by-row GEMV above does not do beyond 4 rows, and where oneDNN's GEMM
-// reached ~65% of the bf16 peak here (Qwen2-0.5B shapes at 16 rows). Weights go in "pair-packed"
-// blocks of 16 output channels, [N/16][K/2][16][2] (see pack_pairs): one 64-byte load is 16
-// channels x 2 inputs, one vdpbf16ps per row of x adds them to that row's 16 outputs, so every
-// weight load serves up to 16 rows and no horizontal sums are needed.
+// Batches of 3 rows and more: compute-bound once the weights are read once for many rows, which
+// the row-by-row GEMV above does not do beyond 4 rows. Weights go in "pair-packed" blocks of 16
+// output channels, [N/16][K/2][16][2] (see pack_pairs): one 64-byte load is 16 channels x 2 inputs,
+// one vdpbf16ps per row of x adds them to that row's 16 outputs, so no horizontal sums are needed.
+// A tile is up to kTileRows rows x kTileBlocks blocks (24 accumulators + 4 weight vectors + one
+// broadcast fit the 32 vector registers; per pair of inputs 4 loads and 6 broadcasts feed 24
+// multiply-adds). Of the tile shapes tried (12x2, 14x2, 8x3, 6x4, 5x5, 4x6 rows x blocks), 6x4
+// ran fastest at 16-2,048 rows on both bench models' shapes, ahead of oneDNN's prepacked GEMM
+// too (BENCHMARKS.md, session 6); the accumulation order (k ascending per output) is the same
+// for every tile shape, so results do not depend on the batch size.
 constexpr int64_t kPairBlock = 16;  // output channels per packed block
+constexpr int kTileRows = 6;
+constexpr int kTileBlocks = 4;
 
 template <int R, int B>
 void pairs_tile(const uint32_t* x, int64_t x_stride, const uint32_t* w, int64_t k_pairs, const c10::BFloat16* bias,
                 int64_t n0, int64_t n_dim, c10::BFloat16* out, int64_t out_stride) {
-  // R rows x B blocks of 16 channels: each broadcast x pair serves B products, each weight load R.
   __m512 acc[R][B];
   for (int r = 0; r < R; ++r)
     for (int b = 0; b < B; ++b) acc[r][b] = _mm512_setzero_ps();
@@ -441,40 +446,38 @@ void pairs_tile(const uint32_t* x, int64_t x_stride, const uint32_t* w, int64_t 
   }
 }
 
-constexpr int kTileRows = 12;  // rows per pass: 12 x 2 accumulators + 2 weights fit the 32 vector registers
-
-template <typename Body>
-void with_block_rows(int64_t rows, const Body& body) {
-  switch (rows) {
-#define EMBER_ROWS(R) case R: body(std::integral_constant<int, R>{}); break;
-    EMBER_ROWS(1) EMBER_ROWS(2) EMBER_ROWS(3) EMBER_ROWS(4) EMBER_ROWS(5) EMBER_ROWS(6) EMBER_ROWS(7) EMBER_ROWS(8)
-    EMBER_ROWS(9) EMBER_ROWS(10) EMBER_ROWS(11)
-#undef EMBER_ROWS
-    default: body(std::integral_constant<int, kTileRows>{}); break;
+// body(std::integral_constant<int, V>) for V = min(value, MAX) >= 1, so V is a template argument.
+template <int MAX, typename Body>
+void with_constant(int64_t value, const Body& body) {
+  if constexpr (MAX > 1) {
+    if (value < MAX) return with_constant<MAX - 1>(value, body);
   }
+  body(std::integral_constant<int, MAX>{});
 }
 
 void linear_pairs_rows(const at::Tensor& x, const at::Tensor& packed, int64_t n_dim, const c10::BFloat16* bias,
                        at::Tensor& out) {
   const int64_t m_dim = x.size(0), k_pairs = x.size(1) / 2, blocks = packed.size(0);
+  const int64_t row_tiles = (m_dim + kTileRows - 1) / kTileRows;
   const auto* xp = reinterpret_cast<const uint32_t*>(x.data_ptr<c10::BFloat16>());
   const auto* wp = reinterpret_cast<const uint32_t*>(packed.data_ptr<c10::BFloat16>());
   auto* op = out.data_ptr<c10::BFloat16>();
-  // Pairs of blocks (32 channels) per work item; the last may be a single block.
-  at::parallel_for(0, (blocks + 1) / 2, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = 2 * t;
+  // Each thread takes an equal share of the blocks and walks it kTileBlocks at a time; each
+  // group's weights (64 KiB at K = 512) stay in L2 while every row tile passes over them.
+  at::parallel_for(0, blocks, kTileBlocks, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; b += kTileBlocks) {
       const uint32_t* w = wp + b * k_pairs * kPairBlock;
-      for (int64_t m = 0; m < m_dim; m += kTileRows) {  // the blocks' weights stay in L1/L2 between passes
-        with_block_rows(std::min<int64_t>(kTileRows, m_dim - m), [&](auto rows) {
-          constexpr int R = decltype(rows)::value;
-          if (b + 1 < blocks) {
-            pairs_tile<R, 2>(xp + m * k_pairs, k_pairs, w, k_pairs, bias, b * kPairBlock, n_dim, op + m * n_dim, n_dim);
-          } else {
-            pairs_tile<R, 1>(xp + m * k_pairs, k_pairs, w, k_pairs, bias, b * kPairBlock, n_dim, op + m * n_dim, n_dim);
-          }
-        });
-      }
+      with_constant<kTileBlocks>(b1 - b, [&](auto num_blocks) {
+        constexpr int B = decltype(num_blocks)::value;
+        for (int64_t tile = 0, m = 0; tile < row_tiles; ++tile) {
+          const int64_t rows = (m_dim - m) / (row_tiles - tile);  // near-equal tiles: 64 rows = 5, 5, then 6s
+          with_constant<kTileRows>(rows, [&](auto num_rows) {
+            constexpr int R = decltype(num_rows)::value;
+            pairs_tile<R, B>(xp + m * k_pairs, k_pairs, w, k_pairs, bias, b * kPairBlock, n_dim, op + m * n_dim, n_dim);
+          });
+          m += rows;
+        }
+      });
     }
   });
 }

@@ -1,12 +1,13 @@
-"""Small-batch work on CPU through `cpu_ops.cpp`: matrix products for a few rows, RMSNorm and
-the other elementwise steps of a decoder layer.
+"""bf16 work on CPU through `cpu_ops.cpp`: matrix products (from one row to prompt chunks), RMSNorm
+and the other elementwise steps of a decoder layer.
 
 A decode step multiplies a handful of rows by every weight matrix, which PyTorch runs
 at a fraction of the memory bandwidth (one or two rows) or of the bf16 peak (a few dozen)
 here. One or two rows go through a GEMV that streams each weight as stored; 3 to
-`PAIRS_MAX_ROWS` rows through a kernel that reads a pair-packed copy of the weight once for
-up to 12 rows at a time (see `_pairs`; BENCHMARKS.md has the measurements behind both
-limits). RMSNorm, SwiGLU's silu(gate) * up, rotary embedding and greedy argmax in bf16 are
+`PAIRS_MAX_ROWS` rows (decode batches and prompt chunks alike) through a kernel that reads a
+pair-packed copy of the weight in tiles of 6 rows x 64 channels (see `_pairs`); it ran ahead
+of oneDNN's prepacked GEMM from 16 to 2,048 rows here (BENCHMARKS.md has the measurements
+behind both limits). RMSNorm, SwiGLU's silu(gate) * up, rotary embedding and greedy argmax in bf16 are
 one pass each instead of PyTorch's several ops, with the same rounding. Used only for bf16
 activations on CPUs with AVX512-BF16 and VNNI, without autograd; everything else goes
 through PyTorch. Larger bf16 products without autograd use oneDNN with the weight
@@ -25,7 +26,7 @@ from ember.models.cpu_build import build
 from ember.models.huge_pages import huge_page_copy
 
 GEMV_MAX_ROWS = 2  # bf16 weights: row by row on the weight as stored
-PAIRS_MAX_ROWS = 32  # bf16 weights: the pair-packed kernel up to here; oneDNN's prepacked GEMM above
+PAIRS_MAX_ROWS = 2048  # bf16 weights: the pair-packed kernel up to here (as far as measured); oneDNN's above
 INT8_GEMV_MAX_ROWS = 16  # int8 weights: above this dequantizing once + GEMM wins
 
 
@@ -110,8 +111,8 @@ def _packed(weight: torch.Tensor):
 
 
 def _pairs(weight: torch.Tensor):
-    """The weight in the pair-packed layout of ember's small-batch kernel ([N/16, K/2, 16, 2], see
-    cpu_ops.cpp), in huge pages: one more copy, built on the first batch of 3-32 rows. None if K is odd."""
+    """The weight in the pair-packed layout of ember's kernel ([N/16, K/2, 16, 2], see cpu_ops.cpp), in
+    huge pages: one more copy, built on the first batch of 3 rows or more. None if K is odd."""
     return _kept_copy(weight, "_ember_pairs", lambda w: huge_page_copy(torch.ops.ember_ops.pack_pairs(w)),
                       weight.shape[-1] % 2 == 0)
 

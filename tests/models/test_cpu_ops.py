@@ -15,7 +15,7 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @needs_kernels
 @pytest.mark.parametrize("n,k", [(1, 32), (7, 70), (100, 128), (300, 896), (33, 4160)])
-@pytest.mark.parametrize("rows", [1, 2, 3, 6, 13, 32])
+@pytest.mark.parametrize("rows", [1, 2, 3, 6, 13, 32, 97])
 def test_gemv_kernels_match_plain_pytorch(n, k, rows):
     g = torch.Generator().manual_seed(n * k + rows)
     x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
@@ -38,6 +38,24 @@ def test_gemv_kernels_match_plain_pytorch(n, k, rows):
         got8 = cpu_ops.int8_linear(x, q, scales, bias)
         expected8 = torch.nn.functional.linear(x.float(), q.float() * scales[:, None], bias.float())
         assert relative_error(got8, expected8) < 5e-3
+
+
+@needs_kernels
+def test_pair_packed_products_do_not_depend_on_the_batch():
+    """Each row's result is the same bits whichever tile (and however many rows) it was computed in,
+    so a request's logits do not change with what else is in the batch; every block-group size
+    (1-4 blocks of 16 channels) and every tile height (1-6 rows) is exercised."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(131, 96, generator=g).to(torch.bfloat16)
+    for n in (16, 48, 64, 300, 1000):
+        w = torch.randn(n, 96, generator=g).to(torch.bfloat16)
+        bias = torch.randn(n, generator=g).to(torch.bfloat16)
+        pairs = torch.ops.ember_ops.pack_pairs(w)
+        full = torch.ops.ember_ops.linear_pairs(x, pairs, n, bias)
+        for rows in (3, 4, 5, 7, 11, 64):
+            assert torch.equal(torch.ops.ember_ops.linear_pairs(x[-rows:].contiguous(), pairs, n, bias), full[-rows:])
+        expected = torch.nn.functional.linear(x.float(), w.float(), bias.float())
+        assert relative_error(full, expected) < 5e-3
 
 
 def test_gemv_is_not_used_under_autograd():
