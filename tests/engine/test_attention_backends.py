@@ -210,3 +210,38 @@ def test_paired_write_kernel_matches_the_layout(tokens):
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
     with pytest.raises(RuntimeError, match="slot out of range"):
         torch.ops.ember_cpu.write_paired(got[0], got[1], k, v, slots // 16 + 8, slots % 16)
+
+
+@pytest.mark.skipif(not bf16_pairs_supported(), reason="no AVX512-BF16 kernel here")
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("window", [None, 20])
+def test_decode_rows_match_reference_and_do_not_depend_on_the_batch(block_size, window):
+    """Decodes in a big batch (one work item per row over all KV heads) and the same rows alone (one
+    item per head) give the same bits, and match the reference; blocks of 32 keys take the kernel's
+    path of several 16-key chunks per block. The NaN-filled cache checks that no unwritten slot is read."""
+    torch.manual_seed(0)
+    heads, kv_heads, dim, n = 8, 4, 32, 70
+    context_lens = [1 + i * 53 % 150 for i in range(n)]
+    num_blocks = sum(-(-(c + 1) // block_size) for c in context_lens) + 1
+    layout = random_layout([1] * n, context_lens, block_size, num_blocks)
+    past_slots = torch.cat([layout.block_tables[i, torch.arange(c) // block_size] * block_size + torch.arange(c) % block_size
+                            for i, c in enumerate(context_lens)])
+    past_k, past_v = (torch.randn(len(past_slots), kv_heads, dim).to(torch.bfloat16) for _ in range(2))
+    q = torch.randn(n, heads, dim).to(torch.bfloat16)
+    k, v = (torch.randn(n, kv_heads, dim).to(torch.bfloat16) for _ in range(2))
+    outs = {}
+    for name, paired in (("torch_paged", False), ("cpu_paged", True)):
+        kv_layout = KVLayout(paired, dtype=torch.bfloat16)
+        caches = kv_layout.allocate(1, num_blocks, kv_heads, block_size, dim)
+        for cache in caches[0]:
+            cache.fill_(float("nan"))
+        kv_layout.write(caches[0], past_slots, past_k, past_v)
+        backend = make_backend(name, caches, block_size, kv_layout)
+        outs[name] = backend.build(layout).attend(0, q, k, v, dim**-0.5, window)
+        if paired:
+            few = [3, 40, 69]  # alone: too few rows for the wide items
+            small = BatchLayout([1] * len(few), [context_lens[i] for i in few], layout.block_tables[few],
+                                layout.slot_mapping[few], layout.positions[few])
+            alone = backend.build(small).attend(0, q[few], k[few], v[few], dim**-0.5, window)
+            assert torch.equal(alone, outs[name][few])
+    torch.testing.assert_close(outs["cpu_paged"].float(), outs["torch_paged"].float(), atol=3e-2, rtol=3e-2)
