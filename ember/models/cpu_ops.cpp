@@ -424,12 +424,14 @@ constexpr int kTileBlocks = 4;
 
 template <int R, int B>
 void pairs_tile(const uint32_t* x, int64_t x_stride, const uint32_t* w, int64_t k_pairs, const c10::BFloat16* bias,
-                int64_t n0, int64_t n_dim, c10::BFloat16* out, int64_t out_stride) {
+                int64_t n0, int64_t n_dim, c10::BFloat16* out, int64_t out_stride, const char* fetch, int64_t fetch_lines) {
   __m512 acc[R][B];
   for (int r = 0; r < R; ++r)
     for (int b = 0; b < B; ++b) acc[r][b] = _mm512_setzero_ps();
-  const int64_t block_stride = k_pairs * kPairBlock;
+  const int64_t block_stride = k_pairs * kPairBlock, fetch_step = (fetch_lines + k_pairs - 1) / k_pairs;
   for (int64_t kp = 0; kp < k_pairs; ++kp) {
+    for (int64_t line = kp * fetch_step; line < std::min(fetch_lines, (kp + 1) * fetch_step); ++line)
+      _mm_prefetch(fetch + line * 64, _MM_HINT_T1);
     __m512bh wv[B];
     for (int b = 0; b < B; ++b) wv[b] = (__m512bh)_mm512_loadu_si512(w + b * block_stride + kp * kPairBlock);
     for (int r = 0; r < R; ++r) {
@@ -467,13 +469,20 @@ void linear_pairs_rows(const at::Tensor& x, const at::Tensor& packed, int64_t n_
   at::parallel_for(0, blocks, kTileBlocks, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; b += kTileBlocks) {
       const uint32_t* w = wp + b * k_pairs * kPairBlock;
+      // The next group's weights into L2 meanwhile, a slice per row tile (the hardware prefetcher
+      // alone left the first tile of each group waiting on memory).
+      const int64_t next_lines = std::min<int64_t>(kTileBlocks, std::max<int64_t>(0, b1 - b - kTileBlocks)) * k_pairs;
+      const char* next = reinterpret_cast<const char*>(w + kTileBlocks * k_pairs * kPairBlock);
+      const int64_t slice = (next_lines + row_tiles - 1) / row_tiles;
       with_constant<kTileBlocks>(b1 - b, [&](auto num_blocks) {
         constexpr int B = decltype(num_blocks)::value;
         for (int64_t tile = 0, m = 0; tile < row_tiles; ++tile) {
           const int64_t rows = (m_dim - m) / (row_tiles - tile);  // near-equal tiles: 64 rows = 5, 5, then 6s
+          const int64_t first_line = std::min(tile * slice, next_lines);
           with_constant<kTileRows>(rows, [&](auto num_rows) {
             constexpr int R = decltype(num_rows)::value;
-            pairs_tile<R, B>(xp + m * k_pairs, k_pairs, w, k_pairs, bias, b * kPairBlock, n_dim, op + m * n_dim, n_dim);
+            pairs_tile<R, B>(xp + m * k_pairs, k_pairs, w, k_pairs, bias, b * kPairBlock, n_dim, op + m * n_dim, n_dim,
+                             next + first_line * 64, std::min(slice, next_lines - first_line));
           });
           m += rows;
         }
