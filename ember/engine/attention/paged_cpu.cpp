@@ -335,23 +335,37 @@ void paired_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
             }
             dj[h] = dj[h] * correction[h] + _mm512_reduce_add_ps(total);
           }
-          for (int64_t dv = 0; dv < dim_vecs; ++dv) {
-            __m512 a[H];
-            for (int h = 0; h < H; ++h) a[h] = _mm512_mul_ps(_mm512_loadu_ps(&accj[h * dim + dv * W]), _mm512_set1_ps(correction[h]));
+          // D vectors of value dims per pass: each broadcast probability pair serves D of them, and
+          // D x H independent sums hide the multiply-add latency (the same sums in the same order).
+          const auto weigh_values = [&](auto num_vecs, int64_t dv) {
+            constexpr int D = decltype(num_vecs)::value;
+            __m512 a[D][H];
+            for (int d = 0; d < D; ++d)
+              for (int h = 0; h < H; ++h)
+                a[d][h] = _mm512_mul_ps(_mm512_loadu_ps(&accj[h * dim + (dv + d) * W]), _mm512_set1_ps(correction[h]));
             for (int64_t c = 0; c < chunks; ++c) {
               const int64_t jlo = lo[c] / 2, jhi = (hi[c] + 1) / 2;
               for (int64_t j = jlo; j < jhi; ++j) {
-                __m512i v = _mm512_loadu_si512(values[c] + j * dim * 2 + dv * W * 2);
+                __m512i v[D];
+                for (int d = 0; d < D; ++d) v[d] = _mm512_loadu_si512(values[c] + j * dim * 2 + (dv + d) * W * 2);
                 if (2 * j < lo[c] || 2 * j + 1 >= hi[c]) {  // one key of the pair is outside: never read its slot
                   const __mmask32 keep = (2 * j >= lo[c] ? 0x55555555u : 0u) | (2 * j + 1 < hi[c] ? 0xAAAAAAAAu : 0u);
-                  v = _mm512_maskz_mov_epi16(keep, v);
+                  for (int d = 0; d < D; ++d) v[d] = _mm512_maskz_mov_epi16(keep, v[d]);
                 }
-                for (int h = 0; h < H; ++h)
-                  a[h] = _mm512_dpbf16_ps(a[h], (__m512bh)_mm512_set1_epi32(ppairs[c][h][j]), (__m512bh)v);
+                for (int h = 0; h < H; ++h) {
+                  const __m512bh p = (__m512bh)_mm512_set1_epi32(ppairs[c][h][j]);
+                  for (int d = 0; d < D; ++d) a[d][h] = _mm512_dpbf16_ps(a[d][h], p, (__m512bh)v[d]);
+                }
               }
             }
-            for (int h = 0; h < H; ++h) _mm512_storeu_ps(&accj[h * dim + dv * W], a[h]);
-          }
+            for (int d = 0; d < D; ++d)
+              for (int h = 0; h < H; ++h) _mm512_storeu_ps(&accj[h * dim + (dv + d) * W], a[d][h]);
+          };
+          // D x H accumulators, D values and a broadcast fit the 32 registers
+          constexpr int D = H <= 4 ? 4 : (H <= 8 ? 2 : 1);
+          int64_t dv = 0;
+          for (; dv + D <= dim_vecs; dv += D) weigh_values(std::integral_constant<int, D>{}, dv);
+          for (; dv < dim_vecs; ++dv) weigh_values(std::integral_constant<int, 1>{}, dv);
         }
       }
       for (int64_t j = 0; j < kh_per_item; ++j) {
