@@ -196,7 +196,7 @@ void paired_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
   constexpr int64_t W = 16;
   constexpr int H = G * R;  // query heads per work item
   constexpr int S = R == 1 ? kSpan : 2;  // chunks per softmax update (fewer with more heads: registers)
-  constexpr int C = H >= 4 ? 1 : 4 / H;  // independent multiply-add chains per head
+  constexpr int C = H >= 8 ? 1 : 8 / H;  // independent multiply-add chains per head
   const int64_t heads = q.size(1), dim = q.size(2);
   const int64_t kv_heads = k_cache.size(1), block_size = k_cache.size(3);
   const int64_t pairs = dim / 2, dim_vecs = dim / W;
