@@ -415,9 +415,10 @@ void argmax_rows(const c10::BFloat16* x, int64_t* out, int64_t rows, int64_t n) 
 // A tile is up to kTileRows rows x kTileBlocks blocks (24 accumulators + 4 weight vectors + one
 // broadcast fit the 32 vector registers; per pair of inputs 4 loads and 6 broadcasts feed 24
 // multiply-adds). Of the tile shapes tried (12x2, 14x2, 8x3, 6x4, 5x5, 4x6 rows x blocks), 6x4
-// ran fastest at 16-2,048 rows on both bench models' shapes, ahead of oneDNN's prepacked GEMM
-// too (BENCHMARKS.md, session 6); the accumulation order (k ascending per output) is the same
-// for every tile shape, so results do not depend on the batch size.
+// ran fastest on bench-llama-56m's shapes at 32-2,048 rows and within 1-5% of the best (8x3) on
+// Qwen2-0.5B's at 16-64; ahead of or level with oneDNN's prepacked GEMM wherever measured
+// (BENCHMARKS.md, session 6). The accumulation order (k ascending per output) is the same for
+// every tile, so results do not depend on the batch.
 constexpr int64_t kPairBlock = 16;  // output channels per packed block
 constexpr int kTileRows = 6;
 constexpr int kTileBlocks = 4;

@@ -6,8 +6,8 @@ at a fraction of the memory bandwidth (one or two rows) or of the bf16 peak (a f
 here. One or two rows go through a GEMV that streams each weight as stored; 3 to
 `PAIRS_MAX_ROWS` rows (decode batches and prompt chunks alike) through a kernel that reads a
 pair-packed copy of the weight in tiles of 6 rows x 64 channels (see `_pairs`); it ran ahead
-of oneDNN's prepacked GEMM from 16 to 2,048 rows here (BENCHMARKS.md has the measurements
-behind both limits). RMSNorm, SwiGLU's silu(gate) * up, rotary embedding and greedy argmax in bf16 are
+of or level with oneDNN's prepacked GEMM from 16 to 2,048 rows here (BENCHMARKS.md has the
+measurements behind both limits). RMSNorm, SwiGLU's silu(gate) * up, rotary embedding and greedy argmax in bf16 are
 one pass each instead of PyTorch's several ops, with the same rounding. Used only for bf16
 activations on CPUs with AVX512-BF16 and VNNI, without autograd; everything else goes
 through PyTorch. Larger bf16 products without autograd use oneDNN with the weight
