@@ -217,8 +217,9 @@ def test_paired_write_kernel_matches_the_layout(tokens):
 @pytest.mark.parametrize("window", [None, 20])
 def test_decode_rows_match_reference_and_do_not_depend_on_the_batch(block_size, window):
     """Decodes in a big batch (one work item per row over all KV heads) and the same rows alone (one
-    item per head) give the same bits, and match the reference; blocks of 32 keys take the kernel's
-    path of several 16-key chunks per block. The NaN-filled cache checks that no unwritten slot is read."""
+    item per head) give the same bits, and match the reference; blocks of 32 keys hold two of the kernel's
+    16-key chunks each (chunks that start inside a block). The NaN-filled cache checks that no unwritten
+    slot is read."""
     torch.manual_seed(0)
     heads, kv_heads, dim, n = 8, 4, 32, 70
     context_lens = [1 + i * 53 % 150 for i in range(n)]
