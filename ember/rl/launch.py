@@ -27,5 +27,6 @@ def launch(config_path: str, nproc: int = 1) -> int:
 
 if __name__ == "__main__":  # a torchrun worker
     from ember.rl.grpo import run
+    from ember.train.zero import run_worker
 
-    run(GRPOConfig.load(sys.argv[1]))
+    run_worker(run, GRPOConfig.load(sys.argv[1]))

@@ -58,5 +58,6 @@ def launch(config_path: str, nproc: int = 1, nnodes: int = 1, node_rank: int | N
 
 if __name__ == "__main__":  # a torchrun worker
     from ember.train.trainer import run
+    from ember.train.zero import run_worker
 
-    run(TrainConfig.load(sys.argv[1]))
+    run_worker(run, TrainConfig.load(sys.argv[1]))

@@ -70,6 +70,30 @@ def init_distributed(preference: str = "auto") -> Dist:
     return Dist(rank, world, local_rank, device)
 
 
+def run_worker(main, *args) -> None:
+    """A torchrun worker's whole life: `main(*args)`, then leave without Python's finalization.
+
+    A DDP model keeps gloo's worker threads alive past destroy_process_group; if one of them drops
+    the last reference to a Python tensor while the interpreter is shutting down, it is killed on
+    taking the GIL and the process aborts ("terminate called without an active exception", ~10% of
+    2-process GRPO runs here; see pytorch/pytorch#179291). Skipping finalization avoids the race.
+    """
+    import sys
+    import traceback
+
+    status = 0
+    try:
+        main(*args)
+    except BaseException as e:  # noqa: BLE001 - reported here, as Python would, then the exit status says it
+        if not (isinstance(e, SystemExit) and e.code in (0, None)):
+            traceback.print_exc()
+            status = e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 1
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 def param_groups(model: nn.Module, weight_decay: float, experts: list[nn.Parameter] = ()) -> list[dict]:
     """Decay matrices, not norms or biases; MoE experts in a group of their own (sharded by expert
     parallelism they are DTensors, and the optimizer's fused steps take one kind of tensor per group)."""
