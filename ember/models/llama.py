@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ember.models import cpu_ops
 from ember.models.attention import AttentionContext
 from ember.models.config import ModelConfig
 from ember.models.layers import DecoderLayer, Linear, RMSNorm, Rotary
@@ -23,16 +24,31 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = Rotary(config.rope, config.head_dim)
         self.gradient_checkpointing = False  # training: recompute each block's activations in backward
+        self._layers_take_cpu_rows: bool | None = None  # decided on the first engine batch
 
     def forward(self, input_ids, positions, ctx: AttentionContext | None) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, x.dtype)
+        if ctx is not None and self._cpu_rows(x):
+            delta = None
+            for layer in self.layers:
+                x, delta = layer.forward_cpu_rows(x, delta, cos, sin, ctx)
+            return self.norm.add_and_norm(x, delta)[1] if delta is not None else self.norm(x)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and ctx is None:
                 x = checkpoint(layer, x, cos, sin, None, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, ctx)
         return self.norm(x)
+
+    def _cpu_rows(self, x: torch.Tensor) -> bool:
+        """Whether the layers take the engine's batch through DecoderLayer.forward_cpu_rows."""
+        if not (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 2
+                and cpu_ops.GEMV_MAX_ROWS < x.shape[0] <= cpu_ops.PAIRS_MAX_ROWS and not torch.is_grad_enabled()):
+            return False
+        if self._layers_take_cpu_rows is None:
+            self._layers_take_cpu_rows = cpu_ops.gemv_available() and all(layer.takes_cpu_rows() for layer in self.layers)
+        return self._layers_take_cpu_rows
 
 
 class LlamaForCausalLM(nn.Module):

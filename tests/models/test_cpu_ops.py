@@ -151,3 +151,29 @@ def test_elementwise_kernels_step_aside_for_autograd_and_fp32():
     total, normed = cpu_ops.add_rms_norm(x, x, torch.ones(8), 1e-6)
     (total.sum() + normed.sum()).backward()  # PyTorch's ops, with their autograd
     assert x.grad is not None
+
+
+@needs_kernels
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_layer_row_path_matches_the_module_path(model_factory, arch, monkeypatch):
+    """The engine's bf16 batches go through DecoderLayer.forward_cpu_rows (one Python frame a layer,
+    the residual add fused into the next norm); every logprob equals the module path's to the bit,
+    over prompt chunks, decodes and their mixtures (qkv bias in Qwen2, a sliding window in Mistral)."""
+    from ember import LLM, SamplingParams
+    from ember.models import llama
+
+    llm = LLM(str(model_factory(arch)), dtype="bfloat16", max_num_batched_tokens=64)
+    prompts = [[(7 * i + j) % 400 + 3 for j in range(n)] for i, n in enumerate([5, 40, 90, 17, 3, 61])]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=2, prompt_logprobs=1)
+    calls = []
+    monkeypatch.setattr(llama.DecoderLayer, "forward_cpu_rows",
+                        lambda self, *a, f=llama.DecoderLayer.forward_cpu_rows: calls.append(1) or f(self, *a))
+    fast = llm.generate(prompts, params, use_tqdm=False)
+    assert calls, "the row path was not taken"
+    monkeypatch.setattr(llama.LlamaModel, "_cpu_rows", lambda self, x: False)
+    llm.engine.kv.reset_prefix_cache()
+    plain = llm.generate(prompts, params, use_tqdm=False)
+    for a, b in zip(fast, plain):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for la, lb in zip(a.outputs[0].logprobs + a.prompt_logprobs[1:], b.outputs[0].logprobs + b.prompt_logprobs[1:]):
+            assert {t: x.logprob for t, x in la.items()} == {t: x.logprob for t, x in lb.items()}
