@@ -246,3 +246,36 @@ def test_decode_rows_match_reference_and_do_not_depend_on_the_batch(block_size, 
             alone = backend.build(small).attend(0, q[few], k[few], v[few], dim**-0.5, window)
             assert torch.equal(alone, outs[name][few])
     torch.testing.assert_close(outs["cpu_paged"].float(), outs["torch_paged"].float(), atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.skipif(not bf16_pairs_supported(), reason="no AVX512-BF16 kernel here")
+@pytest.mark.parametrize("rows", [5, 64])  # one item per KV head; one per row over all heads
+@pytest.mark.parametrize("block_size,window", [(16, 0), (32, 0), (16, 20)])
+def test_decode_kernel_writing_its_own_tokens_matches_write_then_attend(rows, block_size, window):
+    """Decode-only batches: decode_attention_paired writes each row's new K/V inside the attention
+    kernel; the cache afterwards and the output are the same bits as write_paired + paged_attention.
+    A slot that is not the block table's position for the row is refused before anything is written."""
+    g = torch.Generator().manual_seed(rows + block_size + window)
+    heads, kv_heads, dim, num_blocks = 8, 4, 64, 12 * rows
+    kv_layout = KVLayout(paired=True, dtype=torch.bfloat16)
+    lens = torch.randint(1, 150, (rows,), generator=g)
+    tables = (torch.randperm(num_blocks - 1, generator=g)[:rows * 10] + 1).view(rows, 10)
+    blocks, offsets = tables[torch.arange(rows), (lens - 1) // block_size].contiguous(), (lens - 1) % block_size
+    q = torch.randn(rows, heads, dim, generator=g).to(torch.bfloat16)
+    kv = torch.randn(rows, 2 * kv_heads * dim, generator=g).to(torch.bfloat16)  # strided views, as the model's
+    k, v = kv[:, :kv_heads * dim].view(rows, kv_heads, dim), kv[:, kv_heads * dim:].view(rows, kv_heads, dim)
+    start = torch.randn(2, num_blocks, kv_heads * block_size * dim, generator=g).to(torch.bfloat16)
+    caches = []
+    for _ in range(2):
+        cache = kv_layout.allocate(1, num_blocks, kv_heads, block_size, dim)[0]
+        cache[0].view(num_blocks, -1).copy_(start[0])
+        cache[1].view(num_blocks, -1).copy_(start[1])
+        caches.append(cache)
+    torch.ops.ember_cpu.write_paired(caches[0][0], caches[0][1], k, v, blocks, offsets)
+    expected = torch.ops.ember_cpu.paged_attention(q, *caches[0], tables, torch.arange(rows), lens, window, 0.125)
+    got = torch.ops.ember_cpu.decode_attention_paired(q, *caches[1], k, v, blocks, offsets, tables, lens, window, 0.125)
+    assert torch.equal(got, expected)
+    assert torch.equal(caches[1][0], caches[0][0]) and torch.equal(caches[1][1], caches[0][1])
+    with pytest.raises(RuntimeError, match="is not the block table's position"):
+        torch.ops.ember_cpu.decode_attention_paired(q, *caches[1], k, v, blocks, (offsets + 1) % block_size, tables,
+                                                    lens, window, 0.125)

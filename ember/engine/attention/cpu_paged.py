@@ -50,9 +50,13 @@ class CpuPagedContext:
     token_request: torch.Tensor  # [kernel rows] request index of each row
     kv_lens: torch.Tensor  # [kernel rows] keys visible to each row (its position + 1)
     chunks: list[PromptChunk]
+    decode_only: bool = False  # paired layout, every request one new token
 
     def attend(self, layer, q, k, v, scale, sliding_window):
         cache = self.kv_caches[layer]
+        if self.decode_only:  # the kernel writes each row's K/V as it reaches them (see paged_cpu.cpp)
+            return torch.ops.ember_cpu.decode_attention_paired(
+                q, cache[0], cache[1], k, v, *self.slots, self.block_tables, self.kv_lens, sliding_window or 0, scale)
         if self.layout.paired:
             torch.ops.ember_cpu.write_paired(cache[0], cache[1], k, v, *self.slots)
         else:
@@ -94,7 +98,9 @@ class CpuPagedBackend(TorchPagedBackend):
         if rows > num_kernel:  # some requests bring several rows
             token_request = torch.repeat_interleave(
                 token_request, torch.tensor(layout.query_lens[:num_kernel], dtype=torch.int64, device=device))
+        chunks = self.chunks(layout, num_kernel, rows)
         return CpuPagedContext(
             self.kv_caches, self.layout, split_slots(layout.slot_mapping, self.block_size), rows, layout.block_tables, token_request,
-            layout.positions[:rows] + 1, self.chunks(layout, num_kernel, rows),
+            layout.positions[:rows] + 1, chunks,
+            decode_only=self.layout.paired and rows == num_kernel == len(layout.query_lens) and not chunks,
         )
