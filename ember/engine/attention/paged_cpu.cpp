@@ -456,6 +456,21 @@ bool bf16_pairs_supported() {
 #endif
 }
 
+// f(std::integral_constant<int, group>) for query heads per KV head 1-8 (the kernels' template argument).
+template <typename F>
+void with_group(int64_t group, F&& f) {
+  switch (group) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
+  }
+}
+
 // Caches are [num_blocks, ...] with each block contiguous; K's and V's block stride is the same
 // and may exceed a block's size, which lets a layer's K and V blocks alternate in one buffer.
 bool blocks_contiguous(const at::Tensor& k_cache, const at::Tensor& v_cache) {
@@ -512,16 +527,7 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
         std::apply([&](auto... a) { attention_kernel<T, T, decltype(g)::value>(q, k_cache, v_cache, ks, vs, a..., out); }, args);
       }
     };
-    switch (group) {
-      case 1: go(std::integral_constant<int, 1>{}); break;
-      case 2: go(std::integral_constant<int, 2>{}); break;
-      case 3: go(std::integral_constant<int, 3>{}); break;
-      case 4: go(std::integral_constant<int, 4>{}); break;
-      case 5: go(std::integral_constant<int, 5>{}); break;
-      case 6: go(std::integral_constant<int, 6>{}); break;
-      case 7: go(std::integral_constant<int, 7>{}); break;
-      default: go(std::integral_constant<int, 8>{}); break;
-    }
+    with_group(group, go);
   };
   switch (q.scalar_type()) {
     case at::kFloat: run(float{}); break;
@@ -621,16 +627,7 @@ at::Tensor decode_attention_paired(const at::Tensor& q, at::Tensor& k_cache, at:
     paired_kernel<decltype(g)::value, 1>(q, k_cache, v_cache, table, max_blocks, token_request.data(), lens, window,
                                          static_cast<float>(scale), tiles, out, &fresh);
   };
-  switch (group) {
-    case 1: go(std::integral_constant<int, 1>{}); break;
-    case 2: go(std::integral_constant<int, 2>{}); break;
-    case 3: go(std::integral_constant<int, 3>{}); break;
-    case 4: go(std::integral_constant<int, 4>{}); break;
-    case 5: go(std::integral_constant<int, 5>{}); break;
-    case 6: go(std::integral_constant<int, 6>{}); break;
-    case 7: go(std::integral_constant<int, 7>{}); break;
-    default: go(std::integral_constant<int, 8>{}); break;
-  }
+  with_group(group, go);
   return out;
 #else
   TORCH_CHECK(false, "decode_attention_paired needs AVX512-BF16");
