@@ -84,10 +84,15 @@ def run_worker(main, *args) -> None:
     status = 0
     try:
         main(*args)
-    except BaseException as e:  # noqa: BLE001 - reported here, as Python would, then the exit status says it
-        if not (isinstance(e, SystemExit) and e.code in (0, None)):
-            traceback.print_exc()
-            status = e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 1
+    except SystemExit as e:  # as Python reports them
+        if e.code is not None and not isinstance(e.code, int):
+            print(e.code, file=sys.stderr)
+        status = e.code if isinstance(e.code, int) else int(e.code is not None)
+    except KeyboardInterrupt:
+        status = 130
+    except BaseException:  # noqa: BLE001 - the traceback Python would print, then exit status 1
+        traceback.print_exc()
+        status = 1
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

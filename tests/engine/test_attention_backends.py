@@ -248,8 +248,24 @@ def test_decode_rows_match_reference_and_do_not_depend_on_the_batch(block_size, 
     torch.testing.assert_close(outs["cpu_paged"].float(), outs["torch_paged"].float(), atol=3e-2, rtol=3e-2)
 
 
+def write_then_attend(g, num_blocks, kv_heads, block_size, q, k, v, blocks, offsets, tables, lens, window):
+    """Two paired caches with the same random contents; the first gets write_paired + paged_attention.
+    Returns both caches and that attention's output (the reference for decode_attention_paired)."""
+    dim = q.shape[-1]
+    start = torch.randn(2, num_blocks, kv_heads * block_size * dim, generator=g).to(torch.bfloat16)
+    caches = []
+    for _ in range(2):
+        cache = KVLayout(paired=True, dtype=torch.bfloat16).allocate(1, num_blocks, kv_heads, block_size, dim)[0]
+        cache[0].view(num_blocks, -1).copy_(start[0])
+        cache[1].view(num_blocks, -1).copy_(start[1])
+        caches.append(cache)
+    torch.ops.ember_cpu.write_paired(caches[0][0], caches[0][1], k, v, blocks, offsets)
+    rows = torch.arange(q.shape[0])
+    return caches, torch.ops.ember_cpu.paged_attention(q, *caches[0], tables, rows, lens, window, 0.125)
+
+
 @pytest.mark.skipif(not bf16_pairs_supported(), reason="no AVX512-BF16 kernel here")
-@pytest.mark.parametrize("rows", [5, 64])  # one item per KV head; one per row over all heads
+@pytest.mark.parametrize("rows", [5, 200])  # one item per KV head; one per row over all heads (<= 12 threads)
 @pytest.mark.parametrize("block_size,window", [(16, 0), (32, 0), (16, 20)])
 def test_decode_kernel_writing_its_own_tokens_matches_write_then_attend(rows, block_size, window):
     """Decode-only batches: decode_attention_paired writes each row's new K/V inside the attention
@@ -257,25 +273,40 @@ def test_decode_kernel_writing_its_own_tokens_matches_write_then_attend(rows, bl
     A slot that is not the block table's position for the row is refused before anything is written."""
     g = torch.Generator().manual_seed(rows + block_size + window)
     heads, kv_heads, dim, num_blocks = 8, 4, 64, 12 * rows
-    kv_layout = KVLayout(paired=True, dtype=torch.bfloat16)
     lens = torch.randint(1, 150, (rows,), generator=g)
     tables = (torch.randperm(num_blocks - 1, generator=g)[:rows * 10] + 1).view(rows, 10)
     blocks, offsets = tables[torch.arange(rows), (lens - 1) // block_size].contiguous(), (lens - 1) % block_size
     q = torch.randn(rows, heads, dim, generator=g).to(torch.bfloat16)
     kv = torch.randn(rows, 2 * kv_heads * dim, generator=g).to(torch.bfloat16)  # strided views, as the model's
     k, v = kv[:, :kv_heads * dim].view(rows, kv_heads, dim), kv[:, kv_heads * dim:].view(rows, kv_heads, dim)
-    start = torch.randn(2, num_blocks, kv_heads * block_size * dim, generator=g).to(torch.bfloat16)
-    caches = []
-    for _ in range(2):
-        cache = kv_layout.allocate(1, num_blocks, kv_heads, block_size, dim)[0]
-        cache[0].view(num_blocks, -1).copy_(start[0])
-        cache[1].view(num_blocks, -1).copy_(start[1])
-        caches.append(cache)
-    torch.ops.ember_cpu.write_paired(caches[0][0], caches[0][1], k, v, blocks, offsets)
-    expected = torch.ops.ember_cpu.paged_attention(q, *caches[0], tables, torch.arange(rows), lens, window, 0.125)
+    caches, expected = write_then_attend(g, num_blocks, kv_heads, block_size, q, k, v, blocks, offsets, tables, lens, window)
     got = torch.ops.ember_cpu.decode_attention_paired(q, *caches[1], k, v, blocks, offsets, tables, lens, window, 0.125)
     assert torch.equal(got, expected)
     assert torch.equal(caches[1][0], caches[0][0]) and torch.equal(caches[1][1], caches[0][1])
+    before = caches[1][0].clone(), caches[1][1].clone()
     with pytest.raises(RuntimeError, match="is not the block table's position"):
         torch.ops.ember_cpu.decode_attention_paired(q, *caches[1], k, v, blocks, (offsets + 1) % block_size, tables,
                                                     lens, window, 0.125)
+    assert torch.equal(caches[1][0], before[0]) and torch.equal(caches[1][1], before[1])
+
+
+@pytest.mark.skipif(not bf16_pairs_supported(), reason="no AVX512-BF16 kernel here")
+def test_decode_kernel_writes_first_when_another_row_reads_the_block():
+    """The prefix cache shares a block as soon as a step fills it, so a one-token row admitted in that step
+    can read the token another row writes into it: then every token goes in before any row is read (one
+    thread: the longer row, B, is read first and would otherwise see the slot's stale contents)."""
+    g = torch.Generator().manual_seed(1)
+    heads, kv_heads, dim, block_size, num_blocks = 8, 4, 64, 16, 8
+    tables = torch.tensor([[1, 2, 0, 0], [1, 2, 3, 4]])  # A fills block 2; B's context runs through it
+    lens = torch.tensor([32, 60])
+    blocks, offsets = torch.tensor([2, 4]), torch.tensor([15, 11])
+    q = torch.randn(2, heads, dim, generator=g).to(torch.bfloat16)
+    k, v = (torch.randn(2, kv_heads, dim, generator=g).to(torch.bfloat16) for _ in range(2))
+    caches, expected = write_then_attend(g, num_blocks, kv_heads, block_size, q, k, v, blocks, offsets, tables, lens, 0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        got = torch.ops.ember_cpu.decode_attention_paired(q, *caches[1], k, v, blocks, offsets, tables, lens, 0, 0.125)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(got, expected)

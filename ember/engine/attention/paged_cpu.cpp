@@ -193,7 +193,8 @@ inline void write_slot(uint32_t* k_cache, uint16_t* v_cache, const uint16_t* key
 
 // A decode-only batch's new K/V rows, written by the attention kernel itself: each row's token goes in
 // right before the chunk holding it is read, when the kernel's own prefetch has brought those cache
-// lines in. A separate pass found them cold: ~1.9 ms of a 27 ms 64-row W1 decode step.
+// lines in. A separate pass found them cold: ~1.9 ms of a 27 ms 64-row W1 decode step. Only for batches
+// where no row reads a block another row writes into (decode_attention_paired checks).
 struct FreshTokens {
   const uint16_t* k;  // [rows, kv_heads, head_dim], heads contiguous
   const uint16_t* v;
@@ -612,20 +613,40 @@ at::Tensor decode_attention_paired(const at::Tensor& q, at::Tensor& k_cache, at:
                 bp[r] == table[r * max_blocks + pos / block_size] && op[r] == pos % block_size,
                 "row ", r, ": slot (", bp[r], ", ", op[r], ") is not the block table's position ", pos);
   }
+  // A block can be in another row's table in the step that fills it (the prefix cache shares a block as
+  // soon as it is scheduled full): then that row may read this token, so every token goes in first.
+  std::vector<std::pair<int64_t, int64_t>> writers(rows);  // (slot block, row), sorted by block
+  for (int64_t r = 0; r < rows; ++r) writers[r] = {bp[r], r};
+  std::sort(writers.begin(), writers.end());
+  bool shared = false;
+  for (int64_t r = 1; r < rows && !shared; ++r) shared = writers[r].first == writers[r - 1].first;
+  for (int64_t r = 0; r < rows && !shared; ++r) {
+    for (int64_t j = 0; j <= (lens[r] - 1) / block_size && !shared; ++j) {
+      const int64_t block = table[r * max_blocks + j];
+      const auto it = std::lower_bound(writers.begin(), writers.end(), std::make_pair(block, int64_t{0}));
+      shared = it != writers.end() && it->first == block && it->second != r;
+    }
+  }
+  const FreshTokens fresh{reinterpret_cast<const uint16_t*>(k.data_ptr<c10::BFloat16>()),
+                          reinterpret_cast<const uint16_t*>(v.data_ptr<c10::BFloat16>()), k.stride(0), v.stride(0), bp, op,
+                          reinterpret_cast<uint32_t*>(k_cache.data_ptr<c10::BFloat16>()),
+                          reinterpret_cast<uint16_t*>(v_cache.data_ptr<c10::BFloat16>())};
+  if (shared) {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t h = 0; h < kv_heads; ++h)
+        write_slot(fresh.k_cache, fresh.v_cache, fresh.k + r * fresh.k_stride + h * dim, fresh.v + r * fresh.v_stride + h * dim,
+                   bp[r] * k_cache.stride(0) + h * block_size * dim, op[r], block_size, dim);
+  }
   std::vector<int64_t> token_request(rows), tiles(2 * rows);
   for (int64_t r = 0; r < rows; ++r) {
     token_request[r] = r;
     tiles[2 * r] = r;
     tiles[2 * r + 1] = 1;
   }
-  const FreshTokens fresh{reinterpret_cast<const uint16_t*>(k.data_ptr<c10::BFloat16>()),
-                          reinterpret_cast<const uint16_t*>(v.data_ptr<c10::BFloat16>()), k.stride(0), v.stride(0), bp, op,
-                          reinterpret_cast<uint32_t*>(k_cache.data_ptr<c10::BFloat16>()),
-                          reinterpret_cast<uint16_t*>(v_cache.data_ptr<c10::BFloat16>())};
   at::Tensor out = at::empty(q.sizes(), q.options());
   const auto go = [&](auto g) {
     paired_kernel<decltype(g)::value, 1>(q, k_cache, v_cache, table, max_blocks, token_request.data(), lens, window,
-                                         static_cast<float>(scale), tiles, out, &fresh);
+                                         static_cast<float>(scale), tiles, out, shared ? nullptr : &fresh);
   };
   with_group(group, go);
   return out;
