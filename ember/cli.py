@@ -9,7 +9,12 @@ import sys
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
-                   help="an HF-format model directory or a name from `ember models` (default: the embedded model)")
+                   help="an HF-format model directory, a .gguf file, a name from `ember models`, or a Hugging Face "
+                        "id (org/name, org/name:Q4_K_M for a GGUF repo; from the HF cache, else downloaded) "
+                        "(default: the embedded model)")
+    p.add_argument("--revision", default=None, help="the hub revision (branch, tag or commit) of a Hugging Face id")
+    p.add_argument("--gguf-file", default=None, help="which .gguf file of a GGUF repo or directory to load")
+    p.add_argument("--tokenizer", default=None, help="a model directory or hub id whose tokenizer to use instead")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--max-model-len", type=int, default=None)
@@ -45,6 +50,7 @@ def speculative(args: argparse.Namespace) -> dict | None:
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(
+        revision=args.revision, gguf_file=args.gguf_file, tokenizer=args.tokenizer,
         speculative=speculative(args), dtype=args.dtype, device=args.device, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_gib=args.kv_cache_gib,
         enable_prefix_caching=not args.no_prefix_caching, enable_chunked_prefill=not args.no_chunked_prefill,
@@ -85,11 +91,32 @@ def cmd_models(args: argparse.Namespace) -> int:
 
         print("\n".join(sorted(ARCHITECTURES)))
         return 0
+    from ember import hub
+
     found = list_models()
+    print(f"ember's models ({models_folder()}):")
     for name, path in found.items():
-        print(f"{name:<24} {path}")
+        print(f"  {name:<40} {path}")
     if not found:
-        print(f"no models (add HF directories under {models_folder()})")
+        print(f"  none (add HF directories or .gguf files under {models_folder()})")
+    cached = hub.cached_models()
+    print(f"Hugging Face cache ({hub.cache_dir()}):")
+    for m in cached:
+        print(f"  {m.repo:<40} {m.size_bytes / (1 << 20):>9.1f} MiB  {m.format}")
+    if not cached:
+        print("  none (`ember pull org/name` downloads one)")
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from ember import hub
+
+    ref = hub.RepoRef.parse(args.model, args.revision, args.gguf_file)
+    if not hub.looks_like_repo_id(ref.repo):
+        raise ValueError(f"model: {args.model!r} is not a Hugging Face id (org/name)")
+    if hub.offline():
+        raise ValueError("ember pull: HF_HUB_OFFLINE is set; unset it to download")
+    print(hub.download(ref))
     return 0
 
 
@@ -118,9 +145,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ember.models.config import ModelConfig
     from ember.registry import resolve_model
 
-    path = resolve_model(args.model)
+    path = resolve_model(args.model, args.revision, args.gguf_file)
     name = args.served_model_name or args.model or "default"
-    if ModelConfig.from_dir(path).architecture == "BertModel":  # an embedding model: /v1/embeddings
+    if ModelConfig.from_path(path).architecture == "BertModel":  # an embedding model: /v1/embeddings
         from ember.engine.embed import EmbeddingEngine
 
         run_server(None, name, config, embedder=EmbeddingEngine(path, dtype=args.dtype, device=args.device))
@@ -260,7 +287,13 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--top-p", type=float, default=0.95)
     chat.set_defaults(func=cmd_chat)
 
-    models = sub.add_parser("models", help="list model names usable with --model")
+    pull = sub.add_parser("pull", help="download a model from the Hugging Face hub into its cache")
+    pull.add_argument("model", help="org/name, or org/name:QUANT for one file of a GGUF repo")
+    pull.add_argument("--revision", default=None)
+    pull.add_argument("--gguf-file", default=None, help="the .gguf file to fetch from a GGUF repo")
+    pull.set_defaults(func=cmd_pull)
+
+    models = sub.add_parser("models", help="list ember's models and the Hugging Face cache's")
     models.add_argument("--architectures", action="store_true", help="list the supported HF architectures")
     models.set_defaults(func=cmd_models)
 

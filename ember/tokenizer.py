@@ -2,7 +2,8 @@
 through jinja2, and an incremental detokenizer for streaming.
 
 Reads the files transformers writes: tokenizer.json, tokenizer_config.json
-(special tokens, chat template), chat_template.jinja, generation_config.json.
+(special tokens, chat template), chat_template.jinja, generation_config.json; or a GGUF's
+vocabulary metadata (tokenizer_gguf.py).
 """
 
 from __future__ import annotations
@@ -52,42 +53,51 @@ def _template_env() -> jinja2.Environment:
 
 
 class Tokenizer:
-    def __init__(self, model_dir: str | Path, chat_template: str | None = None):
-        model_dir = Path(model_dir)
-        path = model_dir / "tokenizer.json"
-        if not path.is_file():
-            raise ValueError(f"model: {str(model_dir)!r} has no tokenizer.json")
-        try:
-            self.hf = HFTokenizer.from_file(str(path))
-        except Exception as e:  # the Rust library raises a bare Exception
-            raise ValueError(f"{path}: cannot be read as a tokenizer ({e})") from None
+    def __init__(self, source: str | Path, chat_template: str | None = None):
+        """`source`: an HF model directory, or a GGUF file (or a directory holding one), whose
+        metadata carries the vocabulary (see tokenizer_gguf.py)."""
+        from ember.models.gguf import find_gguf, open_gguf
+
+        gguf_file = find_gguf(source)
+        if gguf_file is not None:
+            from ember.tokenizer_gguf import gguf_tokenizer
+
+            self.hf, self.special_tokens, eos_ids, template = gguf_tokenizer(open_gguf(gguf_file))
+        else:
+            self.hf, self.special_tokens, eos_ids, template = self._from_dir(Path(source))
         # Some tokenizer.json files carry padding/truncation settings (e.g. sentence-transformers'):
         # ember decides lengths itself.
         self.hf.no_padding()
         self.hf.no_truncation()
+        self.bos_token_id = self._id(self.special_tokens["bos"])
+        self.eos_token_ids = eos_ids
+        self.eos_token_id = self.eos_token_ids[0] if self.eos_token_ids else None
+        self.chat_template = chat_template or template
+        self._compiled_template: jinja2.Template | None = None
+
+    @classmethod
+    def _from_dir(cls, model_dir: Path):
+        path = model_dir / "tokenizer.json"
+        if not path.is_file():
+            raise ValueError(f"model: {str(model_dir)!r} has no tokenizer.json")
+        try:
+            hf = HFTokenizer.from_file(str(path))
+        except Exception as e:  # the Rust library raises a bare Exception
+            raise ValueError(f"{path}: cannot be read as a tokenizer ({e})") from None
         config = _read_json(model_dir / "tokenizer_config.json")
         generation = _read_json(model_dir / "generation_config.json")
         model_config = _read_json(model_dir / "config.json")
-
-        self.special_tokens = {
-            key: _token_text(config.get(f"{key}_token")) for key in ("bos", "eos", "unk", "pad")
-        }
-        self.bos_token_id = self._id(self.special_tokens["bos"])
-        self.eos_token_ids = self._eos_ids(generation, model_config)
-        self.eos_token_id = self.eos_token_ids[0] if self.eos_token_ids else None
-        self.chat_template = chat_template or self._find_chat_template(model_dir, config)
-        self._compiled_template: jinja2.Template | None = None
+        special = {key: _token_text(config.get(f"{key}_token")) for key in ("bos", "eos", "unk", "pad")}
+        eos_ids: list[int] = []
+        eos_token = hf.token_to_id(special["eos"]) if special["eos"] is not None else None
+        for source in (generation.get("eos_token_id"), model_config.get("eos_token_id"), eos_token):
+            for i in source if isinstance(source, list) else [source]:
+                if i is not None and i not in eos_ids:
+                    eos_ids.append(int(i))
+        return hf, special, eos_ids, cls._find_chat_template(model_dir, config)
 
     def _id(self, token: str | None) -> int | None:
         return None if token is None else self.hf.token_to_id(token)
-
-    def _eos_ids(self, generation: dict, model_config: dict) -> list[int]:
-        ids: list[int] = []
-        for source in (generation.get("eos_token_id"), model_config.get("eos_token_id"), self._id(self.special_tokens["eos"])):
-            for i in source if isinstance(source, list) else [source]:
-                if i is not None and i not in ids:
-                    ids.append(int(i))
-        return ids
 
     @staticmethod
     def _find_chat_template(model_dir: Path, config: dict) -> str | None:

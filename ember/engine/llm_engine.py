@@ -114,11 +114,15 @@ class LLMEngine:
         self._ids = itertools.count()
 
     @classmethod
-    def from_args(cls, model: str | None = None, **kwargs) -> "LLMEngine":
-        """`model`: a directory, a model name (see `ember models`) or None for the default model."""
+    def from_args(cls, model: str | None = None, revision: str | None = None, gguf_file: str | None = None,
+                  **kwargs) -> "LLMEngine":
+        """`model`: a directory, a .gguf file, a model name (see `ember models`), a Hugging Face id
+        (`org/name`, `org/name:Q4_K_M`; `revision`, `gguf_file` pick within it) or None for the default."""
         from ember.registry import resolve_model
 
-        return cls(EngineConfig.from_kwargs(resolve_model(model), **kwargs))
+        if kwargs.get("tokenizer") is not None:
+            kwargs["tokenizer"] = resolve_model(kwargs["tokenizer"], revision)
+        return cls(EngineConfig.from_kwargs(resolve_model(model, revision, gguf_file), **kwargs))
 
     # ---- requests -------------------------------------------------------------------
     def process_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
@@ -398,13 +402,14 @@ class LLMEngine:
 class LLM:
     """Offline batched generation: `LLM(model_dir).generate(prompts, params)`."""
 
-    def __init__(self, model: str | None = None, **kwargs: Any):
+    def __init__(self, model: str | None = None, revision: str | None = None, gguf_file: str | None = None,
+                 **kwargs: Any):
         from ember.models.config import ModelConfig
         from ember.registry import resolve_model
 
-        path = resolve_model(model)
+        path = resolve_model(model, revision, gguf_file)
         self.embedder = None
-        if ModelConfig.from_dir(path).architecture == "BertModel":  # an encoder: embeddings only
+        if ModelConfig.from_path(path).architecture == "BertModel":  # an encoder: embeddings only
             from ember.engine.embed import EmbeddingEngine
 
             self.embedder = EmbeddingEngine(path, **kwargs)

@@ -34,9 +34,11 @@ class RopeConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    # Per-pair divisors of the frequencies as a GGUF stores Llama 3's scaling (its `rope_freqs` tensor).
+    freq_factors: tuple[float, ...] = ()
 
     @classmethod
-    def from_hf(cls, hf: dict[str, Any]) -> "RopeConfig":
+    def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> "RopeConfig":
         # transformers >= 5 writes `rope_parameters` (theta inside); older files
         # write `rope_theta` beside an optional `rope_scaling` dict.
         params = dict(hf.get("rope_parameters") or {})
@@ -46,7 +48,7 @@ class RopeConfig:
         rope_type = params.get("rope_type", params.get("type", "default")) or "default"
         if rope_type not in ("default", "linear", "llama3"):
             raise ValueError(
-                f"config.json: rope scaling type {rope_type!r} is not supported "
+                f"{source}: rope scaling type {rope_type!r} is not supported "
                 "(supported: default, linear, llama3)"
             )
         return cls(
@@ -58,12 +60,17 @@ class RopeConfig:
             original_max_position_embeddings=int(
                 params.get("original_max_position_embeddings", 8192)
             ),
+            freq_factors=tuple(float(f) for f in params.get("freq_factors") or ()),
         )
 
     def inv_freq(self, head_dim: int) -> torch.Tensor:
         """Per-pair rotation frequencies, computed as transformers does (fp32)."""
         exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
         inv_freq = 1.0 / (self.theta**exponent)
+        if self.freq_factors:
+            if len(self.freq_factors) != len(inv_freq):
+                raise ValueError(f"rope: {len(self.freq_factors)} frequency factors for {len(inv_freq)} frequencies")
+            inv_freq = inv_freq / torch.tensor(self.freq_factors)
         if self.type == "linear":
             return inv_freq / self.factor
         if self.type == "llama3":
@@ -125,6 +132,14 @@ class ModelConfig:
         return self.vocab_size * h + self.num_layers * per_layer + h + head
 
     @classmethod
+    def from_path(cls, path: str | Path) -> "ModelConfig":
+        """The config of an HF directory or a GGUF file (or a directory holding one)."""
+        from ember.models.gguf import find_gguf, open_gguf
+
+        gguf_file = find_gguf(path)
+        return open_gguf(gguf_file).config() if gguf_file is not None else cls.from_dir(path)
+
+    @classmethod
     def from_dir(cls, model_dir: str | Path) -> "ModelConfig":
         path = Path(model_dir) / "config.json"
         if not path.is_file():
@@ -178,7 +193,7 @@ class ModelConfig:
             mlp_bias=bool(hf.get("mlp_bias", False)),
             hidden_act=hf.get("hidden_act", hf.get("activation_function", "silu")),
             sliding_windows=_sliding_windows(hf, num_layers),
-            rope=RopeConfig.from_hf(hf),
+            rope=RopeConfig.from_hf(hf, source),
             torch_dtype=hf.get("dtype") or hf.get("torch_dtype"),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,

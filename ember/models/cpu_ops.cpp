@@ -3,21 +3,23 @@
 // (each a pass over memory): RMSNorm, SwiGLU's silu(gate) * up, rotary embedding, argmax.
 //
 // At one to a few rows a linear layer is bound by reading its weight once; PyTorch's
-// GEMV paths reach a fraction of the memory bandwidth here. These kernels stream each
-// weight row once for all rows of x, four output channels at a time (so every x load
-// serves four rows of w), with AVX512-BF16 dot products of bf16 pairs:
-// - bf16 weights: loaded as they are;
-// - int8 weights (one scale per output channel): widened to fp32 and rounded to bf16,
-//   which is exact for |q| <= 127, then scaled once per channel at the end.
-// Activations must be bf16 (the model's dtype on CPUs with AVX512-BF16); everywhere else
-// ember keeps PyTorch's kernels (see quant.py).
+// GEMV paths reach a fraction of the memory bandwidth. These kernels stream each weight row
+// once for all rows of x:
+// - integer weights (int8 per channel, int8 or int4 per group: ember's quantized linears and
+//   llama.cpp's blocks) by integer dot products on AVX512-VNNI, x fp32 or bf16;
+// - bf16 weights by AVX512-BF16 dot products of bf16 pairs, x bf16 (and the pair-packed kernel
+//   for batches of 3 rows and more).
+// What a CPU lacks is compiled out and reported by gemv_supported() / int_gemv_supported();
+// the Python side (cpu_ops.py, quant.py) then keeps PyTorch's kernels.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
+#endif
 #include <cstdint>
 #include <algorithm>
 #include <cmath>
@@ -28,10 +30,293 @@
 
 namespace {
 
-#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-#define EMBER_GEMV 1
+constexpr int kMaxRowsX = 4;  // rows of x per pass of the GEMVs
+constexpr int64_t kFlushElems = 8192;  // int32 lanes are moved to fp32 before they could overflow
+constexpr int64_t kPairBlock = 16;  // output channels per pair-packed block (linear_pairs)
+constexpr int kTileRows = 6;
+constexpr int kTileBlocks = 4;
 
-constexpr int kMaxRowsX = 4;  // rows of x per pass
+// ---- integer weights (AVX512-VNNI): int8 per channel, int8 per group, int4 per group -------------
+//
+// x is rounded once per call to int16 with one scale per row (an error of 1/65534 of the row's
+// largest value, far below the weights' own 4-8-bit steps), so the inner loops are integer pair dot
+// products (32 multiply-adds per instruction, no per-weight conversion to floating point). x and the
+// output are fp32 or bf16 (the model's dtype); none of this needs AVX512-BF16.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#define EMBER_INT 1
+
+inline __mmask16 tail_mask(int64_t k, int64_t n) {
+  return k + 16 <= n ? __mmask16(0xFFFF) : __mmask16((1u << (n - k)) - 1);
+}
+
+inline __m512 load_bf16(const c10::BFloat16* p, __mmask16 mask) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
+}
+
+inline __m512 load16(const c10::BFloat16* p, __mmask16 mask) { return load_bf16(p, mask); }
+inline __m512 load16(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
+
+// Calls body(std::integral_constant<int, R>) for R = min(rows, kMaxRowsX) rows of x (R is a template
+// argument, so each row count gets its own register allocation).
+template <typename Body>
+void with_rows(int64_t rows, const Body& body) {
+  switch (std::min<int64_t>(kMaxRowsX, rows)) {
+    case 1: body(std::integral_constant<int, 1>{}); break;
+    case 2: body(std::integral_constant<int, 2>{}); break;
+    case 3: body(std::integral_constant<int, 3>{}); break;
+    default: body(std::integral_constant<int, 4>{}); break;
+  }
+}
+
+template <typename Body>
+void over_channels(int64_t n_dim, const Body& body) {
+  // A few chunks per thread; each chunk streams its rows of weights once.
+  const int64_t grain = std::max<int64_t>(16, n_dim / (at::get_num_threads() * 4));
+  at::parallel_for(0, n_dim, grain, body);
+}
+
+// x [M, K] rounded to int16 per row, with the row scales and, for groups of `group` channels
+// (0: none), each group's sum of x in x's units (what the weights' offsets multiply).
+template <typename T>
+struct QuantizedRows {
+  std::vector<int16_t> q;
+  std::vector<float> scales, group_sums;
+
+  QuantizedRows(const T* x, int64_t m_dim, int64_t k_dim, int64_t group) : q(m_dim * k_dim), scales(m_dim) {
+    for (int64_t m = 0; m < m_dim; ++m) {
+      const T* row = x + m * k_dim;
+      __m512 amax = _mm512_setzero_ps();
+      for (int64_t k = 0; k < k_dim; k += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(load16(row + k, tail_mask(k, k_dim))));
+      const float top = _mm512_reduce_max_ps(amax);
+      scales[m] = top > 0.f ? top / 32767.f : 1.f;
+      const __m512 inv = _mm512_set1_ps(1.f / scales[m]);
+      for (int64_t k = 0; k < k_dim; k += 16) {
+        const __mmask16 mask = tail_mask(k, k_dim);
+        // round to nearest (the default rounding mode), saturate to int16
+        const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(load16(row + k, mask), inv));
+        _mm256_mask_storeu_epi16(q.data() + m * k_dim + k, mask, _mm512_cvtsepi32_epi16(v));
+      }
+    }
+    if (group == 0) return;
+    const int64_t groups = k_dim / group;
+    group_sums.resize(m_dim * groups);
+    for (int64_t m = 0; m < m_dim; ++m)
+      for (int64_t g = 0; g < groups; ++g) {
+        int64_t sum = 0;
+        for (int64_t k = g * group; k < (g + 1) * group; ++k) sum += q[m * k_dim + k];
+        group_sums[m * groups + g] = static_cast<float>(sum) * scales[m];
+      }
+  }
+};
+
+// sum over g < groups of a[g] * b[g]
+inline float dot(const float* a, const float* b, int64_t groups) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; g += 16) {
+    const __mmask16 mask = tail_mask(g, groups);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, a + g), _mm512_maskz_loadu_ps(mask, b + g), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+// int8 weights, one scale per output channel.
+template <int M, typename T>
+void gemv_int8_rows(const int16_t* xq, int64_t k_dim, const int8_t* w, int64_t n_begin, int64_t n_end,
+                    const float* x_scales, const float* scales, const T* bias, T* out, int64_t out_stride) {
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const int8_t* row = w + n * k_dim;
+    __m512 total[M];
+    __m512i acc[M][2];
+    for (int m = 0; m < M; ++m) {
+      total[m] = _mm512_setzero_ps();
+      acc[m][0] = acc[m][1] = _mm512_setzero_si512();
+    }
+    for (int64_t k0 = 0; k0 < k_dim; k0 += kFlushElems) {
+      const int64_t k1 = std::min(k_dim, k0 + kFlushElems);
+      int64_t k = k0;
+      for (; k + 64 <= k1; k += 64) {
+        const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k)));
+        const __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k + 32)));
+        for (int m = 0; m < M; ++m) {
+          acc[m][0] = _mm512_dpwssd_epi32(acc[m][0], _mm512_loadu_si512(xq + m * k_dim + k), w0);
+          acc[m][1] = _mm512_dpwssd_epi32(acc[m][1], _mm512_loadu_si512(xq + m * k_dim + k + 32), w1);
+        }
+      }
+      for (; k < k1; k += 32) {
+        const __mmask32 mask = k + 32 <= k1 ? ~__mmask32(0) : (__mmask32(1) << (k1 - k)) - 1;
+        const __m512i wv = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mask, row + k));
+        for (int m = 0; m < M; ++m)
+          acc[m][0] = _mm512_dpwssd_epi32(acc[m][0], _mm512_maskz_loadu_epi16(mask, xq + m * k_dim + k), wv);
+      }
+      for (int m = 0; m < M; ++m) {
+        total[m] = _mm512_add_ps(total[m], _mm512_cvtepi32_ps(_mm512_add_epi32(acc[m][0], acc[m][1])));
+        acc[m][0] = acc[m][1] = _mm512_setzero_si512();
+      }
+    }
+    for (int m = 0; m < M; ++m) {
+      float y = _mm512_reduce_add_ps(total[m]) * x_scales[m] * scales[n];
+      if (bias) y += static_cast<float>(bias[n]);
+      out[m * out_stride + n] = static_cast<T>(y);
+    }
+  }
+}
+
+// int8 weights with a scale, and optionally an offset, per group of 16 or 32 input channels
+// (w = q * scale + offset: llama.cpp's Q8_0, Q5_0/1, Q5_K and Q6_K blocks, decoded exactly).
+// Per 64 channels and row of x, two dot products give 32 int32 lanes, lane i of each the sum over
+// channels 2i and 2i + 1 of its 32; a group of 32 is one vector's 16 lanes, a group of 16 eight
+// of them, so one permute spreads the group scales over the lanes and the scaling is in fp32.
+// The offsets' share is sum_g offset * (sum of x over g), from the group sums of x.
+template <int M, typename T>
+void gemv_int8_groups_rows(const int16_t* xq, int64_t k_dim, const int8_t* w, int64_t group, int64_t n_begin,
+                           int64_t n_end, const float* x_scales, const float* x_sums, const float* scales,
+                           const float* offsets, const T* bias, T* out, int64_t out_stride) {
+  const int64_t groups = k_dim / group;
+  const __m512i lanes_a = group == 32 ? _mm512_set1_epi32(0) : _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  const __m512i lanes_b = group == 32 ? _mm512_set1_epi32(1) : _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2);
+  const __mmask16 scales64 = group == 32 ? 0x3 : 0xF, scales32 = group == 32 ? 0x1 : 0x3;
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const int8_t* row = w + n * k_dim;
+    const float* row_scales = scales + n * groups;
+    __m512 total[M];
+    for (int m = 0; m < M; ++m) total[m] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 64 <= k_dim; k += 64) {
+      const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k)));
+      const __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k + 32)));
+      const __m512 s = _mm512_maskz_loadu_ps(scales64, row_scales + k / group);
+      const __m512 sa = _mm512_permutexvar_ps(lanes_a, s), sb = _mm512_permutexvar_ps(lanes_b, s);
+      for (int m = 0; m < M; ++m) {
+        const __m512i a = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(xq + m * k_dim + k), w0);
+        const __m512i b = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(xq + m * k_dim + k + 32), w1);
+        total[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(b), sb, _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), sa, total[m]));
+      }
+    }
+    if (k < k_dim) {  // 32 channels left
+      const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k)));
+      const __m512 sa = _mm512_permutexvar_ps(lanes_a, _mm512_maskz_loadu_ps(scales32, row_scales + k / group));
+      for (int m = 0; m < M; ++m) {
+        const __m512i a = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(xq + m * k_dim + k), w0);
+        total[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), sa, total[m]);
+      }
+    }
+    for (int m = 0; m < M; ++m) {
+      float y = _mm512_reduce_add_ps(total[m]) * x_scales[m];
+      if (offsets) y += dot(offsets + n * groups, x_sums + m * groups, groups);
+      if (bias) y += static_cast<float>(bias[n]);
+      out[m * out_stride + n] = static_cast<T>(y);
+    }
+  }
+}
+
+// int4 weights per group of input channels: w = q * scale - scaled_zero with q in 0..15.
+// Row layout (uint8 [N, K / 2]): in every 64 input channels, byte j holds channel j in its
+// low nibble and channel 32 + j in its high one, so one 32-byte load gives two vectors of 32
+// channels after a mask and a shift. Per group g of row n:
+//   sum_k x_k w_k = scale * sum_k x_k q_k - scaled_zero * sum_k x_k,
+// the first sum by integer dot products, the second from per-group sums of x made once per call.
+template <int M, typename T>
+void gemv_int4_rows(const int16_t* xq, int64_t k_dim, const uint8_t* w, int64_t group, int64_t n_begin,
+                    int64_t n_end, const float* x_scales, const float* x_sums, const float* scales,
+                    const float* scaled_zeros, const T* bias, T* out, int64_t out_stride) {
+  const int64_t groups = k_dim / group, chunks = group / 64;  // chunks of 64 channels per group (0: group 32)
+  const __m512i low = _mm512_set1_epi16(0x0F);
+  const auto scaled = [](__m512i acc, float scale, __m512 total) {
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(scale), total);
+  };
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const uint8_t* row = w + n * (k_dim / 2);
+    const float* row_scales = scales + n * groups;
+    __m512 total[M];
+    for (int m = 0; m < M; ++m) total[m] = _mm512_setzero_ps();
+    if (chunks == 0) {  // group 32: the two halves of each 64 channels have their own scales
+      for (int64_t k = 0; k < k_dim; k += 64) {
+        const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k / 2)));
+        const __m512i lo = _mm512_and_si512(bytes, low), hi = _mm512_srli_epi16(bytes, 4);
+        for (int m = 0; m < M; ++m) {
+          const __m512i a = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(xq + m * k_dim + k), lo);
+          const __m512i b = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(xq + m * k_dim + k + 32), hi);
+          total[m] = scaled(b, row_scales[k / 32 + 1], scaled(a, row_scales[k / 32], total[m]));
+        }
+      }
+    } else {
+      for (int64_t g = 0, k = 0; g < groups; ++g) {
+        __m512i acc[M][2];
+        for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_si512();
+        for (int64_t c = 0; c < chunks; ++c, k += 64) {
+          const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k / 2)));
+          const __m512i lo = _mm512_and_si512(bytes, low), hi = _mm512_srli_epi16(bytes, 4);
+          for (int m = 0; m < M; ++m) {
+            acc[m][0] = _mm512_dpwssd_epi32(acc[m][0], _mm512_loadu_si512(xq + m * k_dim + k), lo);
+            acc[m][1] = _mm512_dpwssd_epi32(acc[m][1], _mm512_loadu_si512(xq + m * k_dim + k + 32), hi);
+          }
+        }
+        for (int m = 0; m < M; ++m) total[m] = scaled(_mm512_add_epi32(acc[m][0], acc[m][1]), row_scales[g], total[m]);
+      }
+    }
+    for (int m = 0; m < M; ++m) {
+      float y = _mm512_reduce_add_ps(total[m]) * x_scales[m] - dot(scaled_zeros + n * groups, x_sums + m * groups, groups);
+      if (bias) y += static_cast<float>(bias[n]);
+      out[m * out_stride + n] = static_cast<T>(y);
+    }
+  }
+}
+
+// Runs rows(xq, x scales, x group sums, output) over every kMaxRowsX rows of x and a share of the
+// output channels per thread.
+template <typename T, typename Rows>
+void over_rows_and_channels(const QuantizedRows<T>& xq, int64_t m_dim, int64_t k_dim, int64_t n_dim, int64_t groups,
+                            T* out, const Rows& rows) {
+  over_channels(n_dim, [&](int64_t n0, int64_t n1) {
+    for (int64_t m = 0; m < m_dim; m += kMaxRowsX) {
+      const float* sums = xq.group_sums.empty() ? nullptr : xq.group_sums.data() + m * groups;
+      with_rows(m_dim - m, [&](auto count) {
+        rows(count, xq.q.data() + m * k_dim, xq.scales.data() + m, sums, n0, n1, out + m * n_dim);
+      });
+    }
+  });
+}
+
+template <typename T>
+void gemv_int8(const at::Tensor& x, const at::Tensor& w, const float* scales, const T* bias, at::Tensor& out) {
+  const int64_t m_dim = x.size(0), k_dim = x.size(1), n_dim = w.size(0);
+  const QuantizedRows<T> xq(x.data_ptr<T>(), m_dim, k_dim, 0);
+  const auto* wp = w.data_ptr<int8_t>();
+  over_rows_and_channels(xq, m_dim, k_dim, n_dim, 0, out.data_ptr<T>(),
+                         [&](auto count, const int16_t* q, const float* s, const float*, int64_t n0, int64_t n1, T* o) {
+    gemv_int8_rows<decltype(count)::value>(q, k_dim, wp, n0, n1, s, scales, bias, o, n_dim);
+  });
+}
+
+template <typename T>
+void gemv_int8_groups(const at::Tensor& x, const at::Tensor& w, int64_t group, const float* scales,
+                      const float* offsets, const T* bias, at::Tensor& out) {
+  const int64_t m_dim = x.size(0), k_dim = x.size(1), n_dim = w.size(0), groups = k_dim / group;
+  const QuantizedRows<T> xq(x.data_ptr<T>(), m_dim, k_dim, offsets ? group : 0);
+  const auto* wp = w.data_ptr<int8_t>();
+  over_rows_and_channels(xq, m_dim, k_dim, n_dim, groups, out.data_ptr<T>(),
+                         [&](auto count, const int16_t* q, const float* s, const float* sums, int64_t n0, int64_t n1, T* o) {
+    gemv_int8_groups_rows<decltype(count)::value>(q, k_dim, wp, group, n0, n1, s, sums, scales, offsets, bias, o, n_dim);
+  });
+}
+
+template <typename T>
+void gemv_int4(const at::Tensor& x, const at::Tensor& w, int64_t group, const float* scales,
+               const float* scaled_zeros, const T* bias, at::Tensor& out) {
+  const int64_t m_dim = x.size(0), k_dim = x.size(1), n_dim = w.size(0), groups = k_dim / group;
+  const QuantizedRows<T> xq(x.data_ptr<T>(), m_dim, k_dim, group);
+  const auto* wp = w.data_ptr<uint8_t>();
+  over_rows_and_channels(xq, m_dim, k_dim, n_dim, groups, out.data_ptr<T>(),
+                         [&](auto count, const int16_t* q, const float* s, const float* sums, int64_t n0, int64_t n1, T* o) {
+    gemv_int4_rows<decltype(count)::value>(q, k_dim, wp, group, n0, n1, s, sums, scales, scaled_zeros, bias, o, n_dim);
+  });
+}
+#endif  // EMBER_INT
+
+
+// ---- bf16 weights and elementwise steps (AVX512-BF16) ----------------------------------------------
+#if defined(EMBER_INT) && defined(__AVX512BF16__)
+#define EMBER_GEMV 1
 
 // One output channel at a time, so the weights stream strictly in order (as the hardware
 // prefetcher likes best); kChains partial sums per row of x hide the dot product's latency.
@@ -69,75 +354,6 @@ void gemv_rows(const c10::BFloat16* x, const c10::BFloat16* w, int64_t k_dim, in
   }
 }
 
-// int8 weights: x is rounded once per call to int16 with one scale per row (an error of
-// 1/65534 of the row's largest value, far below the weights' own int8 steps), so the inner
-// loop is integer pair dot products (AVX512-VNNI: 32 multiply-adds per instruction, no
-// per-weight conversion to floating point).
-constexpr int64_t kFlushElems = 8192;  // int32 lanes are moved to fp32 before they could overflow
-
-template <int M>
-void gemv_int8_rows(const int16_t* xq, int64_t k_dim, const int8_t* w, int64_t n_begin, int64_t n_end,
-                    const float* x_scales, const float* scales, const c10::BFloat16* bias, c10::BFloat16* out,
-                    int64_t out_stride) {
-  for (int64_t n = n_begin; n < n_end; ++n) {
-    const int8_t* row = w + n * k_dim;
-    __m512 total[M];
-    __m512i acc[M][2];
-    for (int m = 0; m < M; ++m) {
-      total[m] = _mm512_setzero_ps();
-      acc[m][0] = acc[m][1] = _mm512_setzero_si512();
-    }
-    for (int64_t k0 = 0; k0 < k_dim; k0 += kFlushElems) {
-      const int64_t k1 = std::min(k_dim, k0 + kFlushElems);
-      int64_t k = k0;
-      for (; k + 64 <= k1; k += 64) {
-        const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k)));
-        const __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k + 32)));
-        for (int m = 0; m < M; ++m) {
-          acc[m][0] = _mm512_dpwssd_epi32(acc[m][0], _mm512_loadu_si512(xq + m * k_dim + k), w0);
-          acc[m][1] = _mm512_dpwssd_epi32(acc[m][1], _mm512_loadu_si512(xq + m * k_dim + k + 32), w1);
-        }
-      }
-      for (; k < k1; k += 32) {
-        const __mmask32 mask = k + 32 <= k1 ? ~__mmask32(0) : (__mmask32(1) << (k1 - k)) - 1;
-        const __m512i wv = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mask, row + k));
-        for (int m = 0; m < M; ++m)
-          acc[m][0] = _mm512_dpwssd_epi32(acc[m][0], _mm512_maskz_loadu_epi16(mask, xq + m * k_dim + k), wv);
-      }
-      for (int m = 0; m < M; ++m) {
-        total[m] = _mm512_add_ps(total[m], _mm512_cvtepi32_ps(_mm512_add_epi32(acc[m][0], acc[m][1])));
-        acc[m][0] = acc[m][1] = _mm512_setzero_si512();
-      }
-    }
-    for (int m = 0; m < M; ++m) {
-      float y = _mm512_reduce_add_ps(total[m]) * x_scales[m] * scales[n];
-      if (bias) y += static_cast<float>(bias[n]);
-      out[m * out_stride + n] = static_cast<c10::BFloat16>(y);
-    }
-  }
-}
-
-std::vector<float> quantize_rows(const at::Tensor& x, std::vector<int16_t>& xq);
-
-// Calls body(std::integral_constant<int, R>) for R = min(rows, kMaxRowsX) rows of x (R is a template
-// argument, so each row count gets its own register allocation).
-template <typename Body>
-void with_rows(int64_t rows, const Body& body) {
-  switch (std::min<int64_t>(kMaxRowsX, rows)) {
-    case 1: body(std::integral_constant<int, 1>{}); break;
-    case 2: body(std::integral_constant<int, 2>{}); break;
-    case 3: body(std::integral_constant<int, 3>{}); break;
-    default: body(std::integral_constant<int, 4>{}); break;
-  }
-}
-
-template <typename Body>
-void over_channels(int64_t n_dim, const Body& body) {
-  // A few chunks per thread; each chunk streams its rows of weights once.
-  const int64_t grain = std::max<int64_t>(16, n_dim / (at::get_num_threads() * 4));
-  at::parallel_for(0, n_dim, grain, body);
-}
-
 void gemv_bf16(const at::Tensor& x, const at::Tensor& w, const c10::BFloat16* bias, at::Tensor& out) {
   const int64_t m_dim = x.size(0), k_dim = x.size(1), n_dim = w.size(0);
   const auto* xp = x.data_ptr<c10::BFloat16>();
@@ -154,144 +370,6 @@ void gemv_bf16(const at::Tensor& x, const at::Tensor& w, const c10::BFloat16* bi
   });
 }
 
-void gemv_int8(const at::Tensor& x, const at::Tensor& w, const float* scales, const c10::BFloat16* bias,
-               at::Tensor& out) {
-  const int64_t m_dim = x.size(0), k_dim = x.size(1), n_dim = w.size(0);
-  std::vector<int16_t> xq;
-  const std::vector<float> x_scales = quantize_rows(x, xq);
-  const auto* wp = w.data_ptr<int8_t>();
-  auto* op = out.data_ptr<c10::BFloat16>();
-  over_channels(n_dim, [&](int64_t n0, int64_t n1) {
-    for (int64_t m = 0; m < m_dim; m += kMaxRowsX) {
-      const int16_t* xm = xq.data() + m * k_dim;
-      const float* sm = x_scales.data() + m;
-      auto* om = op + m * n_dim;
-      with_rows(m_dim - m, [&](auto rows) {
-        gemv_int8_rows<decltype(rows)::value>(xm, k_dim, wp, n0, n1, sm, scales, bias, om, n_dim);
-      });
-    }
-  });
-}
-// int4 weights, asymmetric per group of input channels: w = (q - zero) * scale with q in 0..15.
-// Row layout (uint8 [N, K / 2]): in every 64 input channels, byte j holds channel j in its
-// low nibble and channel 32 + j in its high one, so one 32-byte load gives two vectors of 32
-// channels after a mask and a shift. Per group g of row n:
-//   sum_k x_k w_k = scale * (sum_k x_k q_k - zero * sum_k x_k),
-// the first sum by integer dot products, the second from per-group sums of x made once per call.
-template <int M>
-void gemv_int4_rows(const int16_t* xq, int64_t k_dim, const uint8_t* w, int64_t group, int64_t n_begin,
-                    int64_t n_end, const float* x_scales, const float* x_sums, const float* scales,
-                    const float* scaled_zeros, const c10::BFloat16* bias, c10::BFloat16* out, int64_t out_stride) {
-  const int64_t groups = k_dim / group, chunks = group / 64;  // chunks of 64 channels per group (0: group 32)
-  const __m512i low = _mm512_set1_epi16(0x0F);
-  const auto scaled = [](__m512i acc, float scale, __m512 total) {
-    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(scale), total);
-  };
-  for (int64_t n = n_begin; n < n_end; ++n) {
-    const uint8_t* row = w + n * (k_dim / 2);
-    const float* row_scales = scales + n * groups;
-    __m512 total[M];
-    for (int m = 0; m < M; ++m) total[m] = _mm512_setzero_ps();
-    if (chunks == 0) {  // group 32: the two halves of each 64 channels have their own scales
-      for (int64_t k = 0; k < k_dim; k += 64) {
-        const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k / 2)));
-        const __m512i lo = _mm512_and_si512(bytes, low), hi = _mm512_srli_epi16(bytes, 4);
-        for (int m = 0; m < M; ++m) {
-          const __m512i a = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(xq + m * k_dim + k), lo);
-          const __m512i b = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(xq + m * k_dim + k + 32), hi);
-          total[m] = scaled(b, row_scales[k / 32 + 1], scaled(a, row_scales[k / 32], total[m]));
-        }
-      }
-    } else {
-      for (int64_t g = 0, k = 0; g < groups; ++g) {
-        __m512i acc[M][2];
-        for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_si512();
-        for (int64_t c = 0; c < chunks; ++c, k += 64) {
-          const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k / 2)));
-          const __m512i lo = _mm512_and_si512(bytes, low), hi = _mm512_srli_epi16(bytes, 4);
-          for (int m = 0; m < M; ++m) {
-            acc[m][0] = _mm512_dpwssd_epi32(acc[m][0], _mm512_loadu_si512(xq + m * k_dim + k), lo);
-            acc[m][1] = _mm512_dpwssd_epi32(acc[m][1], _mm512_loadu_si512(xq + m * k_dim + k + 32), hi);
-          }
-        }
-        for (int m = 0; m < M; ++m) total[m] = scaled(_mm512_add_epi32(acc[m][0], acc[m][1]), row_scales[g], total[m]);
-      }
-    }
-    // The zero points' share: sum over groups of scale * zero * (sum of x over the group).
-    const float* row_zeros = scaled_zeros + n * groups;
-    for (int m = 0; m < M; ++m) {
-      __m512 zero_part = _mm512_setzero_ps();
-      for (int64_t g = 0; g < groups; g += 16) {
-        const __mmask16 mask = g + 16 <= groups ? __mmask16(0xFFFF) : __mmask16((1u << (groups - g)) - 1);
-        zero_part = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, row_zeros + g),
-                                    _mm512_maskz_loadu_ps(mask, x_sums + m * groups + g), zero_part);
-      }
-      float y = _mm512_reduce_add_ps(total[m]) * x_scales[m] - _mm512_reduce_add_ps(zero_part);
-      if (bias) y += static_cast<float>(bias[n]);
-      out[m * out_stride + n] = static_cast<c10::BFloat16>(y);
-    }
-  }
-}
-
-inline __m512 load_bf16(const c10::BFloat16* p, __mmask16 mask) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
-}
-
-inline __mmask16 tail_mask(int64_t k, int64_t n) {
-  return k + 16 <= n ? __mmask16(0xFFFF) : __mmask16((1u << (n - k)) - 1);
-}
-
-// x rounded to int16 per row (see gemv_int8_rows); returns the row scales.
-std::vector<float> quantize_rows(const at::Tensor& x, std::vector<int16_t>& xq) {
-  const int64_t m_dim = x.size(0), k_dim = x.size(1);
-  const auto* xp = x.data_ptr<c10::BFloat16>();
-  xq.resize(m_dim * k_dim);
-  std::vector<float> x_scales(m_dim);
-  for (int64_t m = 0; m < m_dim; ++m) {
-    const c10::BFloat16* row = xp + m * k_dim;
-    __m512 amax = _mm512_setzero_ps();
-    for (int64_t k = 0; k < k_dim; k += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(load_bf16(row + k, tail_mask(k, k_dim))));
-    const float top = _mm512_reduce_max_ps(amax);
-    x_scales[m] = top > 0.f ? top / 32767.f : 1.f;
-    const __m512 inv = _mm512_set1_ps(1.f / x_scales[m]);
-    for (int64_t k = 0; k < k_dim; k += 16) {
-      const __mmask16 mask = tail_mask(k, k_dim);
-      // round to nearest (the default rounding mode), saturate to int16
-      const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(load_bf16(row + k, mask), inv));
-      _mm256_mask_storeu_epi16(xq.data() + m * k_dim + k, mask, _mm512_cvtsepi32_epi16(q));
-    }
-  }
-  return x_scales;
-}
-
-void gemv_int4(const at::Tensor& x, const at::Tensor& w, int64_t group, const float* scales,
-               const float* scaled_zeros, const c10::BFloat16* bias, at::Tensor& out) {
-  const int64_t m_dim = x.size(0), k_dim = x.size(1), n_dim = w.size(0), groups = k_dim / group;
-  std::vector<int16_t> xq;
-  const std::vector<float> x_scales = quantize_rows(x, xq);
-  std::vector<float> x_sums(m_dim * groups, 0.f);  // per row and group, in x's units
-  for (int64_t m = 0; m < m_dim; ++m) {
-    for (int64_t g = 0; g < groups; ++g) {
-      int64_t sum = 0;
-      for (int64_t k = g * group; k < (g + 1) * group; ++k) sum += xq[m * k_dim + k];
-      x_sums[m * groups + g] = static_cast<float>(sum) * x_scales[m];
-    }
-  }
-  const auto* wp = w.data_ptr<uint8_t>();
-  auto* op = out.data_ptr<c10::BFloat16>();
-  over_channels(n_dim, [&](int64_t n0, int64_t n1) {
-    for (int64_t m = 0; m < m_dim; m += kMaxRowsX) {
-      const int16_t* xm = xq.data() + m * k_dim;
-      const float* sm = x_scales.data() + m;
-      const float* zm = x_sums.data() + m * groups;
-      auto* om = op + m * n_dim;
-      with_rows(m_dim - m, [&](auto rows) {
-        gemv_int4_rows<decltype(rows)::value>(xm, k_dim, wp, group, n0, n1, sm, zm, scales, scaled_zeros, bias, om,
-                                               n_dim);
-      });
-    }
-  });
-}
 inline __m512 round_bf16(__m512 v) {  // round to bf16 (nearest even) and back, as a bf16 tensor op would
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
 }
@@ -419,9 +497,6 @@ void argmax_rows(const c10::BFloat16* x, int64_t* out, int64_t rows, int64_t n) 
 // Qwen2-0.5B's at 16-64; ahead of or level with oneDNN's prepacked GEMM wherever measured
 // (BENCHMARKS.md, session 6). The accumulation order (k ascending per output) is the same for
 // every tile, so results do not depend on the batch.
-constexpr int64_t kPairBlock = 16;  // output channels per packed block
-constexpr int kTileRows = 6;
-constexpr int kTileBlocks = 4;
 
 template <int R, int B>
 void pairs_tile(const uint32_t* x, int64_t x_stride, const uint32_t* w, int64_t k_pairs, const c10::BFloat16* bias,
@@ -491,7 +566,7 @@ void linear_pairs_rows(const at::Tensor& x, const at::Tensor& packed, int64_t n_
     }
   });
 }
-#endif
+#endif  // EMBER_GEMV
 
 bool gemv_supported() {
 #ifdef EMBER_GEMV
@@ -501,25 +576,90 @@ bool gemv_supported() {
 #endif
 }
 
+bool int_gemv_supported() {
+#ifdef EMBER_INT
+  return true;
+#else
+  return false;
+#endif
+}
+
+// x for the integer kernels: contiguous fp32 or bf16 [M, K]; bias, if any, [N] in x's dtype.
+void check_rows(const at::Tensor& x, const std::optional<at::Tensor>& bias, int64_t n_dim, const char* op) {
+  TORCH_CHECK(int_gemv_supported(), op, ": built without AVX512-VNNI");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "x: contiguous fp32 or bf16 [M, K]");
+  TORCH_CHECK(!bias || (bias->scalar_type() == x.scalar_type() && bias->is_contiguous() && bias->numel() == n_dim),
+              "bias: [N] in x's dtype");
+}
+
+template <typename T>
+const T* bias_ptr(const std::optional<at::Tensor>& bias) {
+  return bias ? bias->data_ptr<T>() : nullptr;
+}
+
 at::Tensor linear_gemv(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& scales,
                        const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(gemv_supported(), "linear_gemv: built without AVX512-BF16");
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16, "x: contiguous bf16 [M, K]");
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) == x.size(1), "w: contiguous [N, K]");
   TORCH_CHECK(w.scalar_type() == at::kBFloat16 || (w.scalar_type() == at::kChar && scales), "w: bf16, or int8 with scales");
   TORCH_CHECK(!scales || (scales->scalar_type() == at::kFloat && scales->is_contiguous() && scales->numel() == w.size(0)),
               "scales: fp32 [N]");
-  TORCH_CHECK(!bias || (bias->scalar_type() == at::kBFloat16 && bias->is_contiguous() && bias->numel() == w.size(0)),
-              "bias: bf16 [N]");
+  check_rows(x, bias, w.size(0), "linear_gemv");
+  TORCH_CHECK(w.scalar_type() == at::kChar || (gemv_supported() && x.scalar_type() == at::kBFloat16),
+              "linear_gemv: bf16 weights need bf16 x and AVX512-BF16");
   at::Tensor out = at::empty({x.size(0), w.size(0)}, x.options());
-#ifdef EMBER_GEMV
+#ifdef EMBER_INT
   const float* sp = scales ? scales->data_ptr<float>() : nullptr;
-  const c10::BFloat16* bp = bias ? bias->data_ptr<c10::BFloat16>() : nullptr;
   if (w.scalar_type() == at::kChar) {
-    gemv_int8(x, w, sp, bp, out);
-  } else {
-    gemv_bf16(x, w, bp, out);
+    if (x.scalar_type() == at::kFloat) gemv_int8<float>(x, w, sp, bias_ptr<float>(bias), out);
+    else gemv_int8<c10::BFloat16>(x, w, sp, bias_ptr<c10::BFloat16>(bias), out);
   }
+#endif
+#ifdef EMBER_GEMV
+  if (w.scalar_type() == at::kBFloat16) gemv_bf16(x, w, bias_ptr<c10::BFloat16>(bias), out);
+#endif
+  return out;
+}
+
+// w: int8 [N, K]; scales (and offsets, if any): fp32 [N, K / group]; group 16 or 32, K a multiple of 32.
+at::Tensor linear_int8_groups(const at::Tensor& x, const at::Tensor& w, int64_t group, const at::Tensor& scales,
+                              const std::optional<at::Tensor>& offsets, const std::optional<at::Tensor>& bias) {
+  const int64_t n_dim = w.size(0), k_dim = x.size(1);
+  check_rows(x, bias, n_dim, "linear_int8_groups");
+  TORCH_CHECK(k_dim % 32 == 0 && w.scalar_type() == at::kChar && w.dim() == 2 && w.is_contiguous() && w.size(1) == k_dim,
+              "w: contiguous int8 [N, K] with K a multiple of 32");
+  TORCH_CHECK(group == 16 || group == 32, "group: 16 or 32");
+  for (const at::Tensor* t : {&scales, offsets ? &*offsets : &scales})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == n_dim * (k_dim / group),
+                "scales, offsets: fp32 [N, K / group]");
+  at::Tensor out = at::empty({x.size(0), n_dim}, x.options());
+#ifdef EMBER_INT
+  const float* op = offsets ? offsets->data_ptr<float>() : nullptr;
+  if (x.scalar_type() == at::kFloat)
+    gemv_int8_groups<float>(x, w, group, scales.data_ptr<float>(), op, bias_ptr<float>(bias), out);
+  else
+    gemv_int8_groups<c10::BFloat16>(x, w, group, scales.data_ptr<float>(), op, bias_ptr<c10::BFloat16>(bias), out);
+#endif
+  return out;
+}
+
+at::Tensor linear_gemv_int4(const at::Tensor& x, const at::Tensor& w, int64_t group, const at::Tensor& scales,
+                            const at::Tensor& scaled_zeros, const std::optional<at::Tensor>& bias) {
+  const int64_t n_dim = w.size(0), k_dim = x.size(1);
+  check_rows(x, bias, n_dim, "linear_gemv_int4");
+  TORCH_CHECK(k_dim % 64 == 0 && w.scalar_type() == at::kByte && w.is_contiguous() && w.size(1) * 2 == k_dim,
+              "w: contiguous uint8 [N, K / 2] with K a multiple of 64");
+  TORCH_CHECK(group % 32 == 0 && k_dim % group == 0 && (group == 32 || group % 64 == 0), "group: 32 or a multiple of 64");
+  for (const auto* t : {&scales, &scaled_zeros})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == n_dim * (k_dim / group),
+                "scales, scaled_zeros: fp32 [N, K / group]");
+  at::Tensor out = at::empty({x.size(0), n_dim}, x.options());
+#ifdef EMBER_INT
+  if (x.scalar_type() == at::kFloat)
+    gemv_int4<float>(x, w, group, scales.data_ptr<float>(), scaled_zeros.data_ptr<float>(), bias_ptr<float>(bias), out);
+  else
+    gemv_int4<c10::BFloat16>(x, w, group, scales.data_ptr<float>(), scaled_zeros.data_ptr<float>(),
+                             bias_ptr<c10::BFloat16>(bias), out);
 #endif
   return out;
 }
@@ -545,27 +685,6 @@ at::Tensor linear_pairs(const at::Tensor& x, const at::Tensor& packed, int64_t n
   at::Tensor out = at::empty({x.size(0), n_dim}, x.options());
 #ifdef EMBER_GEMV
   linear_pairs_rows(x, packed, n_dim, bias ? bias->data_ptr<c10::BFloat16>() : nullptr, out);
-#endif
-  return out;
-}
-
-at::Tensor linear_gemv_int4(const at::Tensor& x, const at::Tensor& w, int64_t group, const at::Tensor& scales,
-                            const at::Tensor& scaled_zeros, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(gemv_supported(), "linear_gemv_int4: built without AVX512-BF16/VNNI");
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16, "x: contiguous bf16 [M, K]");
-  const int64_t n_dim = w.size(0), k_dim = x.size(1);
-  TORCH_CHECK(k_dim % 64 == 0 && w.scalar_type() == at::kByte && w.is_contiguous() && w.size(1) * 2 == k_dim,
-              "w: contiguous uint8 [N, K / 2] with K a multiple of 64");
-  TORCH_CHECK(group % 32 == 0 && k_dim % group == 0 && (group == 32 || group % 64 == 0), "group: 32 or a multiple of 64");
-  for (const auto* t : {&scales, &scaled_zeros})
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == n_dim * (k_dim / group),
-                "scales, scaled_zeros: fp32 [N, K / group]");
-  TORCH_CHECK(!bias || (bias->scalar_type() == at::kBFloat16 && bias->is_contiguous() && bias->numel() == n_dim),
-              "bias: bf16 [N]");
-  at::Tensor out = at::empty({x.size(0), n_dim}, x.options());
-#ifdef EMBER_GEMV
-  gemv_int4(x, w, group, scales.data_ptr<float>(), scaled_zeros.data_ptr<float>(),
-            bias ? bias->data_ptr<c10::BFloat16>() : nullptr, out);
 #endif
   return out;
 }
@@ -648,12 +767,15 @@ TORCH_LIBRARY(ember_ops, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("linear_gemv(Tensor x, Tensor w, Tensor? scales=None, Tensor? bias=None) -> Tensor");
   m.def("linear_gemv_int4(Tensor x, Tensor w, int group, Tensor scales, Tensor scaled_zeros, Tensor? bias=None) -> Tensor");
+  m.def("linear_int8_groups(Tensor x, Tensor w, int group, Tensor scales, Tensor? offsets=None, Tensor? bias=None) -> Tensor");
   m.def("gemv_supported() -> bool", &gemv_supported);
+  m.def("int_gemv_supported() -> bool", &int_gemv_supported);
 }
 
 TORCH_LIBRARY_IMPL(ember_ops, CPU, m) {
   m.impl("linear_gemv", &linear_gemv);
   m.impl("linear_gemv_int4", &linear_gemv_int4);
+  m.impl("linear_int8_groups", &linear_int8_groups);
   m.impl("rms_norm", &rms_norm);
   m.impl("silu_mul", &silu_mul);
   m.impl("pack_pairs", &pack_pairs);

@@ -31,9 +31,27 @@ INT8_GEMV_MAX_ROWS = 16  # int8 weights: above this dequantizing once + GEMM win
 
 
 @functools.cache
+def _library() -> bool:
+    return build("ember_cpu_ops", str(Path(__file__).with_name("cpu_ops.cpp")))
+
+
+@functools.cache
 def gemv_available() -> bool:
-    return build("ember_cpu_ops", str(Path(__file__).with_name("cpu_ops.cpp"))) and \
-        bool(torch.ops.ember_ops.gemv_supported())
+    """The bf16 kernels (AVX512-BF16)."""
+    return _library() and bool(torch.ops.ember_ops.gemv_supported())
+
+
+@functools.cache
+def int_kernels_available() -> bool:
+    """The integer-weight kernels (AVX512-VNNI; fp32 or bf16 activations)."""
+    return _library() and bool(torch.ops.ember_ops.int_gemv_supported())
+
+
+def int_kernel_ok(x: torch.Tensor, max_rows: int) -> bool:
+    """Whether x (fp32 or bf16 on CPU, at most `max_rows` rows, no gradient) can go through them."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+            and x.numel() <= max_rows * x.shape[-1] and not (torch.is_grad_enabled() and x.requires_grad)
+            and int_kernels_available())
 
 
 def _gemv(x, weight, scales, bias):  # the op's resolved overload: a few microseconds less per call
@@ -130,7 +148,7 @@ def _onednn_packing() -> bool:
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
     """x @ (q * scales).T + bias for int8 q and fp32 scales, or None where the kernel does not apply."""
-    if not _kernel_ok(x, INT8_GEMV_MAX_ROWS):
+    if not int_kernel_ok(x, INT8_GEMV_MAX_ROWS):
         return None
     out = torch.ops.ember_ops.linear_gemv(x.reshape(-1, x.shape[-1]).contiguous(), q, scales, bias)
     return out.view(*x.shape[:-1], q.shape[0])

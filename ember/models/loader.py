@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -133,14 +134,35 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, str]]:
-    for path in files:
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name), str(path)
-        except (SafetensorError, OSError) as e:
-            raise ValueError(f"weight file {str(path)!r} is corrupt or unreadable: {e}") from None
+def iter_safetensors(files: list[Path], label: str = "") -> Iterator[tuple[str, torch.Tensor, str]]:
+    """Every tensor of the files, with a progress bar on stderr (a large model takes a while)."""
+    with progress(f"loading {label}".strip(), unit="file", total=len(files), disable=len(files) < 2) as bar:
+        for path in files:
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    for name in f.keys():
+                        yield name, f.get_tensor(name), str(path)
+            except (SafetensorError, OSError) as e:
+                raise ValueError(f"weight file {str(path)!r} is corrupt or unreadable: {e}") from None
+            bar.update()
+
+
+def progress(description: str, **kwargs):
+    """A tqdm bar on stderr for load-time work, shown once it has lasted half a second."""
+    from tqdm.auto import tqdm
+
+    return tqdm(desc=description, file=sys.stderr, leave=False, dynamic_ncols=True, delay=0.5, **kwargs)
+
+
+def empty_model(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """The model for `config`, built on the meta device and given (uninitialised) storage."""
+    from ember.models import model_class
+
+    with torch.device("meta"):
+        model = model_class(config.architecture)(config)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    model.tie_weights()  # to_empty() unties shared tensors
+    return model
 
 
 def load_model(
@@ -148,23 +170,24 @@ def load_model(
     dtype: str | torch.dtype = "auto",
     device: str | torch.device = "cpu",
 ) -> tuple[nn.Module, ModelConfig]:
-    """Build the model for `model_dir` on the meta device, then fill it from safetensors."""
-    from ember.models import model_class
+    """Build the model for an HF directory or a GGUF file on the meta device, then fill it."""
+    from ember.models.gguf import find_gguf
     from ember.models.quant_formats import QUANTIZED_SUFFIXES, checkpoint_quantization, load_quantized_linears
 
+    if (gguf_file := find_gguf(model_dir)) is not None:
+        from ember.models.gguf import load_gguf
+
+        return load_gguf(gguf_file, dtype, torch.device(device))
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
-        raise ValueError(f"model: {str(model_dir)!r} is not a directory")
+        raise ValueError(f"model: {str(model_dir)!r} is not a directory or a .gguf file")
     config = ModelConfig.from_dir(model_dir)
     device = torch.device(device)
     torch_dtype = config.resolve_dtype(dtype, device)
     files = safetensors_files(model_dir)
-    with torch.device("meta"):
-        model = model_class(config.architecture)(config)
-    model = model.to(dtype=torch_dtype).to_empty(device=device)
-    model.tie_weights()  # to_empty() unties shared tensors
+    model = empty_model(config, torch_dtype, device)
     # BERT checkpoints come with and without the "bert." prefix; a pooler is not used for embeddings.
-    weights = ((n.removeprefix("bert."), t, src) for n, t, src in iter_safetensors(files)
+    weights = ((n.removeprefix("bert."), t, src) for n, t, src in iter_safetensors(files, model_dir.name)
                if not n.startswith(("pooler.", "bert.pooler.", "cls.")))
     quant = checkpoint_quantization(config.raw, str(model_dir / "config.json"))
     if quant is not None:  # GPTQ / AWQ: packed tensors become quantized linears, the rest loads as usual

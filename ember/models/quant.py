@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ember.models import cpu_ops
+from ember.models.gguf_blocks import PackedWeight
 from ember.models.layers import MergedLinear
 
 METHODS = ("int8", "int4")
@@ -108,7 +109,9 @@ class QuantizedLinear(nn.Module):
         # unpacked int4 copy where torch's packing is not known.
         self.register_buffer("perm", None)
         self.register_buffer("_own_int4", None)
-        self.layout = "aten"  # int4: "ember" (ember's kernel and packing) or "aten" (torch's)
+        # int4: "ember" (ember's kernel and packing) or "aten" (torch's); int8: "channels" (one scale per
+        # output channel) or "groups" (a scale and an optional offset per group of input channels).
+        self.layout = "aten" if bits == 4 else "channels"
 
     @classmethod
     def from_int8(cls, q: torch.Tensor, scale: torch.Tensor, bias, dtype, **names) -> "QuantizedLinear":
@@ -121,24 +124,45 @@ class QuantizedLinear(nn.Module):
     @classmethod
     def from_int4(cls, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, bias, dtype,
                   **names) -> "QuantizedLinear":
-        """q [N, K] in 0..15; scale, zero [K / group_size, N]."""
+        """q [N, K] in 0..15; scale, zero [K / group_size, N]: w = (q - zero) * scale."""
+        scale = scale.float()
+        return cls._int4(q, scale.t(), (scale * zero.float()).t(), group_size, bias, dtype, **names)
+
+    @classmethod
+    def from_packed(cls, packed: PackedWeight, bias, dtype, **names) -> "QuantizedLinear":
+        """A PackedWeight (w = q * scale + offset per group) as it is: no rounding."""
+        n, k = packed.shape
+        offset = packed.offset if packed.offset is not None else torch.zeros_like(packed.scale)
+        if packed.bits == 4:
+            return cls._int4(packed.q, packed.scale, -offset, packed.group, bias, dtype, **names)
+        module = cls(k, n, 8, packed.group, bias, dtype, **names)
+        module.layout = "groups"
+        module.register_buffer("qweight", packed.q.to(torch.int8).contiguous())
+        module.register_buffer("scales_f32", packed.scale.float().contiguous())  # [N, G]
+        module.register_buffer("offsets_f32", None if packed.offset is None else packed.offset.float().contiguous())
+        return module
+
+    @classmethod
+    def _int4(cls, q: torch.Tensor, scale: torch.Tensor, scaled_zero: torch.Tensor, group_size: int, bias, dtype,
+              **names) -> "QuantizedLinear":
+        """q [N, K] in 0..15; scale, scaled_zero fp32 [N, K / group_size]: w = q * scale - scaled_zero."""
         n, k = q.shape
         module = cls(k, n, 4, group_size, bias, dtype, **names)
         q = q.to(torch.int32).contiguous()
-        scale = scale.float()
-        if k % 64 == 0 and (q.device.type != "cpu" or (dtype == torch.bfloat16 and cpu_ops.gemv_available())):
+        if k % 64 == 0 and (q.device.type != "cpu" or (dtype in (torch.bfloat16, torch.float32)
+                                                       and cpu_ops.int_kernels_available())):
             # ember's kernel: per 64 channels, byte j = channel j (low nibble) | channel 32 + j (high).
             # Off CPU the same packing serves the dequantize path.
             module.layout = "ember"
             halves = q.to(torch.uint8).reshape(n, k // 64, 2, 32)
             module.register_buffer("qweight", (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(n, k // 2))
-            module.register_buffer("scales_f32", scale.t().contiguous())  # [N, G]
-            module.register_buffer("scaled_zeros", (scale * zero.float()).t().contiguous())
+            module.register_buffer("scales_f32", scale.float().contiguous())  # [N, G]
+            module.register_buffer("scaled_zeros", scaled_zero.float().contiguous())
             return module
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.cpu(), 1)  # torch packs on CPU only
         module.register_buffer("qweight", packed.to(q.device))
-        offset = (8 - zero.float()) * scale
-        module.register_buffer("scale_offsets", torch.stack((scale, offset), dim=-1).to(dtype).contiguous())
+        offset = 8 * scale.float() - scaled_zero.float()  # torch's kernel: (q - 8) * scale + offset
+        module.register_buffer("scale_offsets", torch.stack((scale.t(), offset.t()), dim=-1).to(dtype).contiguous())
         if n % _INT4_BLOCK_N or not _int4_layout_known():
             module._own_int4 = q.to(torch.uint8)
         return module
@@ -162,7 +186,13 @@ class QuantizedLinear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         """The weight as [N, K] in the compute dtype (input channels in checkpoint order)."""
         n, k = self.out_features, self.in_features
-        if self.bits == 8:
+        if self.layout == "groups":
+            q = self.qweight.reshape(n, k // self.group_size, self.group_size)
+            w = q * self.scales_f32[..., None]
+            if self.offsets_f32 is not None:
+                w = w + self.offsets_f32[..., None]
+            weight = w.to(self.dtype).reshape(n, k)
+        elif self.bits == 8:
             weight = self.qweight * self.scales[:, None]
         elif self.layout == "ember":
             b = self.qweight.reshape(n, k // 64, 1, 32)
@@ -184,17 +214,22 @@ class QuantizedLinear(nn.Module):
             return F.linear(x, self.dequantize(), self.bias)
         if self.perm is not None:
             flat = flat.index_select(1, self.perm)
+        if self.layout in ("ember", "groups"):
+            if not cpu_ops.int_kernel_ok(flat, KERNEL_MAX_ROWS):
+                return F.linear(x, self.dequantize(), self.bias)
+            flat = flat.contiguous()
+            if self.layout == "ember":
+                out = torch.ops.ember_ops.linear_gemv_int4(flat, self.qweight, self.group_size, self.scales_f32,
+                                                           self.scaled_zeros, self.bias)
+            else:
+                out = torch.ops.ember_ops.linear_int8_groups(flat, self.qweight, self.group_size, self.scales_f32,
+                                                             self.offsets_f32, self.bias)
+            return out.reshape(*shape[:-1], self.out_features)
         if self.bits == 8:
             out = cpu_ops.int8_linear(flat, self.qweight, self.scales_f32, self.bias)
             if out is not None:
                 return out.reshape(*shape[:-1], self.out_features)
             out = torch.ops.aten._weight_int8pack_mm(flat.contiguous(), self.qweight, self.scales)
-        elif self.layout == "ember":
-            if flat.dtype != torch.bfloat16:
-                return F.linear(x, self.dequantize(), self.bias)
-            out = torch.ops.ember_ops.linear_gemv_int4(flat.contiguous(), self.qweight, self.group_size,
-                                                          self.scales_f32, self.scaled_zeros, self.bias)
-            return out.reshape(*shape[:-1], self.out_features)
         else:
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.contiguous(), self.qweight, self.group_size,
                                                              self.scale_offsets)
@@ -220,13 +255,17 @@ class QuantizedLinear(nn.Module):
 
 
 class QuantizedEmbedding(nn.Module):
-    """An int8 embedding table (per-row scales): rows are dequantized as they are looked up."""
+    """An int8 embedding table: rows are dequantized as they are looked up. One scale per row
+    (ember's own), or a scale and an optional offset per group of columns (a GGUF's blocks)."""
 
-    def __init__(self, q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype):
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
+                 offsets: torch.Tensor | None = None, group_size: int | None = None):
         super().__init__()
         self.dtype = dtype
+        self.group_size = group_size  # None: scales [V], one per row
         self.register_buffer("qweight", q)
         self.register_buffer("scales", scales)
+        self.register_buffer("offsets", offsets)
 
     @classmethod
     def quantize(cls, embedding: nn.Embedding) -> "QuantizedEmbedding":
@@ -234,7 +273,64 @@ class QuantizedEmbedding(nn.Module):
         return cls(q, scale.to(embedding.weight.dtype), embedding.weight.dtype)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.qweight[ids].to(self.dtype) * self.scales[ids, None]
+        if self.group_size is None:
+            return self.qweight[ids].to(self.dtype) * self.scales[ids, None]
+        rows = self.qweight[ids].unflatten(-1, (-1, self.group_size)) * self.scales[ids][..., None]
+        if self.offsets is not None:
+            rows = rows + self.offsets[ids][..., None]
+        return rows.flatten(-2).to(self.dtype)
+
+
+def concat_rows(parts: list[PackedWeight]) -> PackedWeight:
+    """Packed shards of a merged projection as one weight: as they are when their formats agree,
+    else all as int8 with the smallest group (exact either way)."""
+    if len({(p.bits, p.group) for p in parts}) > 1:
+        group = min(p.group for p in parts)
+        parts = [p.as_int8(group) for p in parts]
+    offsets = None
+    if any(p.offset is not None for p in parts):
+        offsets = torch.cat([p.offset if p.offset is not None else torch.zeros_like(p.scale) for p in parts])
+    return PackedWeight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]), offsets,
+                        parts[0].group, parts[0].bits)
+
+
+def install_packed(model: nn.Module, packed: dict[str, PackedWeight], dtype: torch.dtype, source: str) -> None:
+    """Put weights that arrive quantized (`packed`, by HF name) into the model as they are: each
+    linear layer whose weight(s) are there becomes a QuantizedLinear (a merged projection from its
+    shards), an embedding table a QuantizedEmbedding (int8), which a tied LM head then shares.
+    Consumes those entries; biases stay parameters, loaded by name as usual."""
+    embedding_names = {name for name, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    lm_head = getattr(model, "lm_head", None)
+    tied = lm_head is not None and any(isinstance(m, nn.Embedding) and m.weight is lm_head.weight
+                                       for m in model.modules())
+    with torch.no_grad():
+        for name in sorted(embedding_names):
+            weight = packed.pop(f"{name}.weight", None)
+            if weight is None:
+                continue
+            table = weight.as_int8(min(weight.group, 32))
+            _set_module(model, name, QuantizedEmbedding(table.q, table.scale, dtype, table.offset, table.group))
+            if tied:
+                _set_module(model, "lm_head", QuantizedLinear.from_packed(table, None, dtype))
+        for module_name, module in list(model.named_modules()):
+            if not isinstance(module, nn.Linear) or getattr(module, "transposed_checkpoint", False):
+                continue
+            parent = module_name.rpartition(".")[0]
+            merged = isinstance(module, MergedLinear)
+            hf_names = [f"{parent}.{s}.weight" for s in module.shard_names] if merged else [f"{module_name}.weight"]
+            if not any(n in packed for n in hf_names):
+                continue
+            missing = [n for n in hf_names if n not in packed]
+            if missing:
+                raise ValueError(f"{source}: {hf_names[0]} is quantized but {missing[0]} is not; "
+                                 "ember merges them into one projection")
+            weight = concat_rows([packed.pop(n) for n in hf_names])
+            if weight.shape != (module.out_features, module.in_features):
+                raise ValueError(f"{source}: {hf_names[0]} is {list(weight.shape)}, "
+                                 f"the model expects [{module.out_features}, {module.in_features}]")
+            names = {"shard_names": module.shard_names, "output_sizes": module.output_sizes} if merged else {}
+            bias = torch.zeros(module.out_features, dtype=dtype) if module.bias is not None else None
+            _set_module(model, module_name, QuantizedLinear.from_packed(weight, bias, dtype, **names))
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -256,7 +352,7 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
         head = getattr(model, "lm_head", None)
         for name, module in list(model.named_modules()):
             if isinstance(module, nn.Embedding) and config.embeddings and name.endswith("embed_tokens"):
-                if tied and isinstance(head, QuantizedLinear) and head.bits == 8:
+                if tied and isinstance(head, QuantizedLinear) and head.layout == "channels":
                     _set_module(model, name, QuantizedEmbedding(head.qweight, head.scales, head.dtype))
                 else:
                     _set_module(model, name, QuantizedEmbedding.quantize(module))

@@ -33,7 +33,8 @@ def test_quantized_linear_error_within_bounds_and_paths_agree(method, group_size
             reference = torch.nn.functional.linear(x.float(), module.dequantize().float(), linear.bias.float())
             out = module(x)
             assert out.dtype == dtype and out.shape == (rows, 192)
-            assert relative_error(out, reference) < (1e-2 if dtype == torch.bfloat16 else 1e-5), rows
+            # The integer kernels round x to int16 per row (steps of 1/32767 of its largest value).
+            assert relative_error(out, reference) < (1e-2 if dtype == torch.bfloat16 else 1e-4), rows
             assert relative_error(out, linear(x)) < 2 * BOUNDS[(method, group_size)]
 
 
