@@ -292,13 +292,17 @@ def tensor_packed(t: _Tensor) -> PackedWeight | None:
 
 
 def _packable(model: nn.Module) -> set[str]:
-    """HF names of the weights ember can hold quantized: linear layers' (not GPT-2's transposed ones)
-    and embedding tables'."""
+    """HF names of the weights ember can hold quantized: linear layers' (not GPT-2's transposed ones,
+    nor those inside a block that maps its own names, as MoE does) and embedding tables'."""
     from ember.models.layers import MergedLinear
 
-    names = set()
+    names, own_names = set(), []
     for module_name, module in model.named_modules():
-        if isinstance(module, nn.Embedding):
+        if any(module_name.startswith(prefix) for prefix in own_names):
+            continue
+        if hasattr(module, "hf_parameters"):
+            own_names.append(f"{module_name}.")
+        elif isinstance(module, nn.Embedding):
             names.add(f"{module_name}.weight")
         elif isinstance(module, MergedLinear):
             parent = module_name.rpartition(".")[0]
