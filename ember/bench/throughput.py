@@ -135,6 +135,24 @@ class VllmRunner:
         return RunResult(seconds, out_tokens, out_tokens + workload.num_prompt_tokens)
 
 
+class LlamaCppRunner:
+    """W1 through llama.cpp's batch API on a GGUF file (ember.bench.peers.LlamaCpp.batched): every request
+    in one batch, as its batched-bench runs them."""
+
+    name = "llama.cpp"
+
+    def __init__(self, python: str, gguf: str):
+        from pathlib import Path
+
+        from ember.bench.peers import LlamaCpp
+
+        self.peer, self.gguf = LlamaCpp(python, ""), Path(gguf)
+
+    def run(self, workload: Workload) -> RunResult:
+        seconds, out_tokens = self.peer.batched(self.gguf, workload.prompts, workload.max_tokens)
+        return RunResult(seconds, out_tokens, out_tokens + workload.num_prompt_tokens)
+
+
 def measure(runner, workload: Workload, runs: int, warmup: bool = True) -> list[RunResult]:
     if warmup:
         runner.run(Workload(workload.name, workload.prompts[: max(1, len(workload.prompts) // 4)], 8))

@@ -161,12 +161,37 @@ void gemv_int8_rows(const int16_t* xq, int64_t k_dim, const int8_t* w, int64_t n
   }
 }
 
-// int8 weights with a scale, and optionally an offset, per group of 16 or 32 input channels
-// (w = q * scale + offset: llama.cpp's Q8_0, Q5_0/1, Q5_K and Q6_K blocks, decoded exactly).
-// Per 64 channels and row of x, two dot products give 32 int32 lanes, lane i of each the sum over
-// channels 2i and 2i + 1 of its 32; a group of 32 is one vector's 16 lanes, a group of 16 eight
-// of them, so one permute spreads the group scales over the lanes and the scaling is in fp32.
-// The offsets' share is sum_g offset * (sum of x over g), from the group sums of x.
+// Fetches a slice of the next tile's bytes into cache: the tile's rows are read side by side, which the
+// hardware prefetcher (made for one ascending stream) follows poorly; the next tile's weights and scales
+// come in a slice per step meanwhile. Past the matrix end a prefetch is harmless.
+struct NextTile {
+  int64_t lines, per_step, scale_lines;
+
+  NextTile(int64_t weight_bytes, int64_t scale_count, int64_t steps)
+      : lines((weight_bytes + 63) / 64), per_step((lines + steps - 1) / std::max<int64_t>(1, steps)),
+        scale_lines((scale_count * 4 + 63) / 64) {}
+
+  void step(int64_t i, const void* weights, const float* scales) const {
+    const char* w = static_cast<const char*>(weights);
+    for (int64_t line = i * per_step; line < std::min(lines, (i + 1) * per_step); ++line)
+      _mm_prefetch(w + line * 64, _MM_HINT_T0);
+    if (i == 0)
+      for (int64_t line = 0; line < scale_lines; ++line)
+        _mm_prefetch(reinterpret_cast<const char*>(scales) + line * 64, _MM_HINT_T0);
+  }
+};
+
+// Grouped integer weights, w = q * scale + offset per group of input channels (offset optional):
+// - int8 q, groups of 16 or 32 (llama.cpp's Q8_0, Q5_0/1, Q5_K and Q6_K blocks, decoded exactly);
+// - int4 q in 0..15, groups of 32 or multiples of 64 (Q4_0/Q4_1/Q4_K exactly; ember's and GPTQ/AWQ int4).
+//   Row layout uint8 [N, K / 2]: in every 64 input channels, byte j holds channel j in its low nibble
+//   and channel 32 + j in its high one, so one 32-byte load gives two vectors of 32 channels.
+// Per 64 channels and row of x, two VNNI dot products give 32 int32 lanes, lane i of each the sum
+// over channels 2i and 2i + 1 of its 32: a group of 32 is one vector's 16 lanes, a group of 16 eight
+// of them (one permute spreads the scales over the lanes), and the scaling is in fp32. The offsets'
+// share is sum_g offset * (sum of x over g), from the group sums of x made once per call.
+// NR output channels go together (NR independent sums per row of x, so the multiply-add latency is
+// hidden and each x vector is loaded once for NR weight rows).
 template <int M, typename T>
 void gemv_int8_groups_rows(const int16_t* xq, int64_t k_dim, const int8_t* w, int64_t group, int64_t n_begin,
                            int64_t n_end, const float* x_scales, const float* x_sums, const float* scales,
@@ -184,8 +209,8 @@ void gemv_int8_groups_rows(const int16_t* xq, int64_t k_dim, const int8_t* w, in
     for (; k + 64 <= k_dim; k += 64) {
       const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k)));
       const __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k + 32)));
-      const __m512 s = _mm512_maskz_loadu_ps(scales64, row_scales + k / group);
-      const __m512 sa = _mm512_permutexvar_ps(lanes_a, s), sb = _mm512_permutexvar_ps(lanes_b, s);
+      const __m512 sv = _mm512_maskz_loadu_ps(scales64, row_scales + k / group);
+      const __m512 sa = _mm512_permutexvar_ps(lanes_a, sv), sb = _mm512_permutexvar_ps(lanes_b, sv);
       for (int m = 0; m < M; ++m) {
         const __m512i a = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(xq + m * k_dim + k), w0);
         const __m512i b = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(xq + m * k_dim + k + 32), w1);
@@ -209,57 +234,76 @@ void gemv_int8_groups_rows(const int16_t* xq, int64_t k_dim, const int8_t* w, in
   }
 }
 
-// int4 weights per group of input channels: w = q * scale - scaled_zero with q in 0..15.
-// Row layout (uint8 [N, K / 2]): in every 64 input channels, byte j holds channel j in its
-// low nibble and channel 32 + j in its high one, so one 32-byte load gives two vectors of 32
-// channels after a mask and a shift. Per group g of row n:
-//   sum_k x_k w_k = scale * sum_k x_k q_k - scaled_zero * sum_k x_k,
-// the first sum by integer dot products, the second from per-group sums of x made once per call.
-template <int M, typename T>
-void gemv_int4_rows(const int16_t* xq, int64_t k_dim, const uint8_t* w, int64_t group, int64_t n_begin,
-                    int64_t n_end, const float* x_scales, const float* x_sums, const float* scales,
-                    const float* scaled_zeros, const T* bias, T* out, int64_t out_stride) {
+// int4: NR output channels at a time (NR independent sums per row of x hide the multiply-add
+// latency, and each x vector serves NR weight rows), the next NR rows fetched meanwhile.
+template <int M, int NR, typename T>
+void gemv_int4_tile(const int16_t* xq, int64_t k_dim, const uint8_t* w, int64_t group, int64_t n0,
+                    const float* x_scales, const float* x_sums, const float* scales, const float* offsets, const T* bias,
+                    T* out, int64_t out_stride, const NextTile& next) {
   const int64_t groups = k_dim / group, chunks = group / 64;  // chunks of 64 channels per group (0: group 32)
   const __m512i low = _mm512_set1_epi16(0x0F);
-  const auto scaled = [](__m512i acc, float scale, __m512 total) {
-    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(scale), total);
-  };
-  for (int64_t n = n_begin; n < n_end; ++n) {
-    const uint8_t* row = w + n * (k_dim / 2);
-    const float* row_scales = scales + n * groups;
-    __m512 total[M];
-    for (int m = 0; m < M; ++m) total[m] = _mm512_setzero_ps();
-    if (chunks == 0) {  // group 32: the two halves of each 64 channels have their own scales
-      for (int64_t k = 0; k < k_dim; k += 64) {
-        const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k / 2)));
-        const __m512i lo = _mm512_and_si512(bytes, low), hi = _mm512_srli_epi16(bytes, 4);
-        for (int m = 0; m < M; ++m) {
-          const __m512i a = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(xq + m * k_dim + k), lo);
-          const __m512i b = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(xq + m * k_dim + k + 32), hi);
-          total[m] = scaled(b, row_scales[k / 32 + 1], scaled(a, row_scales[k / 32], total[m]));
-        }
+  __m512 total[M][NR];
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < NR; ++r) total[m][r] = _mm512_setzero_ps();
+  const uint8_t* next_weights = w + (n0 + NR) * (k_dim / 2);
+  const float* next_scales = scales + (n0 + NR) * groups;
+  if (chunks == 0) {  // group 32: the two halves of each 64 channels have their own scales
+    for (int64_t k = 0; k < k_dim; k += 64) {
+      if constexpr (NR > 1) next.step(k / 64, next_weights, next_scales);
+      __m512i lo[NR], hi[NR];
+      __m512 sa[NR], sb[NR];
+      for (int r = 0; r < NR; ++r) {
+        const __m512i bytes = _mm512_cvtepu8_epi16(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (n0 + r) * (k_dim / 2) + k / 2)));
+        lo[r] = _mm512_and_si512(bytes, low);
+        hi[r] = _mm512_srli_epi16(bytes, 4);
+        const float* sp = scales + (n0 + r) * groups + k / 32;
+        sa[r] = _mm512_set1_ps(sp[0]);
+        sb[r] = _mm512_set1_ps(sp[1]);
       }
-    } else {
-      for (int64_t g = 0, k = 0; g < groups; ++g) {
-        __m512i acc[M][2];
-        for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_si512();
-        for (int64_t c = 0; c < chunks; ++c, k += 64) {
-          const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k / 2)));
-          const __m512i lo = _mm512_and_si512(bytes, low), hi = _mm512_srli_epi16(bytes, 4);
-          for (int m = 0; m < M; ++m) {
-            acc[m][0] = _mm512_dpwssd_epi32(acc[m][0], _mm512_loadu_si512(xq + m * k_dim + k), lo);
-            acc[m][1] = _mm512_dpwssd_epi32(acc[m][1], _mm512_loadu_si512(xq + m * k_dim + k + 32), hi);
-          }
+      for (int m = 0; m < M; ++m) {
+        const __m512i xa = _mm512_loadu_si512(xq + m * k_dim + k), xb = _mm512_loadu_si512(xq + m * k_dim + k + 32);
+        for (int r = 0; r < NR; ++r) {
+          const __m512i a = _mm512_dpwssd_epi32(_mm512_setzero_si512(), xa, lo[r]);
+          const __m512i b = _mm512_dpwssd_epi32(_mm512_setzero_si512(), xb, hi[r]);
+          total[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(b), sb[r], _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), sa[r], total[m][r]));
         }
-        for (int m = 0; m < M; ++m) total[m] = scaled(_mm512_add_epi32(acc[m][0], acc[m][1]), row_scales[g], total[m]);
       }
     }
-    for (int m = 0; m < M; ++m) {
-      float y = _mm512_reduce_add_ps(total[m]) * x_scales[m] - dot(scaled_zeros + n * groups, x_sums + m * groups, groups);
+  } else {
+    for (int64_t g = 0, k = 0; g < groups; ++g) {
+      __m512i acc[M][NR];
+      for (int m = 0; m < M; ++m)
+        for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_si512();
+      for (int64_t c = 0; c < chunks; ++c, k += 64) {
+        if constexpr (NR > 1) next.step(k / 64, next_weights, next_scales);
+        __m512i lo[NR], hi[NR];
+        for (int r = 0; r < NR; ++r) {
+          const __m512i bytes = _mm512_cvtepu8_epi16(
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (n0 + r) * (k_dim / 2) + k / 2)));
+          lo[r] = _mm512_and_si512(bytes, low);
+          hi[r] = _mm512_srli_epi16(bytes, 4);
+        }
+        for (int m = 0; m < M; ++m) {
+          const __m512i xa = _mm512_loadu_si512(xq + m * k_dim + k), xb = _mm512_loadu_si512(xq + m * k_dim + k + 32);
+          for (int r = 0; r < NR; ++r)
+            acc[m][r] = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(acc[m][r], xa, lo[r]), xb, hi[r]);
+        }
+      }
+      for (int r = 0; r < NR; ++r) {
+        const __m512 scale = _mm512_set1_ps(scales[(n0 + r) * groups + g]);
+        for (int m = 0; m < M; ++m) total[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m][r]), scale, total[m][r]);
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < NR; ++r) {
+      const int64_t n = n0 + r;
+      float y = _mm512_reduce_add_ps(total[m][r]) * x_scales[m];
+      if (offsets) y += dot(offsets + n * groups, x_sums + m * groups, groups);
       if (bias) y += static_cast<float>(bias[n]);
       out[m * out_stride + n] = static_cast<T>(y);
     }
-  }
 }
 
 // Runs rows(xq, x scales, x group sums, output) over every kMaxRowsX rows of x and a share of the
@@ -288,27 +332,104 @@ void gemv_int8(const at::Tensor& x, const at::Tensor& w, const float* scales, co
   });
 }
 
+// bits 8: int8 [N, K], group 16 or 32; bits 4: uint8 [N, K / 2], group 32 or a multiple of 64.
 template <typename T>
-void gemv_int8_groups(const at::Tensor& x, const at::Tensor& w, int64_t group, const float* scales,
-                      const float* offsets, const T* bias, at::Tensor& out) {
+void gemv_groups(const at::Tensor& x, const at::Tensor& w, int64_t bits, int64_t group, const float* scales,
+                 const float* offsets, const T* bias, at::Tensor& out) {
   const int64_t m_dim = x.size(0), k_dim = x.size(1), n_dim = w.size(0), groups = k_dim / group;
   const QuantizedRows<T> xq(x.data_ptr<T>(), m_dim, k_dim, offsets ? group : 0);
-  const auto* wp = w.data_ptr<int8_t>();
   over_rows_and_channels(xq, m_dim, k_dim, n_dim, groups, out.data_ptr<T>(),
                          [&](auto count, const int16_t* q, const float* s, const float* sums, int64_t n0, int64_t n1, T* o) {
-    gemv_int8_groups_rows<decltype(count)::value>(q, k_dim, wp, group, n0, n1, s, sums, scales, offsets, bias, o, n_dim);
+    constexpr int M = decltype(count)::value;
+    if (bits == 8) {
+      gemv_int8_groups_rows<M>(q, k_dim, w.data_ptr<int8_t>(), group, n0, n1, s, sums, scales, offsets, bias, o, n_dim);
+      return;
+    }
+    // 4 channels at a time for one or two rows of x, 2 for more (the sums must fit the 32 vector registers)
+    constexpr int NR = M <= 2 ? 4 : 2;
+    const NextTile next(NR * k_dim / 2, NR * groups, k_dim / 64);
+    const uint8_t* wp = w.data_ptr<uint8_t>();
+    int64_t n = n0;
+    for (; n + NR <= n1; n += NR)
+      gemv_int4_tile<M, NR>(q, k_dim, wp, group, n, s, sums, scales, offsets, bias, o, n_dim, next);
+    for (; n < n1; ++n) gemv_int4_tile<M, 1>(q, k_dim, wp, group, n, s, sums, scales, offsets, bias, o, n_dim, next);
   });
 }
 
-template <typename T>
-void gemv_int4(const at::Tensor& x, const at::Tensor& w, int64_t group, const float* scales,
-               const float* scaled_zeros, const T* bias, at::Tensor& out) {
-  const int64_t m_dim = x.size(0), k_dim = x.size(1), n_dim = w.size(0), groups = k_dim / group;
-  const QuantizedRows<T> xq(x.data_ptr<T>(), m_dim, k_dim, group);
-  const auto* wp = w.data_ptr<uint8_t>();
-  over_rows_and_channels(xq, m_dim, k_dim, n_dim, groups, out.data_ptr<T>(),
-                         [&](auto count, const int16_t* q, const float* s, const float* sums, int64_t n0, int64_t n1, T* o) {
-    gemv_int4_rows<decltype(count)::value>(q, k_dim, wp, group, n0, n1, s, sums, scales, scaled_zeros, bias, o, n_dim);
+// ---- fp32 elementwise steps (AVX-512F): the same fusions as the bf16 ones below, for fp32 models
+// (a quantized GGUF computes in fp32), each one pass over memory instead of PyTorch's several.
+
+// x / sqrt(mean(x^2) + eps) * w per row (transformers' RMSNorm in fp32); with `delta`, x + delta
+// first, stored to `sum`.
+void rms_norm_rows_f32(const float* x, const float* w, float* out, int64_t rows, int64_t h, float eps,
+                       const float* delta = nullptr, float* sum = nullptr) {
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* xr = x + r * h;
+      if (delta) {
+        for (int64_t k = 0; k < h; k += 16) {
+          const __mmask16 mask = tail_mask(k, h);
+          _mm512_mask_storeu_ps(sum + r * h + k, mask, _mm512_add_ps(_mm512_maskz_loadu_ps(mask, xr + k),
+                                                                     _mm512_maskz_loadu_ps(mask, delta + r * h + k)));
+        }
+        xr = sum + r * h;
+      }
+      __m512 squares = _mm512_setzero_ps();
+      for (int64_t k = 0; k < h; k += 16) {
+        const __m512 v = _mm512_maskz_loadu_ps(tail_mask(k, h), xr + k);
+        squares = _mm512_fmadd_ps(v, v, squares);
+      }
+      const __m512 inv = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(squares) / h + eps));
+      for (int64_t k = 0; k < h; k += 16) {
+        const __mmask16 mask = tail_mask(k, h);
+        const __m512 y = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask, xr + k), inv),
+                                       _mm512_maskz_loadu_ps(mask, w + k));
+        _mm512_mask_storeu_ps(out + r * h + k, mask, y);
+      }
+    }
+  });
+}
+
+// silu(gate) * up over rows [gate | up] of width 2 * inter (ATen's own vectorized exp).
+void silu_mul_rows_f32(const float* x, float* out, int64_t rows, int64_t inter) {
+  using Vec = at::vec::Vectorized<float>;
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / inter), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* gate = x + r * 2 * inter;
+      const float* up = gate + inter;
+      for (int64_t k = 0; k < inter; k += 16) {
+        const __mmask16 mask = tail_mask(k, inter);
+        const Vec g(_mm512_maskz_loadu_ps(mask, gate + k));
+        const __m512 act = g / (Vec(1.f) + g.neg().exp());
+        _mm512_mask_storeu_ps(out + r * inter + k, mask, _mm512_mul_ps(act, _mm512_maskz_loadu_ps(mask, up + k)));
+      }
+    }
+  });
+}
+
+// Rotary embedding in place on the first `heads` heads of each (possibly strided) row:
+// x * cos + rotate_half(x) * sin.
+void rotary_rows_f32(float* x, int64_t row_stride, const float* cos, const float* sin, int64_t rows, int64_t heads,
+                     int64_t dim) {
+  const int64_t half = dim / 2;
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* c = cos + r * dim;
+      const float* s = sin + r * dim;
+      for (int64_t h = 0; h < heads; ++h) {
+        float* head = x + r * row_stride + h * dim;
+        for (int64_t k = 0; k < half; k += 16) {
+          const __mmask16 mask = tail_mask(k, half);
+          const __m512 x1 = _mm512_maskz_loadu_ps(mask, head + k), x2 = _mm512_maskz_loadu_ps(mask, head + half + k);
+          const __m512 lo = _mm512_fmsub_ps(x1, _mm512_maskz_loadu_ps(mask, c + k),
+                                            _mm512_mul_ps(x2, _mm512_maskz_loadu_ps(mask, s + k)));
+          const __m512 hi = _mm512_fmadd_ps(x2, _mm512_maskz_loadu_ps(mask, c + half + k),
+                                            _mm512_mul_ps(x1, _mm512_maskz_loadu_ps(mask, s + half + k)));
+          _mm512_mask_storeu_ps(head + k, mask, lo);
+          _mm512_mask_storeu_ps(head + half + k, mask, hi);
+        }
+      }
+    }
   });
 }
 #endif  // EMBER_INT
@@ -621,14 +742,22 @@ at::Tensor linear_gemv(const at::Tensor& x, const at::Tensor& w, const std::opti
   return out;
 }
 
-// w: int8 [N, K]; scales (and offsets, if any): fp32 [N, K / group]; group 16 or 32, K a multiple of 32.
-at::Tensor linear_int8_groups(const at::Tensor& x, const at::Tensor& w, int64_t group, const at::Tensor& scales,
-                              const std::optional<at::Tensor>& offsets, const std::optional<at::Tensor>& bias) {
+// Grouped integer weights (see gemv_int8_groups_rows, gemv_int4_tile): bits 8: w int8 [N, K], group 16 or 32, K a
+// multiple of 32; bits 4: w uint8 [N, K / 2], group 32 or a multiple of 64, K a multiple of 64.
+// scales and offsets (optional): fp32 [N, K / group].
+at::Tensor linear_groups(const at::Tensor& x, const at::Tensor& w, int64_t bits, int64_t group, const at::Tensor& scales,
+                         const std::optional<at::Tensor>& offsets, const std::optional<at::Tensor>& bias) {
   const int64_t n_dim = w.size(0), k_dim = x.size(1);
-  check_rows(x, bias, n_dim, "linear_int8_groups");
-  TORCH_CHECK(k_dim % 32 == 0 && w.scalar_type() == at::kChar && w.dim() == 2 && w.is_contiguous() && w.size(1) == k_dim,
-              "w: contiguous int8 [N, K] with K a multiple of 32");
-  TORCH_CHECK(group == 16 || group == 32, "group: 16 or 32");
+  check_rows(x, bias, n_dim, "linear_groups");
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "w: contiguous [N, K] (int8) or [N, K / 2] (int4)");
+  if (bits == 8) {
+    TORCH_CHECK(w.scalar_type() == at::kChar && w.size(1) == k_dim && k_dim % 32 == 0 && (group == 16 || group == 32),
+                "bits 8: w int8 [N, K], K a multiple of 32, group 16 or 32");
+  } else {
+    TORCH_CHECK(bits == 4 && w.scalar_type() == at::kByte && w.size(1) * 2 == k_dim && k_dim % 64 == 0 &&
+                k_dim % group == 0 && (group == 32 || group % 64 == 0),
+                "bits 4: w uint8 [N, K / 2], K a multiple of 64, group 32 or a multiple of 64");
+  }
   for (const at::Tensor* t : {&scales, offsets ? &*offsets : &scales})
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == n_dim * (k_dim / group),
                 "scales, offsets: fp32 [N, K / group]");
@@ -636,30 +765,9 @@ at::Tensor linear_int8_groups(const at::Tensor& x, const at::Tensor& w, int64_t 
 #ifdef EMBER_INT
   const float* op = offsets ? offsets->data_ptr<float>() : nullptr;
   if (x.scalar_type() == at::kFloat)
-    gemv_int8_groups<float>(x, w, group, scales.data_ptr<float>(), op, bias_ptr<float>(bias), out);
+    gemv_groups<float>(x, w, bits, group, scales.data_ptr<float>(), op, bias_ptr<float>(bias), out);
   else
-    gemv_int8_groups<c10::BFloat16>(x, w, group, scales.data_ptr<float>(), op, bias_ptr<c10::BFloat16>(bias), out);
-#endif
-  return out;
-}
-
-at::Tensor linear_gemv_int4(const at::Tensor& x, const at::Tensor& w, int64_t group, const at::Tensor& scales,
-                            const at::Tensor& scaled_zeros, const std::optional<at::Tensor>& bias) {
-  const int64_t n_dim = w.size(0), k_dim = x.size(1);
-  check_rows(x, bias, n_dim, "linear_gemv_int4");
-  TORCH_CHECK(k_dim % 64 == 0 && w.scalar_type() == at::kByte && w.is_contiguous() && w.size(1) * 2 == k_dim,
-              "w: contiguous uint8 [N, K / 2] with K a multiple of 64");
-  TORCH_CHECK(group % 32 == 0 && k_dim % group == 0 && (group == 32 || group % 64 == 0), "group: 32 or a multiple of 64");
-  for (const auto* t : {&scales, &scaled_zeros})
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == n_dim * (k_dim / group),
-                "scales, scaled_zeros: fp32 [N, K / group]");
-  at::Tensor out = at::empty({x.size(0), n_dim}, x.options());
-#ifdef EMBER_INT
-  if (x.scalar_type() == at::kFloat)
-    gemv_int4<float>(x, w, group, scales.data_ptr<float>(), scaled_zeros.data_ptr<float>(), bias_ptr<float>(bias), out);
-  else
-    gemv_int4<c10::BFloat16>(x, w, group, scales.data_ptr<float>(), scaled_zeros.data_ptr<float>(),
-                             bias_ptr<c10::BFloat16>(bias), out);
+    gemv_groups<c10::BFloat16>(x, w, bits, group, scales.data_ptr<float>(), op, bias_ptr<c10::BFloat16>(bias), out);
 #endif
   return out;
 }
@@ -689,58 +797,91 @@ at::Tensor linear_pairs(const at::Tensor& x, const at::Tensor& packed, int64_t n
   return out;
 }
 
+// The elementwise ops take bf16 (AVX512-BF16 builds) or fp32 (AVX-512F builds); x and weight share a dtype.
+bool elementwise_supported(const at::Tensor& x) {
+  return (x.scalar_type() == at::kBFloat16 && gemv_supported()) || (x.scalar_type() == at::kFloat && int_gemv_supported());
+}
+
+void check_elementwise(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(elementwise_supported(x), op, ": needs bf16 with AVX512-BF16 or fp32 with AVX-512F");
+}
+
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  TORCH_CHECK(gemv_supported(), "rms_norm: built without AVX512-BF16");
-  TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kBFloat16, "x: contiguous bf16");
+  check_elementwise(x, "rms_norm");
+  TORCH_CHECK(x.is_contiguous(), "x: contiguous");
   const int64_t h = x.size(-1);
-  TORCH_CHECK(weight.is_contiguous() && weight.scalar_type() == at::kBFloat16 && weight.numel() == h, "weight: bf16 [H]");
+  TORCH_CHECK(weight.is_contiguous() && weight.scalar_type() == x.scalar_type() && weight.numel() == h,
+              "weight: [H] in x's dtype");
   at::Tensor out = at::empty_like(x);
+#ifdef EMBER_INT
+  if (x.scalar_type() == at::kFloat)
+    rms_norm_rows_f32(x.data_ptr<float>(), weight.data_ptr<float>(), out.data_ptr<float>(), x.numel() / h, h,
+                      static_cast<float>(eps));
+#endif
 #ifdef EMBER_GEMV
-  rms_norm_rows(x.data_ptr<c10::BFloat16>(), weight.data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>(),
-                x.numel() / h, h, static_cast<float>(eps));
+  if (x.scalar_type() == at::kBFloat16)
+    rms_norm_rows(x.data_ptr<c10::BFloat16>(), weight.data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>(),
+                  x.numel() / h, h, static_cast<float>(eps));
 #endif
   return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& delta, const at::Tensor& weight,
                                                 double eps) {
-  TORCH_CHECK(gemv_supported(), "add_rms_norm: built without AVX512-BF16");
+  check_elementwise(x, "add_rms_norm");
   TORCH_CHECK(x.is_contiguous() && delta.is_contiguous() && x.sizes() == delta.sizes() &&
-              x.scalar_type() == at::kBFloat16 && delta.scalar_type() == at::kBFloat16, "x, delta: contiguous bf16, one shape");
+              delta.scalar_type() == x.scalar_type(), "x, delta: contiguous, one shape and dtype");
   const int64_t h = x.size(-1);
-  TORCH_CHECK(weight.is_contiguous() && weight.scalar_type() == at::kBFloat16 && weight.numel() == h, "weight: bf16 [H]");
+  TORCH_CHECK(weight.is_contiguous() && weight.scalar_type() == x.scalar_type() && weight.numel() == h,
+              "weight: [H] in x's dtype");
   at::Tensor sum = at::empty_like(x), out = at::empty_like(x);
+#ifdef EMBER_INT
+  if (x.scalar_type() == at::kFloat)
+    rms_norm_rows_f32(x.data_ptr<float>(), weight.data_ptr<float>(), out.data_ptr<float>(), x.numel() / h, h,
+                      static_cast<float>(eps), delta.data_ptr<float>(), sum.data_ptr<float>());
+#endif
 #ifdef EMBER_GEMV
-  rms_norm_rows(x.data_ptr<c10::BFloat16>(), weight.data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>(),
-                x.numel() / h, h, static_cast<float>(eps), delta.data_ptr<c10::BFloat16>(), sum.data_ptr<c10::BFloat16>());
+  if (x.scalar_type() == at::kBFloat16)
+    rms_norm_rows(x.data_ptr<c10::BFloat16>(), weight.data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>(),
+                  x.numel() / h, h, static_cast<float>(eps), delta.data_ptr<c10::BFloat16>(), sum.data_ptr<c10::BFloat16>());
 #endif
   return {sum, out};
 }
 
 at::Tensor silu_mul(const at::Tensor& x) {
-  TORCH_CHECK(gemv_supported(), "silu_mul: built without AVX512-BF16");
-  TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kBFloat16 && x.size(-1) % 2 == 0, "x: contiguous bf16 [..., 2 * I]");
+  check_elementwise(x, "silu_mul");
+  TORCH_CHECK(x.is_contiguous() && x.size(-1) % 2 == 0, "x: contiguous [..., 2 * I]");
   const int64_t inter = x.size(-1) / 2;
   auto sizes = x.sizes().vec();
   sizes.back() = inter;
   at::Tensor out = at::empty(sizes, x.options());
+#ifdef EMBER_INT
+  if (x.scalar_type() == at::kFloat)
+    silu_mul_rows_f32(x.data_ptr<float>(), out.data_ptr<float>(), x.numel() / (2 * inter), inter);
+#endif
 #ifdef EMBER_GEMV
-  silu_mul_rows(x.data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>(), x.numel() / (2 * inter), inter);
+  if (x.scalar_type() == at::kBFloat16)
+    silu_mul_rows(x.data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>(), x.numel() / (2 * inter), inter);
 #endif
   return out;
 }
 
 at::Tensor rotary_(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin, int64_t heads) {
-  TORCH_CHECK(gemv_supported(), "rotary_: built without AVX512-BF16");
-  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.scalar_type() == at::kBFloat16, "x: bf16 [tokens, width], rows contiguous");
+  check_elementwise(x, "rotary_");
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x: [tokens, width], rows contiguous");
   TORCH_CHECK(cos.dim() == 2 && cos.is_contiguous() && sin.is_contiguous() && cos.sizes() == sin.sizes() &&
-              cos.size(0) == x.size(0) && cos.scalar_type() == at::kBFloat16 && sin.scalar_type() == at::kBFloat16,
-              "cos, sin: contiguous bf16 [tokens, head_dim]");
+              cos.size(0) == x.size(0) && cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type(),
+              "cos, sin: contiguous [tokens, head_dim] in x's dtype");
   const int64_t dim = cos.size(1);
   TORCH_CHECK(dim % 2 == 0 && heads * dim <= x.size(1), "heads * head_dim must fit in a row");
+#ifdef EMBER_INT
+  if (x.scalar_type() == at::kFloat)
+    rotary_rows_f32(x.data_ptr<float>(), x.stride(0), cos.data_ptr<float>(), sin.data_ptr<float>(), x.size(0), heads, dim);
+#endif
 #ifdef EMBER_GEMV
-  rotary_rows(x.data_ptr<c10::BFloat16>(), x.stride(0), cos.data_ptr<c10::BFloat16>(), sin.data_ptr<c10::BFloat16>(),
-              x.size(0), heads, dim);
+  if (x.scalar_type() == at::kBFloat16)
+    rotary_rows(x.data_ptr<c10::BFloat16>(), x.stride(0), cos.data_ptr<c10::BFloat16>(), sin.data_ptr<c10::BFloat16>(),
+                x.size(0), heads, dim);
 #endif
   return x;
 }
@@ -766,16 +907,14 @@ TORCH_LIBRARY(ember_ops, m) {
   m.def("argmax(Tensor x) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("linear_gemv(Tensor x, Tensor w, Tensor? scales=None, Tensor? bias=None) -> Tensor");
-  m.def("linear_gemv_int4(Tensor x, Tensor w, int group, Tensor scales, Tensor scaled_zeros, Tensor? bias=None) -> Tensor");
-  m.def("linear_int8_groups(Tensor x, Tensor w, int group, Tensor scales, Tensor? offsets=None, Tensor? bias=None) -> Tensor");
+  m.def("linear_groups(Tensor x, Tensor w, int bits, int group, Tensor scales, Tensor? offsets=None, Tensor? bias=None) -> Tensor");
   m.def("gemv_supported() -> bool", &gemv_supported);
   m.def("int_gemv_supported() -> bool", &int_gemv_supported);
 }
 
 TORCH_LIBRARY_IMPL(ember_ops, CPU, m) {
   m.impl("linear_gemv", &linear_gemv);
-  m.impl("linear_gemv_int4", &linear_gemv_int4);
-  m.impl("linear_int8_groups", &linear_int8_groups);
+  m.impl("linear_groups", &linear_groups);
   m.impl("rms_norm", &rms_norm);
   m.impl("silu_mul", &silu_mul);
   m.impl("pack_pairs", &pack_pairs);

@@ -58,6 +58,21 @@ def _gemv(x, weight, scales, bias):  # the op's resolved overload: a few microse
     return torch.ops.ember_ops.linear_gemv.default(x, weight, scales, bias)
 
 
+def elementwise_available(dtype: torch.dtype) -> bool:
+    """The fused RMSNorm / SwiGLU / rotary kernels for activations of `dtype`."""
+    return (dtype == torch.bfloat16 and gemv_available()) or (dtype == torch.float32 and int_kernels_available())
+
+
+def _elementwise_ok(x: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
+    """Whether the fused elementwise kernels apply: bf16 (AVX512-BF16 builds) or fp32 (AVX-512F),
+    on CPU, with no gradient to track."""
+    if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32):
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *tensors)):
+        return False
+    return gemv_available() if x.dtype == torch.bfloat16 else int_kernels_available()
+
+
 def _kernel_ok(x: torch.Tensor, max_rows: int, *tensors: torch.Tensor | None) -> bool:
     if x.device.type != "cpu" or x.dtype != torch.bfloat16 or x.numel() > max_rows * x.shape[-1]:
         return False
@@ -156,14 +171,14 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: to
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' RMSNorm (fp32 statistics, rounded to the input dtype before the weight)."""
-    if weight.dtype != torch.bfloat16 or not _kernel_ok(x, 1 << 62, weight):
+    if weight.dtype != x.dtype or not _elementwise_ok(x, weight):
         return F.rms_norm(x, weight.shape, weight, eps)
     return torch.ops.ember_ops.rms_norm(x.contiguous(), weight, eps)
 
 
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + delta, rms_norm(x + delta)): a residual add and the norm after it, in one pass in bf16."""
-    if weight.dtype != torch.bfloat16 or x.shape != delta.shape or not _kernel_ok(x, 1 << 62, weight, delta):
+    if weight.dtype != x.dtype or delta.dtype != x.dtype or x.shape != delta.shape or not _elementwise_ok(x, weight, delta):
         total = x + delta
         return total, rms_norm(total, weight, eps)
     return torch.ops.ember_ops.add_rms_norm(x.contiguous(), delta.contiguous(), weight, eps)
@@ -171,7 +186,7 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
     """silu(gate) * up for [..., 2 * I] = gate | up, or None where the kernel does not apply."""
-    if not _kernel_ok(gate_up, 1 << 62):
+    if not _elementwise_ok(gate_up):
         return None
     return torch.ops.ember_ops.silu_mul(gate_up.contiguous())
 
@@ -179,7 +194,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
 def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> bool:
     """Rotate the first `heads` heads of each row of x [tokens, width] in place (the q|k part of
     a fused qkv output); False, untouched, where the kernel does not apply."""
-    if x.dim() != 2 or x.stride(1) != 1 or cos.dtype != torch.bfloat16 or not _kernel_ok(x, 1 << 62):
+    if x.dim() != 2 or x.stride(1) != 1 or cos.dtype != x.dtype or not _elementwise_ok(x):
         return False
     torch.ops.ember_ops.rotary_(x, cos.contiguous(), sin.contiguous(), heads)
     return True

@@ -25,14 +25,15 @@ class LlamaModel(nn.Module):
         self.rotary = Rotary(config.rope, config.head_dim)
         self.gradient_checkpointing = False  # training: recompute each block's activations in backward
         self._layers_take_cpu_rows: bool | None = None  # decided on the first engine batch
+        self._layers_take_rows: dict[torch.dtype, bool] = {}
 
     def forward(self, input_ids, positions, ctx: AttentionContext | None) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, x.dtype)
-        if ctx is not None and self._cpu_rows(x):
+        if ctx is not None and (step := self._cpu_rows(x) or self._rows(x)):
             delta = None
             for layer in self.layers:
-                x, delta = layer.forward_cpu_rows(x, delta, cos, sin, ctx)
+                x, delta = step(layer, x, delta, cos, sin, ctx)
             return self.norm.add_and_norm(x, delta)[1] if delta is not None else self.norm(x)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and ctx is None:
@@ -41,14 +42,24 @@ class LlamaModel(nn.Module):
                 x = layer(x, cos, sin, ctx)
         return self.norm(x)
 
-    def _cpu_rows(self, x: torch.Tensor) -> bool:
-        """Whether the layers take the engine's batch through DecoderLayer.forward_cpu_rows."""
+    def _cpu_rows(self, x: torch.Tensor):
+        """DecoderLayer.forward_cpu_rows if the layers take the engine's batch through it, else None."""
         if not (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 2
                 and cpu_ops.GEMV_MAX_ROWS < x.shape[0] <= cpu_ops.PAIRS_MAX_ROWS and not torch.is_grad_enabled()):
-            return False
+            return None
         if self._layers_take_cpu_rows is None:
             self._layers_take_cpu_rows = cpu_ops.gemv_available() and all(layer.takes_cpu_rows() for layer in self.layers)
-        return self._layers_take_cpu_rows
+        return DecoderLayer.forward_cpu_rows if self._layers_take_cpu_rows else None
+
+    def _rows(self, x: torch.Tensor):
+        """DecoderLayer.forward_rows if the layers take the engine's batch through it (fused elementwise
+        kernels for x's dtype here, every projection with a rows function), else None."""
+        if not (x.device.type == "cpu" and x.dim() == 2 and x.shape[0] <= cpu_ops.PAIRS_MAX_ROWS
+                and not torch.is_grad_enabled() and cpu_ops.elementwise_available(x.dtype)):
+            return None
+        if x.dtype not in self._layers_take_rows:
+            self._layers_take_rows[x.dtype] = all(layer.takes_rows(x.dtype) for layer in self.layers)
+        return DecoderLayer.forward_rows if self._layers_take_rows[x.dtype] else None
 
 
 class LlamaForCausalLM(nn.Module):

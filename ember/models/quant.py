@@ -126,26 +126,30 @@ class QuantizedLinear(nn.Module):
                   **names) -> "QuantizedLinear":
         """q [N, K] in 0..15; scale, zero [K / group_size, N]: w = (q - zero) * scale."""
         scale = scale.float()
-        return cls._int4(q, scale.t(), (scale * zero.float()).t(), group_size, bias, dtype, **names)
+        return cls._int4(q, scale.t(), -(scale * zero.float()).t(), group_size, bias, dtype, **names)
 
     @classmethod
     def from_packed(cls, packed: PackedWeight, bias, dtype, **names) -> "QuantizedLinear":
         """A PackedWeight (w = q * scale + offset per group) as it is: no rounding."""
         n, k = packed.shape
-        offset = packed.offset if packed.offset is not None else torch.zeros_like(packed.scale)
         if packed.bits == 4:
-            return cls._int4(packed.q, packed.scale, -offset, packed.group, bias, dtype, **names)
+            return cls._int4(packed.q, packed.scale, packed.offset, packed.group, bias, dtype, **names)
         module = cls(k, n, 8, packed.group, bias, dtype, **names)
         module.layout = "groups"
         module.register_buffer("qweight", packed.q.to(torch.int8).contiguous())
-        module.register_buffer("scales_f32", packed.scale.float().contiguous())  # [N, G]
-        module.register_buffer("offsets_f32", None if packed.offset is None else packed.offset.float().contiguous())
+        module._set_affine(packed.scale, packed.offset)
         return module
 
+    def _set_affine(self, scale: torch.Tensor, offset: torch.Tensor | None) -> None:
+        """Group scales and offsets, fp32 [N, G], for ember's kernels (fp16 ones, exact for a GGUF's
+        Q4_0/Q4_1/Q8_0, measured slower: converting them costs more than the bytes saved)."""
+        self.register_buffer("group_scales", scale.float().contiguous())
+        self.register_buffer("group_offsets", None if offset is None else offset.float().contiguous())
+
     @classmethod
-    def _int4(cls, q: torch.Tensor, scale: torch.Tensor, scaled_zero: torch.Tensor, group_size: int, bias, dtype,
+    def _int4(cls, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, group_size: int, bias, dtype,
               **names) -> "QuantizedLinear":
-        """q [N, K] in 0..15; scale, scaled_zero fp32 [N, K / group_size]: w = q * scale - scaled_zero."""
+        """q [N, K] in 0..15; scale, offset [N, K / group_size]: w = q * scale + offset."""
         n, k = q.shape
         module = cls(k, n, 4, group_size, bias, dtype, **names)
         q = q.to(torch.int32).contiguous()
@@ -156,12 +160,11 @@ class QuantizedLinear(nn.Module):
             module.layout = "ember"
             halves = q.to(torch.uint8).reshape(n, k // 64, 2, 32)
             module.register_buffer("qweight", (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(n, k // 2))
-            module.register_buffer("scales_f32", scale.float().contiguous())  # [N, G]
-            module.register_buffer("scaled_zeros", scaled_zero.float().contiguous())
+            module._set_affine(scale, offset)
             return module
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.cpu(), 1)  # torch packs on CPU only
         module.register_buffer("qweight", packed.to(q.device))
-        offset = 8 * scale.float() - scaled_zero.float()  # torch's kernel: (q - 8) * scale + offset
+        offset = 8 * scale.float() + (0 if offset is None else offset.float())  # torch's: (q - 8) * scale + offset
         module.register_buffer("scale_offsets", torch.stack((scale.t(), offset.t()), dim=-1).to(dtype).contiguous())
         if n % _INT4_BLOCK_N or not _int4_layout_known():
             module._own_int4 = q.to(torch.uint8)
@@ -186,18 +189,17 @@ class QuantizedLinear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         """The weight as [N, K] in the compute dtype (input channels in checkpoint order)."""
         n, k = self.out_features, self.in_features
-        if self.layout == "groups":
-            q = self.qweight.reshape(n, k // self.group_size, self.group_size)
-            w = q * self.scales_f32[..., None]
-            if self.offsets_f32 is not None:
-                w = w + self.offsets_f32[..., None]
+        if self.layout in ("groups", "ember"):
+            q = self.qweight
+            if self.layout == "ember":  # unpack: per 64 channels, low nibbles then high ones
+                b = q.reshape(n, k // 64, 1, 32)
+                q = torch.cat((b & 15, b >> 4), dim=2)
+            w = q.reshape(n, k // self.group_size, self.group_size) * self.group_scales[..., None]
+            if self.group_offsets is not None:
+                w = w + self.group_offsets[..., None]
             weight = w.to(self.dtype).reshape(n, k)
         elif self.bits == 8:
             weight = self.qweight * self.scales[:, None]
-        elif self.layout == "ember":
-            b = self.qweight.reshape(n, k // 64, 1, 32)
-            q = torch.cat((b & 15, b >> 4), dim=2).reshape(n, k // self.group_size, self.group_size)
-            weight = (q * self.scales_f32[..., None] - self.scaled_zeros[..., None]).to(self.dtype).reshape(n, k)
         else:
             q = self._own_int4 if self._own_int4 is not None else _unpack_int4(self.qweight, n, k)
             scale, offset = self.scale_offsets.unbind(-1)  # [G, N]
@@ -217,13 +219,8 @@ class QuantizedLinear(nn.Module):
         if self.layout in ("ember", "groups"):
             if not cpu_ops.int_kernel_ok(flat, KERNEL_MAX_ROWS):
                 return F.linear(x, self.dequantize(), self.bias)
-            flat = flat.contiguous()
-            if self.layout == "ember":
-                out = torch.ops.ember_ops.linear_gemv_int4(flat, self.qweight, self.group_size, self.scales_f32,
-                                                           self.scaled_zeros, self.bias)
-            else:
-                out = torch.ops.ember_ops.linear_int8_groups(flat, self.qweight, self.group_size, self.scales_f32,
-                                                             self.offsets_f32, self.bias)
+            out = torch.ops.ember_ops.linear_groups.default(flat.contiguous(), self.qweight, self.bits, self.group_size,
+                                                            self.group_scales, self.group_offsets, self.bias)
             return out.reshape(*shape[:-1], self.out_features)
         if self.bits == 8:
             out = cpu_ops.int8_linear(flat, self.qweight, self.scales_f32, self.bias)
@@ -236,6 +233,21 @@ class QuantizedLinear(nn.Module):
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*shape[:-1], self.out_features)
+
+    def rows_function(self):
+        """x [rows, in] -> [rows, out] for the engine's decoder-layer fast path (DecoderLayer.forward_rows):
+        ember's kernel called directly for up to KERNEL_MAX_ROWS rows, forward() otherwise."""
+        if self.perm is not None or self.layout == "aten" or not cpu_ops.int_kernels_available() \
+                or self.qweight.device.type != "cpu":
+            return self.forward
+        ops = torch.ops.ember_ops
+        if self.layout in ("ember", "groups"):
+            op = ops.linear_groups.default
+            args = (self.qweight, self.bits, self.group_size, self.group_scales, self.group_offsets)
+        else:
+            op, args = ops.linear_gemv.default, (self.qweight, self.scales_f32)
+        bias, forward = self.bias, self.forward
+        return lambda x: op(x, *args, bias) if x.shape[0] <= KERNEL_MAX_ROWS else forward(x)
 
     def hf_parameters(self, prefix: str):
         """The bias under HF names (the quantized weight is not a parameter anything pushes into)."""

@@ -58,13 +58,15 @@ class CpuPagedContext:
             return torch.ops.ember_cpu.decode_attention_paired(
                 q, cache[0], cache[1], k, v, *self.slots, self.block_tables, self.kv_lens, sliding_window or 0, scale)
         if self.layout.paired:
-            torch.ops.ember_cpu.write_paired(cache[0], cache[1], k, v, *self.slots)
+            torch.ops.ember_cpu.write_paired.default(cache[0], cache[1], k, v, *self.slots)
+        elif not self.layout.quantized and k.stride(1) == k.shape[2] and v.stride(1) == v.shape[2]:
+            torch.ops.ember_cpu.write_transposed.default(cache[0], cache[1], k, v, *self.slots)
         else:
             self.layout.write(cache, self.slots, k, v)
         rows = self.num_kernel_rows
         kernel_out = None
         if rows:
-            kernel_out = torch.ops.ember_cpu.paged_attention(
+            kernel_out = torch.ops.ember_cpu.paged_attention.default(
                 q[:rows], *cache[:2], self.block_tables, self.token_request, self.kv_lens,
                 sliding_window or 0, scale, *cache[2:],
             )

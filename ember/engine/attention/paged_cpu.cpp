@@ -582,6 +582,50 @@ void write_paired(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k,
   });
 }
 
+// New tokens' K and V rows into their slots of a transposed-layout cache (K [blocks, kv_heads,
+// head_dim, block_size], V [blocks, kv_heads, block_size, head_dim]), one op instead of two
+// index_put copies and their index views. k, v: [tokens, kv_heads, head_dim], heads contiguous.
+template <typename T>
+void write_transposed_rows(T* kc, T* vc, const T* k, const T* v, int64_t k_stride, int64_t v_stride, const int64_t* bp,
+                           const int64_t* op, int64_t tokens, int64_t kv_heads, int64_t dim, int64_t block_size,
+                           int64_t block_elems) {
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      const int64_t head = bp[t] * block_elems + h * block_size * dim;
+      const T* kr = k + t * k_stride + h * dim;
+      for (int64_t d = 0; d < dim; ++d) kc[head + d * block_size + op[t]] = kr[d];
+      std::memcpy(vc + head + op[t] * dim, v + t * v_stride + h * dim, dim * sizeof(T));
+    }
+}
+
+void write_transposed(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,
+                      const at::Tensor& blocks, const at::Tensor& offsets) {
+  TORCH_CHECK(k_cache.dim() == 4 && blocks_contiguous(k_cache, v_cache), "transposed k/v caches expected");
+  TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == k_cache.scalar_type() &&
+              v_cache.scalar_type() == k_cache.scalar_type(), "k, v and the caches: one dtype");
+  const int64_t tokens = k.size(0), kv_heads = k_cache.size(1), dim = k_cache.size(2), block_size = k_cache.size(3);
+  TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes() && k.size(1) == kv_heads && k.size(2) == dim &&
+              k.stride(2) == 1 && k.stride(1) == dim && v.stride(2) == 1 && v.stride(1) == dim,
+              "k, v: [tokens, kv_heads, head_dim] matching the cache, heads contiguous");
+  TORCH_CHECK(blocks.scalar_type() == at::kLong && offsets.scalar_type() == at::kLong && blocks.is_contiguous() &&
+              offsets.is_contiguous() && blocks.numel() == tokens && offsets.numel() == tokens, "int64 blocks, offsets [tokens]");
+  const int64_t* bp = blocks.data_ptr<int64_t>();
+  const int64_t* op = offsets.data_ptr<int64_t>();
+  for (int64_t t = 0; t < tokens; ++t)
+    TORCH_CHECK(bp[t] >= 0 && bp[t] < k_cache.size(0) && op[t] >= 0 && op[t] < block_size, "slot out of range");
+  const auto run = [&](auto tag) {
+    using T = decltype(tag);
+    write_transposed_rows<T>(k_cache.data_ptr<T>(), v_cache.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), k.stride(0),
+                             v.stride(0), bp, op, tokens, kv_heads, dim, block_size, k_cache.stride(0));
+  };
+  switch (k.scalar_type()) {
+    case at::kFloat: run(float{}); break;
+    case at::kBFloat16: run(c10::BFloat16{}); break;
+    case at::kHalf: run(c10::Half{}); break;
+    default: TORCH_CHECK(false, "write_transposed: unsupported dtype ", k.scalar_type());
+  }
+}
+
 // A decode-only batch (row r: request r's one new token): the new K/V rows written by the attention
 // kernel as it reaches them (FreshTokens), not by write_paired beforehand. Same cache contents and
 // the same output bits as write_paired followed by paged_attention.
@@ -659,6 +703,7 @@ at::Tensor decode_attention_paired(const at::Tensor& q, at::Tensor& k_cache, at:
 
 TORCH_LIBRARY(ember_cpu, m) {
   m.def("write_paired(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor blocks, Tensor offsets) -> ()");
+  m.def("write_transposed(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor blocks, Tensor offsets) -> ()");
   m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor token_request, "
         "Tensor kv_lens, int window, float scale, Tensor? k_scales=None, Tensor? v_scales=None) -> Tensor");
   m.def("decode_attention_paired(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor blocks, "
@@ -669,5 +714,6 @@ TORCH_LIBRARY(ember_cpu, m) {
 TORCH_LIBRARY_IMPL(ember_cpu, CPU, m) {
   m.impl("paged_attention", &paged_attention);
   m.impl("write_paired", &write_paired);
+  m.impl("write_transposed", &write_transposed);
   m.impl("decode_attention_paired", &decode_attention_paired);
 }
