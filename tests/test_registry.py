@@ -13,7 +13,7 @@ def test_names_paths_and_errors(tmp_path, monkeypatch, llama_dir):
     assert registry.resolve_model("tiny") == str(folder / "tiny")
     assert registry.resolve_model(str(llama_dir)) == str(llama_dir)
     assert "tiny" in registry.list_models()
-    with pytest.raises(ValueError, match="neither a directory nor a known model name"):
+    with pytest.raises(ValueError, match="is not a directory, a .gguf file, a known model name"):
         registry.resolve_model("nope")
     monkeypatch.setattr(registry, "default_model_dir", lambda: None)
     with pytest.raises(ValueError, match="--model"):

@@ -46,7 +46,7 @@ def test_bad_prompts_and_models(llama_dir, tmp_path):
     out = llm.generate(["fine"], ok, use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 4
 
-    with pytest.raises(ValueError, match="neither a directory nor a known model name"):
+    with pytest.raises(ValueError, match="is not a directory, a .gguf file, a known model name"):
         LLM(str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="config.json"):
         LLM(str(tmp_path))
