@@ -35,6 +35,7 @@ constexpr int64_t kFlushElems = 8192;  // int32 lanes are moved to fp32 before t
 constexpr int64_t kPairBlock = 16;  // output channels per pair-packed block (linear_pairs)
 constexpr int kTileRows = 6;
 constexpr int kTileBlocks = 4;
+constexpr int kTile = 4;  // output channels per tile of the int4 layout (linear_int4)
 
 // ---- integer weights (AVX512-VNNI): int8 per channel, int8 per group, int4 per group -------------
 //
@@ -161,37 +162,12 @@ void gemv_int8_rows(const int16_t* xq, int64_t k_dim, const int8_t* w, int64_t n
   }
 }
 
-// Fetches a slice of the next tile's bytes into cache: the tile's rows are read side by side, which the
-// hardware prefetcher (made for one ascending stream) follows poorly; the next tile's weights and scales
-// come in a slice per step meanwhile. Past the matrix end a prefetch is harmless.
-struct NextTile {
-  int64_t lines, per_step, scale_lines;
-
-  NextTile(int64_t weight_bytes, int64_t scale_count, int64_t steps)
-      : lines((weight_bytes + 63) / 64), per_step((lines + steps - 1) / std::max<int64_t>(1, steps)),
-        scale_lines((scale_count * 4 + 63) / 64) {}
-
-  void step(int64_t i, const void* weights, const float* scales) const {
-    const char* w = static_cast<const char*>(weights);
-    for (int64_t line = i * per_step; line < std::min(lines, (i + 1) * per_step); ++line)
-      _mm_prefetch(w + line * 64, _MM_HINT_T0);
-    if (i == 0)
-      for (int64_t line = 0; line < scale_lines; ++line)
-        _mm_prefetch(reinterpret_cast<const char*>(scales) + line * 64, _MM_HINT_T0);
-  }
-};
-
-// Grouped integer weights, w = q * scale + offset per group of input channels (offset optional):
-// - int8 q, groups of 16 or 32 (llama.cpp's Q8_0, Q5_0/1, Q5_K and Q6_K blocks, decoded exactly);
-// - int4 q in 0..15, groups of 32 or multiples of 64 (Q4_0/Q4_1/Q4_K exactly; ember's and GPTQ/AWQ int4).
-//   Row layout uint8 [N, K / 2]: in every 64 input channels, byte j holds channel j in its low nibble
-//   and channel 32 + j in its high one, so one 32-byte load gives two vectors of 32 channels.
-// Per 64 channels and row of x, two VNNI dot products give 32 int32 lanes, lane i of each the sum
-// over channels 2i and 2i + 1 of its 32: a group of 32 is one vector's 16 lanes, a group of 16 eight
-// of them (one permute spreads the scales over the lanes), and the scaling is in fp32. The offsets'
-// share is sum_g offset * (sum of x over g), from the group sums of x made once per call.
-// NR output channels go together (NR independent sums per row of x, so the multiply-add latency is
-// hidden and each x vector is loaded once for NR weight rows).
+// int8 weights with a scale, and optionally an offset, per group of 16 or 32 input channels
+// (w = q * scale + offset: llama.cpp's Q8_0, Q5_0/1, Q5_K and Q6_K blocks, decoded exactly), row by row.
+// Per 64 channels and row of x, two dot products give 32 int32 lanes, lane i of each the sum over
+// channels 2i and 2i + 1 of its 32: a group of 32 is one vector's 16 lanes, a group of 16 eight of them,
+// so one permute spreads the group scales over the lanes. (The int4 tiles below measured slower for int8:
+// twice the weight vectors per tile, the sums no longer fit the registers at 4 rows of x.)
 template <int M, typename T>
 void gemv_int8_groups_rows(const int16_t* xq, int64_t k_dim, const int8_t* w, int64_t group, int64_t n_begin,
                            int64_t n_end, const float* x_scales, const float* x_sums, const float* scales,
@@ -234,88 +210,91 @@ void gemv_int8_groups_rows(const int16_t* xq, int64_t k_dim, const int8_t* w, in
   }
 }
 
-// int4: NR output channels at a time (NR independent sums per row of x hide the multiply-add
-// latency, and each x vector serves NR weight rows), the next NR rows fetched meanwhile.
-template <int M, int NR, typename T>
-void gemv_int4_tile(const int16_t* xq, int64_t k_dim, const uint8_t* w, int64_t group, int64_t n0,
-                    const float* x_scales, const float* x_sums, const float* scales, const float* offsets, const T* bias,
-                    T* out, int64_t out_stride, const NextTile& next) {
-  const int64_t groups = k_dim / group, chunks = group / 64;  // chunks of 64 channels per group (0: group 32)
+// int4 weights in tiles of 4 output channels, stored so that a tile reads as one ascending stream:
+// w [tiles, K / 64, 4, 32] bytes (tile t, chunk c, row r: channels 64c + j in the low nibble and
+// 64c + 32 + j in the high one of byte j, for row 4t + r), scales and offsets [tiles, groups, 4].
+// The 4 rows' independent sums hide the multiply-add latency and each x vector serves 4 weight rows;
+// their interleaving keeps the hardware prefetcher on one stream. Rows past N are padding.
+
+template <int M, typename T>
+void gemv_int4_tiles(const int16_t* xq, int64_t k_dim, const uint8_t* w, int64_t group, int64_t t_begin, int64_t t_end,
+                     int64_t n_dim, const float* x_scales, const float* x_sums, const float* scales, const float* offsets,
+                     const T* bias, T* out, int64_t out_stride) {
+  const int64_t groups = k_dim / group, chunks = k_dim / 64, per_group = group / 64;  // per_group 0: group 32
   const __m512i low = _mm512_set1_epi16(0x0F);
-  __m512 total[M][NR];
-  for (int m = 0; m < M; ++m)
-    for (int r = 0; r < NR; ++r) total[m][r] = _mm512_setzero_ps();
-  const uint8_t* next_weights = w + (n0 + NR) * (k_dim / 2);
-  const float* next_scales = scales + (n0 + NR) * groups;
-  if (chunks == 0) {  // group 32: the two halves of each 64 channels have their own scales
-    for (int64_t k = 0; k < k_dim; k += 64) {
-      if constexpr (NR > 1) next.step(k / 64, next_weights, next_scales);
-      __m512i lo[NR], hi[NR];
-      __m512 sa[NR], sb[NR];
-      for (int r = 0; r < NR; ++r) {
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    const uint8_t* wt = w + t * chunks * kTile * 32;
+    const float* st = scales + t * groups * kTile;
+    __m512 total[M][kTile];
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < kTile; ++r) total[m][r] = _mm512_setzero_ps();
+    __m512i acc[M][kTile];  // groups of 64 channels and more: int32 sums until the group ends
+    for (int64_t c = 0; c < chunks; ++c) {
+      __m512i lo[kTile], hi[kTile];
+      for (int r = 0; r < kTile; ++r) {
         const __m512i bytes = _mm512_cvtepu8_epi16(
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (n0 + r) * (k_dim / 2) + k / 2)));
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wt + (c * kTile + r) * 32)));
         lo[r] = _mm512_and_si512(bytes, low);
         hi[r] = _mm512_srli_epi16(bytes, 4);
-        const float* sp = scales + (n0 + r) * groups + k / 32;
-        sa[r] = _mm512_set1_ps(sp[0]);
-        sb[r] = _mm512_set1_ps(sp[1]);
       }
-      for (int m = 0; m < M; ++m) {
-        const __m512i xa = _mm512_loadu_si512(xq + m * k_dim + k), xb = _mm512_loadu_si512(xq + m * k_dim + k + 32);
-        for (int r = 0; r < NR; ++r) {
-          const __m512i a = _mm512_dpwssd_epi32(_mm512_setzero_si512(), xa, lo[r]);
-          const __m512i b = _mm512_dpwssd_epi32(_mm512_setzero_si512(), xb, hi[r]);
-          total[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(b), sb[r], _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), sa[r], total[m][r]));
+      const int16_t* xc = xq + c * 64;
+      if (per_group == 0) {  // group 32: the two halves of each 64 channels have their own scales
+        const float* s0 = st + (2 * c) * kTile;
+        for (int m = 0; m < M; ++m) {
+          const __m512i xa = _mm512_loadu_si512(xc + m * k_dim), xb = _mm512_loadu_si512(xc + m * k_dim + 32);
+          for (int r = 0; r < kTile; ++r) {
+            const __m512i a = _mm512_dpwssd_epi32(_mm512_setzero_si512(), xa, lo[r]);
+            const __m512i b = _mm512_dpwssd_epi32(_mm512_setzero_si512(), xb, hi[r]);
+            total[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(b), _mm512_set1_ps(s0[kTile + r]),
+                                          _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_set1_ps(s0[r]), total[m][r]));
+          }
         }
+        continue;
+      }
+      const bool first = c % per_group == 0, last = c % per_group == per_group - 1;
+      for (int m = 0; m < M; ++m) {
+        const __m512i xa = _mm512_loadu_si512(xc + m * k_dim), xb = _mm512_loadu_si512(xc + m * k_dim + 32);
+        for (int r = 0; r < kTile; ++r)
+          acc[m][r] = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(first ? _mm512_setzero_si512() : acc[m][r], xa, lo[r]),
+                                          xb, hi[r]);
+      }
+      if (last) {
+        const float* sg = st + (c / per_group) * kTile;
+        for (int m = 0; m < M; ++m)
+          for (int r = 0; r < kTile; ++r)
+            total[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m][r]), _mm512_set1_ps(sg[r]), total[m][r]);
       }
     }
-  } else {
-    for (int64_t g = 0, k = 0; g < groups; ++g) {
-      __m512i acc[M][NR];
-      for (int m = 0; m < M; ++m)
-        for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_si512();
-      for (int64_t c = 0; c < chunks; ++c, k += 64) {
-        if constexpr (NR > 1) next.step(k / 64, next_weights, next_scales);
-        __m512i lo[NR], hi[NR];
-        for (int r = 0; r < NR; ++r) {
-          const __m512i bytes = _mm512_cvtepu8_epi16(
-              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (n0 + r) * (k_dim / 2) + k / 2)));
-          lo[r] = _mm512_and_si512(bytes, low);
-          hi[r] = _mm512_srli_epi16(bytes, 4);
-        }
-        for (int m = 0; m < M; ++m) {
-          const __m512i xa = _mm512_loadu_si512(xq + m * k_dim + k), xb = _mm512_loadu_si512(xq + m * k_dim + k + 32);
-          for (int r = 0; r < NR; ++r)
-            acc[m][r] = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(acc[m][r], xa, lo[r]), xb, hi[r]);
-        }
+    for (int m = 0; m < M; ++m) {
+      __m128 shift = _mm_setzero_ps();  // the offsets' share for the 4 rows: sum_g offset[g, r] * (sum of x over g)
+      if (offsets) {
+        const float* ot = offsets + t * groups * kTile;
+        for (int64_t g = 0; g < groups; ++g)
+          shift = _mm_fmadd_ps(_mm_loadu_ps(ot + g * kTile), _mm_set1_ps(x_sums[m * groups + g]), shift);
       }
-      for (int r = 0; r < NR; ++r) {
-        const __m512 scale = _mm512_set1_ps(scales[(n0 + r) * groups + g]);
-        for (int m = 0; m < M; ++m) total[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m][r]), scale, total[m][r]);
+      alignas(16) float shifts[kTile];
+      _mm_store_ps(shifts, shift);
+      for (int r = 0; r < kTile; ++r) {
+        const int64_t n = t * kTile + r;
+        if (n >= n_dim) break;
+        float y = _mm512_reduce_add_ps(total[m][r]) * x_scales[m] + shifts[r];
+        if (bias) y += static_cast<float>(bias[n]);
+        out[m * out_stride + n] = static_cast<T>(y);
       }
     }
   }
-  for (int m = 0; m < M; ++m)
-    for (int r = 0; r < NR; ++r) {
-      const int64_t n = n0 + r;
-      float y = _mm512_reduce_add_ps(total[m][r]) * x_scales[m];
-      if (offsets) y += dot(offsets + n * groups, x_sums + m * groups, groups);
-      if (bias) y += static_cast<float>(bias[n]);
-      out[m * out_stride + n] = static_cast<T>(y);
-    }
 }
 
 // Runs rows(xq, x scales, x group sums, output) over every kMaxRowsX rows of x and a share of the
 // output channels per thread.
 template <typename T, typename Rows>
-void over_rows_and_channels(const QuantizedRows<T>& xq, int64_t m_dim, int64_t k_dim, int64_t n_dim, int64_t groups,
-                            T* out, const Rows& rows) {
-  over_channels(n_dim, [&](int64_t n0, int64_t n1) {
+void over_rows_and_channels(const QuantizedRows<T>& xq, int64_t m_dim, int64_t k_dim, int64_t units, int64_t out_stride,
+                            int64_t groups, T* out, const Rows& rows) {
+  over_channels(units, [&](int64_t u0, int64_t u1) {  // units: output channels, or tiles of them
     for (int64_t m = 0; m < m_dim; m += kMaxRowsX) {
       const float* sums = xq.group_sums.empty() ? nullptr : xq.group_sums.data() + m * groups;
       with_rows(m_dim - m, [&](auto count) {
-        rows(count, xq.q.data() + m * k_dim, xq.scales.data() + m, sums, n0, n1, out + m * n_dim);
+        rows(count, xq.q.data() + m * k_dim, xq.scales.data() + m, sums, u0, u1, out + m * out_stride);
       });
     }
   });
@@ -326,33 +305,33 @@ void gemv_int8(const at::Tensor& x, const at::Tensor& w, const float* scales, co
   const int64_t m_dim = x.size(0), k_dim = x.size(1), n_dim = w.size(0);
   const QuantizedRows<T> xq(x.data_ptr<T>(), m_dim, k_dim, 0);
   const auto* wp = w.data_ptr<int8_t>();
-  over_rows_and_channels(xq, m_dim, k_dim, n_dim, 0, out.data_ptr<T>(),
+  over_rows_and_channels(xq, m_dim, k_dim, n_dim, n_dim, 0, out.data_ptr<T>(),
                          [&](auto count, const int16_t* q, const float* s, const float*, int64_t n0, int64_t n1, T* o) {
     gemv_int8_rows<decltype(count)::value>(q, k_dim, wp, n0, n1, s, scales, bias, o, n_dim);
   });
 }
 
-// bits 8: int8 [N, K], group 16 or 32; bits 4: uint8 [N, K / 2], group 32 or a multiple of 64.
 template <typename T>
-void gemv_groups(const at::Tensor& x, const at::Tensor& w, int64_t bits, int64_t group, const float* scales,
-                 const float* offsets, const T* bias, at::Tensor& out) {
+void gemv_groups(const at::Tensor& x, const at::Tensor& w, int64_t group, const float* scales, const float* offsets,
+                 const T* bias, at::Tensor& out) {
   const int64_t m_dim = x.size(0), k_dim = x.size(1), n_dim = w.size(0), groups = k_dim / group;
   const QuantizedRows<T> xq(x.data_ptr<T>(), m_dim, k_dim, offsets ? group : 0);
-  over_rows_and_channels(xq, m_dim, k_dim, n_dim, groups, out.data_ptr<T>(),
+  over_rows_and_channels(xq, m_dim, k_dim, n_dim, n_dim, groups, out.data_ptr<T>(),
                          [&](auto count, const int16_t* q, const float* s, const float* sums, int64_t n0, int64_t n1, T* o) {
-    constexpr int M = decltype(count)::value;
-    if (bits == 8) {
-      gemv_int8_groups_rows<M>(q, k_dim, w.data_ptr<int8_t>(), group, n0, n1, s, sums, scales, offsets, bias, o, n_dim);
-      return;
-    }
-    // 4 channels at a time for one or two rows of x, 2 for more (the sums must fit the 32 vector registers)
-    constexpr int NR = M <= 2 ? 4 : 2;
-    const NextTile next(NR * k_dim / 2, NR * groups, k_dim / 64);
-    const uint8_t* wp = w.data_ptr<uint8_t>();
-    int64_t n = n0;
-    for (; n + NR <= n1; n += NR)
-      gemv_int4_tile<M, NR>(q, k_dim, wp, group, n, s, sums, scales, offsets, bias, o, n_dim, next);
-    for (; n < n1; ++n) gemv_int4_tile<M, 1>(q, k_dim, wp, group, n, s, sums, scales, offsets, bias, o, n_dim, next);
+    gemv_int8_groups_rows<decltype(count)::value>(q, k_dim, w.data_ptr<int8_t>(), group, n0, n1, s, sums, scales,
+                                                  offsets, bias, o, n_dim);
+  });
+}
+
+template <typename T>
+void gemv_int4(const at::Tensor& x, const at::Tensor& w, int64_t n_dim, int64_t group, const float* scales,
+               const float* offsets, const T* bias, at::Tensor& out) {
+  const int64_t m_dim = x.size(0), k_dim = x.size(1), tiles = w.size(0), groups = k_dim / group;
+  const QuantizedRows<T> xq(x.data_ptr<T>(), m_dim, k_dim, offsets ? group : 0);
+  over_rows_and_channels(xq, m_dim, k_dim, tiles, n_dim, groups, out.data_ptr<T>(),
+                         [&](auto count, const int16_t* q, const float* s, const float* sums, int64_t t0, int64_t t1, T* o) {
+    gemv_int4_tiles<decltype(count)::value>(q, k_dim, w.data_ptr<uint8_t>(), group, t0, t1, n_dim, s, sums, scales,
+                                            offsets, bias, o, n_dim);
   });
 }
 
@@ -742,22 +721,14 @@ at::Tensor linear_gemv(const at::Tensor& x, const at::Tensor& w, const std::opti
   return out;
 }
 
-// Grouped integer weights (see gemv_int8_groups_rows, gemv_int4_tile): bits 8: w int8 [N, K], group 16 or 32, K a
-// multiple of 32; bits 4: w uint8 [N, K / 2], group 32 or a multiple of 64, K a multiple of 64.
+// int8 weights per group (gemv_int8_groups_rows): w int8 [N, K], K a multiple of 32, group 16 or 32;
 // scales and offsets (optional): fp32 [N, K / group].
-at::Tensor linear_groups(const at::Tensor& x, const at::Tensor& w, int64_t bits, int64_t group, const at::Tensor& scales,
+at::Tensor linear_groups(const at::Tensor& x, const at::Tensor& w, int64_t group, const at::Tensor& scales,
                          const std::optional<at::Tensor>& offsets, const std::optional<at::Tensor>& bias) {
   const int64_t n_dim = w.size(0), k_dim = x.size(1);
   check_rows(x, bias, n_dim, "linear_groups");
-  TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "w: contiguous [N, K] (int8) or [N, K / 2] (int4)");
-  if (bits == 8) {
-    TORCH_CHECK(w.scalar_type() == at::kChar && w.size(1) == k_dim && k_dim % 32 == 0 && (group == 16 || group == 32),
-                "bits 8: w int8 [N, K], K a multiple of 32, group 16 or 32");
-  } else {
-    TORCH_CHECK(bits == 4 && w.scalar_type() == at::kByte && w.size(1) * 2 == k_dim && k_dim % 64 == 0 &&
-                k_dim % group == 0 && (group == 32 || group % 64 == 0),
-                "bits 4: w uint8 [N, K / 2], K a multiple of 64, group 32 or a multiple of 64");
-  }
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == at::kChar && w.size(1) == k_dim &&
+              k_dim % 32 == 0 && (group == 16 || group == 32), "w: contiguous int8 [N, K], K a multiple of 32, group 16 or 32");
   for (const at::Tensor* t : {&scales, offsets ? &*offsets : &scales})
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == n_dim * (k_dim / group),
                 "scales, offsets: fp32 [N, K / group]");
@@ -765,9 +736,33 @@ at::Tensor linear_groups(const at::Tensor& x, const at::Tensor& w, int64_t bits,
 #ifdef EMBER_INT
   const float* op = offsets ? offsets->data_ptr<float>() : nullptr;
   if (x.scalar_type() == at::kFloat)
-    gemv_groups<float>(x, w, bits, group, scales.data_ptr<float>(), op, bias_ptr<float>(bias), out);
+    gemv_groups<float>(x, w, group, scales.data_ptr<float>(), op, bias_ptr<float>(bias), out);
   else
-    gemv_groups<c10::BFloat16>(x, w, bits, group, scales.data_ptr<float>(), op, bias_ptr<c10::BFloat16>(bias), out);
+    gemv_groups<c10::BFloat16>(x, w, group, scales.data_ptr<float>(), op, bias_ptr<c10::BFloat16>(bias), out);
+#endif
+  return out;
+}
+
+// int4 weights in tiles of 4 channels (gemv_int4_tiles): w uint8 [ceil(N / 4), K / 64, 4, 32], K a multiple
+// of 64, group 32 or a multiple of 64; scales and offsets (optional): fp32 [ceil(N / 4), K / group, 4].
+at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& w, int64_t n_dim, int64_t group, const at::Tensor& scales,
+                       const std::optional<at::Tensor>& offsets, const std::optional<at::Tensor>& bias) {
+  const int64_t k_dim = x.size(1), tiles = (n_dim + kTile - 1) / kTile;
+  check_rows(x, bias, n_dim, "linear_int4");
+  TORCH_CHECK(w.dim() == 4 && w.is_contiguous() && w.scalar_type() == at::kByte && w.size(0) == tiles &&
+              w.size(1) * 64 == k_dim && w.size(2) == kTile && w.size(3) == 32,
+              "w: contiguous uint8 [ceil(N / 4), K / 64, 4, 32]");
+  TORCH_CHECK(k_dim % group == 0 && (group == 32 || group % 64 == 0), "group: 32 or a multiple of 64 dividing K");
+  for (const at::Tensor* t : {&scales, offsets ? &*offsets : &scales})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == tiles * (k_dim / group) * kTile,
+                "scales, offsets: fp32 [ceil(N / 4), K / group, 4]");
+  at::Tensor out = at::empty({x.size(0), n_dim}, x.options());
+#ifdef EMBER_INT
+  const float* op = offsets ? offsets->data_ptr<float>() : nullptr;
+  if (x.scalar_type() == at::kFloat)
+    gemv_int4<float>(x, w, n_dim, group, scales.data_ptr<float>(), op, bias_ptr<float>(bias), out);
+  else
+    gemv_int4<c10::BFloat16>(x, w, n_dim, group, scales.data_ptr<float>(), op, bias_ptr<c10::BFloat16>(bias), out);
 #endif
   return out;
 }
@@ -907,7 +902,8 @@ TORCH_LIBRARY(ember_ops, m) {
   m.def("argmax(Tensor x) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("linear_gemv(Tensor x, Tensor w, Tensor? scales=None, Tensor? bias=None) -> Tensor");
-  m.def("linear_groups(Tensor x, Tensor w, int bits, int group, Tensor scales, Tensor? offsets=None, Tensor? bias=None) -> Tensor");
+  m.def("linear_groups(Tensor x, Tensor w, int group, Tensor scales, Tensor? offsets=None, Tensor? bias=None) -> Tensor");
+  m.def("linear_int4(Tensor x, Tensor w, int n, int group, Tensor scales, Tensor? offsets=None, Tensor? bias=None) -> Tensor");
   m.def("gemv_supported() -> bool", &gemv_supported);
   m.def("int_gemv_supported() -> bool", &int_gemv_supported);
 }
@@ -915,6 +911,7 @@ TORCH_LIBRARY(ember_ops, m) {
 TORCH_LIBRARY_IMPL(ember_ops, CPU, m) {
   m.impl("linear_gemv", &linear_gemv);
   m.impl("linear_groups", &linear_groups);
+  m.impl("linear_int4", &linear_int4);
   m.impl("rms_norm", &rms_norm);
   m.impl("silu_mul", &silu_mul);
   m.impl("pack_pairs", &pack_pairs);

@@ -35,6 +35,7 @@ GROUP_SIZES = (32, 64, 128, 256)
 # Rows at or below which the packed kernels beat dequantize + bf16 matmul (BENCHMARKS.md, issue 10).
 KERNEL_MAX_ROWS = 16
 _INT4_BLOCK_N = 64  # torch's CPU int4 packing interleaves blocks of 64 output channels
+_TILE = 4  # ember's int4 layout: output channels per tile (kTile in cpu_ops.cpp)
 
 
 @dataclass(frozen=True)
@@ -137,14 +138,18 @@ class QuantizedLinear(nn.Module):
         module = cls(k, n, 8, packed.group, bias, dtype, **names)
         module.layout = "groups"
         module.register_buffer("qweight", packed.q.to(torch.int8).contiguous())
-        module._set_affine(packed.scale, packed.offset)
+        module.register_buffer("group_scales", packed.scale.float().contiguous())  # [N, G]
+        module.register_buffer("group_offsets", None if packed.offset is None else packed.offset.float().contiguous())
         return module
 
-    def _set_affine(self, scale: torch.Tensor, offset: torch.Tensor | None) -> None:
-        """Group scales and offsets, fp32 [N, G], for ember's kernels (fp16 ones, exact for a GGUF's
-        Q4_0/Q4_1/Q8_0, measured slower: converting them costs more than the bytes saved)."""
-        self.register_buffer("group_scales", scale.float().contiguous())
-        self.register_buffer("group_offsets", None if offset is None else offset.float().contiguous())
+    def _set_tiles(self, chunks: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None) -> None:
+        """The tiled int4 layout of ember's kernel (cpu_ops.cpp, linear_int4): `chunks` [N, K / 64, 32 bytes]
+        become qweight [N/4, K/64, 4, 32]; scale and offset [N, G] become [N/4, G, 4] (fp32); N padded to 4."""
+        pad = -chunks.shape[0] % _TILE
+        tile = lambda t: F.pad(t, (0, 0) * (t.dim() - 1) + (0, pad)).unflatten(0, (-1, _TILE)).transpose(1, 2)  # noqa: E731
+        self.register_buffer("qweight", tile(chunks).contiguous())
+        self.register_buffer("group_scales", tile(scale.float()).contiguous())
+        self.register_buffer("group_offsets", None if offset is None else tile(offset.float()).contiguous())
 
     @classmethod
     def _int4(cls, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, group_size: int, bias, dtype,
@@ -155,12 +160,12 @@ class QuantizedLinear(nn.Module):
         q = q.to(torch.int32).contiguous()
         if k % 64 == 0 and (q.device.type != "cpu" or (dtype in (torch.bfloat16, torch.float32)
                                                        and cpu_ops.int_kernels_available())):
-            # ember's kernel: per 64 channels, byte j = channel j (low nibble) | channel 32 + j (high).
+            # ember's kernel: per 64 channels, byte j = channel j (low nibble) | channel 32 + j (high), in tiles
+            # of 4 output channels (_set_tiles).
             # Off CPU the same packing serves the dequantize path.
             module.layout = "ember"
             halves = q.to(torch.uint8).reshape(n, k // 64, 2, 32)
-            module.register_buffer("qweight", (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(n, k // 2))
-            module._set_affine(scale, offset)
+            module._set_tiles(halves[:, :, 0] | (halves[:, :, 1] << 4), scale, offset)
             return module
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.cpu(), 1)  # torch packs on CPU only
         module.register_buffer("qweight", packed.to(q.device))
@@ -190,13 +195,15 @@ class QuantizedLinear(nn.Module):
         """The weight as [N, K] in the compute dtype (input channels in checkpoint order)."""
         n, k = self.out_features, self.in_features
         if self.layout in ("groups", "ember"):
-            q = self.qweight
-            if self.layout == "ember":  # unpack: per 64 channels, low nibbles then high ones
+            q, scales, offsets = self.qweight, self.group_scales, self.group_offsets
+            if self.layout == "ember":  # untile ([N/4, X, 4, ...] -> [N, X, ...]), unpack low then high nibbles
+                untile = lambda t: None if t is None else t.transpose(1, 2).flatten(0, 1)[:n]  # noqa: E731
+                q, scales, offsets = untile(q), untile(scales), untile(offsets)
                 b = q.reshape(n, k // 64, 1, 32)
                 q = torch.cat((b & 15, b >> 4), dim=2)
-            w = q.reshape(n, k // self.group_size, self.group_size) * self.group_scales[..., None]
-            if self.group_offsets is not None:
-                w = w + self.group_offsets[..., None]
+            w = q.reshape(n, k // self.group_size, self.group_size) * scales[..., None]
+            if offsets is not None:
+                w = w + offsets[..., None]
             weight = w.to(self.dtype).reshape(n, k)
         elif self.bits == 8:
             weight = self.qweight * self.scales[:, None]
@@ -219,8 +226,7 @@ class QuantizedLinear(nn.Module):
         if self.layout in ("ember", "groups"):
             if not cpu_ops.int_kernel_ok(flat, KERNEL_MAX_ROWS):
                 return F.linear(x, self.dequantize(), self.bias)
-            out = torch.ops.ember_ops.linear_groups.default(flat.contiguous(), self.qweight, self.bits, self.group_size,
-                                                            self.group_scales, self.group_offsets, self.bias)
+            out = self._kernel(flat.contiguous())
             return out.reshape(*shape[:-1], self.out_features)
         if self.bits == 8:
             out = cpu_ops.int8_linear(flat, self.qweight, self.scales_f32, self.bias)
@@ -240,14 +246,23 @@ class QuantizedLinear(nn.Module):
         if self.perm is not None or self.layout == "aten" or not cpu_ops.int_kernels_available() \
                 or self.qweight.device.type != "cpu":
             return self.forward
-        ops = torch.ops.ember_ops
-        if self.layout in ("ember", "groups"):
-            op = ops.linear_groups.default
-            args = (self.qweight, self.bits, self.group_size, self.group_scales, self.group_offsets)
-        else:
-            op, args = ops.linear_gemv.default, (self.qweight, self.scales_f32)
+        op, args = self._kernel_call()
         bias, forward = self.bias, self.forward
         return lambda x: op(x, *args, bias) if x.shape[0] <= KERNEL_MAX_ROWS else forward(x)
+
+    def _kernel_call(self):
+        """(ember's op for this layout, its arguments between x and the bias)."""
+        ops = torch.ops.ember_ops
+        if self.layout == "ember":
+            return ops.linear_int4.default, (self.qweight, self.out_features, self.group_size, self.group_scales,
+                                             self.group_offsets)
+        if self.layout == "groups":
+            return ops.linear_groups.default, (self.qweight, self.group_size, self.group_scales, self.group_offsets)
+        return ops.linear_gemv.default, (self.qweight, self.scales_f32)
+
+    def _kernel(self, x: torch.Tensor) -> torch.Tensor:
+        op, args = self._kernel_call()
+        return op(x, *args, self.bias)
 
     def hf_parameters(self, prefix: str):
         """The bias under HF names (the quantized weight is not a parameter anything pushes into)."""

@@ -474,10 +474,27 @@ void with_group(int64_t group, F&& f) {
 
 // Caches are [num_blocks, ...] with each block contiguous; K's and V's block stride is the same
 // and may exceed a block's size, which lets a layer's K and V blocks alternate in one buffer.
+// Whether every dimension but the first is contiguous (what `t[0].is_contiguous()` says, without the
+// select op: this runs twice per layer per step).
+bool block_contiguous(const at::Tensor& t) {
+  int64_t expected = 1;
+  for (int64_t d = t.dim() - 1; d >= 1; --d) {
+    if (t.size(d) != 1 && t.stride(d) != expected) return false;
+    expected *= t.size(d);
+  }
+  return true;
+}
+
+int64_t block_numel(const at::Tensor& t) {
+  int64_t n = 1;
+  for (int64_t d = 1; d < t.dim(); ++d) n *= t.size(d);
+  return n;
+}
+
 bool blocks_contiguous(const at::Tensor& k_cache, const at::Tensor& v_cache) {
-  return k_cache.dim() == v_cache.dim() && k_cache.numel() > 0 && k_cache[0].is_contiguous() &&
-         v_cache[0].is_contiguous() && k_cache.stride(0) == v_cache.stride(0) && k_cache.stride(0) >= k_cache[0].numel() &&
-         k_cache[0].numel() == v_cache[0].numel();
+  return k_cache.dim() == v_cache.dim() && k_cache.numel() > 0 && block_contiguous(k_cache) &&
+         block_contiguous(v_cache) && k_cache.stride(0) == v_cache.stride(0) && k_cache.stride(0) >= block_numel(k_cache) &&
+         block_numel(k_cache) == block_numel(v_cache);
 }
 
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
