@@ -411,6 +411,42 @@ void rotary_rows_f32(float* x, int64_t row_stride, const float* cos, const float
     }
   });
 }
+// Each row's argmax (the first of equal maxima, NaN above all, as torch.argmax).
+template <typename T>
+void argmax_rows(const T* x, int64_t* out, int64_t rows, int64_t n) {
+  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* row = x + r * n;
+      __m512 best = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+      __m512i best_at = _mm512_set1_epi32(0);
+      __mmask16 nan = 0;
+      const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+      for (int64_t k = 0; k < n; k += 16) {
+        const __mmask16 mask = tail_mask(k, n);
+        const __m512 v = _mm512_mask_blend_ps(mask, _mm512_set1_ps(-std::numeric_limits<float>::infinity()),
+                                              load16(row + k, mask));
+        nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        const __mmask16 greater = _mm512_cmp_ps_mask(v, best, _CMP_GT_OQ);  // strictly: the first max stays
+        best = _mm512_mask_blend_ps(greater, best, v);
+        best_at = _mm512_mask_blend_epi32(greater, best_at, _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(k))));
+      }
+      alignas(64) float values[16];
+      alignas(64) int32_t at[16];
+      _mm512_store_ps(values, best);
+      _mm512_store_si512(at, best_at);
+      int64_t arg = at[0];
+      float top = values[0];
+      for (int i = 1; i < 16; ++i)
+        if (values[i] > top || (values[i] == top && at[i] < arg)) top = values[i], arg = at[i];
+      if (nan) {  // rare: the first NaN wins
+        for (int64_t k = 0; k < n; ++k)
+          if (std::isnan(static_cast<float>(row[k]))) { arg = k; break; }
+      }
+      out[r] = arg;
+    }
+  });
+}
+
 #endif  // EMBER_INT
 
 
@@ -547,41 +583,6 @@ void rotary_rows(c10::BFloat16* x, int64_t row_stride, const c10::BFloat16* cos,
           _mm256_mask_storeu_epi16(head + half + k, mask, (__m256i)_mm512_cvtneps_pbh(hi));
         }
       }
-    }
-  });
-}
-
-// Each row's argmax (the first of equal maxima, NaN above all, as torch.argmax).
-void argmax_rows(const c10::BFloat16* x, int64_t* out, int64_t rows, int64_t n) {
-  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const c10::BFloat16* row = x + r * n;
-      __m512 best = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-      __m512i best_at = _mm512_set1_epi32(0);
-      __mmask16 nan = 0;
-      const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-      for (int64_t k = 0; k < n; k += 16) {
-        const __mmask16 mask = tail_mask(k, n);
-        const __m512 v = _mm512_mask_blend_ps(mask, _mm512_set1_ps(-std::numeric_limits<float>::infinity()),
-                                              load_bf16(row + k, mask));
-        nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-        const __mmask16 greater = _mm512_cmp_ps_mask(v, best, _CMP_GT_OQ);  // strictly: the first max stays
-        best = _mm512_mask_blend_ps(greater, best, v);
-        best_at = _mm512_mask_blend_epi32(greater, best_at, _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(k))));
-      }
-      alignas(64) float values[16];
-      alignas(64) int32_t at[16];
-      _mm512_store_ps(values, best);
-      _mm512_store_si512(at, best_at);
-      int64_t arg = at[0];
-      float top = values[0];
-      for (int i = 1; i < 16; ++i)
-        if (values[i] > top || (values[i] == top && at[i] < arg)) top = values[i], arg = at[i];
-      if (nan) {  // rare: the first NaN wins
-        for (int64_t k = 0; k < n; ++k)
-          if (std::isnan(static_cast<float>(row[k]))) { arg = k; break; }
-      }
-      out[r] = arg;
     }
   });
 }
@@ -882,11 +883,12 @@ at::Tensor rotary_(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin, i
 }
 
 at::Tensor argmax_rows_op(const at::Tensor& x) {
-  TORCH_CHECK(gemv_supported(), "argmax: built without AVX512-BF16");
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16 && x.size(1) > 0, "x: contiguous bf16 [rows, n]");
+  check_elementwise(x, "argmax");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) > 0, "x: contiguous [rows, n]");
   at::Tensor out = at::empty({x.size(0)}, x.options().dtype(at::kLong));
-#ifdef EMBER_GEMV
-  argmax_rows(x.data_ptr<c10::BFloat16>(), out.data_ptr<int64_t>(), x.size(0), x.size(1));
+#ifdef EMBER_INT
+  if (x.scalar_type() == at::kFloat) argmax_rows(x.data_ptr<float>(), out.data_ptr<int64_t>(), x.size(0), x.size(1));
+  else argmax_rows(x.data_ptr<c10::BFloat16>(), out.data_ptr<int64_t>(), x.size(0), x.size(1));
 #endif
   return out;
 }

@@ -73,14 +73,6 @@ def _elementwise_ok(x: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
     return gemv_available() if x.dtype == torch.bfloat16 else int_kernels_available()
 
 
-def _kernel_ok(x: torch.Tensor, max_rows: int, *tensors: torch.Tensor | None) -> bool:
-    if x.device.type != "cpu" or x.dtype != torch.bfloat16 or x.numel() > max_rows * x.shape[-1]:
-        return False
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *tensors)):
-        return False
-    return gemv_available()
-
-
 def _inference_bf16(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """bf16 on CPU with no gradient to track: where ember's paths apply."""
     return weight.dtype == torch.bfloat16 and x.dtype == torch.bfloat16 and x.device.type == "cpu" and \
@@ -201,7 +193,7 @@ def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor | None:
-    """Each row's argmax for bf16 logits [rows, vocab] (torch.argmax's ties and NaNs), or None."""
-    if logits.dim() != 2 or not _kernel_ok(logits, 1 << 62):
+    """Each row's argmax for bf16 or fp32 logits [rows, vocab] (torch.argmax's ties and NaNs), or None."""
+    if logits.dim() != 2 or not _elementwise_ok(logits):
         return None
     return torch.ops.ember_ops.argmax(logits.contiguous())

@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from ember.models import cpu_ops
 
 needs_kernels = pytest.mark.skipif(not cpu_ops.gemv_available(), reason="no AVX512-BF16/VNNI kernels here")
+needs_fp32_kernels = pytest.mark.skipif(not cpu_ops.elementwise_available(torch.float32),
+                                        reason="no AVX-512 (VNNI) kernels here")
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -144,7 +146,7 @@ def test_elementwise_kernels_are_bit_exact(rows):
     assert torch.equal(cpu_ops.argmax(logits), logits.float().argmax(dim=-1))
 
 
-def test_elementwise_kernels_step_aside_for_autograd_and_fp32():
+def test_elementwise_kernels_step_aside_for_autograd():
     x = torch.randn(2, 8, requires_grad=True)
     assert cpu_ops.silu_mul(x) is None and cpu_ops.argmax(x) is None
     assert not cpu_ops.rotary_(x, torch.ones(2, 4), torch.zeros(2, 4), 1)
@@ -171,7 +173,64 @@ def test_layer_row_path_matches_the_module_path(model_factory, arch, monkeypatch
                         lambda self, *a: (out := row_path(self, *a), deltas.append(out[1] is not None))[0])
     fast = llm.generate(prompts, params, use_tqdm=False)
     assert deltas and all(deltas), "the row path was not taken, or fell back"
-    monkeypatch.setattr(llama.LlamaModel, "_cpu_rows", lambda self, x: False)
+    monkeypatch.setattr(llama.LlamaModel, "_cpu_rows", lambda self, x: None)
+    monkeypatch.setattr(llama.LlamaModel, "_rows", lambda self, x: None)
+    llm.engine.kv.reset_prefix_cache()
+    plain = llm.generate(prompts, params, use_tqdm=False)
+    for a, b in zip(fast, plain):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for la, lb in zip(a.outputs[0].logprobs + a.prompt_logprobs[1:], b.outputs[0].logprobs + b.prompt_logprobs[1:]):
+            assert {t: x.logprob for t, x in la.items()} == {t: x.logprob for t, x in lb.items()}
+
+
+@needs_fp32_kernels
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_fp32_elementwise_kernels_match_pytorch(rows):
+    """The fp32 RMSNorm (+ residual add), SwiGLU, rotary and argmax kernels (quantized GGUF models compute in
+    fp32) against PyTorch's ops, to fp32 rounding (their sums run in another order)."""
+    from ember.models.layers import apply_rotary
+
+    g = torch.Generator().manual_seed(rows)
+    x, delta, w = torch.randn(rows, 576, generator=g), torch.randn(rows, 576, generator=g), torch.randn(576, generator=g)
+    with torch.inference_mode():
+        torch.testing.assert_close(cpu_ops.rms_norm(x, w, 1e-5), F.rms_norm(x, (576,), w, 1e-5), rtol=1e-5, atol=1e-5)
+        total, normed = cpu_ops.add_rms_norm(x, delta, w, 1e-5)
+        assert torch.equal(total, x + delta)
+        torch.testing.assert_close(normed, F.rms_norm(x + delta, (576,), w, 1e-5), rtol=1e-5, atol=1e-5)
+        gate_up = torch.randn(rows, 2 * 1536, generator=g)
+        torch.testing.assert_close(cpu_ops.silu_mul(gate_up), F.silu(gate_up[:, :1536]) * gate_up[:, 1536:])
+        qkv = torch.randn(rows, 15 * 64, generator=g)
+        angles = torch.randn(rows, 32, generator=g)
+        cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+        expected = apply_rotary(qkv[:, :12 * 64].unflatten(-1, (12, 64)), cos, sin).flatten(-2)
+        rotated = qkv.clone()
+        assert cpu_ops.rotary_(rotated, cos, sin, 12)
+        torch.testing.assert_close(rotated[:, :12 * 64], expected)
+        assert torch.equal(rotated[:, 12 * 64:], qkv[:, 12 * 64:])  # v untouched
+        logits = torch.randn(rows, 49152, generator=g)
+        logits[0, 7] = logits[0, 900] = 50  # ties: the first wins
+        if rows > 1:
+            logits[1, 11] = float("nan")  # NaN above everything, as torch.argmax has it
+        assert torch.equal(cpu_ops.argmax(logits), logits.argmax(dim=-1))
+
+
+@needs_fp32_kernels
+@pytest.mark.parametrize("quantization", [None, "int4", "int8"])
+def test_rows_path_matches_the_module_path(model_factory, quantization, monkeypatch):
+    """fp32 engine batches (dense, or quantized as a GGUF's are) go through DecoderLayer.forward_rows: the same
+    kernels in the same order with one Python frame a layer, so every logprob equals the module path's."""
+    from ember import LLM, SamplingParams
+    from ember.models import llama
+
+    llm = LLM(str(model_factory("qwen2")), dtype="float32", max_num_batched_tokens=64, quantization=quantization)
+    prompts = [[(7 * i + j) % 400 + 3 for j in range(n)] for i, n in enumerate([5, 40, 90, 17, 3])]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=2, prompt_logprobs=1)
+    taken = []
+    rows_path = llama.DecoderLayer.forward_rows
+    monkeypatch.setattr(llama.DecoderLayer, "forward_rows", lambda self, *a: (taken.append(1), rows_path(self, *a))[1])
+    fast = llm.generate(prompts, params, use_tqdm=False)
+    assert taken, "the rows path was not taken"
+    monkeypatch.setattr(llama.LlamaModel, "_rows", lambda self, x: None)
     llm.engine.kv.reset_prefix_cache()
     plain = llm.generate(prompts, params, use_tqdm=False)
     for a, b in zip(fast, plain):
