@@ -15,12 +15,20 @@ user-defined ones (type 4) are matched whole and kept.
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
+import sys
+import time
+from pathlib import Path
 from typing import Any
 
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+BUILDER_VERSION = 1  # part of the cache key: bump when what the builder makes changes
+logger = logging.getLogger(__name__)
 
 _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 _LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
@@ -78,16 +86,19 @@ def _byte_level(tokens: list[str], merges: list[str], pre: str) -> HFTokenizer:
 
 
 def _sentencepiece(tokens: list[str], scores: list[float], types: list[int], unk: str | None,
-                   add_space_prefix: bool) -> HFTokenizer:
+                   add_space_prefix: bool, gemma: bool = False) -> HFTokenizer:
+    if gemma:  # Gemma's files spell its runs-of-spaces pieces with real spaces: "▁" runs, as its tokenizer has them
+        tokens = ["\u2581" * len(t) if t and not t.strip(" ") else t for t in tokens]
     vocab = {token: i for i, token in enumerate(tokens)}
     mergeable = [i for i, t in enumerate(types) if t in (NORMAL, USER_DEFINED)]
-    ranked = []  # (score of the merged piece, its id, left id) for every split of every piece
+    ranked = []  # (rank of the merged piece, its id, left id) for every split of every piece
     for i in mergeable:
         piece = tokens[i]
+        rank = i if gemma else -scores[i]  # Gemma's pieces merge in file order (its scores do not follow it)
         for cut in range(1, len(piece)):
             left, right = vocab.get(piece[:cut]), vocab.get(piece[cut:])
             if left is not None and right is not None:
-                ranked.append((-scores[i], i, left, right))
+                ranked.append((rank, i, left, right))
     ranked.sort()
     merges = [(tokens[left], tokens[right]) for _, _, left, right in ranked]
     tokenizer = HFTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
@@ -110,6 +121,33 @@ def gguf_tokenizer(g) -> tuple[HFTokenizer, dict[str, str | None], list[int], st
         i = g.get(f"tokenizer.ggml.{key}")
         return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
 
+    cache = _cache_path(g)
+    if cache is not None and cache.is_file():
+        tokenizer = HFTokenizer.from_file(str(cache))
+    else:
+        started = time.perf_counter()
+        print(f"building the tokenizer from {g.path.name}'s vocabulary ({len(tokens)} tokens; kept for later loads) ...",
+              file=sys.stderr, flush=True)
+        tokenizer = _build(g, kind, tokens, types, token)
+        logger.info("tokenizer built in %.1f s", time.perf_counter() - started)
+        if cache is not None:
+            try:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                tokenizer.save(str(cache.with_suffix(".partial")))
+                os.replace(cache.with_suffix(".partial"), cache)
+            except OSError as e:  # a read-only home: build it again next time
+                logger.warning("could not cache the tokenizer at %s (%s)", cache, e)
+    special = {"bos": token("bos_token_id"), "eos": token("eos_token_id"), "unk": token("unknown_token_id"),
+               "pad": token("padding_token_id")}
+    eos_ids: list[int] = []
+    for key in ("eos_token_id", "eot_token_id", "eom_token_id"):
+        i = g.get(f"tokenizer.ggml.{key}")
+        if i is not None and int(i) not in eos_ids:
+            eos_ids.append(int(i))
+    return tokenizer, special, eos_ids, g.get("tokenizer.chat_template")
+
+
+def _build(g, kind: str, tokens: list[str], types: list[int], token) -> HFTokenizer:
     if kind == "gpt2":
         pre = g.get("tokenizer.ggml.pre") or "default"
         tokenizer = _byte_level(tokens, g.get("tokenizer.ggml.merges") or [], pre)
@@ -117,24 +155,32 @@ def gguf_tokenizer(g) -> tuple[HFTokenizer, dict[str, str | None], list[int], st
     elif kind == "llama":
         scores = list(g.get("tokenizer.ggml.scores") or [0.0] * len(tokens))
         tokenizer = _sentencepiece(tokens, scores, types, token("unknown_token_id"),
-                                   bool(g.get("tokenizer.ggml.add_space_prefix", True)))
+                                   bool(g.get("tokenizer.ggml.add_space_prefix", True)), gemma=g.arch.startswith("gemma"))
         add_bos_default = True
     else:
         raise ValueError(f"{g.path}: tokenizer.ggml.model {kind!r} is not supported (gpt2, llama); "
                          "give the model's tokenizer with --tokenizer DIR")
+    vocab = tokenizer.get_vocab(with_added_tokens=False)
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
                                   for t, ty in zip(tokens, types) if ty == CONTROL])
+    # user-defined pieces match whole in the text; those respelled above (Gemma's space runs) are reached by
+    # merging instead, as transformers does (adding them would give them new ids)
     tokenizer.add_tokens([AddedToken(t, special=False, normalized=False)
-                          for t, ty in zip(tokens, types) if ty == USER_DEFINED])
-    special = {"bos": token("bos_token_id"), "eos": token("eos_token_id"), "unk": token("unknown_token_id"),
-               "pad": token("padding_token_id")}
+                          for t, ty in zip(tokens, types) if ty == USER_DEFINED and t in vocab])
+    special = {"bos": token("bos_token_id"), "eos": token("eos_token_id")}
     _add_bos_eos(tokenizer, g, special, add_bos_default)
-    eos_ids: list[int] = []
-    for key in ("eos_token_id", "eot_token_id", "eom_token_id"):
-        i = g.get(f"tokenizer.ggml.{key}")
-        if i is not None and int(i) not in eos_ids:
-            eos_ids.append(int(i))
-    return tokenizer, special, eos_ids, g.get("tokenizer.chat_template")
+    return tokenizer
+
+
+def _cache_path(g) -> Path | None:
+    """Where this file's built tokenizer is kept: keyed by the file (path, size, mtime) and the builder."""
+    try:
+        stat = g.path.stat()
+    except OSError:
+        return None
+    key = hashlib.sha256(f"{g.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{BUILDER_VERSION}".encode()).hexdigest()
+    root = Path(os.environ.get("EMBER_CACHE") or Path.home() / ".cache" / "ember")
+    return root / "gguf-tokenizers" / f"{key[:32]}.json"
 
 
 def _add_bos_eos(tokenizer: HFTokenizer, g, special: dict[str, Any], add_bos_default: bool) -> None:

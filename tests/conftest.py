@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Built GGUF tokenizers are cached under EMBER_CACHE: the tests' own, not the user's ~/.cache/ember.
+os.environ.setdefault("EMBER_CACHE", tempfile.mkdtemp(prefix="ember-test-cache-"))
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 VOCAB = 512
@@ -36,6 +39,39 @@ def hf_config(arch: str, **overrides):
         kwargs.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
                       shared_expert_intermediate_size=80, tie_word_embeddings=False, norm_topk_prob=False)
         return transformers.Qwen2MoeConfig(**kwargs)
+    if arch == "qwen3":
+        kwargs.setdefault("head_dim", 32)  # not hidden / heads, as in the real ones
+        kwargs.setdefault("tie_word_embeddings", True)
+        return transformers.Qwen3Config(**kwargs)
+    if arch == "qwen3_moe":
+        kwargs.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=True,
+                      head_dim=32)
+        return transformers.Qwen3MoeConfig(**kwargs)
+    if arch == "gemma2":
+        kwargs.update(head_dim=32, query_pre_attn_scalar=24, sliding_window=kwargs.get("sliding_window", 16),
+                      attn_logit_softcapping=kwargs.get("attn_logit_softcapping", 5.0),
+                      final_logit_softcapping=kwargs.get("final_logit_softcapping", 3.0))
+        return transformers.Gemma2Config(**kwargs)
+    if arch == "gemma3":  # local (sliding, rope 10k) and global (rope 1M, linear scaling) layers
+        kwargs.update(head_dim=32, query_pre_attn_scalar=32, sliding_window=kwargs.get("sliding_window", 16),
+                      layer_types=["sliding_attention", "full_attention"] * (kwargs["num_hidden_layers"] // 2),
+                      rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                       "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6}})
+        return transformers.Gemma3TextConfig(**kwargs)
+    if arch == "phi3":
+        kwargs.setdefault("pad_token_id", 0)
+        return transformers.Phi3Config(**kwargs)
+    if arch == "olmo2":
+        kwargs.setdefault("pad_token_id", 0)
+        return transformers.Olmo2Config(**kwargs)
+    if arch == "smollm3":  # layer 1 without rotary (NoPE)
+        kwargs.update(no_rope_layers=[1, 0] * (kwargs["num_hidden_layers"] // 2), pad_token_id=0, bos_token_id=1,
+                      eos_token_id=2)
+        return transformers.SmolLM3Config(**kwargs)
+    if arch == "gpt_oss":  # sinks, a window, yarn rope, biased router and experts
+        kwargs.update(num_local_experts=4, num_experts_per_tok=2, head_dim=32, sliding_window=16,
+                      layer_types=["sliding_attention", "full_attention"] * (kwargs["num_hidden_layers"] // 2))
+        return transformers.GptOssConfig(**kwargs)
     if arch == "gpt2":
         return transformers.GPT2Config(n_embd=kwargs["hidden_size"], n_layer=kwargs["num_hidden_layers"],
                                        n_head=kwargs["num_attention_heads"], vocab_size=kwargs["vocab_size"],

@@ -13,6 +13,15 @@ ARCHITECTURES: dict[str, str] = {
     "MistralForCausalLM": "ember.models.llama:LlamaForCausalLM",
     "MixtralForCausalLM": "ember.models.llama:LlamaForCausalLM",
     "Qwen2MoeForCausalLM": "ember.models.llama:LlamaForCausalLM",
+    "Qwen3ForCausalLM": "ember.models.llama:LlamaForCausalLM",
+    "Qwen3MoeForCausalLM": "ember.models.llama:LlamaForCausalLM",
+    "Gemma2ForCausalLM": "ember.models.llama:LlamaForCausalLM",
+    "Gemma3ForCausalLM": "ember.models.llama:LlamaForCausalLM",
+    "Gemma3ForConditionalGeneration": "ember.models.llama:LlamaForCausalLM",  # the text tower (no images)
+    "Phi3ForCausalLM": "ember.models.llama:LlamaForCausalLM",
+    "Olmo2ForCausalLM": "ember.models.llama:LlamaForCausalLM",
+    "SmolLM3ForCausalLM": "ember.models.llama:LlamaForCausalLM",
+    "GptOssForCausalLM": "ember.models.llama:LlamaForCausalLM",
     "GPT2LMHeadModel": "ember.models.gpt2:GPT2LMHeadModel",
     "BertModel": "ember.models.bert:BertModel",
 }

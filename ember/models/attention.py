@@ -27,6 +27,8 @@ class AttentionContext(Protocol):
         v: torch.Tensor,
         scale: float,
         sliding_window: int | None,
+        softcap: float | None = None,  # logits -> softcap * tanh(logits / softcap) (Gemma 2)
+        sinks: torch.Tensor | None = None,  # [num_heads] sink logits in each softmax (gpt-oss)
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         ...
 
@@ -60,24 +62,52 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: 
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
 
 
+def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor,
+                   softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention written out, for what SDPA cannot do (soft-capped logits, sink logits), as transformers'
+    eager attention computes it: q [..., heads, q_len, dim], k/v [..., kv_heads, kv_len, dim], mask
+    broadcastable to [..., heads, q_len, kv_len] (True = attend); sinks broadcastable to [..., heads, q_len, 1]."""
+    group = q.shape[-3] // k.shape[-3]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    if sinks is None:
+        probs = scores.softmax(dim=-1, dtype=torch.float32)
+    else:  # each head's sink logit joins its softmax, then drops out: attention may go "nowhere"
+        sink = sinks.to(scores.dtype).expand(*scores.shape[:-1], 1)
+        probs = torch.cat((scores, sink), dim=-1).softmax(dim=-1, dtype=torch.float32)[..., :-1]
+    return torch.matmul(probs.to(q.dtype), v)
+
+
 def causal_attention(
     q: torch.Tensor,  # [batch, heads, seq, head_dim]
     k: torch.Tensor,  # [batch, kv_heads, seq, head_dim]
     v: torch.Tensor,
     scale: float,
     sliding_window: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     seq = q.shape[2]
+    if softcap is not None or sinks is not None:
+        return attention_math(q, k, v, scale, causal_mask(seq, seq, sliding_window, q.device), softcap,
+                              None if sinks is None else sinks.view(-1, 1, 1))
     if sliding_window is None or sliding_window >= seq:
         return sdpa(q, k, v, scale, is_causal=True)
     return sdpa(q, k, v, scale, mask=causal_mask(seq, seq, sliding_window, q.device))
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, layer: int,
-           ctx: AttentionContext | None, sliding_window: int | None = None) -> torch.Tensor:
-    """q/k/v [..., tokens, heads, dim]: causal SDPA over [batch, seq] without a context,
+           ctx: AttentionContext | None, sliding_window: int | None = None, softcap: float | None = None,
+           sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """q/k/v [..., tokens, heads, dim]: causal attention over [batch, seq] without a context,
     else the engine's paged attention."""
     if ctx is None:
         return causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale,
-                                sliding_window).transpose(1, 2)
-    return ctx.attend(layer, q, k, v, scale, sliding_window)
+                                sliding_window, softcap, sinks).transpose(1, 2)
+    if softcap is None and sinks is None:
+        return ctx.attend(layer, q, k, v, scale, sliding_window)
+    return ctx.attend(layer, q, k, v, scale, sliding_window, softcap, sinks)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,46 +26,82 @@ def dtype_from_name(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
+
+
 @dataclass(frozen=True)
 class RopeConfig:
     theta: float = 10000.0
-    type: str = "default"  # default | linear | llama3
+    type: str = "default"  # one of ROPE_TYPES
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
     # Per-pair divisors of the frequencies as a GGUF stores Llama 3's scaling (its `rope_freqs` tensor).
     freq_factors: tuple[float, ...] = ()
+    # yarn
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+    attention_factor: float | None = None  # cos/sin scaling (yarn, longrope); None: derived from factor
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    # longrope: per-pair divisors within the original context, and beyond it
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
 
     @classmethod
-    def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> "RopeConfig":
-        # transformers >= 5 writes `rope_parameters` (theta inside); older files
-        # write `rope_theta` beside an optional `rope_scaling` dict.
-        params = dict(hf.get("rope_parameters") or {})
-        scaling = hf.get("rope_scaling") or {}
-        params = {**scaling, **params}
+    def from_hf(cls, hf: dict[str, Any], source: str = "config.json", params: dict | None = None) -> "RopeConfig":
+        """From a config dict; `params`: one layer type's entry of a per-layer-type `rope_parameters`."""
+        if params is None:
+            # transformers >= 5 writes `rope_parameters` (theta inside); older files
+            # write `rope_theta` beside an optional `rope_scaling` dict.
+            params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
         theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
         rope_type = params.get("rope_type", params.get("type", "default")) or "default"
-        if rope_type not in ("default", "linear", "llama3"):
-            raise ValueError(
-                f"{source}: rope scaling type {rope_type!r} is not supported "
-                "(supported: default, linear, llama3)"
-            )
+        if rope_type not in ROPE_TYPES:
+            raise ValueError(f"{source}: rope scaling type {rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+        original = params.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings")
+        factor = params.get("factor")
+        if factor is None and rope_type in ("yarn", "longrope") and original:
+            factor = hf.get("max_position_embeddings", original) / original
+        optional = lambda key: None if params.get(key) is None else float(params[key])  # noqa: E731
         return cls(
             theta=theta,
             type=rope_type,
-            factor=float(params.get("factor", 1.0)),
+            factor=float(factor if factor is not None else 1.0),
             low_freq_factor=float(params.get("low_freq_factor", 1.0)),
             high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-            original_max_position_embeddings=int(
-                params.get("original_max_position_embeddings", 8192)
-            ),
+            original_max_position_embeddings=int(original or 8192),
             freq_factors=tuple(float(f) for f in params.get("freq_factors") or ()),
+            beta_fast=float(params.get("beta_fast") or 32.0),
+            beta_slow=float(params.get("beta_slow") or 1.0),
+            truncate=bool(params.get("truncate", True)),
+            attention_factor=optional("attention_factor"),
+            mscale=optional("mscale"),
+            mscale_all_dim=optional("mscale_all_dim"),
+            short_factor=tuple(float(f) for f in params.get("short_factor") or ()),
+            long_factor=tuple(float(f) for f in params.get("long_factor") or ()),
         )
 
-    def inv_freq(self, head_dim: int) -> torch.Tensor:
-        """Per-pair rotation frequencies, computed as transformers does (fp32)."""
-        exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    def attention_scaling(self) -> float:
+        """The factor cos and sin are multiplied by (transformers' `attention_scaling`)."""
+        if self.attention_factor is not None:
+            return self.attention_factor
+        if self.type == "yarn":
+            def mscale(scale: float, m: float = 1.0) -> float:
+                return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+            if self.mscale and self.mscale_all_dim:
+                return mscale(self.factor, self.mscale) / mscale(self.factor, self.mscale_all_dim)
+            return mscale(self.factor)
+        if self.type == "longrope" and self.factor > 1.0:
+            return math.sqrt(1 + math.log(self.factor) / math.log(self.original_max_position_embeddings))
+        return 1.0
+
+    def inv_freq(self, dim: int, long: bool = False) -> torch.Tensor:
+        """Per-pair rotation frequencies for `dim` rotated dimensions, computed as transformers does (fp32).
+        `long`: longrope's factors for positions past the original context."""
+        exponent = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
         inv_freq = 1.0 / (self.theta**exponent)
         if self.freq_factors:
             if len(self.freq_factors) != len(inv_freq):
@@ -85,7 +121,74 @@ class RopeConfig:
             smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
             is_medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
             return torch.where(is_medium, smoothed, scaled)
+        if self.type == "yarn":
+            return self._yarn(dim)
+        if self.type == "longrope":
+            factors = self.long_factor if long else self.short_factor
+            if len(factors) != len(inv_freq):
+                raise ValueError(f"rope: longrope has {len(factors)} factors for {len(inv_freq)} frequencies")
+            return 1.0 / (torch.tensor(factors, dtype=torch.float32) * self.theta**exponent)
         return inv_freq
+
+    def _yarn(self, dim: int) -> torch.Tensor:
+        """YaRN (arXiv:2309.00071): interpolate the low frequencies, keep the high ones, ramp between."""
+        def correction_dim(rotations: float) -> float:
+            return (dim * math.log(self.original_max_position_embeddings / (rotations * 2 * math.pi))) / (
+                2 * math.log(self.theta))
+
+        low, high = correction_dim(self.beta_fast), correction_dim(self.beta_slow)
+        if self.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001  # no singularity
+        ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+        extrapolation = 1 - ramp
+        pos_freqs = self.theta ** (torch.arange(0, dim, 2).float() / dim)
+        return (1.0 / (self.factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What one layer's attention does differently (DESIGN: one per-layer attention spec, read once)."""
+
+    sliding_window: int | None = None
+    rope: RopeConfig | None = field(default_factory=RopeConfig)  # None: no rotary (SmolLM3's NoPE layers)
+    rotary_dim: int | None = None  # partial rotary: the first rotary_dim dims of each head (None: all)
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where an architecture departs from Llama, as data (DESIGN: families differ by data)."""
+
+    norm: str = "pre"  # pre: norm -> sublayer -> add; sandwich: norms before and after; post: after only
+    norm_offset: bool = False  # Gemma's RMSNorm scales by (1 + weight)
+    embed_scale: bool = False  # Gemma multiplies the embeddings by sqrt(hidden_size)
+    qk_norm: str | None = None  # "head": RMSNorm per head (Qwen3, Gemma 3); "full": over the projection (OLMo 2)
+    qkv_bias: bool = False  # q/k/v biases whatever attention_bias says (Qwen2)
+    fused_checkpoint: bool = False  # checkpoints hold qkv_proj / gate_up_proj fused (Phi-3)
+    moe: str | None = None  # mixtral | qwen2_moe | qwen3_moe | gpt_oss
+    sinks: bool = False  # a learned sink logit per head (gpt-oss)
+    text_tower: bool = False  # a multimodal checkpoint whose text model ember loads (Gemma 3)
+
+
+_GEMMA3 = Family(norm="sandwich", norm_offset=True, embed_scale=True, qk_norm="head")
+FAMILIES: dict[str, Family] = {
+    "LlamaForCausalLM": Family(),
+    "MistralForCausalLM": Family(),
+    "Qwen2ForCausalLM": Family(qkv_bias=True),
+    "MixtralForCausalLM": Family(moe="mixtral"),
+    "Qwen2MoeForCausalLM": Family(qkv_bias=True, moe="qwen2_moe"),
+    "Qwen3ForCausalLM": Family(qk_norm="head"),
+    "Qwen3MoeForCausalLM": Family(qk_norm="head", moe="qwen3_moe"),
+    "Gemma2ForCausalLM": Family(norm="sandwich", norm_offset=True, embed_scale=True),
+    "Gemma3ForCausalLM": _GEMMA3,
+    "Gemma3ForConditionalGeneration": replace(_GEMMA3, text_tower=True),
+    "Phi3ForCausalLM": Family(fused_checkpoint=True),
+    "Olmo2ForCausalLM": Family(norm="post", qk_norm="full"),
+    "SmolLM3ForCausalLM": Family(),
+    "GptOssForCausalLM": Family(moe="gpt_oss", sinks=True),
+}
 
 
 @dataclass(frozen=True)
@@ -106,9 +209,12 @@ class ModelConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     hidden_act: str = "silu"
-    # One entry per layer: the sliding attention window in tokens, or None.
-    sliding_windows: tuple[int | None, ...] = ()
-    rope: RopeConfig = field(default_factory=RopeConfig)
+    rope: RopeConfig = field(default_factory=RopeConfig)  # the full-attention layers' (Gemma 3's local ones differ)
+    layers: tuple[LayerSpec, ...] = ()  # one per layer; () : every layer plain (no window, `rope`, full rotary)
+    family: Family = field(default_factory=Family)
+    query_scale: float | None = None  # None: head_dim ** -0.5 (Gemma: query_pre_attn_scalar ** -0.5)
+    attn_softcap: float | None = None  # attention logits -> cap * tanh(logits / cap) (Gemma 2)
+    final_softcap: float | None = None  # the same on the output logits (Gemma 2)
     torch_dtype: str | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -120,8 +226,16 @@ class ModelConfig:
                 f"config.json: num_attention_heads={self.num_heads} is not a multiple "
                 f"of num_key_value_heads={self.num_kv_heads}"
             )
-        if len(self.sliding_windows) != self.num_layers:
-            object.__setattr__(self, "sliding_windows", (None,) * self.num_layers)
+        if len(self.layers) != self.num_layers:
+            object.__setattr__(self, "layers", tuple(LayerSpec(rope=self.rope) for _ in range(self.num_layers)))
+
+    @property
+    def sliding_windows(self) -> tuple[int | None, ...]:
+        return tuple(spec.sliding_window for spec in self.layers)
+
+    @property
+    def scale(self) -> float:
+        return self.query_scale if self.query_scale is not None else self.head_dim**-0.5
 
     @property
     def num_params(self) -> int:
@@ -154,7 +268,6 @@ class ModelConfig:
     def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> "ModelConfig":
         from ember.models import ARCHITECTURES
 
-        hf = {**{new: hf[old] for old, new in _ALIASES.items() if old in hf}, **hf}
         archs = hf.get("architectures") or []
         arch = next((a for a in archs if a in ARCHITECTURES), None)
         if arch is None:
@@ -162,10 +275,15 @@ class ModelConfig:
                 f"{source}: architectures={archs} is not supported "
                 f"(supported: {', '.join(sorted(ARCHITECTURES))})"
             )
+        family = FAMILIES.get(arch, Family())
+        if family.text_tower:  # a multimodal checkpoint: its text model's config, nested
+            hf = {**hf, **(hf.get("text_config") or {}), "architectures": archs}
+        hf = {**{new: hf[old] for old, new in _ALIASES.items() if old in hf}, **hf}
         try:
             num_heads = int(hf["num_attention_heads"])
             hidden = int(hf["hidden_size"])
             num_layers = int(hf["num_hidden_layers"])
+            head_dim = int(hf.get("head_dim") or hidden // num_heads)
             cfg = dict(
                 architecture=arch,
                 model_type=hf.get("model_type", ""),
@@ -175,25 +293,31 @@ class ModelConfig:
                 num_layers=num_layers,
                 num_heads=num_heads,
                 num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
-                head_dim=int(hf.get("head_dim") or hidden // num_heads),
+                head_dim=head_dim,
             )
         except KeyError as e:
             raise ValueError(f"{source}: missing required field {e.args[0]!r}") from None
-        qwen2 = arch in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
         gpt2 = arch == "GPT2LMHeadModel"
         eos = hf.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        bias = bool(hf.get("attention_bias", False))
+        scalar = hf.get("query_pre_attn_scalar")
+        rope = RopeConfig.from_hf(hf, source, _rope_params(hf, "full_attention"))
         return cls(
             **cfg,
             rms_norm_eps=float(hf.get("rms_norm_eps", hf.get("layer_norm_eps", 1e-6))),
             max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", gpt2)),
-            qkv_bias=qwen2 or bool(hf.get("attention_bias", False)),
-            o_bias=bool(hf.get("attention_bias", False)) and not qwen2,
+            qkv_bias=family.qkv_bias or bias,
+            o_bias=bias and not family.qkv_bias,
             mlp_bias=bool(hf.get("mlp_bias", False)),
             hidden_act=hf.get("hidden_act", hf.get("activation_function", "silu")),
-            sliding_windows=_sliding_windows(hf, num_layers),
-            rope=RopeConfig.from_hf(hf, source),
+            rope=rope,
+            layers=_layer_specs(hf, num_layers, head_dim, rope, source),
+            family=family,
+            query_scale=None if scalar is None else float(scalar) ** -0.5,
+            attn_softcap=hf.get("attn_logit_softcapping"),
+            final_softcap=hf.get("final_logit_softcapping"),
             torch_dtype=hf.get("dtype") or hf.get("torch_dtype"),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
@@ -214,22 +338,58 @@ class ModelConfig:
         return resolved
 
 
-# Field names of older configs (GPT-2) -> the names read above.
+# Field names of older configs (GPT-2) and of some families (Gemma) -> the names read above.
 _ALIASES = {"n_embd": "hidden_size", "n_layer": "num_hidden_layers", "n_head": "num_attention_heads",
             "n_positions": "max_position_embeddings", "n_inner": "intermediate_size",
-            "layer_norm_epsilon": "layer_norm_eps"}
+            "layer_norm_epsilon": "layer_norm_eps", "hidden_activation": "hidden_act"}
 
 
-def _sliding_windows(hf: dict[str, Any], num_layers: int) -> tuple[int | None, ...]:
+def _rope_params(hf: dict[str, Any], layer_type: str) -> dict[str, Any]:
+    """The rope parameters of one layer type: transformers >= 5 may key `rope_parameters` by layer type
+    (Gemma 3); older files write `rope_theta` (+ Gemma 3's `rope_local_base_freq`) beside `rope_scaling`."""
+    params = hf.get("rope_parameters") or {}
+    if layer_type in params or "full_attention" in params:
+        return dict(params.get(layer_type) or params.get("full_attention") or {})
+    params = {**(hf.get("rope_scaling") or {}), **params}
+    if layer_type == "sliding_attention" and hf.get("rope_local_base_freq") is not None:
+        return {"rope_type": "default", "rope_theta": hf["rope_local_base_freq"]}  # Gemma 3: no scaling locally
+    return params
+
+
+def _layer_types(hf: dict[str, Any], num_layers: int) -> list[str]:
+    """Each layer's attention: "sliding_attention" or "full_attention"."""
     window = hf.get("sliding_window")
+    if hf.get("layer_types"):
+        types = list(hf["layer_types"])
+        if len(types) != num_layers:
+            raise ValueError(f"config.json: layer_types has {len(types)} entries for {num_layers} layers")
+        return types if window else ["full_attention"] * num_layers
     if not window:
-        return (None,) * num_layers
-    layer_types = hf.get("layer_types")
-    if layer_types:
-        return tuple(window if t == "sliding_attention" else None for t in layer_types)
-    if hf.get("model_type") in ("qwen2", "qwen2_moe"):
-        if not hf.get("use_sliding_window", False):
-            return (None,) * num_layers
-        first = int(hf.get("max_window_layers", num_layers))
-        return tuple(window if i >= first else None for i in range(num_layers))
-    return (int(window),) * num_layers
+        return ["full_attention"] * num_layers
+    model_type = hf.get("model_type")
+    if model_type in ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe"):
+        first = int(hf.get("max_window_layers", num_layers)) if hf.get("use_sliding_window", False) else num_layers
+        return ["sliding_attention" if i >= first else "full_attention" for i in range(num_layers)]
+    pattern = {"gemma2": 2, "gemma3_text": hf.get("sliding_window_pattern", 6), "gemma3": hf.get("sliding_window_pattern", 6),
+               "gpt_oss": 2}.get(model_type)
+    if pattern:  # every pattern-th layer global, the others local
+        return ["full_attention" if (i + 1) % int(pattern) == 0 else "sliding_attention" for i in range(num_layers)]
+    return ["sliding_attention"] * num_layers  # Mistral, Phi-3: one window for every layer
+
+
+def _layer_specs(hf: dict[str, Any], num_layers: int, head_dim: int, rope: RopeConfig,
+                 source: str) -> tuple[LayerSpec, ...]:
+    types = _layer_types(hf, num_layers)
+    window = hf.get("sliding_window")
+    local = RopeConfig.from_hf(hf, source, _rope_params(hf, "sliding_attention"))
+    partial = (hf.get("rope_parameters") or {}).get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    rotary_dim = int(head_dim * float(partial)) if partial and float(partial) != 1.0 else None
+    no_rope = hf.get("no_rope_layers")  # SmolLM3: 1 = rotary, 0 = none (NoPE)
+    if no_rope is not None and len(no_rope) != num_layers:
+        raise ValueError(f"{source}: no_rope_layers has {len(no_rope)} entries for {num_layers} layers")
+    specs = []
+    for i, kind in enumerate(types):
+        sliding = kind == "sliding_attention"
+        layer_rope = None if no_rope is not None and not no_rope[i] else (local if sliding else rope)
+        specs.append(LayerSpec(int(window) if sliding else None, layer_rope, rotary_dim))
+    return tuple(specs)

@@ -37,8 +37,14 @@ ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen2moe": "Qwen2MoeForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "qwen3moe": "Qwen3MoeForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
     "gpt2": "GPT2LMHeadModel",
 }
+# llama.cpp's converter stores Gemma's RMSNorm weights as 1 + w (what they multiply by); ember keeps w.
+_NORM_SHIFTED = {"gemma2", "gemma3"}
 # llama.cpp's converter reorders the q and k rows of these (its rotary pairs neighbours; HF's halves).
 _PERMUTED_QK = {"llama"}
 
@@ -82,7 +88,7 @@ def find_gguf(path: str | Path) -> Path | None:
     return firsts[0] if firsts else None
 
 
-def _reader_class():
+def _reader_class(fast: bool = True):
     import gguf
 
     class Reader(gguf.GGUFReader):
@@ -95,6 +101,31 @@ def _reader_class():
         @data.setter
         def data(self, value):
             self._plain = value.view(np.ndarray)
+
+        def _get_field_parts(self, orig_offs, raw_type):
+            # Arrays in one pass instead of one reader call per item (Gemma's 262k-token vocabulary: 8 s ->
+            # under a second): numbers as one view, strings as memoryviews. ReaderField.contents() reads
+            # both as it reads the reader's own parts. Anything unusual goes to the reader itself.
+            if not fast or raw_type != gguf.GGUFValueType.ARRAY or self.byte_order == "S":
+                return super()._get_field_parts(orig_offs, raw_type)
+            head = [self._plain[orig_offs:orig_offs + 4].view(np.uint32),
+                    self._plain[orig_offs + 4:orig_offs + 12].view(np.uint64)]
+            item_type, count = gguf.GGUFValueType(int(head[0][0])), int(head[1][0])
+            offs = orig_offs + 12
+            if item_type == gguf.GGUFValueType.STRING:
+                buf, parts, data = memoryview(self._plain), list(head), []
+                for _ in range(count):
+                    length = int.from_bytes(buf[offs:offs + 8], "little")
+                    parts.append(buf[offs:offs + 8])
+                    data.append(len(parts))
+                    parts.append(buf[offs + 8:offs + 8 + length])
+                    offs += 8 + length
+                return offs - orig_offs, parts, data, [gguf.GGUFValueType.ARRAY, item_type]
+            nptype = self.gguf_scalar_to_np.get(item_type)
+            if nptype is None:  # arrays of arrays
+                return super()._get_field_parts(orig_offs, raw_type)
+            values = self._plain[offs:offs + count * np.dtype(nptype).itemsize].view(nptype)
+            return 12 + values.nbytes, head + [values], [2], [gguf.GGUFValueType.ARRAY, item_type]
 
     return Reader
 
@@ -143,7 +174,10 @@ class GGUFFile:
     @staticmethod
     def _open(path: Path):
         try:
-            return _reader_class()(str(path))
+            try:
+                return _reader_class()(str(path))
+            except (ValueError, IndexError, KeyError, TypeError):  # (the fast array path is not to blame for
+                return _reader_class(fast=False)(str(path))  # a broken file: the plain reader says what is)
         except (ValueError, IndexError, KeyError, OSError, TypeError) as e:
             detail = str(e).splitlines()[0] if str(e) else type(e).__name__
             if "GGMLQuantizationType" in detail:
@@ -177,10 +211,13 @@ class GGUFFile:
         if self.arch == "llama" and hf.get("num_experts"):
             architecture, model_type = "MixtralForCausalLM", "mixtral"
             hf["num_local_experts"] = hf.pop("num_experts")
-        elif self.arch == "qwen2moe":
-            model_type = "qwen2_moe"
+        elif self.arch in ("qwen2moe", "qwen3moe"):
+            model_type = self.arch.replace("moe", "_moe")
+            hf["norm_topk_prob"] = self.arch == "qwen3moe"  # as llama.cpp routes them
         elif self.arch == "gpt2":
             hf["activation_function"] = "gelu_new"
+        elif self.arch in ("gemma2", "gemma3"):
+            hf.update(self._gemma(hf))
         hf.update(architectures=[architecture], model_type=model_type)
         embed = self.tensors.get("token_embd.weight")
         hf["vocab_size"] = self.arch_key("vocab_size") or (embed.shape[0] if embed else len(self.get("tokenizer.ggml.tokens", [])))
@@ -197,6 +234,29 @@ class GGUFFile:
             if value is not None:
                 hf[field] = int(value)
         return hf
+
+    def _gemma(self, hf: dict[str, Any]) -> dict[str, Any]:
+        """Gemma 2/3's fields llama.cpp keeps in code rather than metadata: the local/global layer pattern
+        (every 2nd / 6th layer global), the local layers' rope base (10k), the query scale, soft-capping."""
+        layers, heads = int(hf["num_hidden_layers"]), int(hf["num_attention_heads"])
+        head_dim = int(hf.get("head_dim") or hf["hidden_size"] // heads)
+        pattern = self.arch_key("attention.sliding_window_pattern", 2 if self.arch == "gemma2" else 6)
+        if isinstance(pattern, list):  # one flag per layer: True = local
+            local = [bool(p) for p in pattern]
+        else:
+            local = [(i + 1) % int(pattern) != 0 for i in range(layers)]
+        out = {"hidden_act": "gelu_pytorch_tanh",
+               "sliding_window": self.arch_key("attention.sliding_window"),
+               "layer_types": ["sliding_attention" if f else "full_attention" for f in local],
+               # Gemma 2 27B scales queries by hidden / heads, the others by head_dim (as llama.cpp does)
+               "query_pre_attn_scalar": hf["hidden_size"] // heads if self.arch == "gemma2" and layers == 46 else head_dim,
+               "attn_logit_softcapping": self.arch_key("attn_logit_softcapping"),
+               "final_logit_softcapping": self.arch_key("final_logit_softcapping")}
+        if self.arch == "gemma3":
+            full = {"rope_type": "default", "rope_theta": hf.get("rope_theta", 1e6), **self._rope_scaling().get("rope_scaling", {})}
+            out["rope_parameters"] = {"full_attention": full, "sliding_attention": {
+                "rope_type": "default", "rope_theta": float(self.arch_key("rope.freq_base_swa", 10000.0))}}
+        return out
 
     def _rope_scaling(self) -> dict[str, Any]:
         kind = self.arch_key("rope.scaling.type")
@@ -314,9 +374,9 @@ def _packable(model: nn.Module) -> set[str]:
 
 def _expert_names(config: ModelConfig) -> tuple[str, dict[str, str]] | None:
     """(HF name template of one expert's weight, GGUF tensor kind -> HF projection) for MoE models."""
-    if config.architecture == "MixtralForCausalLM":
+    if config.family.moe == "mixtral":
         return "model.layers.{layer}.block_sparse_moe.experts.{expert}.{proj}.weight", _EXPERTS["mixtral"]
-    if config.architecture == "Qwen2MoeForCausalLM":
+    if config.family.moe in ("qwen2_moe", "qwen3_moe"):
         return "model.layers.{layer}.mlp.experts.{expert}.{proj}.weight", _EXPERTS["qwen2_moe"]
     return None
 
@@ -368,6 +428,8 @@ def load_gguf(path: Path, dtype: str | torch.dtype, device: torch.device) -> tup
             values = tensor_values(t)
             if heads:
                 values = values[unpermute_index(values.shape[0], heads)]
+            if g.arch in _NORM_SHIFTED and hf.endswith("norm.weight"):
+                values = values - 1
             dense.append((hf, values.t() if hf in transposed else values, t.file))
             if t.type not in _DENSE:
                 dequantized[t.type] += 1

@@ -32,6 +32,29 @@ class RMSNorm(nn.Module):
         return cpu_ops.add_rms_norm(x, delta, self.weight, self.eps)
 
 
+class OffsetRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: the weight is stored as an offset from 1 (x * (1 + w)), and the whole product is
+    taken in fp32 before rounding to the input dtype."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__(size, eps)
+        nn.init.zeros_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = 1.0 + self.weight.float()
+        if x.dtype == torch.float32:
+            return cpu_ops.rms_norm(x, scale, self.eps)
+        return F.rms_norm(x.float(), scale.shape, scale, self.eps).to(x.dtype)
+
+    def add_and_norm(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        total = x + delta
+        return total, self.forward(total)
+
+
+def make_norm(config: ModelConfig, size: int | None = None) -> RMSNorm:
+    return (OffsetRMSNorm if config.family.norm_offset else RMSNorm)(size or config.hidden_size, config.rms_norm_eps)
+
+
 class Linear(nn.Linear):
     """nn.Linear whose decode-sized products go through ember's CPU GEMV kernel."""
 
@@ -49,13 +72,16 @@ class MergedLinear(Linear):
     """Several HF projections stored as one matrix (one matmul instead of several).
 
     `shard_names[i]` is the HF module name of rows `output_sizes[i]`; the loader
-    and the exporter use them so checkpoints keep transformers' names.
+    and the exporter use them so checkpoints keep transformers' names. With `fused`
+    the checkpoint itself holds the merged matrix under this module's name (Phi-3).
     """
 
-    def __init__(self, in_features: int, output_sizes: list[int], shard_names: list[str], bias: bool):
+    def __init__(self, in_features: int, output_sizes: list[int], shard_names: list[str], bias: bool,
+                 fused: bool = False):
         super().__init__(in_features, sum(output_sizes), bias=bias)
         self.output_sizes = list(output_sizes)
         self.shard_names = list(shard_names)
+        self.fused_checkpoint = fused
 
 
 class TransposedLinear(Linear):
@@ -65,7 +91,8 @@ class TransposedLinear(Linear):
 
 
 class Rotary:
-    """cos/sin tables for the positions of one forward, shared by every layer."""
+    """cos/sin tables for the positions of one forward, shared by every layer with this rope (and rotated
+    width: `head_dim` is the rotated dims, fewer than the head's under partial rotary)."""
 
     def __init__(self, rope: RopeConfig, head_dim: int):
         self.rope = rope
@@ -87,13 +114,24 @@ class Rotary:
         if self._inv_freq is None or self._inv_freq.device != positions.device:
             self._inv_freq = self.rope.inv_freq(self.head_dim).to(positions.device)
         freqs = positions.float().unsqueeze(-1) * self._inv_freq
+        if self.rope.type == "longrope":  # past the original context, its long factors (a key's rotation never
+            # changes once cached; transformers switches the whole sequence, vLLM the whole batch)
+            long = positions.float().unsqueeze(-1) * self.rope.inv_freq(self.head_dim, long=True).to(positions.device)
+            freqs = torch.where(positions.unsqueeze(-1) >= self.rope.original_max_position_embeddings, long, freqs)
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        scaling = self.rope.attention_scaling()
+        cos, sin = emb.cos(), emb.sin()
+        if scaling != 1.0:
+            cos, sin = cos * scaling, sin * scaling
+        return cos.to(dtype), sin.to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [..., tokens, heads, head_dim]; cos/sin: [..., tokens, head_dim].
-    transformers' `x * cos + rotate_half(x) * sin`, in one fewer op."""
+    """x: [..., tokens, heads, head_dim]; cos/sin: [..., tokens, rotated dims] (fewer than head_dim:
+    partial rotary, the rest passes). transformers' `x * cos + rotate_half(x) * sin`, in one fewer op."""
+    dim = cos.shape[-1]
+    if dim < x.shape[-1]:
+        return torch.cat((apply_rotary(x[..., :dim], cos, sin), x[..., dim:]), dim=-1)
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -113,11 +151,11 @@ def gated_activation(act, gate_up: torch.Tensor) -> torch.Tensor:
 
 
 class GatedMLP(nn.Module):
-    def __init__(self, hidden: int, intermediate: int, act: str, bias: bool):
+    def __init__(self, hidden: int, intermediate: int, act: str, bias: bool, fused: bool = False):
         super().__init__()
         if act not in _ACTIVATIONS:
             raise ValueError(f"config.json: hidden_act={act!r} is not supported ({sorted(_ACTIVATIONS)})")
-        self.gate_up_proj = MergedLinear(hidden, [intermediate] * 2, ["gate_proj", "up_proj"], bias)
+        self.gate_up_proj = MergedLinear(hidden, [intermediate] * 2, ["gate_proj", "up_proj"], bias, fused)
         self.down_proj = Linear(intermediate, hidden, bias=bias)
         self.act = _ACTIVATIONS[act]
 
@@ -128,70 +166,110 @@ class GatedMLP(nn.Module):
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
+        spec = config.layers[layer]
         self.layer = layer
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = d = config.head_dim
-        self.scale = d**-0.5
-        self.sliding_window = config.sliding_windows[layer]
+        self.scale = config.scale
+        self.sliding_window = spec.sliding_window
+        self.rotary = spec.rope is not None  # False: a NoPE layer
+        self.partial_rotary = spec.rotary_dim is not None and spec.rotary_dim < d
+        self.softcap = config.attn_softcap
         q_size, kv_size = self.num_heads * d, self.num_kv_heads * d
         self.split_sizes = [q_size, kv_size, kv_size]
         self.qkv_proj = MergedLinear(
-            config.hidden_size, self.split_sizes, ["q_proj", "k_proj", "v_proj"], config.qkv_bias
+            config.hidden_size, self.split_sizes, ["q_proj", "k_proj", "v_proj"], config.qkv_bias,
+            fused=config.family.fused_checkpoint,
         )
         self.o_proj = Linear(q_size, config.hidden_size, bias=config.o_bias)
+        self.qk_norm = config.family.qk_norm  # per head (Qwen3, Gemma 3) or over the projection (OLMo 2)
+        if self.qk_norm:
+            self.q_norm = make_norm(config, d if self.qk_norm == "head" else q_size)
+            self.k_norm = make_norm(config, d if self.qk_norm == "head" else kv_size)
+        self.sinks = nn.Parameter(torch.zeros(self.num_heads)) if config.family.sinks else None
+
+    @property
+    def plain(self) -> bool:
+        """Llama's attention: no q/k norm, full rotary, no soft-capping or sinks (the fused fast paths)."""
+        return not self.qk_norm and self.rotary and not self.partial_rotary and self.softcap is None \
+            and self.sinks is None
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext | None
+        self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, ctx: AttentionContext | None
     ) -> torch.Tensor:
         qkv = self.qkv_proj.forward(x)
-        rotated_heads = self.num_heads + self.num_kv_heads
-        if cpu_ops.rotary_(qkv, cos, sin, rotated_heads):  # q and k rotated in place, in one pass
-            q, k, v = qkv.unflatten(-1, (-1, self.head_dim)).split([self.num_heads, self.num_kv_heads, self.num_kv_heads], -2)
-        else:
+        heads, kv_heads, d = self.num_heads, self.num_kv_heads, self.head_dim
+        if self.plain and cpu_ops.rotary_(qkv, cos, sin, heads + kv_heads):  # q and k rotated in place, one pass
+            q, k, v = qkv.unflatten(-1, (-1, d)).split([heads, kv_heads, kv_heads], -2)
+        elif self.plain:
             qk, v = qkv.split([self.split_sizes[0] + self.split_sizes[1], self.split_sizes[2]], dim=-1)
             # q and k rotate together: one set of elementwise ops instead of two.
-            qk = apply_rotary(qk.unflatten(-1, (rotated_heads, self.head_dim)), cos, sin)
-            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=-2)
-            v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
-        out = attend(q, k, v, self.scale, self.layer, ctx, self.sliding_window)
+            qk = apply_rotary(qk.unflatten(-1, (heads + kv_heads, d)), cos, sin)
+            q, k = qk.split([heads, kv_heads], dim=-2)
+            v = v.unflatten(-1, (kv_heads, d))
+        else:
+            q, k, v = qkv.split(self.split_sizes, dim=-1)
+            if self.qk_norm == "full":
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k, v = q.unflatten(-1, (heads, d)), k.unflatten(-1, (kv_heads, d)), v.unflatten(-1, (kv_heads, d))
+            if self.qk_norm == "head":
+                q, k = self.q_norm(q), self.k_norm(k)
+            if self.rotary:
+                q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = attend(q, k, v, self.scale, self.layer, ctx, self.sliding_window, self.softcap, self.sinks)
         return self.o_proj.forward(out.flatten(-2))
 
 
 def _is_sparse(config: ModelConfig, layer: int) -> bool:
-    raw = config.raw
-    if config.architecture == "MixtralForCausalLM":
+    raw, moe = config.raw, config.family.moe
+    if moe in ("mixtral", "gpt_oss"):
         return True
-    if config.architecture == "Qwen2MoeForCausalLM":
+    if moe in ("qwen2_moe", "qwen3_moe"):
         step = int(raw.get("decoder_sparse_step", 1))
         return layer not in (raw.get("mlp_only_layers") or []) and (layer + 1) % step == 0
     return False
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm attention + gated MLP (or Mixture-of-Experts) block with HF's parameter names."""
+    """Attention + gated MLP (or Mixture-of-Experts) block with HF's parameter names, its norms as the
+    family places them: "pre" (Llama: input_layernorm before attention, post_attention_layernorm before
+    the MLP), "sandwich" (Gemma: a norm before and after each sublayer) or "post" (OLMo 2: after only)."""
 
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm_style = style = config.family.norm
+        if style != "post":
+            self.input_layernorm = make_norm(config)
         self.self_attn = Attention(config, layer)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = make_norm(config)
+        if style == "sandwich":
+            self.pre_feedforward_layernorm = make_norm(config)
+        if style != "pre":
+            self.post_feedforward_layernorm = make_norm(config)
         # Mixtral names its MoE block `block_sparse_moe`; everyone else `mlp`.
-        self.ffn_name = "block_sparse_moe" if config.architecture == "MixtralForCausalLM" else "mlp"
+        self.ffn_name = "block_sparse_moe" if config.family.moe == "mixtral" else "mlp"
         if _is_sparse(config, layer):
-            from ember.models.moe import MoE
+            from ember.models.moe import moe_block
 
-            ffn = MoE(config, "mixtral" if self.ffn_name == "block_sparse_moe" else "qwen2_moe")
+            ffn = moe_block(config)
         else:
-            ffn = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias)
+            ffn = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias,
+                           config.family.fused_checkpoint)
         setattr(self, self.ffn_name, ffn)
 
     def forward(self, x, cos, sin, ctx):
         # Submodules' forward directly: they carry no hooks (FSDP wraps whole layers), and
         # nn.Module.__call__ costs microseconds per call (~6% of a tiny model's decode step).
-        attn_out = self.self_attn.forward(self.input_layernorm.forward(x), cos, sin, ctx)
-        x, h = self.post_attention_layernorm.add_and_norm(x, attn_out)
-        return x + getattr(self, self.ffn_name).forward(h)
+        ffn = getattr(self, self.ffn_name)
+        if self.norm_style == "pre":
+            attn_out = self.self_attn.forward(self.input_layernorm.forward(x), cos, sin, ctx)
+            x, h = self.post_attention_layernorm.add_and_norm(x, attn_out)
+            return x + ffn.forward(h)
+        h = x if self.norm_style == "post" else self.input_layernorm.forward(x)
+        x = x + self.post_attention_layernorm.forward(self.self_attn.forward(h, cos, sin, ctx))
+        h = self.pre_feedforward_layernorm.forward(x) if self.norm_style == "sandwich" else x
+        return x + self.post_feedforward_layernorm.forward(ffn.forward(h))
 
     def forward_cpu_rows(self, x: torch.Tensor, delta: torch.Tensor | None, cos, sin, ctx: AttentionContext):
         """forward() for the engine's bf16 batches on CPU in the pair-packed kernels' row range (after
@@ -223,11 +301,11 @@ class DecoderLayer(nn.Module):
         """Whether forward_cpu_rows applies (a dense SwiGLU block, bf16 weights, even widths); if so,
         what it needs is gathered once (the Parameter objects: in-place updates reach it)."""
         attn, ffn = self.self_attn, getattr(self, self.ffn_name)
-        if not (isinstance(ffn, GatedMLP) and ffn.act is F.silu):
+        if not (isinstance(ffn, GatedMLP) and ffn.act is F.silu and self.norm_style == "pre" and attn.plain):
             return False
         norms = (self.input_layernorm, self.post_attention_layernorm)
         projections = (attn.qkv_proj, attn.o_proj, ffn.gate_up_proj, ffn.down_proj)
-        if not (all(n.weight.dtype == torch.bfloat16 for n in norms) and all(  # quantized projections aren't Linear
+        if not (all(type(n) is RMSNorm and n.weight.dtype == torch.bfloat16 for n in norms) and all(  # quantized projections aren't Linear
                 type(p) in (Linear, MergedLinear) and p.weight.dtype == torch.bfloat16 and p.in_features % 2 == 0
                 for p in projections)):
             return False
@@ -262,11 +340,12 @@ class DecoderLayer(nn.Module):
         """Whether forward_rows applies to activations of `dtype` (a SwiGLU block whose projections have
         a rows function and whose norms share the dtype); if so, its plan is bound once."""
         attn, ffn = self.self_attn, getattr(self, self.ffn_name)
-        if not (isinstance(ffn, GatedMLP) and ffn.act is F.silu):
+        if not (isinstance(ffn, GatedMLP) and ffn.act is F.silu and self.norm_style == "pre" and attn.plain):
             return False
         norms = (self.input_layernorm, self.post_attention_layernorm)
         projections = (attn.qkv_proj, attn.o_proj, ffn.gate_up_proj, ffn.down_proj)
-        if not (all(n.weight.dtype == dtype for n in norms) and all(hasattr(p, "rows_function") for p in projections)):
+        if not (all(type(n) is RMSNorm and n.weight.dtype == dtype for n in norms)
+                and all(hasattr(p, "rows_function") for p in projections)):
             return False
         qkv, o, gate_up, down = (p.rows_function() for p in projections)
         self._rows_plan = (

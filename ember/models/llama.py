@@ -1,7 +1,9 @@
-"""Llama-family decoders: Llama (1-3), Qwen2 (qkv bias, tied embeddings), Mistral (sliding window).
+"""Llama-family decoders: Llama (1-3), Qwen2/3 (+MoE), Mistral, Mixtral, Gemma 2/3, Phi-3/4, OLMo 2,
+SmolLM3, gpt-oss.
 
-The three differ only in config fields that `ModelConfig` already resolves, so
-they share one class.
+They differ from Llama in a few places that `ModelConfig` resolves into data (its `Family` and
+per-layer `LayerSpec`s: windows, rope, q/k norms, norm placement, soft-capping, sinks, MoE routing),
+so they share one class.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from ember.models import cpu_ops
 from ember.models.attention import AttentionContext
 from ember.models.config import ModelConfig
-from ember.models.layers import DecoderLayer, Linear, RMSNorm, Rotary
+from ember.models.layers import DecoderLayer, Linear, Rotary, make_norm
 
 
 class LlamaModel(nn.Module):
@@ -21,21 +23,31 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary = Rotary(config.rope, config.head_dim)
+        self.norm = make_norm(config)
+        self.embed_scale = config.hidden_size**0.5 if config.family.embed_scale else None  # Gemma
+        # One Rotary per distinct (rope, rotated width) of the layers; each layer reads its own tables
+        # (Gemma 3's local and global layers differ, SmolLM3's NoPE layers have none).
+        keys = [(spec.rope, spec.rotary_dim or config.head_dim) if spec.rope is not None else None
+                for spec in config.layers]
+        self.rotaries = {key: Rotary(*key) for key in dict.fromkeys(k for k in keys if k is not None)}
+        self.layer_rotary = keys
         self.gradient_checkpointing = False  # training: recompute each block's activations in backward
         self._layers_take_cpu_rows: bool | None = None  # decided on the first engine batch
         self._layers_take_rows: dict[torch.dtype, bool] = {}
 
     def forward(self, input_ids, positions, ctx: AttentionContext | None) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
-        cos, sin = self.rotary(positions, x.dtype)
+        if self.embed_scale is not None:  # in the embeddings' dtype, as transformers rounds it
+            x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
+        tables = {key: rotary(positions, x.dtype) for key, rotary in self.rotaries.items()}
+        none = (None, None)
         if ctx is not None and (step := self._cpu_rows(x) or self._rows(x)):
             delta = None
-            for layer in self.layers:
-                x, delta = step(layer, x, delta, cos, sin, ctx)
+            for layer, key in zip(self.layers, self.layer_rotary):
+                x, delta = step(layer, x, delta, *tables.get(key, none), ctx)
             return self.norm.add_and_norm(x, delta)[1] if delta is not None else self.norm(x)
-        for layer in self.layers:
+        for layer, key in zip(self.layers, self.layer_rotary):
+            cos, sin = tables[key] if key is not None else none
             if self.gradient_checkpointing and self.training and ctx is None:
                 x = checkpoint(layer, x, cos, sin, None, use_reentrant=False)
             else:
@@ -68,6 +80,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.model = LlamaModel(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.final_softcap = config.final_softcap  # Gemma 2: logits -> cap * tanh(logits / cap)
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -93,7 +106,10 @@ class LlamaForCausalLM(nn.Module):
         if positions is None:
             positions = torch.arange(input_ids.shape[-1], device=input_ids.device).expand_as(input_ids)
         hidden = self.model(input_ids, positions, ctx)
-        return hidden if ctx is not None else self.lm_head(hidden)
+        return hidden if ctx is not None else self.compute_logits(hidden)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        logits = self.lm_head(hidden)
+        if self.final_softcap is not None:
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits

@@ -41,7 +41,7 @@ def hf_parameter_map(model: nn.Module) -> dict[str, tuple[nn.Parameter, Index]]:
         for param_name, param in module.named_parameters(recurse=False):
             if getattr(module, "transposed_checkpoint", False) and param.dim() == 2:
                 param.transposed_checkpoint = True  # checkpoints hold it as [in, out]
-            if isinstance(module, MergedLinear):
+            if isinstance(module, MergedLinear) and not module.fused_checkpoint:
                 parent = module_name.rpartition(".")[0]
                 start = 0
                 for shard, size in zip(module.shard_names, module.output_sizes):
@@ -189,6 +189,8 @@ def load_model(
     # BERT checkpoints come with and without the "bert." prefix; a pooler is not used for embeddings.
     weights = ((n.removeprefix("bert."), t, src) for n, t, src in iter_safetensors(files, model_dir.name)
                if not n.startswith(("pooler.", "bert.pooler.", "cls.")))
+    if config.family.text_tower:
+        weights = _text_tower(weights, config.architecture)
     quant = checkpoint_quantization(config.raw, str(model_dir / "config.json"))
     if quant is not None:  # GPTQ / AWQ: packed tensors become quantized linears, the rest loads as usual
         weights = list(weights)
@@ -199,6 +201,22 @@ def load_model(
     load_weights(model, weights)
     model.eval()
     return model, config
+
+
+def _text_tower(weights, architecture: str):
+    """A multimodal checkpoint's text model under the names of its text-only class: transformers 4's
+    `language_model.model.*` and 5's `model.language_model.*` become `model.*`; the vision tower and
+    projector are left out (ember serves text)."""
+    logger.info("%s: loading its text model; images are not supported", architecture)
+    for name, tensor, source in weights:
+        if "vision_tower" in name or "multi_modal_projector" in name:
+            continue
+        for prefix, replacement in (("language_model.model.", "model."), ("model.language_model.", "model."),
+                                    ("language_model.lm_head.", "lm_head.")):
+            if name.startswith(prefix):
+                name = replacement + name[len(prefix):]
+                break
+        yield name, tensor, source
 
 
 def init_random_weights(model: nn.Module, std: float) -> None:

