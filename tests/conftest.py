@@ -48,7 +48,8 @@ def hf_config(arch: str, **overrides):
                       head_dim=32)
         return transformers.Qwen3MoeConfig(**kwargs)
     if arch == "gemma2":
-        kwargs.update(head_dim=32, query_pre_attn_scalar=24, sliding_window=kwargs.get("sliding_window", 16),
+        kwargs.setdefault("query_pre_attn_scalar", 24)  # not head_dim: the scale is its own field
+        kwargs.update(head_dim=32, sliding_window=kwargs.get("sliding_window", 16),
                       attn_logit_softcapping=kwargs.get("attn_logit_softcapping", 5.0),
                       final_logit_softcapping=kwargs.get("final_logit_softcapping", 3.0))
         return transformers.Gemma2Config(**kwargs)

@@ -16,7 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 GGUF_ARCH = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "MixtralForCausalLM": "llama",
-             "Qwen2ForCausalLM": "qwen2", "Qwen2MoeForCausalLM": "qwen2moe", "GPT2LMHeadModel": "gpt2"}
+             "Qwen2ForCausalLM": "qwen2", "Qwen2MoeForCausalLM": "qwen2moe", "GPT2LMHeadModel": "gpt2",
+             "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3moe", "Gemma2ForCausalLM": "gemma2",
+             "Gemma3ForCausalLM": "gemma3"}
 FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9}
 
 
@@ -79,6 +81,23 @@ def write_gguf(hf_dir: Path, out: Path, weight_type: str = "F32") -> Path:
         w.add_layer_norm_rms_eps(cfg.get("rms_norm_eps", 1e-6))
         w.add_rope_freq_base((cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", 10000.0)))
         w.add_rope_dimension_count(cfg.get("head_dim") or hidden // heads)
+    if cfg.get("head_dim"):
+        w.add_key_length(cfg["head_dim"])
+        w.add_value_length(cfg["head_dim"])
+    gemma = arch in ("gemma2", "gemma3")
+    if gemma:  # as llama.cpp's converter writes Gemma: windows, soft-capping; its layer pattern when not the default
+        w.add_sliding_window(cfg["sliding_window"])
+        w.add_sliding_window_pattern([t == "sliding_attention" for t in cfg["layer_types"]])
+        if cfg.get("attn_logit_softcapping"):
+            w.add_attn_logit_softcapping(cfg["attn_logit_softcapping"])
+        if cfg.get("final_logit_softcapping"):
+            w.add_final_logit_softcapping(cfg["final_logit_softcapping"])
+        rope = cfg.get("rope_parameters") or {}
+        full = rope.get("full_attention", rope)
+        w.add_rope_freq_base(full.get("rope_theta", 10000.0))
+        if full.get("rope_type") == "linear":
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(full["factor"])
     experts = cfg.get("num_local_experts") or cfg.get("num_experts")
     if experts:
         w.add_expert_count(experts)
@@ -103,6 +122,8 @@ def write_gguf(hf_dir: Path, out: Path, weight_type: str = "F32") -> Path:
             t = t.t().contiguous()
         if gpt2 and name.endswith((".attn.bias", ".attn.masked_bias")):
             continue
+        if gemma and name.endswith("norm.weight"):
+            t = t + 1  # llama.cpp stores Gemma's norms as what they multiply by
         if ".experts." in name:  # experts.E.PROJ.weight -> one [E, out, in] tensor per projection
             prefix, _, rest = name.partition(".experts.")
             expert, _, proj = rest.partition(".")

@@ -67,11 +67,13 @@ def _transformers_gguf(path: Path):
 IDS = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mixtral", "qwen2_moe", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mixtral", "qwen2_moe", "gpt2", "qwen3", "qwen3_moe", "gemma2",
+                                  "gemma3"])
 def test_f32_gguf_is_the_hf_model(model_factory, tmp_path, arch):
     """llama.cpp's names, q/k row order (llama), stacked experts and GPT-2's transposes undone: the
     same logits as the HF directory, to fp32 rounding."""
-    hf_dir = model_factory(arch)
+    # Gemma 2 in a GGUF scales queries by head_dim ** -0.5 (llama.cpp's rule; the file has no field for it)
+    hf_dir = model_factory(arch, **({"query_pre_attn_scalar": 32} if arch == "gemma2" else {}))
     path = write_gguf(hf_dir, tmp_path / f"{arch}.gguf", "F32")
     reference, _ = load_model(hf_dir, dtype="float32")
     model, config = load_model(path, dtype="float32")
