@@ -12,7 +12,7 @@ def add_bench_parser(sub) -> None:
     bsub = bench.add_subparsers(dest="bench_command", required=True)
 
     make = bsub.add_parser("make-model", help="write a random-init benchmark model (HF format)")
-    make.add_argument("name", choices=["bench-llama-56m", "bench-qwen2-0.5b", "bench-mixtral-small"])
+    make.add_argument("name", choices=["bench-llama-56m", "bench-qwen2-0.5b", "bench-qwen3-0.6b", "bench-mixtral-small"])
     make.add_argument("out_dir")
 
     for name, help_text in (("throughput", "W1: offline throughput"), ("latency", "W2: single-stream latency")):
@@ -514,7 +514,7 @@ def _throughput(args) -> int:
     from ember.models.gguf import find_gguf
 
     arch = ModelConfig.from_path(args.model).architecture
-    num = args.num_requests or (16 if arch.startswith("Qwen2") else 64)
+    num = args.num_requests or (16 if arch.startswith(("Qwen2", "Qwen3")) else 64)
     workload = w1(num)
     _header(args)
     print(f"W1: {num} requests, {workload.num_prompt_tokens} prompt tokens, {workload.max_tokens} output tokens each")

@@ -30,7 +30,14 @@ BENCH_MODELS: dict[str, dict[str, Any]] = {
         tie_word_embeddings=True, rope_theta=1000000.0, max_position_embeddings=32768, rms_norm_eps=1e-6,
         use_sliding_window=False, sliding_window=None,
     ),
-    # Not a workload model of ../shared/bench: the small random Mixture-of-Experts of issue 11's benchmark.
+    # Not workload models of ../shared/bench: Qwen3-0.6B's shape (issue 21: per-head q/k norms, head_dim 128 of
+    # hidden 1024), and the small random Mixture-of-Experts of issue 11's benchmark.
+    "bench-qwen3-0.6b": dict(
+        architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_size=1024, intermediate_size=3072,
+        num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+        tie_word_embeddings=True, rope_theta=1000000.0, max_position_embeddings=40960, rms_norm_eps=1e-6,
+        attention_bias=False, use_sliding_window=False, sliding_window=None,
+    ),
     "bench-mixtral-small": dict(
         architectures=["MixtralForCausalLM"], model_type="mixtral", hidden_size=512, intermediate_size=704,
         num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, vocab_size=32000,

@@ -216,9 +216,25 @@ class Attention(nn.Module):
             if self.qk_norm == "head":
                 q, k = self.q_norm(q), self.k_norm(k)
             if self.rotary:
-                q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+                q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
         out = attend(q, k, v, self.scale, self.layer, ctx, self.sliding_window, self.softcap, self.sinks)
         return self.o_proj.forward(out.flatten(-2))
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [tokens, heads, head_dim] through the one-pass kernel where it applies (as forward_rows does: the
+        same bits either way), else PyTorch's ops."""
+        if x.dim() == 3 and not self.partial_rotary:
+            flat = x.contiguous().view(x.shape[0], -1)
+            if cpu_ops.rotary_(flat, cos, sin, x.shape[1]):
+                return flat.view_as(x)
+        return apply_rotary(x, cos, sin)
+
+    @property
+    def rows_ready(self) -> bool:
+        """Whether DecoderLayer.forward_rows can run this attention: full rotary, no soft-capping or sinks,
+        q/k norms per head at most (Qwen3)."""
+        return self.rotary and not self.partial_rotary and self.softcap is None and self.sinks is None \
+            and self.qk_norm in (None, "head") and (self.qk_norm is None or type(self.q_norm) is RMSNorm)
 
 
 def _is_sparse(config: ModelConfig, layer: int) -> bool:
@@ -322,7 +338,8 @@ class DecoderLayer(nn.Module):
         function bound once: ember's integer kernels for quantized weights, cpu_ops.linear for dense).
         A 135M model's decode step is ~30 layers of small products, where per-op overhead was over
         half the time. Returns (x, delta) as forward_cpu_rows does."""
-        norm1, eps1, qkv, heads, kv_heads, head_dim, scale, layer, window, o, norm2, eps2, gate_up, down = self._rows_plan
+        (norm1, eps1, qkv, heads, kv_heads, head_dim, scale, layer, window, o, norm2, eps2, gate_up, down,
+         qk_norm) = self._rows_plan
         ops = torch.ops.ember_ops
         if delta is None:
             h = ops.rms_norm.default(x, norm1, eps1)
@@ -330,8 +347,16 @@ class DecoderLayer(nn.Module):
             x, h = ops.add_rms_norm.default(x, delta, norm1, eps1)
         rows = x.shape[0]
         fused = qkv(h)
-        ops.rotary_.default(fused, cos, sin, heads + kv_heads)
-        q, k, v = fused.view(rows, -1, head_dim).split_with_sizes([heads, kv_heads, kv_heads], 1)
+        if qk_norm is None:
+            ops.rotary_.default(fused, cos, sin, heads + kv_heads)
+            q, k, v = fused.view(rows, -1, head_dim).split_with_sizes([heads, kv_heads, kv_heads], 1)
+        else:  # Qwen3: RMSNorm on each head of q and k, then rotary on each
+            q_weight, k_weight, eps = qk_norm
+            q, k, v = fused.view(rows, -1, head_dim).split_with_sizes([heads, kv_heads, kv_heads], 1)
+            q = ops.rms_norm.default(q.contiguous(), q_weight, eps)
+            k = ops.rms_norm.default(k.contiguous(), k_weight, eps)
+            ops.rotary_.default(q.view(rows, -1), cos, sin, heads)
+            ops.rotary_.default(k.view(rows, -1), cos, sin, kv_heads)
         out = ctx.attend(layer, q, k, v, scale, window).reshape(rows, -1)
         x, h = ops.add_rms_norm.default(x, o(out), norm2, eps2)
         return x, down(ops.silu_mul.default(gate_up(h)))
@@ -340,16 +365,17 @@ class DecoderLayer(nn.Module):
         """Whether forward_rows applies to activations of `dtype` (a SwiGLU block whose projections have
         a rows function and whose norms share the dtype); if so, its plan is bound once."""
         attn, ffn = self.self_attn, getattr(self, self.ffn_name)
-        if not (isinstance(ffn, GatedMLP) and ffn.act is F.silu and self.norm_style == "pre" and attn.plain):
+        if not (isinstance(ffn, GatedMLP) and ffn.act is F.silu and self.norm_style == "pre" and attn.rows_ready):
             return False
-        norms = (self.input_layernorm, self.post_attention_layernorm)
+        norms = [self.input_layernorm, self.post_attention_layernorm] + ([attn.q_norm, attn.k_norm] if attn.qk_norm else [])
         projections = (attn.qkv_proj, attn.o_proj, ffn.gate_up_proj, ffn.down_proj)
         if not (all(type(n) is RMSNorm and n.weight.dtype == dtype for n in norms)
                 and all(hasattr(p, "rows_function") for p in projections)):
             return False
         qkv, o, gate_up, down = (p.rows_function() for p in projections)
+        qk_norm = (attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps) if attn.qk_norm else None
         self._rows_plan = (
             self.input_layernorm.weight, self.input_layernorm.eps, qkv, attn.num_heads, attn.num_kv_heads,
             attn.head_dim, attn.scale, attn.layer, attn.sliding_window, o,
-            self.post_attention_layernorm.weight, self.post_attention_layernorm.eps, gate_up, down)
+            self.post_attention_layernorm.weight, self.post_attention_layernorm.eps, gate_up, down, qk_norm)
         return True

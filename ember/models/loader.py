@@ -191,6 +191,8 @@ def load_model(
                if not n.startswith(("pooler.", "bert.pooler.", "cls.")))
     if config.family.text_tower:
         weights = _text_tower(weights, config.architecture)
+    if config.family.moe == "gpt_oss":
+        weights = _mxfp4_experts(weights, torch_dtype)
     quant = checkpoint_quantization(config.raw, str(model_dir / "config.json"))
     if quant is not None:  # GPTQ / AWQ: packed tensors become quantized linears, the rest loads as usual
         weights = list(weights)
@@ -217,6 +219,26 @@ def _text_tower(weights, architecture: str):
                 name = replacement + name[len(prefix):]
                 break
         yield name, tensor, source
+
+
+def _mxfp4_experts(weights, dtype: torch.dtype):
+    """gpt-oss's original checkpoints hold the experts in MXFP4 (`*_blocks` + `*_scales`): each pair becomes
+    the dense tensor its HF name stands for, in the compute dtype."""
+    from ember.models.moe import dequantize_mxfp4
+
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor, source in weights:
+        base, _, part = name.rpartition("_")
+        if part not in ("blocks", "scales") or not base.endswith(("gate_up_proj", "down_proj")):
+            yield name, tensor, source
+            continue
+        pair = pending.setdefault(base, {})
+        pair[part] = tensor
+        if len(pair) == 2:
+            del pending[base]
+            yield base, dequantize_mxfp4(pair["blocks"], pair["scales"], dtype), source
+    if pending:
+        raise ValueError(f"MXFP4 tensors without their other half, e.g. {next(iter(pending))}")
 
 
 def init_random_weights(model: nn.Module, std: float) -> None:

@@ -49,6 +49,8 @@ def checkpoint_quantization(raw_config: dict, source: str) -> CheckpointQuant | 
     if qc is None:
         return None
     method = str(qc.get("quant_method", "")).lower()
+    if method == "mxfp4" and raw_config.get("model_type") == "gpt_oss":
+        return None  # gpt-oss's MXFP4 experts: dequantized as they load (loader.py)
     bits, group_size = int(qc.get("bits", qc.get("w_bit", 0))), int(qc.get("group_size", qc.get("q_group_size", -1)))
     if method == "gptq":
         fmt = qc.get("checkpoint_format", "gptq")

@@ -215,14 +215,15 @@ def test_fp32_elementwise_kernels_match_pytorch(rows):
 
 
 @needs_fp32_kernels
-@pytest.mark.parametrize("quantization", [None, "int4", "int8"])
-def test_rows_path_matches_the_module_path(model_factory, quantization, monkeypatch):
-    """fp32 engine batches (dense, or quantized as a GGUF's are) go through DecoderLayer.forward_rows: the same
-    kernels in the same order with one Python frame a layer, so every logprob equals the module path's."""
+@pytest.mark.parametrize("arch,quantization", [("qwen2", None), ("qwen2", "int4"), ("qwen2", "int8"), ("qwen3", None)])
+def test_rows_path_matches_the_module_path(model_factory, arch, quantization, monkeypatch):
+    """fp32 engine batches (dense, or quantized as a GGUF's are; Qwen3's per-head q/k norms) go through
+    DecoderLayer.forward_rows: the same kernels in the same order with one Python frame a layer, so every
+    logprob equals the module path's."""
     from ember import LLM, SamplingParams
     from ember.models import llama
 
-    llm = LLM(str(model_factory("qwen2")), dtype="float32", max_num_batched_tokens=64, quantization=quantization)
+    llm = LLM(str(model_factory(arch)), dtype="float32", max_num_batched_tokens=64, quantization=quantization)
     prompts = [[(7 * i + j) % 400 + 3 for j in range(n)] for i, n in enumerate([5, 40, 90, 17, 3])]
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=2, prompt_logprobs=1)
     taken = []

@@ -178,3 +178,63 @@ def test_new_families_loss_prompt_logprobs_and_export(model_factory, tmp_path, a
     save_model(model, config, tmp_path / "export")
     with torch.no_grad():  # loaded as the reference was (eager attention): the same computation, the same bits
         assert torch.equal(load_hf(tmp_path / "export")(ids).logits, expected.logits)
+
+
+def test_gemma3_multimodal_checkpoint_loads_its_text_model(tmp_path):
+    """Gemma3ForConditionalGeneration: ember serves the text model (vision tower and projector left out,
+    said in a log line) with the logits transformers' multimodal class gives for text alone."""
+    import transformers
+
+    from tests.conftest import hf_config
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    config = transformers.Gemma3Config(text_config=hf_config("gemma3", initializer_range=0.1).to_dict(),
+                                       vision_config=vision, mm_tokens_per_image=4, image_token_index=VOCAB - 1,
+                                       boi_token_index=VOCAB - 2, eoi_token_index=VOCAB - 3)
+    torch.manual_seed(0)
+    reference = transformers.Gemma3ForConditionalGeneration(config).eval()
+    reference.save_pretrained(tmp_path)
+    model, ours = load_model(tmp_path, dtype="float32")
+    assert ours.architecture == "Gemma3ForConditionalGeneration"
+    ids = torch.randint(0, VOCAB - 5, (2, 30), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), reference(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_gpt_oss_mxfp4_experts_load_as_their_values(model_factory, tmp_path):
+    """gpt-oss's original checkpoints: experts in MXFP4 blocks and scales (quantization_config mxfp4), decoded
+    at load as transformers decodes them, giving the logits of the same values stored dense."""
+    import shutil
+
+    import transformers.integrations.mxfp4 as mxfp4
+    from safetensors.torch import load_file
+
+    from ember.models.moe import dequantize_mxfp4
+
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, 256, (2, 6, 4, 16), generator=g, dtype=torch.uint8)
+    scales = torch.randint(120, 130, (2, 6, 4), generator=g, dtype=torch.uint8)
+    torch.testing.assert_close(dequantize_mxfp4(blocks, scales), mxfp4.convert_moe_packed_tensors(blocks, scales, dtype=torch.float32))
+
+    dense_dir = model_factory("gpt_oss", std=0.1)
+    tensors = load_file(str(next(dense_dir.glob("*.safetensors"))))
+    packed = {}
+    for name, t in tensors.items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):  # [E, in, out] -> MXFP4 of [E, out, in]
+            experts, k, n = t.shape
+            b = torch.randint(0, 256, (experts, n, k // 32, 16), generator=g, dtype=torch.uint8)
+            s = torch.randint(118, 124, (experts, n, k // 32), generator=g, dtype=torch.uint8)
+            packed[f"{name}_blocks"], packed[f"{name}_scales"] = b, s
+            tensors[name] = dequantize_mxfp4(b, s)
+    packed.update({n: t for n, t in tensors.items() if not n.endswith(("gate_up_proj", "down_proj"))})
+    for folder, weights in (("dense", tensors), ("mxfp4", packed)):
+        shutil.copytree(dense_dir, tmp_path / folder)
+        save_file(weights, str(next((tmp_path / folder).glob("*.safetensors"))))
+    config = json.loads((tmp_path / "mxfp4" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["router", "self_attn"]}
+    (tmp_path / "mxfp4" / "config.json").write_text(json.dumps(config))
+    ids = torch.randint(0, VOCAB, (2, 24), generator=g)
+    with torch.no_grad():
+        want = load_model(tmp_path / "dense", dtype="float32")[0](ids)
+        assert torch.equal(load_model(tmp_path / "mxfp4", dtype="float32")[0](ids), want)
