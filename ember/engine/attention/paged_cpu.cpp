@@ -24,7 +24,9 @@
 #include <type_traits>
 #include <cmath>
 #include <cstring>
+#if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
+#endif
 #include <cstdint>
 #include <optional>
 #include <tuple>
@@ -122,8 +124,8 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::
             const char* next_keys = reinterpret_cast<const char*>(kp + next + kvh * dim * block_size);
             const char* next_values = reinterpret_cast<const char*>(vp + next + kvh * block_size * dim);
             for (int64_t b = 0; b < dim * block_size * static_cast<int64_t>(sizeof(C)); b += 64) {
-              _mm_prefetch(next_keys + b, _MM_HINT_T1);
-              _mm_prefetch(next_values + b, _MM_HINT_T1);
+              __builtin_prefetch(next_keys + b, 0, 2);  // (into L2, as _MM_HINT_T1; portable)
+              __builtin_prefetch(next_values + b, 0, 2);
             }
           }
         }
