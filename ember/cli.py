@@ -6,6 +6,8 @@ import argparse
 import math
 import sys
 
+from ember import __version__
+
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
@@ -129,32 +131,61 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ember.engine.async_llm import AsyncLLM
-    from ember.serve.app import ServerConfig, run_server
-
-    config = ServerConfig(
-        host=args.host, port=args.port, api_key=args.api_key, allowed_origins=tuple(args.allowed_origins or ()),
-        max_body_mb=args.max_body_mb, drain_timeout=args.drain_timeout,
-    )
+    if args.model_tag is not None:  # `ember serve MODEL`, as vLLM takes it
+        if args.model is not None and args.model != args.model_tag:
+            raise ValueError(f"model: given twice ({args.model_tag!r} and --model {args.model!r})")
+        args.model = args.model_tag
     chat_template = None
     if args.chat_template:
         path = Path(args.chat_template)
         if not path.is_file():
             raise ValueError(f"--chat-template: {args.chat_template!r} is not a file")
         chat_template = path.read_text()
+    sock = listen(args.host, args.port)  # before the model loads: a busy port fails in one line, at once
+    # a line at once: loading torch, building kernels and reading weights take a while on a first run
+    print(f"ember {__version__}: starting the server for {args.model or 'the default model'} on "
+          f"http://{args.host}:{args.port} (loading ...)", file=sys.stderr, flush=True)
+
+    from ember.engine.async_llm import AsyncLLM
     from ember.models.config import ModelConfig
     from ember.registry import resolve_model
+    from ember.serve.app import ServerConfig, run_server
 
+    config = ServerConfig(
+        host=args.host, port=args.port, api_key=args.api_key, allowed_origins=tuple(args.allowed_origins or ()),
+        max_body_mb=args.max_body_mb, drain_timeout=args.drain_timeout,
+    )
     path = resolve_model(args.model, args.revision, args.gguf_file)
     name = args.served_model_name or args.model or "default"
     if ModelConfig.from_path(path).architecture == "BertModel":  # an embedding model: /v1/embeddings
         from ember.engine.embed import EmbeddingEngine
 
-        run_server(None, name, config, embedder=EmbeddingEngine(path, dtype=args.dtype, device=args.device))
-        return 0
+        embedder = EmbeddingEngine(path, dtype=args.dtype, device=args.device)
+        return run_server(None, name, config, embedder=embedder, sock=sock)
     llm = AsyncLLM.from_args(path, max_waiting=args.max_waiting, chat_template=chat_template, **engine_kwargs(args))
-    run_server(llm, name, config)
-    return 0
+    return run_server(llm, name, config, sock=sock)
+
+
+def listen(host: str, port: int):
+    """A listening socket on host:port, or one clear error when the port is taken."""
+    import errno
+    import socket
+
+    if not 0 < port < 65536:
+        raise ValueError(f"port: {port} is not a TCP port")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise ValueError(f"port: {port} on {host} is already in use; pick another with --port") from None
+        raise ValueError(f"host: cannot listen on {host}:{port} ({e.strerror})") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
 
 
 TRAIN_USAGE = """usage:
@@ -265,7 +296,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ember", description="A PyTorch-native LLM stack: serve and train.")
+    parser.add_argument("--version", action="version", version=f"ember {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_parser = sub.add_parser
+    sub.add_parser = lambda *a, **k: _add_parser(*a, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **k)
 
     gen = sub.add_parser("generate", help="generate text for one prompt, streamed to the terminal")
     add_engine_args(gen)
@@ -298,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(func=cmd_models)
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    serve.add_argument("model_tag", nargs="?", default=None, metavar="MODEL", help="the model (or give --model)")
     add_engine_args(serve)
     serve.add_argument("--served-model-name", default=None, help="the model id clients use (default: --model)")
     serve.add_argument("--chat-template", default=None, help="a jinja file overriding the model's chat template")
@@ -341,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # bad input: one clear line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: quietly, with the shell's conventional status
+        print(file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

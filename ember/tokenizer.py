@@ -8,6 +8,7 @@ vocabulary metadata (tokenizer_gguf.py).
 
 from __future__ import annotations
 
+import functools
 import json
 from datetime import datetime
 from pathlib import Path
@@ -33,6 +34,19 @@ def _token_text(value: Any) -> str | None:
     if isinstance(value, dict):
         return value.get("content")
     return value
+
+
+# chat-template variables a request sets through its own fields, never through chat_template_kwargs
+RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "tools", "add_generation_prompt"})
+
+
+def check_text(text: str, field: str) -> None:
+    """Text that is not valid Unicode (a lone surrogate from JSON's \\ud800) is bad input."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{field}: not valid text (a lone surrogate {text[e.start]!r} at character "
+                         f"{e.start})") from None
 
 
 def _raise_exception(message: str):
@@ -114,8 +128,17 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.hf.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=add_special_tokens).ids
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """An upper bound on the characters one token stands for (a text longer than
+        max_model_len times this cannot fit), from the vocabulary's longest entry."""
+        return max(16, max((len(t.encode("utf-8")) for t in self.hf.get_vocab(with_added_tokens=True)), default=0))
+
+    def encode(self, text: str, add_special_tokens: bool = True, field: str = "prompt") -> list[int]:
+        check_text(text, field)
+        # encode_batch releases the GIL (encode does not): a long prompt tokenized on a worker
+        # thread leaves the server's event loop free
+        return self.hf.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -137,21 +160,19 @@ class Tokenizer:
                 self._compiled_template = _template_env().from_string(self.chat_template)
             except jinja2.TemplateSyntaxError as e:
                 raise ValueError(f"chat_template: invalid jinja template ({e})") from None
+        context = {f"{k}_token": v for k, v in self.special_tokens.items()}
+        context.update(kwargs, messages=messages, tools=tools, add_generation_prompt=add_generation_prompt)
         try:
-            return self._compiled_template.render(
-                messages=messages,
-                tools=tools,
-                add_generation_prompt=add_generation_prompt,
-                **{f"{k}_token": v for k, v in self.special_tokens.items()},
-                **kwargs,
-            )
+            return self._compiled_template.render(**context)
         except jinja2.TemplateError as e:
             raise ValueError(f"messages: the chat template rejected them ({e})") from None
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:  # odd values the template chokes on
+            raise ValueError(f"messages: the chat template failed on them ({type(e).__name__}: {e})") from None
 
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs) -> list[int]:
         # The template already writes any BOS token, so none is added here.
         text = self.apply_chat_template(messages, add_generation_prompt, **kwargs)
-        return self.encode(text, add_special_tokens=False)
+        return self.encode(text, add_special_tokens=False, field="messages")
 
 
 class IncrementalDetokenizer:

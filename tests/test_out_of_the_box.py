@@ -59,15 +59,17 @@ def test_fresh_install_serves_the_default_model(tmp_path):
 
 
 def test_web_chat_page_in_chromium(llama_dir, tmp_path):
+    """The page recovers after an error, stops mid-answer, resets cleanly and trims a conversation that
+    outgrows the context (a 512-token context here), saying so."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("no chromium (apt-get install chromium)")
     from playwright.sync_api import sync_playwright
 
     port = free_port()
-    model = ["--model", str(llama_dir)] if not (ROOT / "ember" / "default_model" / "config.json").exists() else []
-    proc = subprocess.Popen([sys.executable, "-m", "ember.cli", "serve", "--port", str(port), "--api-key", "k3y",
-                             *model], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "ember.cli", "serve", str(llama_dir), "--port", str(port),
+                             "--api-key", "k3y", "--max-model-len", "512", "--dtype", "float32"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_healthy(f"http://127.0.0.1:{port}", proc, 120)
         with sync_playwright() as p:
@@ -76,16 +78,53 @@ def test_web_chat_page_in_chromium(llama_dir, tmp_path):
                 "--disable-sync", "--no-first-run"])
             page = browser.new_page()
             page.goto(f"http://127.0.0.1:{port}/")
-            page.fill("#api-key", "k3y")
+            idle = "!document.querySelector('#send').disabled"
+            # 1. an error (a wrong key) leaves the page usable, the message back in the box
+            page.fill("#api-key", "wrong")
             page.fill("#temperature", "0")
             page.fill("#max-tokens", "16")
             page.fill("#input", "Hello there")
             page.click("#send")
-            page.wait_for_function("document.querySelectorAll('.msg.assistant').length > 0 && "
-                                   "document.querySelector('#stats').textContent.includes('tokens/s')", timeout=60000)
-            assert page.locator(".msg.user").inner_text() == "Hello there"
+            page.wait_for_selector(".msg.error", timeout=60000)
+            page.wait_for_function(idle)
+            assert "API key" in page.locator(".msg.error").inner_text()
+            assert page.input_value("#input") == "Hello there"
+            # 2. ... and the next message goes through, with a sane rate readout
+            page.fill("#api-key", "k3y")
+            page.click("#send")
+            page.wait_for_function("document.querySelector('#stats').textContent.includes('tokens/s')", timeout=60000)
+            assert page.locator(".msg.user").last.inner_text() == "Hello there"
+            assert page.locator(".msg.assistant").count() == 1
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "web_chat.png"))
+            # 3. Stop mid-answer: the partial answer stays, no error
+            page.fill("#max-tokens", "99999")  # clamped to the context
+            page.fill("#input", "Tell me a long story")
+            page.click("#send")
+            page.wait_for_function("document.querySelectorAll('.msg.assistant').length == 2 && "
+                                   "!document.querySelector('.msg.assistant:last-of-type').classList.contains('pending')"
+                                   " && document.querySelector('.msg.assistant:last-of-type').textContent.length > 0",
+                                   timeout=60000)
+            page.click("#stop")
+            page.wait_for_function(idle)
+            assert page.locator(".msg.error").count() == 1  # only step 1's
+            assert int(page.input_value("#max-tokens")) <= 511
+            # 4. Reset mid-answer: an empty page, no AbortError bubble
+            page.fill("#input", "Another one")
+            page.click("#send")
+            page.click("#reset")
+            page.wait_for_function(idle)
+            assert page.locator(".msg").count() == 0
+            # 5. a conversation longer than the context: the oldest turns are left out, and the page says so
+            page.fill("#max-tokens", "64")
+            long_message = "word " * 60  # ~120 tokens with this model's small vocabulary
+            for _ in range(3):
+                page.fill("#input", long_message)
+                page.click("#send")
+                page.wait_for_function(idle, timeout=60000)
+            assert page.locator(".msg.error").count() == 0, page.locator(".msg.error").all_inner_texts()
+            assert "left out" in page.locator(".note").last.inner_text()
+            page.screenshot(path=str(ARTIFACTS / "web_chat_trimmed.png"))
             browser.close()
     finally:
         proc.terminate()

@@ -51,9 +51,29 @@ def corpus_text() -> str:
     return resources.files("ember.bench").joinpath("corpus.txt").read_text(encoding="utf-8")
 
 
-def write_tokenizer(out_dir: str | Path, vocab_size: int = 1024, chat_template: str = CHAT_TEMPLATE) -> None:
-    """Train a byte-level BPE on the bundled corpus; write tokenizer.json and its config."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def large_corpus() -> list[str]:
+    """Enough text for a tokenizer of a benchmark model's full vocabulary (32k-152k entries): the
+    bundled corpus and the running Python's standard library sources (code and English docstrings),
+    present on every machine, read in a fixed order."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and "test" not in p.parts)
+    lines = corpus_text().splitlines()
+    for path in files:
+        try:
+            lines += path.read_text(encoding="utf-8").splitlines()
+        except (UnicodeDecodeError, OSError):
+            continue
+    return lines
+
+
+def write_tokenizer(out_dir: str | Path, vocab_size: int = 1024, chat_template: str = CHAT_TEMPLATE,
+                    corpus: list[str] | None = None) -> None:
+    """Train a byte-level BPE (on the bundled corpus unless given one); write tokenizer.json and its config.
+    A tokenizer for a model's whole vocabulary gets exactly `vocab_size` entries: if the corpus runs out of
+    merges first, the rest are spelled as plain added tokens, so every id decodes to text."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -64,9 +84,12 @@ def write_tokenizer(out_dir: str | Path, vocab_size: int = 1024, chat_template: 
         vocab_size=vocab_size,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        show_progress=corpus is not None,
     )
-    tokenizer.train_from_iterator(corpus_text().splitlines(), trainer=trainer)
+    tokenizer.train_from_iterator(corpus if corpus is not None else corpus_text().splitlines(), trainer=trainer)
+    if corpus is not None and tokenizer.get_vocab_size() < vocab_size:
+        missing = vocab_size - tokenizer.get_vocab_size()
+        tokenizer.add_tokens([AddedToken(f"<|extra_{i}|>", special=False) for i in range(missing)])
     tokenizer.save(str(out_dir / "tokenizer.json"))
     (out_dir / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -97,12 +120,15 @@ def write_random_model(out_dir: str | Path, hf_config: dict[str, Any], seed: int
     save_model(model, config, out_dir, dtype=dtype)
 
 
-def make_bench_model(name: str, out_dir: str | Path, tokenizer_vocab: int = 4096) -> Path:
+def make_bench_model(name: str, out_dir: str | Path) -> Path:
+    """A benchmark model whose tokenizer covers its whole vocabulary (a random model samples every id:
+    each must decode to text, or streaming, stop strings and logprobs measured on it mean little)."""
     if name not in BENCH_MODELS:
         raise ValueError(f"model name: {name!r} is not one of {sorted(BENCH_MODELS)}")
     out_dir = Path(out_dir)
     hf = dict(BENCH_MODELS[name])
-    write_tokenizer(out_dir, vocab_size=min(tokenizer_vocab, hf["vocab_size"]))
+    print(f"training a {hf['vocab_size']}-token byte-level BPE for {name} ...", flush=True)
+    write_tokenizer(out_dir, vocab_size=hf["vocab_size"], corpus=large_corpus())
     eos = json.loads((out_dir / "generation_config.json").read_text())["eos_token_id"]
     hf.update(eos_token_id=eos, bos_token_id=None, torch_dtype="bfloat16")
     write_random_model(out_dir, hf)

@@ -27,7 +27,12 @@ class QueueFullError(RuntimeError):
 
 
 class EngineDeadError(RuntimeError):
-    pass
+    """The engine cannot serve the request (its loop failed, or the server is shutting down): HTTP 503."""
+
+
+# A step that fails fails the requests in it and the loop goes on; this many failures in a row
+# mean the engine itself is broken: it stops, /health says 503 and the server exits.
+MAX_CONSECUTIVE_FAILURES = 3
 
 
 class RequestStream:
@@ -73,6 +78,8 @@ class AsyncLLM:
         self._stats: dict[str, Any] = engine.get_stats()
         self._stop = threading.Event()
         self._error: BaseException | None = None
+        self.dead: BaseException | None = None  # why the loop stopped for good
+        self.on_dead: list = []  # callbacks(error), run on the loop thread when it dies
         self._thread = threading.Thread(target=self._loop, name="ember-engine", daemon=True)
         self._thread.start()
 
@@ -88,6 +95,8 @@ class AsyncLLM:
     def submit(self, prompt: PromptType, params: SamplingParams, request_id: str, priority: int = 0) -> "RequestStream":
         """Validate and queue a request (ValueError, QueueFullError at once); iterate the
         returned stream for its cumulative outputs."""
+        if self.dead is not None:
+            raise EngineDeadError(f"the engine has stopped: {self.dead}")
         if self._error is not None:
             raise EngineDeadError(f"the engine loop failed: {self._error}")
         if self.max_waiting is not None and self._stats["num_waiting"] + self._num_pending >= self.max_waiting:
@@ -116,6 +125,15 @@ class AsyncLLM:
         with self._pending_lock:
             self._num_pending += delta
 
+    def fail_all(self, message: str) -> None:
+        """End every request in flight with EngineDeadError(message) (e.g. when a shutdown's drain
+        time runs out, so clients get a reason rather than a cut connection)."""
+        self._commands.put(("fail_all", message, None))
+
+    @property
+    def is_healthy(self) -> bool:
+        return self.dead is None and self._thread.is_alive()
+
     def get_stats(self) -> dict[str, Any]:
         return dict(self._stats)
 
@@ -131,21 +149,39 @@ class AsyncLLM:
     # ---- the loop thread ----------------------------------------------------------
     def _loop(self) -> None:
         engine = self.engine
-        while not self._stop.is_set():
+        failures = 0
+        try:
+            while not self._stop.is_set():
+                try:
+                    self._drain_commands(block=not engine.has_unfinished_requests())
+                    if engine.has_unfinished_requests():
+                        self._deliver(engine.step())
+                    self._stats = engine.get_stats()
+                    failures = 0
+                except Exception as e:  # a bug, not bad input (that is refused before it gets here)
+                    failures += 1
+                    logger.exception("engine step failed (%d in a row)", failures)
+                    self._error = e
+                    self._fail_streams(f"engine step failed: {e}")
+                    if failures >= MAX_CONSECUTIVE_FAILURES:
+                        raise
+                    engine.step()  # flush the aborts
+                    self._error = None
+        except BaseException as e:
+            self.dead = e
+            logger.error("the engine loop has stopped: %s", e)
+            self._fail_streams(f"the engine has stopped: {e}")
+            for callback in self.on_dead:
+                callback(e)
+
+    def _fail_streams(self, message: str) -> None:
+        for request_id, stream in list(self._streams.items()):
+            stream.put(EngineDeadError(message))
             try:
-                self._drain_commands(block=not engine.has_unfinished_requests())
-                if engine.has_unfinished_requests():
-                    self._deliver(engine.step())
-                self._stats = engine.get_stats()
-            except Exception as e:  # a bug, not bad input: fail every request, keep the process up
-                logger.exception("engine step failed")
-                self._error = e
-                for request_id, stream in list(self._streams.items()):
-                    stream.put(EngineDeadError(f"engine step failed: {e}"))
-                    engine.abort_request(request_id)
-                self._streams.clear()
-                engine.step()  # flush the aborts
-                self._error = None
+                self.engine.abort_request(request_id)
+            except Exception:  # the engine is already broken; the streams still get their error
+                pass
+        self._streams.clear()
 
     def _drain_commands(self, block: bool) -> None:
         try:
@@ -164,6 +200,8 @@ class AsyncLLM:
             elif kind == "abort" and payload in self._streams:
                 del self._streams[payload]
                 self.engine.abort_request(payload)
+            elif kind == "fail_all":
+                self._fail_streams(payload)
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:

@@ -28,22 +28,34 @@ class EmbeddingEngine:
     def dimensions(self) -> int:
         return self.model_config.hidden_size
 
-    def tokenize(self, item: str | list[int]) -> list[int]:
+    def tokenize(self, item: str | list[int], truncate: int | None = None) -> list[int]:
+        """Token ids of one input; longer than the model takes is an error unless `truncate` says how
+        many tokens to keep (-1: as many as the model takes; vLLM's truncate_prompt_tokens)."""
         if isinstance(item, str):
             if not item:
                 raise ValueError("input: '' is empty")
-            ids = self.tokenizer.encode(item)
+            if truncate is None and len(item) > self.max_len * self.tokenizer.max_token_chars:
+                raise ValueError(f"input: {len(item)} characters cannot fit the model's {self.max_len} tokens")
+            ids = self.tokenizer.encode(item, field="input")
         else:
             ids = list(item)
             vocab = self.model_config.vocab_size
             if not ids or any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
                 raise ValueError(f"input: token ids must be a non-empty list of ids in [0, {vocab})")
-        return ids[: self.max_len]  # sentence-transformers truncates too
+        if truncate is None:
+            if len(ids) > self.max_len:
+                raise ValueError(f"input: {len(ids)} tokens are more than the model's {self.max_len} (pass "
+                                 "truncate_prompt_tokens to cut them)")
+            return ids
+        if truncate != -1 and not 1 <= truncate <= self.max_len:
+            raise ValueError(f"truncate_prompt_tokens: {truncate} must be -1 or in [1, {self.max_len}]")
+        keep = self.max_len if truncate == -1 else truncate
+        return ids[:keep]  # the first tokens, as sentence-transformers keeps
 
     @torch.inference_mode()
-    def embed(self, inputs: list[str | list[int]]) -> tuple[torch.Tensor, int]:
+    def embed(self, inputs: list[str | list[int]], truncate: int | None = None) -> tuple[torch.Tensor, int]:
         """(embeddings [len(inputs), dimensions] fp32, tokens used), in input order."""
-        token_lists = [self.tokenize(x) for x in inputs]
+        token_lists = [self.tokenize(x, truncate) for x in inputs]
         order = sorted(range(len(token_lists)), key=lambda i: len(token_lists[i]))
         out = torch.empty(len(token_lists), self.dimensions)
         batch: list[int] = []

@@ -53,6 +53,13 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.device = resolve_device(config.device)
+        if self.device.type == "cpu":  # compile or load the C++ kernels now, not inside the first request
+            from ember.models import cpu_ops
+
+            found = {"int (AVX512-VNNI)": cpu_ops.int_kernels_available(), "bf16 (AVX512-BF16)": cpu_ops.gemv_available()}
+            if not all(found.values()):
+                logger.info("CPU kernels: %s; the rest runs on PyTorch's ops", ", ".join(
+                    f"{name} {'yes' if ok else 'no'}" for name, ok in found.items()))
         self.model, self.model_config = load_model(config.model, config.dtype, self.device)
         if config.quantization is not None:
             quantize_model(self.model, config.quant_config())
@@ -137,6 +144,7 @@ class LLMEngine:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt: '' is empty")
+            self.check_prompt_chars(len(prompt))
             text, ids = prompt, self.tokenizer.encode(prompt)
         elif isinstance(prompt, (list, tuple)):
             text, ids = None, list(prompt)
@@ -155,6 +163,14 @@ class LLMEngine:
             )
         return text, ids
 
+    def check_prompt_chars(self, num_chars: int, field: str = "prompt") -> None:
+        """Reject text that cannot fit the context before spending time tokenizing it: no token
+        spells more than `tokenizer.max_token_chars` characters."""
+        limit = self.max_model_len * self.tokenizer.max_token_chars
+        if num_chars > limit:
+            raise ValueError(f"{field}: {num_chars} characters cannot fit the context ({self.max_model_len} tokens "
+                             f"of at most {self.tokenizer.max_token_chars} characters each)")
+
     def make_request_group(
         self, request_id: str, prompt: PromptType, params: SamplingParams | None = None, priority: int = 0
     ) -> RequestGroup:
@@ -163,6 +179,7 @@ class LLMEngine:
         params = params or SamplingParams()
         text, ids = self.process_prompt(prompt)
         params.validate()
+        params.check_vocab(self.model_config.vocab_size)
         compiled = self.compile_structured(params.structured) if params.structured is not None else None
         room = self.max_model_len - len(ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
@@ -422,7 +439,8 @@ class LLM:
         """Sentence embeddings (pooled and normalised as the model directory says)."""
         if self.embedder is None:
             raise ValueError("model: this is a generative model; embed() needs an embedding model (e.g. BERT)")
-        vectors, _ = self.embedder.embed([texts] if isinstance(texts, str) else list(texts))
+        # offline, as sentence-transformers: long texts are cut to what the model takes
+        vectors, _ = self.embedder.embed([texts] if isinstance(texts, str) else list(texts), truncate=-1)
         return vectors.tolist()
 
     def get_tokenizer(self) -> Tokenizer:

@@ -11,7 +11,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import math
+
 MAX_LOGPROBS = 20
+# Per-request bounds: one request may not take the whole server (each is checked before the
+# request reaches the shared engine step).
+MAX_N = 128  # sequences per request
+MAX_STOP = 64  # stop strings ...
+MAX_STOP_CHARS = 1024  # ... each at most this long
+MAX_STOP_TOKEN_IDS = 1024
+MAX_LOGIT_BIAS = 1024
+SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed takes
 
 
 def _invalid(name: str, value: Any, why: str) -> ValueError:
@@ -28,17 +38,26 @@ class StructuredOutput:
 
     def __post_init__(self):
         if self.choice is not None:
+            if not isinstance(self.choice, (list, tuple)):
+                raise ValueError(f"structured.choice: {self.choice!r:.80} must be a list of strings")
             object.__setattr__(self, "choice", tuple(self.choice))
         given = [k for k in ("json_schema", "regex", "choice", "grammar") if getattr(self, k) is not None]
         given += ["json_object"] if self.json_object else []
         if len(given) != 1:
             raise ValueError(f"structured: exactly one of json_schema, json_object, regex, choice, grammar (got {given})")
-        if self.choice is not None and (not self.choice or not all(isinstance(c, str) for c in self.choice)):
-            raise ValueError(f"structured.choice: {list(self.choice)!r} must be a non-empty list of strings")
+        if self.choice is not None and (not self.choice or not all(isinstance(c, str) and c for c in self.choice)):
+            raise ValueError(f"structured.choice: {list(self.choice)!r} must be a non-empty list of non-empty strings")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"structured.{name}: {value!r} must be a non-empty string")
+        if self.json_schema is not None and not isinstance(self.json_schema, (dict, str)):
+            raise ValueError(f"structured.json: {self.json_schema!r} must be a JSON schema object")
 
     def key(self) -> tuple[str, str]:
         if self.json_schema is not None:
-            schema = self.json_schema if isinstance(self.json_schema, str) else json.dumps(self.json_schema, sort_keys=True)
+            # not sort_keys: the properties are generated in the schema's order (reasoning before answer)
+            schema = self.json_schema if isinstance(self.json_schema, str) else json.dumps(self.json_schema)
             return "json_schema", schema
         if self.json_object:
             return "json_object", ""
@@ -84,30 +103,53 @@ class SamplingParams:
         self.validate()
 
     def validate(self) -> None:
+        def number(x) -> bool:
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+        def integer(x) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        seed_hi = SEED_RANGE[1] - (self.n if integer(self.n) else 1)  # children use seed + i
         checks = [
-            ("n", isinstance(self.n, int) and self.n >= 1, "must be an integer >= 1"),
-            ("temperature", self.temperature >= 0, "must be >= 0"),
-            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
-            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "must be -1, 0 or a positive integer"),
-            ("min_p", 0 <= self.min_p <= 1, "must be in [0, 1]"),
-            ("repetition_penalty", self.repetition_penalty > 0, "must be > 0"),
-            ("presence_penalty", -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
-            ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
-            ("max_tokens", self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1), "must be an integer >= 1"),
-            ("min_tokens", isinstance(self.min_tokens, int) and self.min_tokens >= 0, "must be an integer >= 0"),
-            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, f"must be in [0, {MAX_LOGPROBS}]"),
-            ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS, f"must be in [0, {MAX_LOGPROBS}]"),
-            ("stop", all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
-            ("stop_token_ids", all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "must be token ids >= 0"),
+            ("n", integer(self.n) and 1 <= self.n <= MAX_N, f"must be an integer in [1, {MAX_N}]"),
+            ("temperature", number(self.temperature) and self.temperature >= 0, "must be a number >= 0"),
+            ("top_p", number(self.top_p) and 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("top_k", integer(self.top_k) and self.top_k >= 0, "must be -1, 0 or a positive integer"),
+            ("min_p", number(self.min_p) and 0 <= self.min_p <= 1, "must be in [0, 1]"),
+            ("repetition_penalty", number(self.repetition_penalty) and self.repetition_penalty > 0, "must be > 0"),
+            ("presence_penalty", number(self.presence_penalty) and -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
+            ("frequency_penalty", number(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
+            ("seed", self.seed is None or (integer(self.seed) and SEED_RANGE[0] <= self.seed <= seed_hi),
+             f"must be an integer in [{SEED_RANGE[0]}, {seed_hi}]"),
+            ("max_tokens", self.max_tokens is None or (integer(self.max_tokens) and self.max_tokens >= 1), "must be an integer >= 1"),
+            ("min_tokens", integer(self.min_tokens) and self.min_tokens >= 0, "must be an integer >= 0"),
+            ("logprobs", self.logprobs is None or (integer(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS), f"must be in [0, {MAX_LOGPROBS}]"),
+            ("prompt_logprobs", self.prompt_logprobs is None or (integer(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= MAX_LOGPROBS), f"must be in [0, {MAX_LOGPROBS}]"),
+            ("stop", len(self.stop) <= MAX_STOP, f"at most {MAX_STOP} stop strings"),
+            ("stop", all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in self.stop),
+             f"stop strings must be non-empty strings of at most {MAX_STOP_CHARS} characters"),
+            ("stop_token_ids", len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS, f"at most {MAX_STOP_TOKEN_IDS} ids"),
+            ("stop_token_ids", all(integer(t) and t >= 0 for t in self.stop_token_ids), "must be token ids >= 0"),
+            ("logit_bias", len(self.logit_bias or {}) <= MAX_LOGIT_BIAS, f"at most {MAX_LOGIT_BIAS} entries"),
         ]
         for name, ok, why in checks:
             if not ok:
-                raise _invalid(name, getattr(self, name), why)
+                value = getattr(self, name)
+                if isinstance(value, (list, dict)) and len(value) > 8:
+                    value = f"{len(value)} entries"
+                raise _invalid(name, value, why)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise _invalid("min_tokens", self.min_tokens, f"must be <= max_tokens ({self.max_tokens})")
         for token, bias in (self.logit_bias or {}).items():
-            if not isinstance(token, int) or token < 0 or not -100 <= bias <= 100:
+            if not integer(token) or token < 0 or not number(bias) or not -100 <= bias <= 100:
                 raise _invalid("logit_bias", {token: bias}, "keys must be token ids, values in [-100, 100]")
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Token ids the request names must exist in the model's vocabulary."""
+        for name, ids in (("logit_bias", list(self.logit_bias or ())), ("stop_token_ids", self.stop_token_ids)):
+            bad = [t for t in ids if t >= vocab_size]
+            if bad:
+                raise _invalid(name, bad[:5], f"token ids must be < the vocabulary size {vocab_size}")
 
     @property
     def greedy(self) -> bool:

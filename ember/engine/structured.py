@@ -68,8 +68,8 @@ class GrammarCompiler:
         try:
             if kind == "json_schema":
                 compiled = self.compiler.compile_json_schema(text, any_whitespace=False)
-            elif kind == "json_object":
-                compiled = self.compiler.compile_builtin_json_grammar()
+            elif kind == "json_object":  # an object, as OpenAI's json_object means (not any JSON value)
+                compiled = self.compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
             elif kind == "regex":
                 compiled = self.compiler.compile_regex(text)
             elif kind == "choice":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import re
 from importlib import resources
@@ -25,7 +27,7 @@ from ember.serve.metrics import Metrics
 from ember.serve.protocol import (
     ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse, DetokenizeRequest,
     EmbeddingRequest,
-    DetokenizeResponse, ErrorResponse, ModelList, OpenAIError, TokenizeRequest, TokenizeResponse, bad_request,
+    DetokenizeResponse, ErrorResponse, ModelList, OpenAIError, TokenizeRequest, TokenizeResponse,
     random_id,
 )
 
@@ -79,6 +81,53 @@ class BodyLimit:
         return await self.app(scope, counting_receive, send)
 
 
+class RequestContext:
+    """Request ids, and the last line of defence. Plain ASGI on purpose: Starlette's
+    BaseHTTPMiddleware hides a client's disconnect from the handlers (so a dropped non-streaming
+    request would run on to max_tokens), and an exception that reaches Starlette's error middleware
+    is re-raised to uvicorn, which closes the connection. Here an unexpected exception becomes a
+    JSON 500, or, once a stream has started, a last SSE error event, with the connection kept."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope.get("headers") or []).get(b"x-request-id")
+        given = given.decode("latin-1") if given is not None else None
+        valid = given if given and _REQUEST_ID.match(given) else None
+        scope.setdefault("state", {})["request_id"] = valid
+        started = streaming = False
+
+        async def send_with_id(message):
+            nonlocal started, streaming
+            if message["type"] == "http.response.start":
+                started = True
+                headers = list(message.get("headers") or [])
+                streaming = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in headers)
+                if given is not None:
+                    headers.append((b"x-request-id", (valid or "").encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception as exc:
+            logger.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
+            error = OpenAIError(500, f"internal error: {type(exc).__name__}", type="server_error")
+            try:
+                if not started:
+                    await error_response(error)(scope, receive, send_with_id)
+                elif streaming:
+                    body = f"data: {json.dumps(error.body())}\n\ndata: [DONE]\n\n".encode()
+                    await send({"type": "http.response.body", "body": body, "more_body": False})
+                else:
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+            except Exception:  # the client has gone: nothing left to tell it
+                pass
+
+
 def error_response(error: OpenAIError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status)
 
@@ -120,15 +169,6 @@ def build_app(state: ServerState, config: ServerConfig) -> FastAPI:
             raise OpenAIError(404, f"model: {name!r} does not exist (this server has {state.model_name!r})",
                               param="model", code="model_not_found")
 
-    @app.middleware("http")
-    async def request_ids(request: Request, call_next):
-        given = request.headers.get("x-request-id")
-        request.state.request_id = given if given and _REQUEST_ID.match(given) else None
-        response = await call_next(request)
-        if given:
-            response.headers["X-Request-Id"] = request.state.request_id or ""
-        return response
-
     @app.exception_handler(OpenAIError)
     async def openai_error(request: Request, exc: OpenAIError):
         return error_response(exc)
@@ -143,11 +183,6 @@ def build_app(state: ServerState, config: ServerConfig) -> FastAPI:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return error_response(OpenAIError(exc.status_code, str(exc.detail), type=kind))
 
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception):
-        logger.exception("unhandled error")
-        return error_response(OpenAIError(500, f"internal error: {type(exc).__name__}", type="server_error"))
-
     def request_id(request: Request, prefix: str) -> str:
         return request.state.request_id or random_id(prefix)
 
@@ -159,7 +194,8 @@ def build_app(state: ServerState, config: ServerConfig) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        return Response(status_code=200)
+        """200 while the engine loop runs; 503 once it has stopped (the server is about to exit)."""
+        return Response(status_code=200 if state.llm is None or state.llm.is_healthy else 503)
 
     @app.get("/version")
     async def version() -> dict:
@@ -193,15 +229,15 @@ def build_app(state: ServerState, config: ServerConfig) -> FastAPI:
     async def tokenize(body: TokenizeRequest):
         check_model(body.model)
         tokenizer = state.tokenizer
-        try:
+        if body.messages is None and body.prompt is None:
+            raise OpenAIError(400, "prompt: give 'prompt' or 'messages'", param="prompt")
+
+        def tokenize_body() -> list[int]:
             if body.messages is not None:
-                ids = tokenizer.encode_chat([m.for_template() for m in body.messages], body.add_generation_prompt)
-            elif body.prompt is not None:
-                ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
-            else:
-                raise OpenAIError(400, "prompt: give 'prompt' or 'messages'", param="prompt")
-        except ValueError as e:
-            raise bad_request(e) from None
+                return tokenizer.encode_chat([m.for_template() for m in body.messages], body.add_generation_prompt)
+            return tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+
+        ids = await handlers.off_loop(tokenize_body)
         return {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids}
 
     @app.post("/detokenize", response_model=DetokenizeResponse, dependencies=[Depends(check_key)])
@@ -217,6 +253,7 @@ def build_app(state: ServerState, config: ServerConfig) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins), allow_methods=["*"],
                            allow_headers=["*"])
     app.add_middleware(BodyLimit, max_bytes=int(config.max_body_mb * (1 << 20)))
+    app.add_middleware(RequestContext)  # outermost of ours: sees every exception
     return app
 
 
@@ -233,8 +270,11 @@ def make_state(llm: AsyncLLM | None, model_name: str, embedder=None) -> ServerSt
     return ServerState(llm, model_name, Metrics(stats, model_name), embedder=embedder, embed_executor=executor)
 
 
-def run_server(llm: AsyncLLM | None, model_name: str, config: ServerConfig, embedder=None) -> None:
-    """Serve until SIGINT/SIGTERM; in-flight requests get `drain_timeout` seconds to finish."""
+def run_server(llm: AsyncLLM | None, model_name: str, config: ServerConfig, embedder=None, sock=None) -> int:
+    """Serve until SIGINT/SIGTERM; in-flight requests get `drain_timeout` seconds to finish, then end
+    with a 503 (or a last SSE error event) saying the server is shutting down. `sock`: a socket already
+    listening on the configured address (bound before the model loaded). Returns the exit status:
+    1 if the engine loop died (the server stops rather than answer errors forever), else 0."""
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -244,9 +284,27 @@ def run_server(llm: AsyncLLM | None, model_name: str, config: ServerConfig, embe
             if sig == signal.SIGTERM and sig in captured:
                 captured.remove(sig)  # a drained SIGTERM is a clean exit (0), not death by signal
 
+        async def shutdown(self, sockets=None):
+            if llm is not None:
+                asyncio.get_running_loop().call_later(
+                    config.drain_timeout, llm.fail_all,
+                    f"the server is shutting down (in-flight requests had {config.drain_timeout:g} s to finish)")
+            await super().shutdown(sockets)
+
     app = build_app(make_state(llm, model_name, embedder), config)
-    server = Server(uvicorn.Config(
-        app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=config.drain_timeout,
+    server = Server(uvicorn.Config(  # uvicorn's own cut-off only after ours has ended every request
+        app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=config.drain_timeout + 5,
     ))
+    died: list[BaseException] = []
+    if llm is not None:
+        def engine_died(error: BaseException) -> None:
+            died.append(error)
+            server.should_exit = True  # uvicorn's main loop looks at this every 0.1 s
+
+        llm.on_dead.append(engine_died)
     logger.info("serving %s on http://%s:%d/v1", model_name, config.host, config.port)
-    server.run()
+    server.run(sockets=[sock] if sock is not None else None)
+    if died:
+        logger.error("exiting: the engine loop stopped (%s)", died[0])
+        return 1
+    return 0

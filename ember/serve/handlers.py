@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ from ember.engine.async_llm import AsyncLLM, EngineDeadError, QueueFullError, Re
 from ember.engine.request import CompletionOutput, Logprob, RequestOutput, SamplingParams
 from ember.serve.metrics import Metrics
 from ember.serve.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, bad_request, now
+from ember.tokenizer import RESERVED_TEMPLATE_KWARGS
 from ember.serve.tools import ToolPlan, new_call_id, structured_from_body
 
 logger = logging.getLogger("ember.serve")
@@ -89,6 +91,7 @@ class _Tracker:
     def done(self) -> None:
         total = time.monotonic() - self.arrival
         self.metrics.e2e.observe(total)
+        self.metrics.finished(self.finish_reasons)
         ttft = (self.first - self.arrival) if self.first else None
         logger.info(json.dumps({
             "event": "request_finished", "request_id": self.request_id, "prompt_tokens": self.prompt_tokens,
@@ -97,12 +100,28 @@ class _Tracker:
         }))
 
 
+MAX_PROMPTS = 128  # prompts in one /v1/completions request (each may ask for n choices)
+MAX_EMBED_INPUTS = 2048  # inputs in one /v1/embeddings request (OpenAI's limit)
+
+
+async def off_loop(prepare: Callable[[], Any]) -> Any:
+    """Run a request's preparation (tokenizing, template rendering, grammar compiling: all
+    proportional to its size) on a worker thread, so a huge prompt never stalls the event loop
+    that every other request streams through. A ValueError is the client's mistake: 400."""
+    try:
+        return await asyncio.get_running_loop().run_in_executor(None, prepare)
+    except ValueError as e:
+        raise bad_request(e) from None
+
+
 def submit_all(llm: AsyncLLM, prompts: list[list[int]], params: SamplingParams, request_id: str,
                priority: int) -> list[RequestStream]:
+    # the engine's ids get a nonce: a client may reuse its X-Request-Id while the first is in flight
+    nonce = secrets.token_hex(4)
     streams: list[RequestStream] = []
     try:
         for i, ids in enumerate(prompts):
-            streams.append(llm.submit(ids, params, f"{request_id}-{i}", priority))
+            streams.append(llm.submit(ids, params, f"{request_id}-{nonce}-{i}", priority))
     except (ValueError, QueueFullError, EngineDeadError) as e:
         for s in streams:
             s.abort()
@@ -166,7 +185,10 @@ async def collect(streams: list[RequestStream], http: Request, tracker: _Tracker
         while True:
             done, _ = await asyncio.wait({task}, timeout=0.5)
             if done:
-                task.result()  # re-raises an engine error
+                try:
+                    task.result()  # re-raises an engine error
+                except (ValueError, EngineDeadError) as e:
+                    raise translate(e) from None
                 return finals
             if await http.is_disconnected():
                 return None
@@ -244,18 +266,23 @@ async def create_completion(body: CompletionRequest, state: ServerState, http: R
         raw = [raw]
     if not raw:
         raise OpenAIError(400, "prompt: is empty", param="prompt")
+    if len(raw) > MAX_PROMPTS:
+        raise OpenAIError(400, f"prompt: {len(raw)} prompts in one request; at most {MAX_PROMPTS}", param="prompt")
     engine = state.generator().engine
-    try:
+    spec = structured_from_body(body)
+    want_prompt_logprobs = body.echo and body.logprobs is not None
+    params = as_params(lambda: body.sampling_params(body.max_tokens, body.logprobs,
+                                                    body.logprobs if want_prompt_logprobs else None, structured=spec))
+
+    def prepare():
         prompts = [engine.process_prompt(p) for p in raw]
         for _, ids in prompts:
             check_length(ids, body.max_tokens, state.max_model_len, "max_tokens")
-        want_prompt_logprobs = body.echo and body.logprobs is not None
-        spec = structured_from_body(body)
-        params = body.sampling_params(body.max_tokens, body.logprobs, body.logprobs if want_prompt_logprobs else None,
-                                      structured=spec)
-    except ValueError as e:
-        raise bad_request(e) from None
-    await precompile(engine, spec)
+        if spec is not None:  # an invalid one is a 400 here; the engine then finds it in the compiler's cache
+            engine.compile_structured(spec)
+        return prompts
+
+    prompts = await off_loop(prepare)
     tracker = _Tracker(state.metrics, request_id, prompt_tokens=sum(len(ids) for _, ids in prompts))
     streams = submit_all(state.llm, [ids for _, ids in prompts], params, request_id, body.priority)
     tokenizer = engine.tokenizer
@@ -351,14 +378,11 @@ def chat_logprobs(entries: list[dict[int, Logprob]], tokens: list[int], tokenize
     return content
 
 
-async def precompile(engine, spec) -> None:
-    """Compile a structured-output spec on a worker thread (an invalid one is a 400 here);
-    the engine then finds it in the compiler's cache."""
-    if spec is not None:
-        try:
-            await asyncio.get_running_loop().run_in_executor(None, engine.compile_structured, spec)
-        except ValueError as e:
-            raise bad_request(e) from None
+def as_params(make: Callable[[], SamplingParams]) -> SamplingParams:
+    try:
+        return make()
+    except ValueError as e:
+        raise bad_request(e) from None
 
 
 @dataclass
@@ -441,18 +465,27 @@ async def create_chat_completion(body: ChatCompletionRequest, state: ServerState
         raise OpenAIError(400, "response_format: cannot be combined with tool_choice required or a named function",
                           param="response_format")
     spec = spec or tool_spec
-    try:
-        kwargs = dict(body.chat_template_kwargs or {})
-        if plan.template_tools():
-            kwargs["tools"] = plan.template_tools()
-        ids = tokenizer.encode_chat([m.for_template() for m in body.messages], body.add_generation_prompt, **kwargs)
+    top = body.top_logprobs or 0
+    params = as_params(lambda: body.sampling_params(max_tokens, top if body.logprobs else None, structured=spec))
+    kwargs = dict(body.chat_template_kwargs or {})
+    reserved = sorted(RESERVED_TEMPLATE_KWARGS & kwargs.keys())
+    if reserved:
+        raise OpenAIError(400, f"chat_template_kwargs: {reserved[0]!r} is set by the request itself, not here",
+                          param="chat_template_kwargs")
+    if plan.template_tools():
+        kwargs["tools"] = plan.template_tools()
+
+    def prepare():
+        messages = [m.for_template() for m in body.messages]
+        engine.check_prompt_chars(sum(len(m["content"]) for m in messages), "messages")
+        ids = tokenizer.encode_chat(messages, body.add_generation_prompt, **kwargs)
         engine.process_prompt(ids)
         check_length(ids, max_tokens, state.max_model_len, field_name)
-        top = body.top_logprobs or 0
-        params = body.sampling_params(max_tokens, top if body.logprobs else None, structured=spec)
-    except ValueError as e:
-        raise bad_request(e) from None
-    await precompile(engine, spec)
+        if spec is not None:
+            engine.compile_structured(spec)
+        return ids
+
+    ids = await off_loop(prepare)
     tracker = _Tracker(state.metrics, request_id, prompt_tokens=len(ids))
     streams = submit_all(state.llm, [ids], params, request_id, body.priority)
     created = now()
@@ -529,9 +562,12 @@ async def create_embeddings(body, state: ServerState) -> JSONResponse:
     items = [raw] if isinstance(raw, str) or (raw and isinstance(raw[0], int)) else list(raw)
     if not items:
         raise OpenAIError(400, "input: is empty", param="input")
+    if len(items) > MAX_EMBED_INPUTS:
+        raise OpenAIError(400, f"input: {len(items)} inputs in one request; at most {MAX_EMBED_INPUTS}", param="input")
     loop = asyncio.get_running_loop()
     try:  # one worker thread: the model runs one batch at a time
-        vectors, tokens = await loop.run_in_executor(state.embed_executor, state.embedder.embed, items)
+        vectors, tokens = await loop.run_in_executor(state.embed_executor, state.embedder.embed, items,
+                                                     body.truncate_prompt_tokens)
     except ValueError as e:
         raise bad_request(e) from None
     data = []

@@ -121,8 +121,8 @@ class CompletionRequest(SamplingBody):
 
 
 class ContentPart(_Body):
-    type: Literal["text"] = "text"
-    text: str
+    type: str = "text"
+    text: str | None = None
 
 
 class ToolCallFunction(_Body):
@@ -146,6 +146,12 @@ class ChatMessage(_Body):
     def for_template(self) -> dict[str, Any]:
         content = self.content
         if isinstance(content, list):
+            for part in content:
+                if part.type != "text":
+                    raise ValueError(f"messages: content parts of type {part.type!r} are not supported (this "
+                                     "model reads text only; send {'type': 'text', 'text': ...} parts)")
+                if part.text is None:
+                    raise ValueError("messages: a 'text' content part needs a 'text' string")
             content = "".join(part.text for part in content)
         message: dict[str, Any] = {"role": self.role, "content": content or ""}
         if self.name is not None:
@@ -187,6 +193,7 @@ class EmbeddingRequest(_Body):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
     user: str | None = None
+    truncate_prompt_tokens: int | None = None  # vLLM's: cut longer inputs to this many tokens (-1: the model's limit)
 
 
 class DetokenizeRequest(_Body):

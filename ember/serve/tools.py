@@ -28,7 +28,14 @@ def bad(param: str, message: str) -> OpenAIError:
 
 
 def structured_from_body(body) -> StructuredOutput | None:
-    """The request's output constraint, if any (tools are handled by `ToolPlan`)."""
+    """The request's output constraint, if any (tools are handled by `ToolPlan`); a bad one is a 400."""
+    try:
+        return _structured_from_body(body)
+    except ValueError as e:  # StructuredOutput's checks name the field
+        raise OpenAIError(400, str(e), param=str(e).split(":", 1)[0]) from None
+
+
+def _structured_from_body(body) -> StructuredOutput | None:
     specs: list[StructuredOutput] = []
     fmt = getattr(body, "response_format", None)
     if fmt is not None:
@@ -50,8 +57,14 @@ def structured_from_body(body) -> StructuredOutput | None:
             extra[new] = getattr(body, old)
     for key, value in extra.items():
         if key == "json":
-            schema = json.loads(value) if isinstance(value, str) else value
-            specs.append(StructuredOutput(json_schema=schema))
+            if isinstance(value, str):
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError as e:
+                    raise bad("guided_json", f"not valid JSON ({e})") from None
+            if not isinstance(value, dict):
+                raise bad("guided_json", f"{value!r:.80} is not a JSON schema object")
+            specs.append(StructuredOutput(json_schema=value))
         elif key in ("regex", "grammar"):
             specs.append(StructuredOutput(**{key: value}))
         elif key == "choice":

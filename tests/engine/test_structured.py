@@ -59,3 +59,24 @@ def test_invalid_specs_are_value_errors(llm):
     with pytest.raises(ValueError, match="exactly one"):
         SamplingParams(structured={"regex": "a", "choice": ["b"]})
     assert llm.generate(["x"], SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
+
+
+@pytest.mark.parametrize("order", [["reasoning", "answer"], ["zeta", "alpha"]])
+def test_json_output_keeps_the_schema_property_order(llm, order):
+    """reasoning-before-answer schemas only work if the model writes the properties in the schema's order."""
+    kinds = {"reasoning": {"type": "string", "maxLength": 8}, "answer": {"type": "integer", "minimum": 0, "maximum": 99},
+             "zeta": {"type": "boolean"}, "alpha": {"type": "boolean"}}
+    schema = {"type": "object", "properties": {k: kinds[k] for k in order}, "required": order,
+              "additionalProperties": False}
+    params = SamplingParams(temperature=1.0, max_tokens=60, seed=5, n=4, structured={"json_schema": schema})
+    for completion in llm.generate(["JSON:"], params, use_tqdm=False)[0].outputs:
+        assert completion.finish_reason == "stop", completion
+        assert list(json.loads(completion.text)) == order
+
+
+def test_json_object_is_an_object_never_another_value(llm):
+    params = SamplingParams(temperature=1.0, max_tokens=120, seed=11, n=8, structured={"json_object": True})
+    for completion in llm.generate(["["], params, use_tqdm=False)[0].outputs:
+        assert completion.text.startswith("{")
+        if completion.finish_reason == "stop":
+            assert isinstance(json.loads(completion.text), dict)

@@ -20,11 +20,39 @@ from ember import LLM, SamplingParams
         (dict(min_tokens=5, max_tokens=2), "min_tokens"),
         (dict(stop=[""]), "stop"),
         (dict(logit_bias={3: 500.0}), "logit_bias"),
+        (dict(n=129), "n"),
+        (dict(n=2**31), "n"),
+        (dict(seed=2**64), "seed"),
+        (dict(seed=2**64 - 2, n=4), "seed"),  # the n-th child's seed + 3 would overflow
+        (dict(seed=-(2**63) - 1), "seed"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(temperature=float("inf")), "temperature"),
+        (dict(repetition_penalty=float("nan")), "repetition_penalty"),
+        (dict(stop=["x"] * 65), "stop"),
+        (dict(stop=["x" * 1025]), "stop"),
+        (dict(stop_token_ids=list(range(1025))), "stop_token_ids"),
+        (dict(logit_bias={i: 1.0 for i in range(1025)}), "logit_bias"),
+        (dict(logit_bias={3: float("nan")}), "logit_bias"),
+        (dict(n=True), "n"),
     ],
 )
 def test_bad_sampling_params(kwargs, field):
     with pytest.raises(ValueError, match=rf"^{field}: .*invalid"):
         SamplingParams(**kwargs)
+
+
+def test_extreme_seeds_and_token_ids_are_checked_before_the_engine_step(llama_dir):
+    llm = LLM(str(llama_dir), dtype="float32")
+    for seed in (2**64 - 1, -(2**63), 0):  # the ends of the range run
+        assert llm.generate(["x"], SamplingParams(seed=seed, max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
+    vocab = llm.engine.model_config.vocab_size
+    with pytest.raises(ValueError, match="^logit_bias: .*vocabulary"):
+        llm.generate(["x"], SamplingParams(logit_bias={vocab: 1.0}), use_tqdm=False)
+    with pytest.raises(ValueError, match="^stop_token_ids: .*vocabulary"):
+        llm.generate(["x"], SamplingParams(stop_token_ids=[vocab + 5]), use_tqdm=False)
+    with pytest.raises(ValueError, match="^prompt: not valid text"):
+        llm.generate(["bad \ud800"], SamplingParams(), use_tqdm=False)
+    assert llm.generate(["x"], SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
 
 
 def test_bad_prompts_and_models(llama_dir, tmp_path):

@@ -43,7 +43,8 @@ def test_embeddings_endpoint(minilm):
 
     with running_server_for(minilm) as server:
         client = openai.OpenAI(base_url=server.v1, api_key="x", max_retries=0)
-        direct = LLM(str(minilm), dtype="float32").embed(SENTENCES[:3])
+        offline = LLM(str(minilm), dtype="float32")
+        direct = offline.embed(SENTENCES[:3])
         out = client.embeddings.create(model="tiny", input=SENTENCES[:3])
         assert [d.index for d in out.data] == [0, 1, 2]
         for d, ref in zip(out.data, direct):
@@ -59,3 +60,9 @@ def test_embeddings_endpoint(minilm):
             client.completions.create(model="tiny", prompt="x", max_tokens=2)
         ids = client.embeddings.create(model="tiny", input=[[101, 1045, 2066, 2009, 1012, 102]])
         assert len(ids.data[0].embedding) == 384
+        long_text = "word " * 600  # more tokens than the model's 256 (256 = its sentence-transformers limit)
+        with pytest.raises(openai.BadRequestError, match="truncate_prompt_tokens"):
+            client.embeddings.create(model="tiny", input=long_text)
+        cut = client.embeddings.create(model="tiny", input=long_text, extra_body={"truncate_prompt_tokens": -1})
+        assert cut.usage.prompt_tokens == 256
+        assert np.allclose(cut.data[0].embedding, offline.embed(long_text)[0], atol=1e-5)  # offline cuts too

@@ -1,7 +1,9 @@
-"""`ember serve` as a real process: SIGTERM lets in-flight requests finish, then exits 0."""
+"""`ember serve` as a real process: a busy port fails at once; SIGTERM lets in-flight requests finish
+and exits 0; past the drain time, requests end with a reason; Ctrl-C is quiet."""
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -12,40 +14,92 @@ import httpx
 from tests.serve.conftest import free_port
 
 
+def start(model, port: int, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "ember.cli", "serve", str(model), "--port", str(port), "--dtype", "float32",
+         "--max-num-seqs", "4", "--served-model-name", "tiny", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def wait_ready(proc: subprocess.Popen, base: str) -> None:
+    deadline = time.monotonic() + 300  # generous: only a hang fails this
+    while True:
+        assert time.monotonic() < deadline and proc.poll() is None, "the server did not become ready"
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.2)
+
+
+def stream_in_background(base: str, result: dict, started: threading.Event) -> threading.Thread:
+    def stream():
+        body = {"model": "tiny", "prompt": "Hello", "max_tokens": 3000, "stream": True, "ignore_eos": True}
+        lines = []
+        with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                if line:
+                    lines.append(line)
+                    started.set()
+        result["lines"] = lines
+
+    t = threading.Thread(target=stream)
+    t.start()
+    return t
+
+
 def test_sigterm_drains_in_flight_requests(model_factory):
     model = model_factory("llama", max_position_embeddings=4096)
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ember.cli", "serve", "--model", str(model), "--port", str(port),
-         "--dtype", "float32", "--max-num-seqs", "4", "--served-model-name", "tiny"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
+    proc = start(model, port)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while True:
-            assert time.time() < deadline and proc.poll() is None, "the server did not become ready"
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        result = {}
-
-        def stream():
-            body = {"model": "tiny", "prompt": "Hello", "max_tokens": 2500, "stream": True, "ignore_eos": True}
-            with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as r:
-                result["lines"] = [line for line in r.iter_lines() if line]
-
-        t = threading.Thread(target=stream)
-        t.start()
-        time.sleep(0.5)  # the request is running
+        wait_ready(proc, base)
+        result, started = {}, threading.Event()
+        t = stream_in_background(base, result, started)
+        assert started.wait(120)  # the request is streaming
         proc.send_signal(signal.SIGTERM)
-        t.join(60)
+        t.join(120)
         assert result["lines"][-1] == "data: [DONE]"
         assert '"finish_reason": "length"' in result["lines"][-2]
-        assert proc.wait(30) == 0
+        assert proc.wait(60) == 0
     finally:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def test_ctrl_c_past_the_drain_time_ends_requests_with_a_reason_and_no_traceback(model_factory):
+    model = model_factory("llama", max_position_embeddings=4096)
+    port = free_port()
+    proc = start(model, port, "--drain-timeout", "0.5")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(proc, base)
+        result, started = {}, threading.Event()
+        t = stream_in_background(base, result, started)
+        assert started.wait(120)
+        proc.send_signal(signal.SIGINT)
+        t.join(120)
+        assert result["lines"][-1] == "data: [DONE]"
+        assert "shutting down" in result["lines"][-2], result["lines"][-3:]
+        assert proc.wait(60) == 130  # the shell's status for Ctrl-C
+        output = proc.stdout.read()
+        assert "Traceback" not in output, output[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_a_busy_port_fails_at_once_in_one_line(model_factory):
+    model = model_factory("llama")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        proc = start(model, port)
+        out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert out.strip().splitlines() == [f"error: port: {port} on 127.0.0.1 is already in use; pick another with --port"]

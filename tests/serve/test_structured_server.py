@@ -14,7 +14,9 @@ TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
                                       "parameters": SCHEMA}},
     {"type": "function", "function": {"name": "add", "parameters": {
-        "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+        # bounded: greedy decoding of a random model can write an unbounded integer's digits forever
+        "type": "object", "properties": {"a": {"type": "integer", "minimum": -999, "maximum": 999},
+                                         "b": {"type": "integer", "minimum": -999, "maximum": 999}},
         "required": ["a", "b"], "additionalProperties": False}}},
 ]
 USER = [{"role": "user", "content": "What's the weather?"}]
