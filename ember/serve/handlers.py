@@ -101,6 +101,7 @@ class _Tracker:
 
 
 MAX_PROMPTS = 128  # prompts in one /v1/completions request (each may ask for n choices)
+MAX_SEQUENCES = 256  # prompts x n in one request
 MAX_EMBED_INPUTS = 2048  # inputs in one /v1/embeddings request (OpenAI's limit)
 
 
@@ -273,6 +274,9 @@ async def create_completion(body: CompletionRequest, state: ServerState, http: R
     want_prompt_logprobs = body.echo and body.logprobs is not None
     params = as_params(lambda: body.sampling_params(body.max_tokens, body.logprobs,
                                                     body.logprobs if want_prompt_logprobs else None, structured=spec))
+    if len(raw) * params.n > MAX_SEQUENCES:
+        raise OpenAIError(400, f"n: {len(raw)} prompts x n={params.n} is more than {MAX_SEQUENCES} sequences in one "
+                               "request", param="n")
 
     def prepare():
         prompts = [engine.process_prompt(p) for p in raw]

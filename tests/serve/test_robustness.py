@@ -26,6 +26,7 @@ BAD = [
     ("completions", {"prompt": "hi", "logit_bias": {"99999999": 5}}, "logit_bias"),
     ("completions", {"prompt": "hi", "logit_bias": {str(i): 1 for i in range(2000)}}, "logit_bias"),
     ("completions", {"prompt": ["hi"] * 200}, "prompt"),
+    ("completions", {"prompt": ["hi"] * 100, "n": 100}, "n"),
     ("completions", {"prompt": "a lone \ud800 surrogate"}, "prompt"),
     ("completions", {"prompt": "hi", "guided_choice": []}, "structured.choice"),
     ("completions", {"prompt": "hi", "guided_json": "{not json"}, "guided_json"),
