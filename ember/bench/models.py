@@ -1,5 +1,5 @@
 """Benchmark and test models: a byte-level BPE tokenizer trained offline, and random-init
-HF-format checkpoints (the shapes of ../shared/bench/WORKLOAD.md), written by ember itself."""
+HF-format checkpoints (the shapes the benchmark workloads prescribe), written by ember itself."""
 
 from __future__ import annotations
 
@@ -7,8 +7,6 @@ import json
 from importlib import resources
 from pathlib import Path
 from typing import Any
-
-import torch
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -30,7 +28,7 @@ BENCH_MODELS: dict[str, dict[str, Any]] = {
         tie_word_embeddings=True, rope_theta=1000000.0, max_position_embeddings=32768, rms_norm_eps=1e-6,
         use_sliding_window=False, sliding_window=None,
     ),
-    # Not workload models of ../shared/bench: Qwen3-0.6B's shape (issue 21: per-head q/k norms, head_dim 128 of
+    # Not models the workloads prescribe: Qwen3-0.6B's shape (issue 21: per-head q/k norms, head_dim 128 of
     # hidden 1024), and the small random Mixture-of-Experts of issue 11's benchmark.
     "bench-qwen3-0.6b": dict(
         architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_size=1024, intermediate_size=3072,
@@ -103,28 +101,13 @@ def write_tokenizer(out_dir: str | Path, vocab_size: int = 1024, chat_template: 
     (out_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": ids}, indent=2))
 
 
-def write_random_model(out_dir: str | Path, hf_config: dict[str, Any], seed: int = 0, dtype: torch.dtype = torch.bfloat16,
-                       std: float = 0.02) -> None:
-    """Random weights as WORKLOAD.md prescribes: every Linear/Embedding ~ N(0, std), norms = 1."""
-    from ember.models.config import ModelConfig
-    from ember.models.loader import init_random_weights, save_model
-    from ember.models import model_class
-
-    config = ModelConfig.from_hf(dict(hf_config))
-    torch.manual_seed(seed)
-    with torch.device("meta"):
-        model = model_class(config.architecture)(config)
-    model = model.to_empty(device="cpu")
-    model.tie_weights()
-    init_random_weights(model, std)
-    save_model(model, config, out_dir, dtype=dtype)
-
-
 def make_bench_model(name: str, out_dir: str | Path) -> Path:
     """A benchmark model whose tokenizer covers its whole vocabulary (a random model samples every id:
     each must decode to text, or streaming, stop strings and logprobs measured on it mean little)."""
     if name not in BENCH_MODELS:
         raise ValueError(f"model name: {name!r} is not one of {sorted(BENCH_MODELS)}")
+    from ember.models.loader import write_random_model
+
     out_dir = Path(out_dir)
     hf = dict(BENCH_MODELS[name])
     print(f"training a {hf['vocab_size']}-token byte-level BPE for {name} ...", flush=True)

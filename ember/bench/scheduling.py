@@ -96,7 +96,7 @@ def run_chunked(llm, long_len: int = 4000) -> ChunkRun:
             elif out.request_id in last:
                 itls.append(now - last[out.request_id])
                 last[out.request_id] = now
-    for rid in list(engine.groups):
+    for rid in list(engine.output.groups):
         engine.abort_request(rid)
     engine.step()
     return ChunkRun(itls, long_first - arrival)

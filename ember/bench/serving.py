@@ -15,10 +15,17 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import httpx
-
+from ember._optional import optional_import
 from ember.bench.workloads import Workload
+
+if TYPE_CHECKING:
+    import httpx
+
+
+def _httpx():
+    return optional_import("httpx", "bench", "HTTP benchmarks")
 
 
 @dataclass
@@ -74,6 +81,7 @@ async def _one(client: httpx.AsyncClient, url: str, prompt: list[int], max_token
 
 
 async def run_level(base_url: str, workload: Workload, concurrency: int) -> LevelResult:
+    httpx = _httpx()
     url = f"{base_url}/v1/completions"
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
@@ -100,6 +108,7 @@ class ServerProcess:
     """`ember serve` in a child process, stopped with SIGTERM."""
 
     def __init__(self, model: str, dtype: str, extra: list[str] = ()):
+        httpx = _httpx()
         self.port = _free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "ember.cli", "serve", "--model", model, "--port", str(self.port),

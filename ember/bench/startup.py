@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 
-import httpx
+from ember._optional import optional_import
 
 _OFFLINE = r"""
 import sys
@@ -47,6 +47,7 @@ def offline(model: str, dtype: str, env: dict | None = None) -> tuple[float, flo
 
 def served(model: str, dtype: str, env: dict | None = None, timeout: float = 300) -> tuple[float, float]:
     """(launch -> /health 200, launch -> first completion token) seconds for `ember serve`."""
+    httpx = optional_import("httpx", "bench", "HTTP benchmarks")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -1,4 +1,4 @@
-"""The workloads of ../shared/bench/WORKLOAD.md as token-id prompts (numpy default_rng, as specified)."""
+"""The benchmark workloads (W1-W5, BENCHMARKS.md) as token-id prompts (numpy default_rng, as specified)."""
 
 from __future__ import annotations
 

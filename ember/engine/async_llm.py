@@ -1,10 +1,11 @@
-"""AsyncLLM: the engine's step loop on its own thread, beside an asyncio event loop.
+"""AsyncLLM: the engine's step loop on its own thread, and the one client API the server uses.
 
-Callers (the HTTP layer) validate and build a request group on their own thread,
-then hand it over; the loop thread owns the engine and is the only one touching
-it. Each request's outputs flow back through its own asyncio queue, so a slow
-client never blocks the loop and one request's failure never reaches another.
-Abort is a command like add: the loop frees the request's blocks at its next turn.
+The loop thread owns the engine and is the only one touching its state. Callers on the
+event loop use the client methods: `prepare`/`prepare_chat` tokenize, validate and build a
+request group on a worker thread (a huge prompt never stalls the event loop), `submit` hands
+it to the loop, `abort` cancels; `tokenize`, `tokenizer`, `max_model_len` and `vocab_size`
+answer questions about the model. Each request's outputs flow back through its own asyncio
+queue, so a slow client never blocks the loop and one request's failure never reaches another.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import secrets
 import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
 from ember.engine.llm_engine import LLMEngine, PromptType
+from ember.engine.output import RequestGroup
 from ember.engine.request import RequestOutput, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -87,31 +90,76 @@ class AsyncLLM:
     def from_args(cls, model: str | None = None, max_waiting: int | None = None, **kwargs) -> "AsyncLLM":
         return cls(LLMEngine.from_args(model, **kwargs), max_waiting=max_waiting)
 
+    # ---- what the model is --------------------------------------------------------
     @property
     def tokenizer(self):
+        """Read-only use (decoding single tokens) is safe from any thread."""
         return self.engine.tokenizer
 
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.model_config.vocab_size
+
     # ---- requests (called from the event loop) ----------------------------------
-    def submit(self, prompt: PromptType, params: SamplingParams, request_id: str, priority: int = 0) -> "RequestStream":
-        """Validate and queue a request (ValueError, QueueFullError at once); iterate the
-        returned stream for its cumulative outputs."""
+    async def prepare(self, request_id: str, prompts: list[PromptType], params: SamplingParams,
+                      priority: int = 0) -> list[RequestGroup]:
+        """One request group per prompt, tokenized and validated on a worker thread (ValueError
+        names the field); nothing is queued yet. The engine's ids get a nonce, so a client may
+        reuse a request id while the first is still in flight."""
+        nonce = secrets.token_hex(4)
+        return await _off_loop(lambda: [
+            self.engine.make_request_group(f"{request_id}-{nonce}-{i}", prompt, params, priority)
+            for i, prompt in enumerate(prompts)])
+
+    async def prepare_chat(self, request_id: str, messages: list[dict[str, Any]], params: SamplingParams,
+                           priority: int = 0, add_generation_prompt: bool = True,
+                           **template_kwargs: Any) -> RequestGroup:
+        """A conversation rendered by the chat template, then as `prepare`."""
+        def build() -> list[int]:
+            self.engine.check_prompt_chars(sum(len(m["content"] or "") for m in messages), "messages")
+            return self.tokenizer.encode_chat(messages, add_generation_prompt, **template_kwargs)
+
+        ids = await _off_loop(build)
+        return (await self.prepare(request_id, [ids], params, priority))[0]
+
+    async def tokenize(self, text: str | None = None, messages: list[dict[str, Any]] | None = None,
+                       add_special_tokens: bool = True, add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a text or of a rendered conversation, on a worker thread."""
+        def encode() -> list[int]:
+            if messages is not None:
+                return self.tokenizer.encode_chat(messages, add_generation_prompt)
+            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+        return await _off_loop(encode)
+
+    def submit(self, groups: list[RequestGroup]) -> list["RequestStream"]:
+        """Queue prepared groups (all or none: QueueFullError, EngineDeadError at once); iterate
+        each returned stream for its group's cumulative outputs."""
         if self.dead is not None:
             raise EngineDeadError(f"the engine has stopped: {self.dead}")
         if self._error is not None:
             raise EngineDeadError(f"the engine loop failed: {self._error}")
-        if self.max_waiting is not None and self._stats["num_waiting"] + self._num_pending >= self.max_waiting:
+        if self.max_waiting is not None and \
+                self._stats["num_waiting"] + self._num_pending + len(groups) > self.max_waiting:
             raise QueueFullError(f"{self.max_waiting} requests are already waiting")
-        group = self.engine.make_request_group(request_id, prompt, params, priority)
-        stream = RequestStream(self, request_id, asyncio.get_running_loop())
-        self._count_pending(+1)
-        self._commands.put(("add", group, stream))
-        return stream
+        loop = asyncio.get_running_loop()
+        streams = []
+        for group in groups:
+            stream = RequestStream(self, group.request_id, loop)
+            self._count_pending(+1)
+            self._commands.put(("add", group, stream))
+            streams.append(stream)
+        return streams
 
     async def generate(
         self, prompt: PromptType, params: SamplingParams, request_id: str, priority: int = 0
     ) -> AsyncIterator[RequestOutput]:
         """Cumulative outputs of one request; closing the iterator early aborts it."""
-        stream = self.submit(prompt, params, request_id, priority)
+        [stream] = self.submit(await self.prepare(request_id, [prompt], params, priority))
         try:
             async for output in stream:
                 yield output
@@ -216,3 +264,7 @@ class AsyncLLM:
             if output.finished:
                 del self._streams[output.request_id]
 
+
+
+async def _off_loop(work):
+    return await asyncio.get_running_loop().run_in_executor(None, work)

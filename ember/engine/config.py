@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-from ember.models.config import DTYPE_CHOICES
+from ember.choices import DTYPE_CHOICES, SPECULATIVE_METHODS
 
 POLICIES = ("fcfs", "priority")
 
@@ -15,13 +15,45 @@ def _check(condition: bool, name: str, value, expected: str) -> None:
 
 
 @dataclass(frozen=True)
+class SpeculativeConfig:
+    method: str = "ngram"
+    num_tokens: int = 3  # drafts per step
+    max_ngram: int = 3
+    min_ngram: int = 1
+    model: str | None = None  # the draft model's directory (method "draft")
+
+    def __post_init__(self):
+        if self.method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative.method: {self.method!r} is not one of {SPECULATIVE_METHODS}")
+        if not 1 <= self.num_tokens <= 16:
+            raise ValueError(f"speculative.num_tokens: {self.num_tokens} must be in [1, 16]")
+        if not 1 <= self.min_ngram <= self.max_ngram:
+            raise ValueError(f"speculative.max_ngram: {self.max_ngram} must be >= min_ngram ({self.min_ngram}) >= 1")
+        if self.method == "draft" and not self.model:
+            raise ValueError("speculative.model: required for method 'draft'")
+
+    @classmethod
+    def from_any(cls, value) -> "SpeculativeConfig | None":
+        if value is None or isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            unknown = set(value) - {"method", "num_tokens", "max_ngram", "min_ngram", "model"}
+            if unknown:
+                raise ValueError(f"speculative: unknown keys {sorted(unknown)}")
+            return cls(**value)
+        raise ValueError(f"speculative: {value!r} is not a dict")
+
+
+@dataclass(frozen=True)
 class CacheConfig:
-    block_size: int = 16
-    # Memory for K/V blocks; None picks min(4 GiB, a quarter of available memory).
-    kv_cache_gib: float | None = None
-    enable_prefix_caching: bool = True
+    block_size: int = field(default=16, metadata={"help": "tokens per KV cache block: 8, 16, 32, 64 or 128"})
+    kv_cache_gib: float | None = field(default=None, metadata={
+        "help": "GiB of memory for KV blocks (none: min(4 GiB, a quarter of the available memory))"})
+    enable_prefix_caching: bool = field(default=True, metadata={
+        "help": "reuse the KV blocks of prompt prefixes computed before"})
     # "int8": K/V stored in 8 bits with a bf16 scale per token and head (~2x the tokens per GiB).
-    kv_cache_dtype: str = "auto"
+    kv_cache_dtype: str = field(default="auto", metadata={
+        "help": "K/V storage: auto (the model's dtype) or int8 (about twice the tokens per GiB)"})
 
     def __post_init__(self):
         _check(self.block_size in (8, 16, 32, 64, 128), "block_size", self.block_size, "one of 8, 16, 32, 64, 128")
@@ -32,13 +64,16 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_seqs: int = 256
+    max_num_seqs: int = field(default=256, metadata={"help": "sequences running at once"})
     # Tokens per step (the forward's batch size in tokens): decodes first, then prompt chunks.
-    max_num_batched_tokens: int = 2048
-    # None: the model's max_position_embeddings.
-    max_model_len: int | None = None
-    policy: str = "fcfs"
-    enable_chunked_prefill: bool = True
+    max_num_batched_tokens: int = field(default=2048, metadata={
+        "help": "tokens per engine step: decodes first, then prompt chunks"})
+    max_model_len: int | None = field(default=None, metadata={
+        "help": "context length in tokens (none: the model's max_position_embeddings)"})
+    policy: str = field(default="fcfs", metadata={
+        "help": "scheduling order: fcfs (arrival), or priority (lowest request priority first)"})
+    enable_chunked_prefill: bool = field(default=True, metadata={
+        "help": "split long prompts over steps, so running sequences keep decoding"})
 
     def __post_init__(self):
         _check(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, "must be >= 1")
@@ -50,21 +85,29 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    model: str
-    tokenizer: str | None = None  # defaults to the model directory
-    dtype: str = "auto"
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    seed: int = 0
-    chat_template: str | None = None  # a template string overriding the model's
-    attention_backend: str = "auto"  # auto | cpu_paged | torch_paged
-    # {"method": "ngram", "num_tokens": k, "max_ngram": n} or {"method": "draft", "model": DIR, "num_tokens": k}
-    speculative: dict | None = None
+    model: str = field(metadata={"help": "the model directory or .gguf file"})
+    tokenizer: str | None = field(default=None, metadata={
+        "help": "a model directory or hub id whose tokenizer to use (none: the model's)"})
+    dtype: str = field(default="auto", metadata={
+        "help": "weights' and activations' dtype (auto: the checkpoint's; bfloat16 for float16 on CPU)"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    seed: int = field(default=0, metadata={"help": "seed of the sampler for requests without a seed of their own"})
+    chat_template: str | None = field(default=None, metadata={
+        "help": "a Jinja chat template overriding the model's (on the command line: a file holding it)"})
+    attention_backend: str = field(default="auto", metadata={
+        "help": "attention over the paged KV cache: cpu_paged (compiled C++, CPU only), torch_paged (any device) "
+                "or auto (cpu_paged where it runs)"})
+    speculative: dict | None = field(default=None, metadata={
+        "help": 'speculative decoding, as JSON: {"method": "ngram", "num_tokens": K, "max_ngram": N} or '
+                '{"method": "draft", "model": DIR, "num_tokens": K}'})
     # Weight-only quantization at load time: None | "int8" (per channel) | "int4" (per group).
     # GPTQ/AWQ checkpoints are recognised from their config.json and need none of this.
-    quantization: str | None = None
-    quantization_group_size: int = 64
-    quantize_lm_head: bool = True
-    quantize_embeddings: bool = True
+    quantization: str | None = field(default=None, metadata={
+        "help": "weight-only quantization at load time: int8 (per channel) or int4 (per group); "
+                "GPTQ/AWQ checkpoints need none"})
+    quantization_group_size: int = field(default=64, metadata={"help": "int4: input channels per scale"})
+    quantize_lm_head: bool = field(default=True, metadata={"help": "quantize the LM head too"})
+    quantize_embeddings: bool = field(default=True, metadata={"help": "quantize the embedding table too (int8)"})
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ember.engine.request import Request
+from ember.engine.request import Request, SequenceId
 from ember.engine.runner import ModelRunner
 from ember.engine.spec import SpeculativeConfig
 from ember.models import load_model
@@ -32,30 +32,22 @@ class DraftProposer:
         self.generator = torch.Generator(device=device).manual_seed(seed + 1)
 
     def _pick(self, logits: torch.Tensor, request: Request) -> tuple[int, torch.Tensor | None]:
-        from ember.engine.sampler import apply_min_p, apply_top_k_top_p
+        from ember.engine.sampler import sampling_probs
 
-        params = request.params
-        if params.greedy:
+        if request.params.greedy:
             return int(logits.argmax()), None
-        scaled = (logits.float() / params.temperature)[None]
-        device = logits.device
-        if params.top_k > 0 or params.top_p < 1.0:
-            scaled = apply_top_k_top_p(scaled, torch.tensor([params.top_k], device=device) if params.top_k > 0 else None,
-                                       torch.tensor([params.top_p], device=device) if params.top_p < 1.0 else None)
-        if params.min_p > 0:
-            scaled = apply_min_p(scaled, torch.tensor([params.min_p], device=device))
-        probs = scaled.softmax(dim=-1)[0]
+        probs = sampling_probs(logits[None], [request.params])[0]
         return int(torch.multinomial(probs, 1, generator=self.generator)), probs
 
     @torch.inference_mode()
-    def propose(self, requests: list[Request], num_drafts: list[int]) -> dict[str, tuple[list[int], torch.Tensor | None]]:
-        """request id -> (drafts, their distributions stacked [k, vocab] or None for greedy)."""
+    def propose(self, requests: list[Request], num_drafts: list[int]) -> dict[SequenceId, tuple[list[int], torch.Tensor | None]]:
+        """sequence id -> (drafts, their distributions stacked [k, vocab] or None for greedy)."""
         work = sorted(((r, k) for r, k in zip(requests, num_drafts) if k > 0),
                       key=lambda rk: rk[0].num_tokens - rk[0].num_draft_computed)
         if not work:
             return {}
-        drafts: dict[str, list[int]] = {r.request_id: [] for r, _ in work}
-        probs: dict[str, list[torch.Tensor]] = {r.request_id: [] for r, _ in work}
+        drafts: dict[SequenceId, list[int]] = {r.seq_id: [] for r, _ in work}
+        probs: dict[SequenceId, list[torch.Tensor]] = {r.seq_id: [] for r, _ in work}
         # catch up on every token the draft has not seen; its last row proposes the first draft
         reqs = [r for r, _ in work]
         lens = [r.num_tokens - r.num_draft_computed for r in reqs]
@@ -65,20 +57,20 @@ class DraftProposer:
         logits = self.runner.model.compute_logits(hidden[rows])
         for (r, _), row in zip(work, logits):
             token, p = self._pick(row, r)
-            drafts[r.request_id].append(token)
+            drafts[r.seq_id].append(token)
             if p is not None:
-                probs[r.request_id].append(p)
+                probs[r.seq_id].append(p)
             r.num_draft_computed = r.num_tokens
         for step in range(1, max(k for _, k in work)):
             active = [r for r, k in work if k > step]
             if not active:
                 break
             hidden = self.runner.forward(active, [1] * len(active), [r.num_tokens + step - 1 for r in active],
-                                         [drafts[r.request_id][-1] for r in active])
+                                         [drafts[r.seq_id][-1] for r in active])
             for r, row in zip(active, self.runner.model.compute_logits(hidden)):
                 token, p = self._pick(row, r)
-                drafts[r.request_id].append(token)
+                drafts[r.seq_id].append(token)
                 if p is not None:
-                    probs[r.request_id].append(p)
+                    probs[r.seq_id].append(p)
                 r.num_draft_computed = r.num_tokens + step
         return {rid: (d, torch.stack(probs[rid]) if probs[rid] else None) for rid, d in drafts.items()}

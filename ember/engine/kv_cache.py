@@ -8,7 +8,7 @@ Freed blocks keep their hash and sit in an LRU free list, so a later request wit
 the same prefix takes them back; they are evicted only when the pool needs them.
 A freed block that caches nothing goes to the front of that list instead: the next
 allocation reuses it while its memory is warm, rather than a never-touched block
-(on CPU each first touch of a page faults: ~2% of a W1 run on the bench model).
+(on CPU each first touch of a page faults; BENCHMARKS.md has what that cost in a W1 run).
 """
 
 from __future__ import annotations

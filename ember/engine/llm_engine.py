@@ -6,6 +6,7 @@ import dataclasses
 import itertools
 import logging
 import os
+import threading
 import time
 from collections.abc import Sequence as Seq
 from typing import Any
@@ -13,9 +14,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ember.engine.config import EngineConfig
+from ember.engine.config import EngineConfig, SchedulerConfig
 from ember.engine.kv_cache import KVCacheManager
-from ember.engine.output import RequestGroup, Sequence, find_stop_string, logprob_entry
+from ember.engine.output import OutputProcessor, RequestGroup, Sequence
 from ember.engine.request import Request, RequestOutput, RequestStatus, SamplingParams
 from ember.engine.runner import ModelRunner, kv_bytes_per_block
 from ember.engine.scheduler import Scheduler
@@ -49,17 +50,22 @@ def _available_memory_bytes(device: torch.device) -> int:
         return 8 << 30
 
 
+def _warm_cpu_kernels() -> None:
+    """Compile or load the C++ kernels now, not inside the first request; say which are missing."""
+    from ember.models import cpu_ops
+
+    found = {"int (AVX512-VNNI)": cpu_ops.int_kernels_available(), "bf16 (AVX512-BF16)": cpu_ops.gemv_available()}
+    if not all(found.values()):
+        logger.info("CPU kernels: %s; the rest runs on PyTorch's ops", ", ".join(
+            f"{name} {'yes' if ok else 'no'}" for name, ok in found.items()))
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.device = resolve_device(config.device)
-        if self.device.type == "cpu":  # compile or load the C++ kernels now, not inside the first request
-            from ember.models import cpu_ops
-
-            found = {"int (AVX512-VNNI)": cpu_ops.int_kernels_available(), "bf16 (AVX512-BF16)": cpu_ops.gemv_available()}
-            if not all(found.values()):
-                logger.info("CPU kernels: %s; the rest runs on PyTorch's ops", ", ".join(
-                    f"{name} {'yes' if ok else 'no'}" for name, ok in found.items()))
+        if self.device.type == "cpu":
+            _warm_cpu_kernels()
         self.model, self.model_config = load_model(config.model, config.dtype, self.device)
         if config.quantization is not None:
             quantize_model(self.model, config.quant_config())
@@ -67,27 +73,15 @@ class LLMEngine:
             rehome_weights(self.model)
         self.tokenizer = Tokenizer(config.tokenizer or config.model, chat_template=config.chat_template)
         mc = self.model_config
-        sched = config.scheduler
-        self.max_model_len = sched.max_model_len or mc.max_position_embeddings
+        self.max_model_len = config.scheduler.max_model_len or mc.max_position_embeddings
         if self.max_model_len > mc.max_position_embeddings:
             raise ValueError(
                 f"max_model_len: {self.max_model_len} exceeds the model's max_position_embeddings ({mc.max_position_embeddings})"
             )
-        if not sched.enable_chunked_prefill and sched.max_num_batched_tokens < self.max_model_len:
-            # Without chunking a whole prompt (or a preempted request's recompute) must fit one step.
-            sched = dataclasses.replace(sched, max_num_batched_tokens=self.max_model_len)
-        if sched.max_num_batched_tokens < sched.max_num_seqs:
-            sched = dataclasses.replace(sched, max_num_seqs=sched.max_num_batched_tokens)
-
+        sched = self._scheduler_config()
         cache = config.cache
         dtype = next(self.model.parameters()).dtype
-        block_bytes = kv_bytes_per_block(mc, cache.block_size, dtype, cache.kv_cache_dtype)
-        budget = cache.kv_cache_gib * (1 << 30) if cache.kv_cache_gib else min(4 << 30, _available_memory_bytes(self.device) // 4)
-        num_blocks = int(budget // block_bytes)
-        enough = sched.max_num_seqs * -(-self.max_model_len // cache.block_size) + 1
-        num_blocks = min(num_blocks, enough)
-        if num_blocks < 2:
-            raise ValueError(f"kv_cache_gib: {cache.kv_cache_gib} is too small for one KV block ({block_bytes} bytes)")
+        num_blocks, block_bytes = self._num_kv_blocks(sched, dtype)
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(sched, self.kv, self.max_model_len)
         self.runner = ModelRunner(self.model, mc, num_blocks, cache.block_size, self.device, config.seed,
@@ -100,25 +94,46 @@ class LLMEngine:
             self.draft = DraftProposer(self.spec, mc, num_blocks, cache.block_size, self.device, dtype,
                                        config.seed, config.attention_backend)
         self.spec_stats = {"spec_num_drafts": 0, "spec_num_accepted": 0, "spec_num_verifications": 0}
+        self._log_summary(dtype, num_blocks, block_bytes)
+        self._grammars = None
+        self._grammars_lock = threading.Lock()  # requests are prepared on worker threads
+        self.weight_version = 0
+        self.sleeping = False
+        self.output = OutputProcessor(self.tokenizer)
+        self.num_steps = 0
+        self._ids = itertools.count()
+
+    def _scheduler_config(self) -> SchedulerConfig:
+        sched = self.config.scheduler
+        if not sched.enable_chunked_prefill and sched.max_num_batched_tokens < self.max_model_len:
+            # Without chunking a whole prompt (or a preempted request's recompute) must fit one step.
+            sched = dataclasses.replace(sched, max_num_batched_tokens=self.max_model_len)
+        if sched.max_num_batched_tokens < sched.max_num_seqs:
+            sched = dataclasses.replace(sched, max_num_seqs=sched.max_num_batched_tokens)
+        return sched
+
+    def _num_kv_blocks(self, sched: SchedulerConfig, dtype: torch.dtype) -> tuple[int, int]:
+        """Blocks the budget buys (never more than max_num_seqs full-length requests need), and a block's bytes."""
+        cache = self.config.cache
+        block_bytes = kv_bytes_per_block(self.model_config, cache.block_size, dtype, cache.kv_cache_dtype)
+        budget = cache.kv_cache_gib * (1 << 30) if cache.kv_cache_gib else min(4 << 30, _available_memory_bytes(self.device) // 4)
+        enough = sched.max_num_seqs * -(-self.max_model_len // cache.block_size) + 1
+        num_blocks = min(int(budget // block_bytes), enough)
+        if num_blocks < 2:
+            raise ValueError(f"kv_cache_gib: {cache.kv_cache_gib} is too small for one KV block ({block_bytes} bytes)")
+        return num_blocks, block_bytes
+
+    def _log_summary(self, dtype: torch.dtype, num_blocks: int, block_bytes: int) -> None:
+        config, cache = self.config, self.config.cache
         logger.info(
             "%s on %s (%s, %s attention, weights %.1f MiB%s): KV cache %s %d blocks x %d = %d tokens (%.2f GiB), "
             "max_model_len %d",
-            mc.architecture, self.device, str(dtype).removeprefix("torch."), self.runner.attention_backend,
-            weight_bytes(self.model) / (1 << 20), f", {config.quantization}" if config.quantization else "",
-            cache.kv_cache_dtype,
+            self.model_config.architecture, self.device, str(dtype).removeprefix("torch."),
+            self.runner.attention_backend, weight_bytes(self.model) / (1 << 20),
+            f", {config.quantization}" if config.quantization else "", cache.kv_cache_dtype,
             num_blocks - 1, cache.block_size, (num_blocks - 1) * cache.block_size,
             num_blocks * block_bytes / (1 << 30), self.max_model_len,
         )
-        self._grammars = None
-        self.weight_version = 0
-        self.sleeping = False
-        self.groups: dict[str, RequestGroup] = {}
-        self.sequences: dict[str, Sequence] = {}
-        self._pending: list[RequestGroup] = []  # aborted groups whose final output is due
-        self.num_prompt_tokens = 0
-        self.num_generation_tokens = 0
-        self.num_steps = 0
-        self._ids = itertools.count()
 
     @classmethod
     def from_args(cls, model: str | None = None, revision: str | None = None, gguf_file: str | None = None,
@@ -176,9 +191,8 @@ class LLMEngine:
     ) -> RequestGroup:
         """Validate a request and build its sequences, without touching engine state
         (so a server thread can do it and report errors before queueing)."""
-        params = params or SamplingParams()
+        params = params or SamplingParams()  # (validated when it was made)
         text, ids = self.process_prompt(prompt)
-        params.validate()
         params.check_vocab(self.model_config.vocab_size)
         compiled = self.compile_structured(params.structured) if params.structured is not None else None
         room = self.max_model_len - len(ids)
@@ -186,14 +200,13 @@ class LLMEngine:
         eos = tuple(self.tokenizer.eos_token_ids) or self.model_config.eos_token_ids
         sequences = []
         for i in range(params.n):
-            child_id = request_id if params.n == 1 else f"{request_id}#{i}"
             seed = None if params.seed is None else params.seed + i
-            request = Request(child_id, ids, params, max_tokens, eos, priority, seed=seed)
+            request = Request(request_id, ids, params, max_tokens, eos, priority, seed=seed, index=i)
             if compiled is not None:
                 request.matcher = self.grammars.matcher(compiled)
                 request.allowed_bitmask = self.grammars.allowed_bitmask(params.structured)
             detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
-            sequences.append(Sequence(request, i, detok))
+            sequences.append(Sequence(request, detok))
         self.scheduler.check_fits(sequences[0].request)
         group = RequestGroup(request_id, text, ids, sequences)
         if params.prompt_logprobs is not None:
@@ -203,10 +216,11 @@ class LLMEngine:
     @property
     def grammars(self):
         """xgrammar's compiler for this tokenizer, built on first use."""
-        if self._grammars is None:
-            from ember.engine.structured import GrammarCompiler
+        with self._grammars_lock:
+            if self._grammars is None:
+                from ember.engine.structured import GrammarCompiler
 
-            self._grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size)
+                self._grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size)
         return self._grammars
 
     def compile_structured(self, spec):
@@ -215,80 +229,61 @@ class LLMEngine:
         return self.grammars.compile(spec)
 
     def add_request_group(self, group: RequestGroup) -> None:
-        if group.request_id in self.groups:
+        if group.request_id in self.output.groups:
             raise ValueError(f"request_id: {group.request_id!r} is already in use")
         for seq in group.sequences:
             self.scheduler.add_request(seq.request)
-            self.sequences[seq.request.request_id] = seq
-        self.groups[group.request_id] = group
+        self.output.add(group)
 
     def add_request(
         self, request_id: str | None, prompt: PromptType, params: SamplingParams | None = None, priority: int = 0
     ) -> str:
         """Validate and queue one request; nothing is queued if it is invalid."""
         request_id = str(next(self._ids)) if request_id is None else request_id
-        if request_id in self.groups:
+        if request_id in self.output.groups:
             raise ValueError(f"request_id: {request_id!r} is already in use")
         self.add_request_group(self.make_request_group(request_id, prompt, params, priority))
         return request_id
 
     def abort_request(self, request_id: str) -> None:
-        group = self.groups.get(request_id)
+        group = self.output.groups.get(request_id)
         if group is None:
             return
         for seq in group.sequences:
             self.scheduler.finish_request(seq.request, RequestStatus.FINISHED_ABORTED)
-            self._release(seq)
-        self._pending.append(group)
+            self.runner.release(seq.request.seq_id)
+        self.output.mark_aborted(group)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.groups)
+        return bool(self.output.groups)
 
     # ---- one step -----------------------------------------------------------------
     def step(self, finished_only: bool = False) -> list[RequestOutput]:
         """One scheduling + forward step. Returns an output for every request it advanced (for
-        streaming), or with `finished_only` only for those that finished (offline batches, which
-        would otherwise rebuild dozens of outputs per step only to drop them)."""
+        streaming), or with `finished_only` only for those that finished."""
         if self.sleeping:
             raise ValueError("step: the engine is asleep; call wake() first")
-        touched: dict[str, RequestGroup] = {g.request_id: g for g in self._pending}
-        self._pending = []
         scheduled = self.scheduler.schedule()
         if not scheduled.is_empty:
             result = self.runner.execute(scheduled)
             self.num_steps += 1
-            for request_id, infos in result.prompt_logprobs.items():
-                seq = self.sequences[request_id]
-                group = self._group_of(seq)
-                if seq.index == 0 and group.prompt_logprobs is not None:
-                    group.prompt_logprobs.extend(logprob_entry(i, self.tokenizer) for i in infos)
-            self.spec_stats["spec_num_drafts"] += result.num_proposed
-            self.spec_stats["spec_num_accepted"] += result.num_accepted
-            self.spec_stats["spec_num_verifications"] += sum(1 for r, _ in scheduled.scheduled if r.spec_token_ids)
+            self._count_speculation(scheduled, result)
+            for seq_id, infos in result.prompt_logprobs.items():
+                self.output.add_prompt_logprobs(seq_id, infos)
             now = time.monotonic()
             for request in self.scheduler.update_from_output(scheduled, result.sampled):
-                seq = self.sequences[request.request_id]
-                self._process_new_tokens(seq, result.logprobs.get(request.request_id))
-                group = self._group_of(seq)
-                if group.first_token_time is None:
-                    group.first_token_time = now
-                    self.num_prompt_tokens += len(group.prompt_token_ids)
-                touched[group.request_id] = group
+                if self.output.process_tokens(request, result.logprobs.get(request.seq_id), now):
+                    self.scheduler.finish_request(request, RequestStatus.FINISHED_STOPPED)
+                if request.is_finished:
+                    self.runner.release(request.seq_id)
         if self.spec is not None:
             self._propose()
-        outputs = []
-        for group in touched.values():
-            stops = group.sequences[0].request.params.stop
-            hold_back = max((len(s) for s in stops), default=1) - 1
-            if group.finished:
-                group.finished_time = group.finished_time or time.monotonic()
-                self.groups.pop(group.request_id, None)
-                for seq in group.sequences:
-                    self.sequences.pop(seq.request.request_id, None)
-            elif finished_only:
-                continue
-            outputs.append(group.make_output(hold_back, self.weight_version))
-        return outputs
+        return self.output.outputs(finished_only, self.weight_version)
+
+    def _count_speculation(self, scheduled, result) -> None:
+        self.spec_stats["spec_num_drafts"] += result.num_proposed
+        self.spec_stats["spec_num_accepted"] += result.num_accepted
+        self.spec_stats["spec_num_verifications"] += sum(1 for r, _ in scheduled.scheduled if r.spec_token_ids)
 
     def _propose(self) -> None:
         """Drafts for every decoding request that can speculate, scored in the next step."""
@@ -310,53 +305,10 @@ class LLMEngine:
                 candidates.append(request)
                 counts.append(k)
         if candidates:
-            for request_id, (drafts, probs) in self.draft.propose(candidates, counts).items():
-                self.scheduler.requests[request_id].spec_token_ids = drafts
+            for seq_id, (drafts, probs) in self.draft.propose(candidates, counts).items():
+                self.scheduler.requests[seq_id].spec_token_ids = drafts
                 if probs is not None:
-                    self.runner.draft_probs[request_id] = probs
-
-    def _group_of(self, seq: Sequence) -> RequestGroup:
-        request_id = seq.request.request_id
-        if seq.request.params.n > 1:
-            request_id = request_id.rpartition("#")[0]
-        return self.groups[request_id]
-
-    def _process_new_tokens(self, seq: Sequence, infos) -> None:
-        """Logprobs, detokenization and stop strings for the tokens this step appended (one,
-        or several when drafts were accepted); a stop string cuts off the tokens after it."""
-        request, params = seq.request, seq.request.params
-        start = seq.num_processed
-        new_tokens = request.output_token_ids[start:]
-        stop_ids = (*request.eos_token_ids, *params.stop_token_ids)
-        for j, token in enumerate(new_tokens):
-            self.num_generation_tokens += 1
-            if infos is not None and j < len(infos):
-                request.logprobs.append(logprob_entry(infos[j], self.tokenizer))
-                request.cumulative_logprob += infos[j].logprob
-            if request.matcher is not None and not request.matcher.is_terminated():
-                request.matcher.accept_token(token)
-            piece = seq.detokenizer.step(token)
-            is_last = j == len(new_tokens) - 1
-            if is_last and request.status is RequestStatus.FINISHED_STOPPED and token in stop_ids \
-                    and not params.include_stop_str_in_output:
-                piece = ""
-            seq.text += piece
-            if params.stop and piece:
-                match = find_stop_string(seq.text, len(piece), params.stop, params.include_stop_str_in_output)
-                if match is not None:
-                    seq.text, request.stop_reason = match
-                    request.truncate_output(start + j + 1)
-                    if request.is_finished:
-                        request.status = RequestStatus.FINISHED_STOPPED
-                    else:
-                        self.scheduler.finish_request(request, RequestStatus.FINISHED_STOPPED)
-                    break
-        seq.num_processed = request.num_output_tokens
-        if request.is_finished:
-            self._release(seq)
-
-    def _release(self, seq: Sequence) -> None:
-        self.runner.release(seq.request.request_id)
+                    self.runner.draft_probs[seq_id] = probs
 
     # ---- RL: weights in, memory out --------------------------------------------------
     def update_weights(self, named_tensors, strict: bool = False) -> int:
@@ -404,8 +356,8 @@ class LLMEngine:
             "prefix_cache_hits": kv.num_hit_tokens,
             "prefix_cache_hit_rate": kv.hit_rate,
             "num_preemptions": self.scheduler.num_preemptions,
-            "prompt_tokens": self.num_prompt_tokens,
-            "generation_tokens": self.num_generation_tokens,
+            "prompt_tokens": self.output.num_prompt_tokens,
+            "generation_tokens": self.output.num_generation_tokens,
             "num_steps": self.num_steps,
             **(self._spec_summary() if self.spec is not None else {}),
         }
@@ -473,20 +425,12 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"sampling_params: {len(params)} given for {len(prompts)} prompts")
         priorities = list(priority) if priority is not None else [0] * len(prompts)
-        # Validate everything before queueing anything: one bad prompt adds no work.
-        for prompt, p in zip(prompts, params):
-            p.validate()
-            self.engine.process_prompt(prompt)
-        ids = []
-        try:
-            for prompt, p, prio in zip(prompts, params, priorities):
-                ids.append(self.engine.add_request(f"llm-{next(self._ids)}", prompt, p, prio))
-        except ValueError:
-            for request_id in ids:
-                self.engine.abort_request(request_id)
-            self.engine.step()  # flush the aborted outputs
-            raise
-        return self._run(ids, use_tqdm)
+        # Every request is tokenized and validated before any is queued: one bad prompt adds no work.
+        groups = [self.engine.make_request_group(f"llm-{next(self._ids)}", prompt, p, prio)
+                  for prompt, p, prio in zip(prompts, params, priorities)]
+        for group in groups:
+            self.engine.add_request_group(group)
+        return self._run([g.request_id for g in groups], use_tqdm)
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}

@@ -9,7 +9,7 @@ import enum
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import math
 
@@ -184,6 +184,17 @@ class Logprob:
 TokenLogprobs = dict[int, Logprob]
 
 
+class SequenceId(NamedTuple):
+    """One sequence in the engine: sequence `index` of the user's request `request_id`
+    (a request with n > 1 has n of them). The scheduler, runner and proposers key by it."""
+
+    request_id: str
+    index: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.request_id}[{self.index}]"
+
+
 class Request:
     """One sequence in the engine. `n > 1` requests become n of these."""
 
@@ -197,8 +208,11 @@ class Request:
         priority: int = 0,
         arrival_time: float | None = None,
         seed: int | None = None,
+        index: int = 0,
     ):
         self.request_id = request_id
+        self.index = index
+        self.seq_id = SequenceId(request_id, index)
         self.prompt_token_ids = list(prompt_token_ids)
         self.all_token_ids = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
@@ -221,10 +235,6 @@ class Request:
         self.stop_reason: int | str | None = None
         self.cumulative_logprob = 0.0
         self.logprobs: list[TokenLogprobs] | None = [] if params.logprobs is not None else None
-        self.prompt_logprobs: list[TokenLogprobs | None] | None = (
-            [None] if params.prompt_logprobs is not None else None
-        )
-        self.first_token_time: float | None = None
         self.matcher = None  # xgrammar GrammarMatcher of a structured request
         self.allowed_bitmask = None  # xgrammar bitmask row ANDed into its grammar mask (None: no extra ban)
 
@@ -258,19 +268,6 @@ class Request:
         if extra > 0:
             del self.output_token_ids[num_output_tokens:]
             del self.all_token_ids[len(self.all_token_ids) - extra:]
-
-    def check_stop(self, max_model_len: int) -> RequestStatus | None:
-        """Token-level stop conditions; stop strings are checked after detokenizing."""
-        token = self.output_token_ids[-1]
-        if self.num_output_tokens >= self.params.min_tokens:
-            if token in self.eos_token_ids:
-                return RequestStatus.FINISHED_STOPPED
-            if token in self.params.stop_token_ids:
-                self.stop_reason = token
-                return RequestStatus.FINISHED_STOPPED
-        if self.num_output_tokens >= self.max_tokens or self.num_tokens >= max_model_len:
-            return RequestStatus.FINISHED_LENGTH
-        return None
 
     def __repr__(self) -> str:
         return (

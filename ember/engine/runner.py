@@ -4,7 +4,6 @@ and samples the rows that need a token."""
 from __future__ import annotations
 
 import itertools
-import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -13,13 +12,11 @@ from torch import nn
 from ember.engine.attention import BatchLayout, KVLayout, choose_layout, make_backend, resolve_backend
 from ember.engine.attention.torch_paged import LayerCache
 from ember.engine.kv_cache import NULL_BLOCK
-from ember.engine.request import Request
+from ember.engine.request import Request, SequenceId
 from ember.engine.sampler import Sampler, TokenLogprobInfo, compute_logprob_info
 from ember.engine.scheduler import SchedulerOutput
 from ember.engine.spec import verify
 from ember.models.config import ModelConfig
-
-logger = logging.getLogger(__name__)
 
 
 def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
@@ -38,12 +35,12 @@ def allocate_kv_caches(config: ModelConfig, num_blocks: int, block_size: int, de
 
 @dataclass
 class RunnerOutput:
-    sampled: dict[str, list[int]] = field(default_factory=dict)  # one token, or accepted drafts + one
-    logprobs: dict[str, list[TokenLogprobInfo]] = field(default_factory=dict)
+    sampled: dict[SequenceId, list[int]] = field(default_factory=dict)  # one token, or accepted drafts + one
+    logprobs: dict[SequenceId, list[TokenLogprobInfo]] = field(default_factory=dict)
     num_proposed: int = 0  # draft tokens scored this step
     num_accepted: int = 0
-    # request id -> prompt logprobs for the prompt positions computed this step
-    prompt_logprobs: dict[str, list[TokenLogprobInfo]] = field(default_factory=dict)
+    # prompt logprobs of the prompt positions computed this step
+    prompt_logprobs: dict[SequenceId, list[TokenLogprobInfo]] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -71,8 +68,8 @@ class ModelRunner:
         self.kv_caches: list[LayerCache] = []
         self.allocate_kv_cache()
         self.sampler = Sampler(device, seed)
-        self.generators: dict[str, torch.Generator] = {}
-        self.draft_probs: dict[str, torch.Tensor] = {}  # a draft model's distributions, for sampled requests
+        self.generators: dict[SequenceId, torch.Generator] = {}
+        self.draft_probs: dict[SequenceId, torch.Tensor] = {}  # a draft model's distributions, for sampled requests
 
     def allocate_kv_cache(self) -> None:
         self.kv_caches = allocate_kv_caches(self.config, self.num_blocks, self.block_size, self.device, self.kv_layout)
@@ -88,15 +85,15 @@ class ModelRunner:
     def _generator(self, request: Request) -> torch.Generator | None:
         if request.seed is None:
             return None
-        generator = self.generators.get(request.request_id)
+        generator = self.generators.get(request.seq_id)
         if generator is None:
             generator = torch.Generator(device=self.device).manual_seed(request.seed)
-            self.generators[request.request_id] = generator
+            self.generators[request.seq_id] = generator
         return generator
 
-    def release(self, request_id: str) -> None:
-        self.generators.pop(request_id, None)
-        self.draft_probs.pop(request_id, None)
+    def release(self, seq_id: SequenceId) -> None:
+        self.generators.pop(seq_id, None)
+        self.draft_probs.pop(seq_id, None)
 
     @torch.inference_mode()
     def forward(self, requests: list[Request], query_lens: list[int], context_lens: list[int],
@@ -148,9 +145,9 @@ class ModelRunner:
             sample_reqs = [requests[i] for i in plain]
             result = self.sampler(logits, sample_reqs, [self._generator(r) for r in sample_reqs])
             for request, token, info in zip(sample_reqs, result.token_ids, result.logprobs):
-                out.sampled[request.request_id] = [token]
+                out.sampled[request.seq_id] = [token]
                 if info is not None:
-                    out.logprobs[request.request_id] = [info]
+                    out.logprobs[request.seq_id] = [info]
         for i in done:
             if requests[i].spec_token_ids:
                 self._verify(requests[i], hidden[ends[i] - len(requests[i].spec_token_ids) - 1:ends[i]], out)
@@ -163,15 +160,15 @@ class ModelRunner:
         """Rows of the last token and each draft -> the accepted tokens plus one of the target's."""
         logits = self.model.compute_logits(hidden).float()
         drafts = request.spec_token_ids
-        draft_probs = self.draft_probs.pop(request.request_id, None)
+        draft_probs = self.draft_probs.pop(request.seq_id, None)
         verified = verify(logits, drafts, request, self._generator(request), self.sampler.generator, draft_probs)
-        out.sampled[request.request_id] = verified.tokens
+        out.sampled[request.seq_id] = verified.tokens
         out.num_proposed += len(drafts)
         out.num_accepted += verified.num_accepted
         if request.params.logprobs is not None:
             n = len(verified.tokens)
             raw = logits[:n].log_softmax(dim=-1)
-            out.logprobs[request.request_id] = compute_logprob_info(
+            out.logprobs[request.seq_id] = compute_logprob_info(
                 raw, torch.tensor(verified.tokens, device=raw.device), [request.params.logprobs] * n
             )
 
@@ -182,6 +179,6 @@ class ModelRunner:
             return
         logprobs = self.model.compute_logits(hidden[:num]).float().log_softmax(dim=-1)
         targets = torch.tensor(request.prompt_token_ids[start + 1:start + 1 + num], device=self.device)
-        out.prompt_logprobs[request.request_id] = compute_logprob_info(
+        out.prompt_logprobs[request.seq_id] = compute_logprob_info(
             logprobs, targets, [request.params.prompt_logprobs] * num
         )

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ember.engine.logits import apply_logits_processors
-from ember.engine.request import Request
+from ember.engine.request import Request, SamplingParams
 from ember.models import cpu_ops
 
 
@@ -94,7 +94,7 @@ def apply_grammar_masks(logits: torch.Tensor, requests: list[Request]) -> None:
     for i in rows:  # tokens a JSON output may never use, folded into the same bitmask
         if requests[i].allowed_bitmask is not None:
             bitmask[i] &= requests[i].allowed_bitmask
-    # Unpack the bits with tensor ops (several times faster here than xgrammar's CPU kernel).
+    # Unpack the bits with tensor ops (faster than xgrammar's CPU kernel: BENCHMARKS.md, structured output).
     index = torch.tensor(rows, device=logits.device)
     words = bitmask.to(logits.device).index_select(0, index)
     allowed = ((words.unsqueeze(-1) >> _BIT_SHIFTS.to(logits.device)) & 1).bool().flatten(1)[:, :vocab]
@@ -114,7 +114,7 @@ class Sampler:
         if all(_plain_greedy(r) for r in requests):
             token_ids = cpu_ops.argmax(logits)
             if token_ids is None:
-                token_ids = logits.float().argmax(dim=-1)  # (torch's argmax is several times slower on bf16)
+                token_ids = logits.float().argmax(dim=-1)  # (torch's bf16 argmax is the slower path)
             return SamplerOutput(token_ids.tolist(), [None] * len(requests))
         logits = logits.float()
         want_logprobs = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
@@ -138,22 +138,28 @@ class Sampler:
         return SamplerOutput(token_ids.tolist(), infos)
 
     def _sample(self, logits: torch.Tensor, requests: list[Request], generators: list[torch.Generator | None]) -> torch.Tensor:
-        device = logits.device
-        params = [r.params for r in requests]
-        temperature = torch.tensor([p.temperature for p in params], device=device)
-        logits = logits / temperature.unsqueeze(1)
-        top_k = top_p = None
-        if any(p.top_k > 0 for p in params):
-            top_k = torch.tensor([p.top_k for p in params], device=device)
-        if any(p.top_p < 1.0 for p in params):
-            top_p = torch.tensor([p.top_p for p in params], device=device)
-        if top_k is not None or top_p is not None:
-            logits = apply_top_k_top_p(logits, top_k, top_p)
-        if any(p.min_p > 0 for p in params):
-            logits = apply_min_p(logits, torch.tensor([p.min_p for p in params], device=device))
-        probs = logits.softmax(dim=-1)
+        probs = sampling_probs(logits, [r.params for r in requests])
         race = torch.empty_like(probs).exponential_(generator=self.generator)
         for i, generator in enumerate(generators):
             if generator is not None:
                 race[i].exponential_(generator=generator)
         return (probs / race).argmax(dim=-1)
+
+
+def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """The distribution a sampled (non-greedy) row draws from: temperature, then top-k/top-p,
+    then min-p, one row of `params` per row of `logits`. The sampler, the speculative
+    verifier and the draft model all draw from this, so they agree on what "p" is."""
+    device = logits.device
+    temperature = torch.tensor([p.temperature for p in params], device=device, dtype=torch.float32)
+    logits = logits.float() / temperature.unsqueeze(1)
+    top_k = top_p = None
+    if any(p.top_k > 0 for p in params):
+        top_k = torch.tensor([p.top_k for p in params], device=device)
+    if any(p.top_p < 1.0 for p in params):
+        top_p = torch.tensor([p.top_p for p in params], device=device)
+    if top_k is not None or top_p is not None:
+        logits = apply_top_k_top_p(logits, top_k, top_p)
+    if any(p.min_p > 0 for p in params):
+        logits = apply_min_p(logits, torch.tensor([p.min_p for p in params], device=device))
+    return logits.softmax(dim=-1)

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 from ember.engine.config import SchedulerConfig
 from ember.engine.kv_cache import KVCacheManager
-from ember.engine.request import Request, RequestStatus
+from ember.engine.output import check_token_stop
+from ember.engine.request import Request, RequestStatus, SequenceId
 
 
 class WaitingQueue:
@@ -74,14 +75,13 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int, num_lookahead: int = 0):
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int):
         self.config = config
         self.kv = kv
         self.max_model_len = max_model_len
-        self.num_lookahead = num_lookahead  # slots a draft model writes past the verified tokens
         self.waiting = WaitingQueue(config.policy)
         self.running: list[Request] = []
-        self.requests: dict[str, Request] = {}
+        self.requests: dict[SequenceId, Request] = {}
         self.num_preemptions = 0
 
     # ---- admission ------------------------------------------------------------------
@@ -95,10 +95,10 @@ class Scheduler:
             )
 
     def add_request(self, request: Request) -> None:
-        if request.request_id in self.requests:
+        if request.seq_id in self.requests:
             raise ValueError(f"request_id: {request.request_id!r} is already in use")
         self.check_fits(request)
-        self.requests[request.request_id] = request
+        self.requests[request.seq_id] = request
         self.waiting.push(request)
 
     def has_unfinished_requests(self) -> bool:
@@ -126,8 +126,8 @@ class Scheduler:
             num_new = min(request.num_tokens + len(request.spec_token_ids) - request.num_computed_tokens, budget)
             # Drafts that do not fit the budget are dropped, not split.
             del request.spec_token_ids[max(0, num_new - (request.num_tokens - request.num_computed_tokens)):]
-            lookahead = self.num_lookahead if request.spec_token_ids else 0
-            while not self.kv.allocate_slots(request, num_new, num_lookahead=lookahead):
+            # (a draft model's lookahead slots were allocated when it proposed)
+            while not self.kv.allocate_slots(request, num_new):
                 victim = self._pick_victim()
                 budget += scheduled.pop(victim, 0)
                 self._preempt(victim)
@@ -181,19 +181,19 @@ class Scheduler:
         self.waiting.push(request, front=True)
 
     # ---- results ----------------------------------------------------------------------
-    def update_from_output(self, output: SchedulerOutput, sampled: dict[str, list[int]]) -> list[Request]:
+    def update_from_output(self, output: SchedulerOutput, sampled: dict[SequenceId, list[int]]) -> list[Request]:
         """Append each request's new tokens (several when drafts were accepted), apply
         token-level stops; returns the requests that grew."""
         updated = []
         for request, _ in output.scheduled:
-            tokens = sampled.get(request.request_id)
+            tokens = sampled.get(request.seq_id)
             if not tokens or request.is_finished:
                 continue
             had_drafts = bool(request.spec_token_ids)
             request.spec_token_ids = []
             for token in tokens:
                 request.append_output_token(token)
-                status = request.check_stop(self.max_model_len)
+                status = check_token_stop(request, self.max_model_len)
                 if status is not None:
                     self.finish_request(request, status)
                     break
@@ -212,4 +212,4 @@ class Scheduler:
             self.waiting.remove(request)
         self.kv.free(request)
         request.status = status
-        del self.requests[request.request_id]
+        del self.requests[request.seq_id]

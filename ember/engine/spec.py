@@ -15,39 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ember.engine.config import SpeculativeConfig  # noqa: F401  (re-exported)
 from ember.engine.request import Request
 
-METHODS = ("ngram", "draft")
-
-
-@dataclass(frozen=True)
-class SpeculativeConfig:
-    method: str = "ngram"
-    num_tokens: int = 3  # drafts per step
-    max_ngram: int = 3
-    min_ngram: int = 1
-    model: str | None = None  # the draft model's directory (method "draft")
-
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"speculative.method: {self.method!r} is not one of {METHODS}")
-        if not 1 <= self.num_tokens <= 16:
-            raise ValueError(f"speculative.num_tokens: {self.num_tokens} must be in [1, 16]")
-        if not 1 <= self.min_ngram <= self.max_ngram:
-            raise ValueError(f"speculative.max_ngram: {self.max_ngram} must be >= min_ngram ({self.min_ngram}) >= 1")
-        if self.method == "draft" and not self.model:
-            raise ValueError("speculative.model: required for method 'draft'")
-
-    @classmethod
-    def from_any(cls, value) -> "SpeculativeConfig | None":
-        if value is None or isinstance(value, cls):
-            return value
-        if isinstance(value, dict):
-            unknown = set(value) - {"method", "num_tokens", "max_ngram", "min_ngram", "model"}
-            if unknown:
-                raise ValueError(f"speculative: unknown keys {sorted(unknown)}")
-            return cls(**value)
-        raise ValueError(f"speculative: {value!r} is not a dict")
 
 
 def can_speculate(request: Request) -> bool:
@@ -90,7 +60,7 @@ def verify(
     default_generator: torch.Generator,
     draft_probs: torch.Tensor | None = None,  # [k, vocab] the draft model's distributions (None: n-gram)
 ) -> Verified:
-    from ember.engine.sampler import apply_min_p, apply_top_k_top_p
+    from ember.engine.sampler import sampling_probs
 
     params = request.params
     if params.greedy:
@@ -100,15 +70,7 @@ def verify(
             accepted += 1
         return Verified(drafts[:accepted] + [target[accepted]], accepted)
 
-    scaled = logits / params.temperature
-    if params.top_k > 0 or params.top_p < 1.0:
-        rows = scaled.shape[0]
-        top_k = torch.full((rows,), params.top_k, device=logits.device) if params.top_k > 0 else None
-        top_p = torch.full((rows,), params.top_p, device=logits.device) if params.top_p < 1.0 else None
-        scaled = apply_top_k_top_p(scaled, top_k, top_p)
-    if params.min_p > 0:
-        scaled = apply_min_p(scaled, torch.full((scaled.shape[0],), params.min_p, device=logits.device))
-    probs = scaled.softmax(dim=-1)
+    probs = sampling_probs(logits, [params] * logits.shape[0])
     gen = generator or default_generator
     uniforms = torch.rand(len(drafts) + 1, generator=gen, device=gen.device).tolist()
     for j, token in enumerate(drafts):

@@ -17,7 +17,7 @@ _DTYPES = {
     "float16": torch.float16,
     "half": torch.float16,
 }
-DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+from ember.choices import DTYPE_CHOICES  # noqa: E402  (re-exported)
 
 
 def dtype_from_name(name: str) -> torch.dtype:
@@ -228,10 +228,6 @@ class ModelConfig:
             )
         if len(self.layers) != self.num_layers:
             object.__setattr__(self, "layers", tuple(LayerSpec(rope=self.rope) for _ in range(self.num_layers)))
-
-    @property
-    def sliding_windows(self) -> tuple[int | None, ...]:
-        return tuple(spec.sliding_window for spec in self.layers)
 
     @property
     def scale(self) -> float:

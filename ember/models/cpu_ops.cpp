@@ -1,16 +1,23 @@
-// Kernels for decode-sized batches on CPU: matrix-vector products y[m, n] = sum_k x[m, k] * w[n, k]
-// for a few rows m; and, for any batch, the elementwise steps PyTorch splits into several bf16 ops
-// (each a pass over memory): RMSNorm, SwiGLU's silu(gate) * up, rotary embedding, argmax.
+// ember's CPU kernels for a decoder layer's products and elementwise steps, registered as
+// torch.ops.ember_ops (cpu_ops.py builds this file on first use and decides, call by call, where
+// each applies; quant.py's quantized linears call the integer-weight ones).
 //
-// At one to a few rows a linear layer is bound by reading its weight once; PyTorch's
-// GEMV paths reach a fraction of the memory bandwidth. These kernels stream each weight row
-// once for all rows of x:
-// - integer weights (int8 per channel, int8 or int4 per group: ember's quantized linears and
-//   llama.cpp's blocks) by integer dot products on AVX512-VNNI, x fp32 or bf16;
-// - bf16 weights by AVX512-BF16 dot products of bf16 pairs, x bf16 (and the pair-packed kernel
-//   for batches of 3 rows and more).
-// What a CPU lacks is compiled out and reported by gemv_supported() / int_gemv_supported();
-// the Python side (cpu_ops.py, quant.py) then keeps PyTorch's kernels.
+// Products y[m, n] = sum_k x[m, k] * w[n, k]:
+// - one to a few rows of x (decodes), bound by reading the weight once, which PyTorch's GEMV paths
+//   do at a fraction of the memory bandwidth; these stream each weight row once for all rows of x:
+//   - integer weights (int8 per channel; int8 per group of 16 or 32 with optional offsets; int4 per
+//     group in tiles of 4 output channels: ember's quantized linears and llama.cpp's blocks) by
+//     integer dot products on AVX512-VNNI, x fp32 or bf16 (linear_gemv, linear_groups, linear_int4);
+//   - bf16 weights by AVX512-BF16 dot products of bf16 pairs, x bf16 (linear_gemv);
+// - bf16 batches of 3 rows up to a few thousand (bigger decode batches, prompt chunks): compute-bound,
+//   over a "pair-packed" copy of the weight (pack_pairs, linear_pairs) in register tiles of rows x
+//   blocks of 16 channels.
+// Elementwise steps PyTorch runs as several ops, each a pass over memory, in one pass: RMSNorm, a
+// residual add fused into the next RMSNorm, SwiGLU's silu(gate) * up, rotary embedding, argmax;
+// for bf16 (AVX512-BF16 builds: rounded as PyTorch's bf16 ops are, the same bits) and for fp32
+// (a quantized GGUF model computes in fp32).
+// What a CPU lacks is compiled out and reported by gemv_supported() / int_gemv_supported(); the
+// Python side then keeps PyTorch's kernels.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -593,11 +600,11 @@ void rotary_rows(c10::BFloat16* x, int64_t row_stride, const c10::BFloat16* cos,
 // one vdpbf16ps per row of x adds them to that row's 16 outputs, so no horizontal sums are needed.
 // A tile is up to kTileRows rows x kTileBlocks blocks (24 accumulators + 4 weight vectors + one
 // broadcast fit the 32 vector registers; per pair of inputs 4 loads and 6 broadcasts feed 24
-// multiply-adds). Of the tile shapes tried (12x2, 14x2, 8x3, 6x4, 5x5, 4x6 rows x blocks), 6x4
-// ran fastest on bench-llama-56m's shapes at 32-2,048 rows and within 1-5% of the best (8x3) on
-// Qwen2-0.5B's at 16-64; ahead of or level with oneDNN's prepacked GEMM wherever measured
-// (BENCHMARKS.md, session 6). The accumulation order (k ascending per output) is the same for
-// every tile, so results do not depend on the batch.
+// multiply-adds). 6x4 is the one tile shape of those tried (12x2, 14x2, 8x3, 6x4, 5x5, 4x6 rows x
+// blocks) that was fastest or close to it on both bench models' shapes, and it was ahead of or level
+// with oneDNN's prepacked GEMM wherever measured (BENCHMARKS.md: session 6 and the measurements moved
+// from comments). The accumulation order (k ascending per output) is the same for every tile, so
+// results do not depend on the batch.
 
 template <int R, int B>
 void pairs_tile(const uint32_t* x, int64_t x_stride, const uint32_t* w, int64_t k_pairs, const c10::BFloat16* bias,

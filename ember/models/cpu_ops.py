@@ -54,7 +54,7 @@ def int_kernel_ok(x: torch.Tensor, max_rows: int) -> bool:
             and int_kernels_available())
 
 
-def _gemv(x, weight, scales, bias):  # the op's resolved overload: a few microseconds less per call
+def _gemv(x, weight, scales, bias):  # the op's resolved overload: no overload lookup on every call
     return torch.ops.ember_ops.linear_gemv.default(x, weight, scales, bias)
 
 
@@ -130,7 +130,7 @@ def _kept_copy(weight: torch.Tensor, name: str, pack, usable: bool):
 
 def _packed(weight: torch.Tensor):
     """The weight reordered once into oneDNN's blocked layout (what F.linear redoes on every call):
-    10-60% faster products at decode batch sizes, bit-identical results; a second copy of it."""
+    faster products at decode batch sizes (BENCHMARKS.md), bit-identical results; a second copy of it."""
     return _kept_copy(weight, "_ember_packed", lambda w: torch.ops.mkldnn._reorder_linear_weight(w, 64),
                       _onednn_packing())
 

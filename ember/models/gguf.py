@@ -93,7 +93,7 @@ def _reader_class(fast: bool = True):
 
     class Reader(gguf.GGUFReader):
         # The reader slices its np.memmap once per metadata item; a plain ndarray over the same mapped
-        # bytes skips memmap's per-slice bookkeeping (a 49k-token vocabulary: 4.8 s -> 1.7 s here).
+        # bytes skips memmap's per-slice bookkeeping, which dominates reading a large vocabulary (BENCHMARKS.md).
         @property
         def data(self):
             return self._plain
@@ -103,9 +103,10 @@ def _reader_class(fast: bool = True):
             self._plain = value.view(np.ndarray)
 
         def _get_field_parts(self, orig_offs, raw_type):
-            # Arrays in one pass instead of one reader call per item (Gemma's 262k-token vocabulary: 8 s ->
-            # under a second): numbers as one view, strings as memoryviews. ReaderField.contents() reads
-            # both as it reads the reader's own parts. Anything unusual goes to the reader itself.
+            # Arrays in one pass instead of one reader call per item (slow over a vocabulary of hundreds of
+            # thousands of strings; BENCHMARKS.md): numbers as one view, strings as memoryviews.
+            # ReaderField.contents() reads both as it reads the reader's own parts. Anything unusual goes
+            # to the reader itself.
             if not fast or raw_type != gguf.GGUFValueType.ARRAY or self.byte_order == "S":
                 return super()._get_field_parts(orig_offs, raw_type)
             head = [self._plain[orig_offs:orig_offs + 4].view(np.uint32),

@@ -1,12 +1,12 @@
 """Model weights on CPU in one buffer backed by 2 MiB pages.
 
 Decoding a few rows reads every weight once per token, so it runs at the memory
-system's streaming rate. Spread over 4 KiB pages that rate is lower here: the
+system's streaming rate. Spread over 4 KiB pages that rate is lower: the
 hardware prefetchers stop at every page boundary and each page costs a TLB miss.
 Moving all weights into one 2 MiB-aligned anonymous mapping that the kernel is
 asked to back with transparent huge pages (madvise MADV_HUGEPAGE, which the default
-"madvise" THP setting honours) measured 10-20% faster decode-sized products on the
-bench models (BENCHMARKS.md). Values, shapes and parameter identities stay as they
+"madvise" THP setting honours) makes decode-sized products faster on the bench
+models (BENCHMARKS.md). Values, shapes and parameter identities stay as they
 were; only the storage moves.
 """
 

@@ -276,7 +276,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, ctx):
         # Submodules' forward directly: they carry no hooks (FSDP wraps whole layers), and
-        # nn.Module.__call__ costs microseconds per call (~6% of a tiny model's decode step).
+        # nn.Module.__call__'s per-call overhead shows in a small model's decode step (BENCHMARKS.md).
         ffn = getattr(self, self.ffn_name)
         if self.norm_style == "pre":
             attn_out = self.self_attn.forward(self.input_layernorm.forward(x), cos, sin, ctx)
@@ -291,8 +291,9 @@ class DecoderLayer(nn.Module):
         """forward() for the engine's bf16 batches on CPU in the pair-packed kernels' row range (after
         `takes_cpu_rows()`): the same kernels in the same order, with the Python between them cut from
         ~25 frames and ~30 module lookups to one frame. That Python runs on caches the products have
-        just flushed: ~1 ms of a 27 ms 64-row decode step. The residual add is left to the next layer's
-        fused add + norm: returns (x, delta) whose sum is this layer's output (`delta` None: x alone)."""
+        just flushed, so it costs more than its size suggests (BENCHMARKS.md). The residual add is left
+        to the next layer's fused add + norm: returns (x, delta) whose sum is this layer's output
+        (`delta` None: x alone)."""
         (norm1, eps1, qkv_w, qkv_n, qkv_b, heads, kv_heads, head_dim, scale, layer, window,
          o_w, o_n, o_b, norm2, eps2, gate_up_w, gate_up_n, gate_up_b, down_w, down_n, down_b) = self._cpu_rows_plan
         pairs = cpu_ops._pairs  # per call: a weight changed in place (an RL push) is repacked
@@ -336,8 +337,8 @@ class DecoderLayer(nn.Module):
         """forward() for the engine's batches on CPU when `takes_rows()`: the same kernels in the same
         order with the Python between them cut to one frame and one call per step (each projection a
         function bound once: ember's integer kernels for quantized weights, cpu_ops.linear for dense).
-        A 135M model's decode step is ~30 layers of small products, where per-op overhead was over
-        half the time. Returns (x, delta) as forward_cpu_rows does."""
+        A small model's decode step is dozens of layers of small products, where per-op overhead is a
+        large share of the time (BENCHMARKS.md). Returns (x, delta) as forward_cpu_rows does."""
         (norm1, eps1, qkv, heads, kv_heads, head_dim, scale, layer, window, o, norm2, eps2, gate_up, down,
          qk_norm) = self._rows_plan
         ops = torch.ops.ember_ops

@@ -1,9 +1,20 @@
-"""Llama-family decoders: Llama (1-3), Qwen2/3 (+MoE), Mistral, Mixtral, Gemma 2/3, Phi-3/4, OLMo 2,
-SmolLM3, gpt-oss.
+"""LlamaForCausalLM: the one decoder class of every Llama-family architecture ember loads (Llama 1-3,
+Qwen2/3 and their MoE, Mistral, Mixtral, Gemma 2/3, Phi-3/4, OLMo 2, SmolLM3, gpt-oss; see
+ember.models.ARCHITECTURES).
 
-They differ from Llama in a few places that `ModelConfig` resolves into data (its `Family` and
-per-layer `LayerSpec`s: windows, rope, q/k norms, norm placement, soft-capping, sinks, MoE routing),
-so they share one class.
+Where a family differs from Llama, `ModelConfig` has already turned it into data (its `Family` and
+per-layer `LayerSpec`s: sliding windows, rope or none, q/k norms, norm placement, soft-capping, sinks,
+MoE routing), which `DecoderLayer` reads; this file holds the stack around the layers: the embedding
+(Gemma's scaled), one `Rotary` per distinct rope of the layers, the final norm and the LM head (tied or
+not, Gemma 2's logit soft-capping).
+
+`forward` serves both users of the model: training passes `input_ids[B, T]` and gets logits (with
+optional activation checkpointing per block); the engine passes flat tokens, their positions and an
+`AttentionContext` and gets hidden rows, computing logits only for the rows it samples. For the
+engine's batches on CPU, `LlamaModel` checks per batch whether its layers can run as one Python frame
+each over ember's fused kernels (`DecoderLayer.forward_cpu_rows` for bf16 batches in the pair-packed
+kernels' row range, `forward_rows` for the rest the kernels cover) and otherwise calls the modules;
+either way the results are the same.
 """
 
 from __future__ import annotations

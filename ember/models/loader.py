@@ -242,7 +242,7 @@ def _mxfp4_experts(weights, dtype: torch.dtype):
 
 
 def init_random_weights(model: nn.Module, std: float) -> None:
-    """Every Linear/Embedding weight ~ N(0, std), norms 1, biases 0 (as ../shared/bench prescribes)."""
+    """Every Linear/Embedding weight ~ N(0, std), norms 1, biases 0 (the benchmark workloads' recipe)."""
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -251,6 +251,23 @@ def init_random_weights(model: nn.Module, std: float) -> None:
                 param.zero_()
             else:
                 param.normal_(0.0, std)
+
+
+def write_random_model(out_dir: str | Path, hf_config: dict, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
+                       std: float = 0.02) -> None:
+    """An HF-format directory (config.json, model.safetensors) of a random-init model for `hf_config`:
+    every Linear/Embedding weight ~ N(0, std), norms 1 (the benchmark workloads' recipe). Benchmark
+    models and RL's from-scratch policies start here."""
+    from ember.models import model_class
+
+    config = ModelConfig.from_hf(dict(hf_config))
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = model_class(config.architecture)(config)
+    model = model.to_empty(device="cpu")
+    model.tie_weights()
+    init_random_weights(model, std)
+    save_model(model, config, out_dir, dtype=dtype)
 
 
 def save_model(model: nn.Module, config: ModelConfig, out_dir: str | Path, dtype: torch.dtype | None = None) -> None:

@@ -26,11 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ember.choices import QUANTIZATION_METHODS
 from ember.models import cpu_ops
 from ember.models.gguf_blocks import PackedWeight
 from ember.models.layers import MergedLinear
 
-METHODS = ("int8", "int4")
+METHODS = QUANTIZATION_METHODS
 GROUP_SIZES = (32, 64, 128, 256)
 # Rows at or below which the packed kernels beat dequantize + bf16 matmul (BENCHMARKS.md, issue 10).
 KERNEL_MAX_ROWS = 16

@@ -30,7 +30,7 @@ from ember.models.quant import GROUP_SIZES, QuantConfig, QuantizedLinear, quanti
 
 QUANTIZED_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx")
 _AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # nibble i of a word holds output channel 8 * word + _AWQ_ORDER[i]
-_AWQ_UNDO = [0, 4, 1, 5, 2, 6, 3, 7]
+_AWQ_UNDO = [_AWQ_ORDER.index(i) for i in range(8)]  # the nibble holding output channel 8 * word + i
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                    "chat_template.jinja")
 

@@ -77,7 +77,7 @@ def _policy_dir(config: GRPOConfig, is_main: bool) -> Path:
     """The initial policy as an HF directory the engine loads (random init unless model.path)."""
     if config.model.get("path"):
         return Path(config.model["path"])
-    from ember.bench.models import write_random_model
+    from ember.models.loader import write_random_model
 
     out = Path(config.run_dir) / "policy0"
     if is_main and not (out / "config.json").is_file():

@@ -25,8 +25,10 @@ def launch(config_path: str, nproc: int = 1) -> int:
     return 0
 
 
-if __name__ == "__main__":  # a torchrun worker
+if __name__ == "__main__":  # a torchrun worker: a process of its own, so it sets up logging as the CLI does
+    from ember.logs import configure_logging
     from ember.rl.grpo import run
     from ember.train.zero import run_worker
 
+    configure_logging()
     run_worker(run, GRPOConfig.load(sys.argv[1]))

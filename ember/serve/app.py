@@ -154,21 +154,19 @@ def build_app(state: ServerState, config: ServerConfig) -> FastAPI:
     app = FastAPI(title="ember", version=ember.__version__, lifespan=lifespan,
                   responses={400: {"model": ErrorResponse}})
     app.state.ember = state
+    _add_error_handlers(app)
+    _add_page_and_probes(app, state)
+    _add_api(app, state, config)
+    if config.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins), allow_methods=["*"],
+                           allow_headers=["*"])
+    app.add_middleware(BodyLimit, max_bytes=int(config.max_body_mb * (1 << 20)))
+    app.add_middleware(RequestContext)  # outermost of ours: sees every exception
+    return app
 
-    async def check_key(request: Request) -> None:
-        if config.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        given = header[7:] if header.lower().startswith("bearer ") else ""
-        if not secrets.compare_digest(given.encode(), config.api_key.encode()):
-            raise OpenAIError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
-                              type="authentication_error", code="invalid_api_key")
 
-    def check_model(name: str | None) -> None:
-        if name is not None and name != state.model_name:
-            raise OpenAIError(404, f"model: {name!r} does not exist (this server has {state.model_name!r})",
-                              param="model", code="model_not_found")
-
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
     @app.exception_handler(OpenAIError)
     async def openai_error(request: Request, exc: OpenAIError):
         return error_response(exc)
@@ -183,9 +181,9 @@ def build_app(state: ServerState, config: ServerConfig) -> FastAPI:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return error_response(OpenAIError(exc.status_code, str(exc.detail), type=kind))
 
-    def request_id(request: Request, prefix: str) -> str:
-        return request.state.request_id or random_id(prefix)
 
+def _add_page_and_probes(app: FastAPI, state: ServerState) -> None:
+    """The chat page, and the routes a load balancer or Prometheus calls (no API key)."""
     page = resources.files("ember.serve").joinpath("static/index.html").read_text(encoding="utf-8")
 
     @app.get("/", include_in_schema=False)
@@ -205,42 +203,55 @@ def build_app(state: ServerState, config: ServerConfig) -> FastAPI:
     async def metrics() -> Response:
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models", response_model=ModelList, dependencies=[Depends(check_key)])
+
+def _add_api(app: FastAPI, state: ServerState, config: ServerConfig) -> None:
+    """The OpenAI routes and vLLM's /tokenize and /detokenize, behind the API key if one is set."""
+    async def check_key(request: Request) -> None:
+        if config.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        given = header[7:] if header.lower().startswith("bearer ") else ""
+        if not secrets.compare_digest(given.encode(), config.api_key.encode()):
+            raise OpenAIError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
+                              type="authentication_error", code="invalid_api_key")
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name != state.model_name:
+            raise OpenAIError(404, f"model: {name!r} does not exist (this server has {state.model_name!r})",
+                              param="model", code="model_not_found")
+
+    def request_id(request: Request, prefix: str) -> str:
+        return request.state.request_id or random_id(prefix)
+
+    keyed = [Depends(check_key)]
+
+    @app.get("/v1/models", response_model=ModelList, dependencies=keyed)
     async def models():
         return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.created,
                                             "owned_by": "ember", "max_model_len": state.max_model_len}]}
 
-    @app.post("/v1/completions", response_model=CompletionResponse, dependencies=[Depends(check_key)])
+    @app.post("/v1/completions", response_model=CompletionResponse, dependencies=keyed)
     async def completions(body: CompletionRequest, request: Request):
         check_model(body.model)
         return await handlers.create_completion(body, state, request, request_id(request, "cmpl"))
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, dependencies=[Depends(check_key)])
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, dependencies=keyed)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_model(body.model)
         return await handlers.create_chat_completion(body, state, request, request_id(request, "chatcmpl"))
 
-    @app.post("/v1/embeddings", dependencies=[Depends(check_key)])
+    @app.post("/v1/embeddings", dependencies=keyed)
     async def embeddings(body: EmbeddingRequest):
         check_model(body.model)
         return await handlers.create_embeddings(body, state)
 
-    @app.post("/tokenize", response_model=TokenizeResponse, dependencies=[Depends(check_key)])
+    @app.post("/tokenize", response_model=TokenizeResponse, dependencies=keyed)
     async def tokenize(body: TokenizeRequest):
         check_model(body.model)
-        tokenizer = state.tokenizer
-        if body.messages is None and body.prompt is None:
-            raise OpenAIError(400, "prompt: give 'prompt' or 'messages'", param="prompt")
-
-        def tokenize_body() -> list[int]:
-            if body.messages is not None:
-                return tokenizer.encode_chat([m.for_template() for m in body.messages], body.add_generation_prompt)
-            return tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
-
-        ids = await handlers.off_loop(tokenize_body)
+        ids = await handlers.tokenize(body, state)
         return {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids}
 
-    @app.post("/detokenize", response_model=DetokenizeResponse, dependencies=[Depends(check_key)])
+    @app.post("/detokenize", response_model=DetokenizeResponse, dependencies=keyed)
     async def detokenize(body: DetokenizeRequest):
         check_model(body.model)
         vocab = state.vocab_size
@@ -248,13 +259,6 @@ def build_app(state: ServerState, config: ServerConfig) -> FastAPI:
         if bad:
             raise OpenAIError(400, f"tokens: {bad[:5]} are not token ids in [0, {vocab})", param="tokens")
         return {"prompt": state.tokenizer.decode(body.tokens)}
-
-    if config.allowed_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins), allow_methods=["*"],
-                           allow_headers=["*"])
-    app.add_middleware(BodyLimit, max_bytes=int(config.max_body_mb * (1 << 20)))
-    app.add_middleware(RequestContext)  # outermost of ours: sees every exception
-    return app
 
 
 _IDLE_STATS = {"num_running": 0, "num_waiting": 0, "kv_cache_usage": 0.0, "prompt_tokens": 0,

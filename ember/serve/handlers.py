@@ -1,7 +1,9 @@
-"""/v1/completions and /v1/chat/completions: tokenize, submit, stream or collect.
+"""/v1/completions, /v1/chat/completions and /v1/embeddings: check the body, prepare and submit
+through AsyncLLM's client API, then stream or collect.
 
-The engine returns cumulative outputs; each choice keeps how much text and how
-many tokens it has sent, and emits the difference.
+The engine returns cumulative outputs; each choice keeps how much text and how many tokens
+it has sent, and emits the difference. Both generating endpoints share one response path
+(`respond`): they differ only in how a choice is shaped.
 """
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ember.engine.async_llm import AsyncLLM, EngineDeadError, QueueFullError, RequestStream
+from ember.engine.output import RequestGroup
 from ember.engine.request import CompletionOutput, Logprob, RequestOutput, SamplingParams
 from ember.serve.metrics import Metrics
 from ember.serve.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, bad_request, now
@@ -39,7 +41,7 @@ class ServerState:
 
     @property
     def max_model_len(self) -> int:
-        return self.llm.engine.max_model_len if self.llm else self.embedder.max_len
+        return self.llm.max_model_len if self.llm else self.embedder.max_len
 
     @property
     def tokenizer(self):
@@ -47,7 +49,7 @@ class ServerState:
 
     @property
     def vocab_size(self) -> int:
-        return (self.llm.engine if self.llm else self.embedder).model_config.vocab_size
+        return self.llm.vocab_size if self.llm else self.embedder.model_config.vocab_size
 
     def generator(self) -> AsyncLLM:
         if self.llm is None:
@@ -57,15 +59,6 @@ class ServerState:
 
 
 # ---- shared plumbing ------------------------------------------------------------------
-@dataclass
-class _Choice:
-    """What one choice has sent so far."""
-
-    text_sent: int = 0
-    tokens_sent: int = 0
-    finished: bool = False
-
-
 @dataclass
 class _Tracker:
     """Per-request latency metrics and the one log line per finished request."""
@@ -88,7 +81,8 @@ class _Tracker:
             self.metrics.itl.observe(t - self.last)
         self.last = t
 
-    def done(self) -> None:
+    def done(self, outputs: list[RequestOutput]) -> None:
+        self.output_tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
         total = time.monotonic() - self.arrival
         self.metrics.e2e.observe(total)
         self.metrics.finished(self.finish_reasons)
@@ -105,31 +99,6 @@ MAX_SEQUENCES = 256  # prompts x n in one request
 MAX_EMBED_INPUTS = 2048  # inputs in one /v1/embeddings request (OpenAI's limit)
 
 
-async def off_loop(prepare: Callable[[], Any]) -> Any:
-    """Run a request's preparation (tokenizing, template rendering, grammar compiling: all
-    proportional to its size) on a worker thread, so a huge prompt never stalls the event loop
-    that every other request streams through. A ValueError is the client's mistake: 400."""
-    try:
-        return await asyncio.get_running_loop().run_in_executor(None, prepare)
-    except ValueError as e:
-        raise bad_request(e) from None
-
-
-def submit_all(llm: AsyncLLM, prompts: list[list[int]], params: SamplingParams, request_id: str,
-               priority: int) -> list[RequestStream]:
-    # the engine's ids get a nonce: a client may reuse its X-Request-Id while the first is in flight
-    nonce = secrets.token_hex(4)
-    streams: list[RequestStream] = []
-    try:
-        for i, ids in enumerate(prompts):
-            streams.append(llm.submit(ids, params, f"{request_id}-{nonce}-{i}", priority))
-    except (ValueError, QueueFullError, EngineDeadError) as e:
-        for s in streams:
-            s.abort()
-        raise translate(e) from None
-    return streams
-
-
 def translate(error: Exception) -> OpenAIError:
     if isinstance(error, QueueFullError):
         return OpenAIError(429, str(error), type="rate_limit_error", code="queue_full")
@@ -138,6 +107,32 @@ def translate(error: Exception) -> OpenAIError:
     if isinstance(error, ValueError):
         return bad_request(error)
     return OpenAIError(500, f"internal error: {error}", type="server_error")
+
+
+async def prepared(work) -> Any:
+    """Await a client `prepare*` call; a ValueError is the client's mistake: 400."""
+    try:
+        return await work
+    except ValueError as e:
+        raise bad_request(e) from None
+
+
+def checked(make: Callable[[], Any]) -> Any:
+    """Build something from the body (sampling parameters, messages); a ValueError: 400."""
+    try:
+        return make()
+    except ValueError as e:
+        raise bad_request(e) from None
+
+
+def check_length(prompt_ids: list[int], max_tokens: int | None, max_model_len: int, field_name: str) -> None:
+    if max_tokens is not None and max_tokens >= 1 and len(prompt_ids) + max_tokens > max_model_len:
+        raise OpenAIError(
+            400,
+            f"{field_name}: {max_tokens} is too large: the prompt has {len(prompt_ids)} tokens and the model's "
+            f"context is {max_model_len} tokens",
+            param=field_name,
+        )
 
 
 async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -228,14 +223,65 @@ def sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-def check_length(prompt_ids: list[int], max_tokens: int | None, max_model_len: int, field_name: str) -> None:
-    if max_tokens is not None and max_tokens >= 1 and len(prompt_ids) + max_tokens > max_model_len:
-        raise OpenAIError(
-            400,
-            f"{field_name}: {max_tokens} is too large: the prompt has {len(prompt_ids)} tokens and the model's "
-            f"context is {max_model_len} tokens",
-            param=field_name,
-        )
+class Shape:
+    """How one endpoint shapes its choices; `respond` does the rest."""
+
+    object: str  # the response's "object"; streamed chunks add ".chunk" where the API does
+
+    def final_choices(self, outputs: list[RequestOutput]) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def chunk_choices(self, i: int, output: RequestOutput) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def first_chunks(self) -> list[dict[str, Any]]:
+        return []
+
+
+async def respond(shape: Shape, chunk_object: str, body, state: ServerState, http: Request, request_id: str,
+                  groups: list[RequestGroup]):
+    """Submit the groups; then one JSON response, or an event stream of chunks, usage and [DONE]."""
+    tracker = _Tracker(state.metrics, request_id, prompt_tokens=sum(len(g.prompt_token_ids) for g in groups))
+    try:
+        streams = state.llm.submit(groups)
+    except (QueueFullError, EngineDeadError) as e:
+        raise translate(e) from None
+    created = now()
+
+    def envelope(obj: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        return {"id": request_id, "object": obj, "created": created, "model": state.model_name,
+                "choices": choices, **extra}
+
+    if not body.stream:
+        outputs = await collect(streams, http, tracker)
+        if outputs is None:
+            return JSONResponse({}, status_code=499)  # nobody is listening
+        choices = shape.final_choices(outputs)
+        tracker.finish_reasons += [c["finish_reason"] for c in choices]
+        tracker.done(outputs)
+        return JSONResponse(envelope(shape.object, choices, usage=usage(outputs, tracker.prompt_tokens)))
+
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    async def events():
+        for choice in shape.first_chunks():
+            yield sse(envelope(chunk_object, [choice]))
+        finals: dict[int, RequestOutput] = {}
+        async for i, output in merged(streams):
+            tracker.on_output()
+            for choice in shape.chunk_choices(i, output):
+                if choice["finish_reason"]:
+                    tracker.finish_reasons.append(choice["finish_reason"])
+                yield sse(envelope(chunk_object, [choice]))
+            if output.finished:
+                finals[i] = output
+        outputs = [finals[i] for i in sorted(finals)]
+        if include_usage:
+            yield sse(envelope(chunk_object, [], usage=usage(outputs, tracker.prompt_tokens)))
+        yield "data: [DONE]\n\n"
+        tracker.done(outputs)
+
+    return StreamingResponse(guarded(events(), streams), media_type="text/event-stream")
 
 
 # ---- /v1/completions -------------------------------------------------------------------
@@ -257,11 +303,58 @@ def completion_logprobs(entries: list[dict[int, Logprob] | None], tokens: list[i
     return out
 
 
-async def create_completion(body: CompletionRequest, state: ServerState, http: Request, request_id: str):
-    if body.suffix is not None:
-        raise OpenAIError(400, "suffix: is not supported by this server", param="suffix")
-    if body.best_of is not None and body.best_of != body.n:
-        raise OpenAIError(400, f"best_of: {body.best_of} is not supported (only best_of == n)", param="best_of")
+@dataclass
+class _Choice:
+    """What one choice has sent so far."""
+
+    text_sent: int = 0
+    tokens_sent: int = 0
+    finished: bool = False
+
+
+class CompletionShape(Shape):
+    object = "text_completion"
+
+    def __init__(self, body: CompletionRequest, tokenizer, groups: list[RequestGroup], n: int):
+        self.body, self.tokenizer, self.n = body, tokenizer, n
+        self.prompt_texts = [g.prompt if g.prompt is not None else tokenizer.decode(g.prompt_token_ids)
+                             for g in groups]
+        self.sent: dict[tuple[int, int], _Choice] = {}
+
+    def _echo(self, i: int, output: RequestOutput) -> tuple[str, dict | None]:
+        if not self.body.echo:
+            return "", None
+        lp = None
+        if self.body.logprobs is not None:
+            lp = completion_logprobs(output.prompt_logprobs or [None] * len(output.prompt_token_ids),
+                                     output.prompt_token_ids, self.tokenizer, 0)
+        return self.prompt_texts[i], lp
+
+    def _choice(self, i: int, c: CompletionOutput, sent: _Choice, output: RequestOutput) -> dict[str, Any]:
+        """The text (and logprobs) of choice c since `sent`; the echoed prompt leads the first one."""
+        text, tokens = c.text[sent.text_sent:], c.token_ids[sent.tokens_sent:]
+        prefix, logprobs = self._echo(i, output) if sent.text_sent == sent.tokens_sent == 0 else ("", None)
+        if self.body.logprobs is not None:
+            new = completion_logprobs(c.logprobs[sent.tokens_sent:sent.tokens_sent + len(tokens)], tokens,
+                                      self.tokenizer, len(prefix) + sent.text_sent)
+            logprobs = new if logprobs is None else {k: logprobs[k] + new[k] for k in new}
+        sent.text_sent, sent.tokens_sent, sent.finished = len(c.text), len(c.token_ids), c.finished
+        return {"index": i * self.n + c.index, "text": prefix + text, "logprobs": logprobs,
+                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+
+    def final_choices(self, outputs: list[RequestOutput]) -> list[dict[str, Any]]:
+        return [self._choice(i, c, _Choice(), output) for i, output in enumerate(outputs) for c in output.outputs]
+
+    def chunk_choices(self, i: int, output: RequestOutput) -> list[dict[str, Any]]:
+        choices = []
+        for c in output.outputs:
+            sent = self.sent.setdefault((i, c.index), _Choice())
+            if not sent.finished and (len(c.token_ids) > sent.tokens_sent or c.finished):
+                choices.append(self._choice(i, c, sent, output))
+        return choices
+
+
+def completion_prompts(body: CompletionRequest) -> list:
     raw = body.prompt
     if isinstance(raw, str) or (raw and isinstance(raw[0], int)):
         raw = [raw]
@@ -269,103 +362,27 @@ async def create_completion(body: CompletionRequest, state: ServerState, http: R
         raise OpenAIError(400, "prompt: is empty", param="prompt")
     if len(raw) > MAX_PROMPTS:
         raise OpenAIError(400, f"prompt: {len(raw)} prompts in one request; at most {MAX_PROMPTS}", param="prompt")
-    engine = state.generator().engine
-    spec = structured_from_body(body)
-    want_prompt_logprobs = body.echo and body.logprobs is not None
-    params = as_params(lambda: body.sampling_params(body.max_tokens, body.logprobs,
-                                                    body.logprobs if want_prompt_logprobs else None, structured=spec))
+    return raw
+
+
+async def create_completion(body: CompletionRequest, state: ServerState, http: Request, request_id: str):
+    if body.suffix is not None:
+        raise OpenAIError(400, "suffix: is not supported by this server", param="suffix")
+    if body.best_of is not None and body.best_of != body.n:
+        raise OpenAIError(400, f"best_of: {body.best_of} is not supported (only best_of == n)", param="best_of")
+    llm = state.generator()
+    raw = completion_prompts(body)
+    echo_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
+    params = checked(lambda: body.sampling_params(body.max_tokens, body.logprobs, echo_logprobs,
+                                                    structured=structured_from_body(body)))
     if len(raw) * params.n > MAX_SEQUENCES:
         raise OpenAIError(400, f"n: {len(raw)} prompts x n={params.n} is more than {MAX_SEQUENCES} sequences in one "
                                "request", param="n")
-
-    def prepare():
-        prompts = [engine.process_prompt(p) for p in raw]
-        for _, ids in prompts:
-            check_length(ids, body.max_tokens, state.max_model_len, "max_tokens")
-        if spec is not None:  # an invalid one is a 400 here; the engine then finds it in the compiler's cache
-            engine.compile_structured(spec)
-        return prompts
-
-    prompts = await off_loop(prepare)
-    tracker = _Tracker(state.metrics, request_id, prompt_tokens=sum(len(ids) for _, ids in prompts))
-    streams = submit_all(state.llm, [ids for _, ids in prompts], params, request_id, body.priority)
-    tokenizer = engine.tokenizer
-    prompt_texts = [text if text is not None else tokenizer.decode(ids) for text, ids in prompts]
-    n = params.n
-    created = now()
-
-    def echo_prefix(i: int, output: RequestOutput) -> tuple[str, dict | None]:
-        if not body.echo:
-            return "", None
-        lp = None
-        if body.logprobs is not None:
-            lp = completion_logprobs(output.prompt_logprobs or [None] * len(output.prompt_token_ids),
-                                     output.prompt_token_ids, tokenizer, 0)
-        return prompt_texts[i], lp
-
-    def choice_delta(i: int, c: CompletionOutput, sent: _Choice, output: RequestOutput):
-        text = c.text[sent.text_sent:]
-        tokens = c.token_ids[sent.tokens_sent:]
-        logprobs = None
-        prefix_text = ""
-        if sent.text_sent == 0 and sent.tokens_sent == 0:
-            prefix_text, logprobs = echo_prefix(i, output)
-        if body.logprobs is not None:
-            new = completion_logprobs(c.logprobs[sent.tokens_sent:sent.tokens_sent + len(tokens)], tokens, tokenizer,
-                                      len(prefix_text) + sent.text_sent)
-            logprobs = new if logprobs is None else {k: logprobs[k] + new[k] for k in new}
-        sent.text_sent = len(c.text)
-        sent.tokens_sent = len(c.token_ids)
-        return prefix_text + text, logprobs
-
-    if not body.stream:
-        outputs = await collect(streams, http, tracker)
-        if outputs is None:
-            return JSONResponse({}, status_code=499)  # nobody is listening
-        choices = []
-        for i, output in enumerate(outputs):
-            for c in output.outputs:
-                text, logprobs = choice_delta(i, c, _Choice(), output)
-                choices.append({"index": i * n + c.index, "text": text, "logprobs": logprobs,
-                                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
-                tracker.finish_reasons.append(c.finish_reason)
-        tracker.output_tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
-        tracker.done()
-        return JSONResponse({
-            "id": request_id, "object": "text_completion", "created": created, "model": state.model_name,
-            "choices": choices, "usage": usage(outputs, tracker.prompt_tokens),
-        })
-
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-    async def events():
-        sent = {(i, j): _Choice() for i in range(len(streams)) for j in range(n)}
-        finals: dict[int, RequestOutput] = {}
-        async for i, output in merged(streams):
-            tracker.on_output()
-            for c in output.outputs:
-                state_ = sent[(i, c.index)]
-                if state_.finished or (len(c.token_ids) == state_.tokens_sent and not c.finished):
-                    continue
-                text, logprobs = choice_delta(i, c, state_, output)
-                state_.finished = c.finished
-                if c.finished:
-                    tracker.finish_reasons.append(c.finish_reason)
-                yield sse({"id": request_id, "object": "text_completion", "created": created,
-                           "model": state.model_name,
-                           "choices": [{"index": i * n + c.index, "text": text, "logprobs": logprobs,
-                                        "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}]})
-            if output.finished:
-                finals[i] = output
-        outputs = [finals[i] for i in sorted(finals)]
-        tracker.output_tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
-        if include_usage:
-            yield sse({"id": request_id, "object": "text_completion", "created": created,
-                       "model": state.model_name, "choices": [], "usage": usage(outputs, tracker.prompt_tokens)})
-        yield "data: [DONE]\n\n"
-        tracker.done()
-
-    return StreamingResponse(guarded(events(), streams), media_type="text/event-stream")
+    groups = await prepared(llm.prepare(request_id, raw, params, body.priority))
+    for group in groups:
+        check_length(group.prompt_token_ids, body.max_tokens, llm.max_model_len, "max_tokens")
+    shape = CompletionShape(body, llm.tokenizer, groups, params.n)
+    return await respond(shape, "text_completion", body, state, http, request_id, groups)
 
 
 # ---- /v1/chat/completions ---------------------------------------------------------------
@@ -380,13 +397,6 @@ def chat_logprobs(entries: list[dict[int, Logprob]], tokens: list[int], tokenize
         content.append({**item(token, entry[token].logprob),
                         "top_logprobs": [item(t, lp) for _, t, lp in ranked[:top]]})
     return content
-
-
-def as_params(make: Callable[[], SamplingParams]) -> SamplingParams:
-    try:
-        return make()
-    except ValueError as e:
-        raise bad_request(e) from None
 
 
 @dataclass
@@ -404,39 +414,43 @@ class _ChatChoiceStream:
         if self.finished or (len(c.token_ids) == self.tokens_sent and not c.finished):
             return []
         self.tokens_sent, self.finished = len(c.token_ids), c.finished
-        out: list[dict[str, Any]] = []
-        if self.plan.mode == "named":
-            if self.call_id is None:
-                self.call_id = new_call_id()
-                out.append({"tool_calls": [{"index": 0, "id": self.call_id, "type": "function",
-                                            "function": {"name": self.plan.name, "arguments": ""}}]})
-            piece = c.text[self.content_sent:]
-            self.content_sent = len(c.text)
-            if piece:
-                out.append({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
-        else:
-            safe = self.plan.streamable_content(c.text, c.finished)
-            piece = safe[self.content_sent:]
-            self.content_sent = max(self.content_sent, len(safe))
-            if piece or not out:
-                out.append({"content": piece} if piece or not c.finished else {})
-            if c.finished and self.plan.mode in ("auto", "required"):
-                try:
-                    _, calls = self.plan.parse(c.text)
-                except (ValueError, KeyError, TypeError):
-                    calls = []
-                for i, call in enumerate(calls):
-                    out.append({"tool_calls": [{"index": i, **call}]})
+        out = self._named_call(c) if self.plan.mode == "named" else self._content(c)
         if c.finished and not out:
             out.append({})  # the finish_reason still needs a chunk
         reason = finish_reason(c, self.plan, bool(self.call_id) or any("tool_calls" in d for d in out))
         chunks = [{"index": self.index, "delta": d, "logprobs": None, "finish_reason": None} for d in out]
-        if chunks:
-            chunks[0]["logprobs"] = logprobs
-            if c.finished:
-                chunks[-1]["finish_reason"] = reason
-                chunks[-1]["stop_reason"] = c.stop_reason
+        chunks[0]["logprobs"] = logprobs
+        if c.finished:
+            chunks[-1]["finish_reason"] = reason
+            chunks[-1]["stop_reason"] = c.stop_reason
         return chunks
+
+    def _named_call(self, c: CompletionOutput) -> list[dict[str, Any]]:
+        """A forced function call: its arguments stream as they are generated."""
+        out: list[dict[str, Any]] = []
+        if self.call_id is None:
+            self.call_id = new_call_id()
+            out.append({"tool_calls": [{"index": 0, "id": self.call_id, "type": "function",
+                                        "function": {"name": self.plan.name, "arguments": ""}}]})
+        piece = c.text[self.content_sent:]
+        self.content_sent = len(c.text)
+        if piece:
+            out.append({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
+        return out
+
+    def _content(self, c: CompletionOutput) -> list[dict[str, Any]]:
+        """Text, held back while it could be the start of a tool call; the calls once finished."""
+        safe = self.plan.streamable_content(c.text, c.finished)
+        piece = safe[self.content_sent:]
+        self.content_sent = max(self.content_sent, len(safe))
+        out: list[dict[str, Any]] = [{"content": piece} if piece or not c.finished else {}]
+        if c.finished and self.plan.mode in ("auto", "required"):
+            try:
+                _, calls = self.plan.parse(c.text)
+            except (ValueError, KeyError, TypeError):
+                calls = []
+            out += [{"tool_calls": [{"index": i, **call}]} for i, call in enumerate(calls)]
+        return out
 
 
 def finish_reason(c: CompletionOutput, plan: ToolPlan, called: bool) -> str | None:
@@ -456,21 +470,57 @@ def chat_message(c: CompletionOutput, plan: ToolPlan) -> tuple[dict[str, Any], b
     return message, bool(calls)
 
 
-async def create_chat_completion(body: ChatCompletionRequest, state: ServerState, http: Request, request_id: str):
-    engine = state.generator().engine
-    tokenizer = engine.tokenizer
+class ChatShape(Shape):
+    object = "chat.completion"
+
+    def __init__(self, body: ChatCompletionRequest, tokenizer, plan: ToolPlan, n: int):
+        self.body, self.tokenizer, self.plan, self.n = body, tokenizer, plan, n
+        self.top = body.top_logprobs or 0
+        self.streams = [_ChatChoiceStream(j, plan) for j in range(n)]
+
+    def _logprobs(self, c: CompletionOutput, start: int, end: int):
+        if not self.body.logprobs:
+            return None
+        return {"content": chat_logprobs(c.logprobs[start:end], c.token_ids[start:end], self.tokenizer, self.top)}
+
+    def final_choices(self, outputs: list[RequestOutput]) -> list[dict[str, Any]]:
+        choices = []
+        for c in outputs[0].outputs:
+            message, called = chat_message(c, self.plan)
+            choices.append({"index": c.index, "message": message, "logprobs": self._logprobs(c, 0, len(c.token_ids)),
+                            "finish_reason": finish_reason(c, self.plan, called), "stop_reason": c.stop_reason})
+        return choices
+
+    def first_chunks(self) -> list[dict[str, Any]]:
+        return [{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                for j in range(self.n)]
+
+    def chunk_choices(self, i: int, output: RequestOutput) -> list[dict[str, Any]]:
+        chunks = []
+        for c in output.outputs:
+            stream = self.streams[c.index]
+            chunks += stream.deltas(c, self._logprobs(c, stream.tokens_sent, len(c.token_ids)))
+        return chunks
+
+
+def chat_params(body: ChatCompletionRequest, plan: ToolPlan) -> tuple[SamplingParams, int | None, str]:
+    """Sampling parameters (with the response format or forced tool call as the structure), the
+    output bound and the field that set it."""
     if body.top_logprobs is not None and not body.logprobs:
         raise OpenAIError(400, "top_logprobs: requires logprobs to be true", param="top_logprobs")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     field_name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-    plan = ToolPlan.from_body(body.tools, body.tool_choice)
     spec, tool_spec = structured_from_body(body), plan.structured()
     if spec is not None and tool_spec is not None:
         raise OpenAIError(400, "response_format: cannot be combined with tool_choice required or a named function",
                           param="response_format")
-    spec = spec or tool_spec
     top = body.top_logprobs or 0
-    params = as_params(lambda: body.sampling_params(max_tokens, top if body.logprobs else None, structured=spec))
+    params = checked(lambda: body.sampling_params(max_tokens, top if body.logprobs else None,
+                                                    structured=spec or tool_spec))
+    return params, max_tokens, field_name
+
+
+def template_kwargs(body: ChatCompletionRequest, plan: ToolPlan) -> dict[str, Any]:
     kwargs = dict(body.chat_template_kwargs or {})
     reserved = sorted(RESERVED_TEMPLATE_KWARGS & kwargs.keys())
     if reserved:
@@ -478,77 +528,38 @@ async def create_chat_completion(body: ChatCompletionRequest, state: ServerState
                           param="chat_template_kwargs")
     if plan.template_tools():
         kwargs["tools"] = plan.template_tools()
+    return kwargs
 
-    def prepare():
-        messages = [m.for_template() for m in body.messages]
-        engine.check_prompt_chars(sum(len(m["content"]) for m in messages), "messages")
-        ids = tokenizer.encode_chat(messages, body.add_generation_prompt, **kwargs)
-        engine.process_prompt(ids)
-        check_length(ids, max_tokens, state.max_model_len, field_name)
-        if spec is not None:
-            engine.compile_structured(spec)
-        return ids
 
-    ids = await off_loop(prepare)
-    tracker = _Tracker(state.metrics, request_id, prompt_tokens=len(ids))
-    streams = submit_all(state.llm, [ids], params, request_id, body.priority)
-    created = now()
+async def create_chat_completion(body: ChatCompletionRequest, state: ServerState, http: Request, request_id: str):
+    llm = state.generator()
+    plan = ToolPlan.from_body(body.tools, body.tool_choice)
+    params, max_tokens, field_name = chat_params(body, plan)
+    kwargs = template_kwargs(body, plan)
+    messages = checked(lambda: [m.for_template() for m in body.messages])
+    group = await prepared(llm.prepare_chat(request_id, messages, params, body.priority,
+                                            body.add_generation_prompt, **kwargs))
+    check_length(group.prompt_token_ids, max_tokens, llm.max_model_len, field_name)
+    shape = ChatShape(body, llm.tokenizer, plan, params.n)
+    return await respond(shape, "chat.completion.chunk", body, state, http, request_id, [group])
 
-    def logprobs_of(c: CompletionOutput, start: int, end: int):
-        if not body.logprobs:
-            return None
-        return {"content": chat_logprobs(c.logprobs[start:end], c.token_ids[start:end], tokenizer, top)}
 
-    if not body.stream:
-        outputs = await collect(streams, http, tracker)
-        if outputs is None:
-            return JSONResponse({}, status_code=499)  # nobody is listening
-        output = outputs[0]
-        choices = []
-        for c in output.outputs:
-            message, called = chat_message(c, plan)
-            reason = finish_reason(c, plan, called)
-            choices.append({"index": c.index, "message": message, "logprobs": logprobs_of(c, 0, len(c.token_ids)),
-                            "finish_reason": reason, "stop_reason": c.stop_reason})
-            tracker.finish_reasons.append(reason)
-        tracker.output_tokens = sum(len(c.token_ids) for c in output.outputs)
-        tracker.done()
-        return JSONResponse({
-            "id": request_id, "object": "chat.completion", "created": created, "model": state.model_name,
-            "choices": choices, "usage": usage(outputs, len(ids)),
-        })
+# ---- /tokenize -------------------------------------------------------------------------------
+async def tokenize(body, state: ServerState) -> list[int]:
+    if body.messages is None and body.prompt is None:
+        raise OpenAIError(400, "prompt: give 'prompt' or 'messages'", param="prompt")
+    messages = checked(lambda: [m.for_template() for m in body.messages]) if body.messages is not None else None
+    if state.llm is not None:
+        return await prepared(state.llm.tokenize(body.prompt, messages, body.add_special_tokens,
+                                                 body.add_generation_prompt))
+    tokenizer = state.tokenizer  # an embedding model's
 
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    def encode() -> list[int]:
+        if messages is not None:
+            return tokenizer.encode_chat(messages, body.add_generation_prompt)
+        return tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
 
-    def chunk(choices: list[dict[str, Any]]) -> str:
-        return sse({"id": request_id, "object": "chat.completion.chunk", "created": created,
-                    "model": state.model_name, "choices": choices})
-
-    async def events():
-        choice_streams = [_ChatChoiceStream(j, plan) for j in range(params.n)]
-        final = None
-        for j in range(params.n):
-            yield chunk([{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                          "finish_reason": None}])
-        async for _, output in merged(streams):
-            tracker.on_output()
-            for c in output.outputs:
-                cs = choice_streams[c.index]
-                start = cs.tokens_sent
-                for entry in cs.deltas(c, logprobs_of(c, start, len(c.token_ids))):
-                    if entry["finish_reason"]:
-                        tracker.finish_reasons.append(entry["finish_reason"])
-                    yield chunk([entry])
-            if output.finished:
-                final = output
-        tracker.output_tokens = sum(len(c.token_ids) for c in final.outputs) if final else 0
-        if include_usage and final is not None:
-            yield sse({"id": request_id, "object": "chat.completion.chunk", "created": created,
-                       "model": state.model_name, "choices": [], "usage": usage([final], len(ids))})
-        yield "data: [DONE]\n\n"
-        tracker.done()
-
-    return StreamingResponse(guarded(events(), streams), media_type="text/event-stream")
+    return await prepared(asyncio.get_running_loop().run_in_executor(None, encode))
 
 
 # ---- /v1/embeddings ----------------------------------------------------------------------------

@@ -56,8 +56,10 @@ def launch(config_path: str, nproc: int = 1, nnodes: int = 1, node_rank: int | N
     return 0
 
 
-if __name__ == "__main__":  # a torchrun worker
+if __name__ == "__main__":  # a torchrun worker: a process of its own, so it sets up logging as the CLI does
+    from ember.logs import configure_logging
     from ember.train.trainer import run
     from ember.train.zero import run_worker
 
+    configure_logging()
     run_worker(run, TrainConfig.load(sys.argv[1]))

@@ -14,8 +14,9 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:
-    import matplotlib
+    from ember._optional import optional_import
 
+    matplotlib = optional_import("matplotlib", "plot", "plots")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -8,7 +8,7 @@ import torch
 from ember import LLM, SamplingParams
 from ember.engine.logits import apply_logits_processors
 from ember.engine.request import Request
-from ember.engine.sampler import Sampler
+from ember.engine.sampler import Sampler, sampling_probs
 
 # chi-square critical values at p = 0.001, by degrees of freedom
 CHI2_999 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32, 8: 26.12, 9: 27.88}
@@ -54,11 +54,19 @@ def expected_probs(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
     return probs
 
 
-@pytest.mark.parametrize(
-    "kwargs",
-    [dict(temperature=1.0), dict(temperature=0.5), dict(temperature=1.7), dict(top_k=3), dict(top_p=0.8),
-     dict(min_p=0.2), dict(temperature=0.8, top_k=5, top_p=0.9)],
-)
+TRANSFORMS = [dict(temperature=1.0), dict(temperature=0.5), dict(temperature=1.7), dict(top_k=3), dict(top_p=0.8),
+              dict(min_p=0.2), dict(temperature=0.8, top_k=5, top_p=0.9)]
+
+
+def test_one_sampling_transform_for_mixed_rows():
+    """sampling_probs (what the sampler, the speculative verifier and the draft model draw
+    from): each row gets its own temperature/top-k/top-p/min-p, exactly."""
+    got = sampling_probs(LOGITS.repeat(len(TRANSFORMS), 1), [SamplingParams(**kw) for kw in TRANSFORMS])
+    want = torch.stack([expected_probs(**kw) for kw in TRANSFORMS])
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("kwargs", TRANSFORMS)
 def test_sampler_draws_from_the_right_distribution(kwargs):
     rows = 20000
     sampler = Sampler(torch.device("cpu"), seed=0)

@@ -28,7 +28,7 @@ def run_step(scheduler, rng=random):
     out = scheduler.schedule()
     live = list(scheduler.running) + [r for r in scheduler.waiting]
     scheduler.kv.check_invariants(live)
-    sampled = {r.request_id: [rng.randrange(1000)] for r, n in out.scheduled if r.num_computed_tokens == r.num_tokens}
+    sampled = {r.seq_id: [rng.randrange(1000)] for r, n in out.scheduled if r.num_computed_tokens == r.num_tokens}
     scheduler.update_from_output(out, sampled)
     return out
 

@@ -4,17 +4,32 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 from contextlib import contextmanager
 
 import httpx
 import pytest
+
+from tests.waiting import wait_until
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_healthy(base: str, thread: threading.Thread, timeout: float = 120.0) -> None:
+    """Until the server in `thread` answers /health with 200 (it is still starting while the port
+    refuses connections); fails the test if the thread ends first or after `timeout` seconds."""
+
+    def healthy() -> bool:
+        assert thread.is_alive(), "the server thread ended before it was ready"
+        try:
+            return httpx.get(f"{base}/health", timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(healthy, timeout, what=f"{base}/health")
 
 
 class RunningServer:
@@ -46,13 +61,7 @@ def running_server(model_dir, model_name="tiny", api_key=None, max_body_mb=1.0, 
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.05)
+    wait_healthy(base, thread)
     running = RunningServer(server, thread, base, llm)
     try:
         yield running
@@ -88,12 +97,7 @@ def running_server_for(embedding_model_dir, model_name="tiny"):
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.05)
+    wait_healthy(base, thread)
     running = RunningServer(server, thread, base, None)
     try:
         yield running

@@ -2,13 +2,13 @@
 
 import asyncio
 import json
-import time
 
 import httpx
 import openai
 import pytest
 
 from tests.serve.conftest import running_server
+from tests.waiting import wait_until
 
 GREEDY = dict(temperature=0, max_tokens=24)
 
@@ -203,10 +203,7 @@ def test_disconnect_mid_stream_frees_blocks(server):
             seen += line.startswith("data: ")
             if seen >= 3:
                 break
-    deadline = time.time() + 10
-    while time.time() < deadline and metric(server, "ember_num_requests_running") > 0:
-        time.sleep(0.02)
-    assert metric(server, "ember_num_requests_running") == 0
+    wait_until(lambda: metric(server, "ember_num_requests_running") == 0, what="the aborted request to stop")
     assert metric(server, "ember_kv_cache_usage_perc") == 0.0
     stats = server.llm.get_stats()
     assert stats["num_free_blocks"] == stats["num_blocks"]
@@ -279,14 +276,13 @@ def test_api_key_and_queue_limit(model_factory):
             next(line for line in lines if line.startswith("data: "))
             # one more waits behind it ...
             with httpx.stream("POST", f"{s.v1}/completions", json={**long_body, "max_tokens": 5}, headers=headers):
-                time.sleep(0.3)
+                wait_until(lambda: s.llm.get_stats()["num_waiting"] >= 1, what="the second request to wait")
                 # ... and the next is turned away
                 r = httpx.post(f"{s.v1}/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2}, headers=headers)
                 assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
-        deadline = time.time() + 10
-        while time.time() < deadline:
+
+        def admitted():
             r = httpx.post(f"{s.v1}/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2}, headers=headers)
-            if r.status_code == 200:
-                break
-            time.sleep(0.1)
-        assert r.status_code == 200
+            return r if r.status_code == 200 else None
+
+        assert wait_until(admitted, interval=0.1, what="a request to be admitted again").status_code == 200

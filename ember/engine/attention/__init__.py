@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import torch
 
+from ember.choices import ATTENTION_BACKENDS, KV_CACHE_DTYPES
 from ember.engine.attention.cpu_paged import CpuPagedBackend, bf16_pairs_supported, load_kernels
 from ember.engine.attention.torch_paged import BatchLayout, KVLayout, TorchPagedBackend
 
 BACKENDS = {"torch_paged": TorchPagedBackend, "cpu_paged": CpuPagedBackend}
-BACKEND_CHOICES = ("auto", *BACKENDS)
+BACKEND_CHOICES = ATTENTION_BACKENDS
+assert set(BACKEND_CHOICES) == {"auto", *BACKENDS}
 
 
 def resolve_backend(name: str, device: torch.device, shape: tuple[int, int, int, int]) -> str:
@@ -31,8 +33,6 @@ def resolve_backend(name: str, device: torch.device, shape: tuple[int, int, int,
             raise ValueError("attention_backend: 'cpu_paged' kernels could not be compiled (see the warning above)")
     return name
 
-
-KV_CACHE_DTYPES = ("auto", "int8")
 
 
 def choose_layout(backend: str, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> KVLayout:

@@ -4,15 +4,15 @@ The gather in `torch_paged` copies every decode's whole context each layer, whic
 costs more than the attention itself. Here `paged_cpu.cpp` walks each request's
 block table and computes scores, an online softmax and the weighted V sum in one
 pass. With bf16 in the paired layout (AVX512-BF16) it takes the whole batch, prompt
-chunks included: a chunk's rows go in tiles that share each K/V load, which measured
-1.1-1.8x faster than SDPA for fresh prompts of 64-4,000 tokens and ~2x for chunks over
-cached context (SDPA there also pays for gathering the blocks). Other layouts (fp32, an
+chunks included: a chunk's rows go in tiles that share each K/V load, which beats SDPA
+for fresh prompts and by more for chunks over cached context (SDPA there also pays for
+gathering the blocks; BENCHMARKS.md has the figures). Other layouts (fp32, an
 int8 cache) send requests of up to `KERNEL_MAX_QUERY` new tokens (decodes, short chunks,
 speculative drafts) through the kernel and keep SDPA for longer prompt chunks, whose
 blocked matmuls win there; an int8 cache's fresh prompts thus attend over their own
 unquantized K/V, as other engines do.
 
-The kernel is compiled on first use (torch.utils.cpp_extension, ~15 s, cached in
+The kernel is compiled on first use (torch.utils.cpp_extension, cached in
 ~/.cache/torch_extensions); without a compiler ember falls back to torch_paged.
 """
 

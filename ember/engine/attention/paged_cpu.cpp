@@ -1,17 +1,25 @@
-// Paged attention on CPU in one pass over each request's K/V blocks, read in place.
+// Paged attention on CPU over K/V blocks read in place, and the writes of new tokens' K/V into
+// those blocks; the ops are registered as torch.ops.ember_cpu (cpu_paged.py builds this file on
+// first use and decides which batches and layers go through it).
 //
-// Cache layout per layer (see cpu_paged.py): K blocks [num_blocks, kv_heads,
-// head_dim, block_size] (keys transposed, so a vector of consecutive keys' scores
-// comes from vector multiply-adds with no horizontal sums) and V blocks
-// [num_blocks, kv_heads, block_size, head_dim].
-//
-// One work item is (query row, kv head); the query heads of a GQA group share
-// every K/V load. Keys are visited one vector width at a time with an online
-// softmax (flash-decoding): scores, running max, rescaled accumulator. Each row
-// carries its request's block table and its visible key range, so decodes, short
+// Two cache layouts, two kernels, one online softmax (flash-decoding: scores, running max,
+// rescaled accumulator) visiting each row's keys in vector-width chunks. Each row carries its
+// request's block table and its visible key range (a sliding window included), so decodes,
 // prompt chunks over cached context and speculative drafts share one code path.
-// Arithmetic is fp32 through ATen's Vectorized<float> (AVX-512/AVX2 as compiled),
-// in a fixed order, so results do not depend on the batch.
+// - attention_kernel, the "transposed" layout: K blocks [num_blocks, kv_heads, head_dim,
+//   block_size] (keys transposed, so a vector of consecutive keys' scores comes from multiply-adds
+//   with no horizontal sums), V blocks [num_blocks, kv_heads, block_size, head_dim]; fp32, bf16 or
+//   fp16, or int8 with a bf16 scale per token and head; Gemma 2's logit soft-capping and gpt-oss's
+//   attention sinks. One work item is (query row, KV head): a GQA group's query heads share every
+//   K/V load. Arithmetic is fp32 through ATen's Vectorized<float> (AVX-512/AVX2 as compiled), in a
+//   fixed order, so a row's result does not depend on the rest of the batch.
+// - paired_kernel, the "paired" bf16 layout for AVX512-BF16's dot products of bf16 pairs (see the
+//   layout there): a work item is a tile of up to R rows of one request (R = 1 for decodes), so a
+//   prompt chunk's rows share each K/V load; threads take items longest first.
+// - write_transposed / write_paired: a batch's new K/V rows into their slots in one op.
+// - decode_attention_paired: a decode-only batch, each row's new K/V written by the paired kernel
+//   just before it reads that chunk (FreshTokens), with the same cache contents and output bits
+//   as write_paired followed by paged_attention.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -200,8 +208,8 @@ inline void write_slot(uint32_t* k_cache, uint16_t* v_cache, const uint16_t* key
 
 // A decode-only batch's new K/V rows, written by the attention kernel itself: each row's token goes in
 // right before the chunk holding it is read, when the kernel's own prefetch has brought those cache
-// lines in. A separate pass found them cold: ~1.9 ms of a 27 ms 64-row W1 decode step. Only for batches
-// where no row reads a block another row writes into (decode_attention_paired checks).
+// lines in; a separate pass beforehand finds them cold (BENCHMARKS.md has what that cost). Only for
+// batches where no row reads a block another row writes into (decode_attention_paired checks).
 struct FreshTokens {
   const uint16_t* k;  // [rows, kv_heads, head_dim], heads contiguous
   const uint16_t* v;
@@ -258,8 +266,8 @@ void paired_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
   std::atomic<int64_t> next_item{0};
   // Decodes of a big batch: one item per row over all its KV heads, so each block is read as one
   // stretch of all heads' K (then V) rows (8 KiB for 4 heads of 64 dims, block 16) instead of
-  // separate 2 KiB pieces; random reads of the larger size ran ~20% faster here. Few rows or
-  // prompt tiles keep one item per KV head, for parallelism.
+  // separate 2 KiB pieces: fewer, longer random reads, which the memory system serves faster
+  // (BENCHMARKS.md). Few rows or prompt tiles keep one item per KV head, for parallelism.
   const int64_t kh_per_item = R == 1 && num_tiles >= 16 * at::get_num_threads() ? kv_heads : 1;
   const int64_t items_per_tile = kv_heads / kh_per_item;
   const int64_t num_items = num_tiles * items_per_tile;
@@ -371,7 +379,7 @@ void paired_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
             __m512 total = _mm512_setzero_ps();
             for (int64_t c = 0; c < chunks; ++c) {
               // exp_u20 (as PyTorch's CPU flash attention): ~1e-6 relative error, far below the
-              // bf16 rounding of p below; prompt attention ~3.5% faster than Sleef's exp here.
+              // bf16 rounding of p below, and cheaper than Sleef's exp (BENCHMARKS.md).
               const __m512 p = (Vec(scores[c][h]) - Vec(new_max)).exp_u20();
               total = _mm512_add_ps(total, p);
               _mm256_storeu_si256(reinterpret_cast<__m256i*>(ppairs[c][h]), (__m256i)_mm512_cvtneps_pbh(p));

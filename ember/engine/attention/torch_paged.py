@@ -99,8 +99,8 @@ class KVLayout:
         """Every layer's caches in one uninitialised buffer (and one more for int8 scales).
 
         Within a layer, block b's K and V sit side by side, so a request's blocks read as
-        one stretch of memory instead of two streams a whole cache apart: CPU decode
-        attention measured ~30% faster so (BENCHMARKS.md). K and V are thus strided views
+        one stretch of memory instead of two streams a whole cache apart, which CPU decode
+        attention reads faster (BENCHMARKS.md). K and V are thus strided views
         ([num_blocks, ...] with each block contiguous); the kernels take the stride from them.
         """
         k_shape, v_shape = self.shapes(num_blocks, kv_heads, block_size, head_dim)
