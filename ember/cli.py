@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import sys
 import typing
 from pathlib import Path
@@ -257,6 +258,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(
         host=args.host, port=args.port, api_key=args.api_key, allowed_origins=tuple(args.allowed_origins or ()),
         max_body_mb=args.max_body_mb, drain_timeout=args.drain_timeout,
+        allow_runtime_lora_updating=args.allow_runtime_lora_updating,
     )
     path = resolve_model(args.model, args.revision, args.gguf_file)
     name = args.served_model_name or args.model or "default"
@@ -266,7 +268,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
         embedder = EmbeddingEngine(path, dtype=args.dtype, device=args.device)
         return run_server(None, name, config, embedder=embedder, sock=sock)
     llm = AsyncLLM.from_args(path, max_waiting=args.max_waiting, **engine_kwargs(args))
-    return run_server(llm, name, config, sock=sock)
+    return run_server(llm, name, config, sock=sock, lora_modules=lora_modules(args.lora_modules))
+
+
+def lora_modules(specs: list[str] | None) -> dict[str, str]:
+    """--lora-modules NAME=PATH ... (or vLLM's JSON form {"name": ..., "path": ...}) -> {name: path}."""
+    modules: dict[str, str] = {}
+    for spec in specs or ():
+        if spec.lstrip().startswith("{"):
+            try:
+                item = json.loads(spec)
+                name, path = item["name"], item["path"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f"lora_modules: {spec!r} is not {{\"name\": ..., \"path\": ...}}") from None
+        else:
+            name, sep, path = spec.partition("=")
+            if not sep or not name or not path:
+                raise ValueError(f"lora_modules: {spec!r} is not NAME=PATH")
+        modules[name] = path
+    return modules
 
 
 def listen(host: str, port: int):
@@ -316,9 +336,15 @@ def cmd_train_estimate(args: argparse.Namespace) -> int:
     from ember.train.estimate import estimate, report
     from ember.train.trainer import preflight
 
+    from ember.train.estimate import lora_counts
+
     config = TrainConfig.load(args.config)
     _, mc = preflight(config, args.nproc)
-    print(report(estimate(config, mc.num_params, args.nproc, mc.hidden_size, mc.num_layers, mc.vocab_size),
+    lora = lora_counts(mc, config.lora) if config.lora is not None else None
+    if lora is not None:
+        print(f"LoRA r={config.lora.r}: {lora.trainable:,} trainable parameters; base "
+              f"{config.lora.base_quantization or 'float32'} (frozen)")
+    print(report(estimate(config, mc.num_params, args.nproc, mc.hidden_size, mc.num_layers, mc.vocab_size, lora),
                  config.zero_stage, config.precision))
     return 0
 
@@ -335,7 +361,7 @@ def cmd_train_eval(args: argparse.Namespace) -> int:
 def cmd_train_export(args: argparse.Namespace) -> int:
     from ember.train.checkpoint import export_checkpoint
 
-    print(f"wrote {export_checkpoint(args.checkpoint, args.out_dir, args.dtype)}")
+    print(f"wrote {export_checkpoint(args.checkpoint, args.out_dir, args.dtype, merge=args.merge)}")
     return 0
 
 
@@ -392,6 +418,12 @@ def _add_serve(sub) -> None:
     serve.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body accepted, in MiB")
     serve.add_argument("--max-waiting", type=int, default=None, help="429 when this many requests wait")
     serve.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
+    serve.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
+                       help="LoRA adapters (PEFT directories) clients select by name in \"model\" (needs --enable-lora)")
+    serve.add_argument("--allow-runtime-lora-updating", action="store_true",
+                       default=os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").lower() in ("1", "true"),
+                       help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (they read paths the "
+                            "client names; also set by VLLM_ALLOW_RUNTIME_LORA_UPDATING=true)")
     serve.set_defaults(func=cmd_serve)
 
 
@@ -437,6 +469,8 @@ def _add_train(sub) -> None:
     export.add_argument("checkpoint")
     export.add_argument("out_dir")
     export.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    export.add_argument("--merge", action="store_true",
+                        help="a LoRA run: the base model with the adapter merged in (default: the PEFT adapter)")
     export.set_defaults(func=cmd_train_export)
 
     plot = actions.add_parser("plot", help="loss.png and throughput.png of a run, from its metrics.jsonl")

@@ -83,6 +83,13 @@ def _add_feature_benches(bsub) -> None:
     st.add_argument("--model", required=True)
     st.add_argument("--dtype", default="bfloat16")
     st.add_argument("--runs", type=int, default=2)
+    lb = bsub.add_parser("lora", help="W1 spread over LoRA adapters (rank R, every projection) vs the base model")
+    lb.add_argument("--model", required=True)
+    lb.add_argument("--dtype", default="bfloat16")
+    lb.add_argument("--runs", type=int, default=2)
+    lb.add_argument("--adapters", type=int, default=4)
+    lb.add_argument("--rank", type=int, default=16)
+    lb.add_argument("--num-requests", type=int, default=64)
     eb = bsub.add_parser("embed", help="sentences/s of an embedding model vs sentence-transformers")
     eb.add_argument("--model", required=True, help="a sentence-transformers directory (e.g. all-MiniLM-L6-v2)")
     eb.add_argument("--dtype", default="float32")
@@ -143,6 +150,8 @@ def run(args: argparse.Namespace) -> int:
         return _train(args)
     if args.bench_command == "structured":
         return _structured(args)
+    if args.bench_command == "lora":
+        return _lora(args)
     if args.bench_command == "spec":
         return _spec(args)
     if args.bench_command == "rl":
@@ -233,6 +242,25 @@ def _spec(args) -> int:
 BENCH_SCHEMA = {"type": "object", "properties": {
     "title": {"type": "string"}, "year": {"type": "integer", "minimum": 1900, "maximum": 2100},
     "tags": {"type": "array", "items": {"type": "string"}}}, "required": ["title", "year", "tags"]}
+
+
+def _lora(args) -> int:
+    import statistics
+    import tempfile
+    from pathlib import Path
+
+    from ember.bench.lora import compare, write_random_adapters
+    from ember.bench.workloads import w1
+
+    workload = w1(num_requests=args.num_requests)
+    with tempfile.TemporaryDirectory(prefix="ember-lora-bench-") as tmp:
+        adapters = write_random_adapters(args.model, Path(tmp), args.adapters, args.rank)
+        print(f"W1 ({len(workload.prompts)} requests) on {args.model}, {args.dtype}: the base model alone vs the same "
+              f"requests spread over {args.adapters} rank-{args.rank} adapters on every projection", flush=True)
+        results = compare(args.model, workload, adapters, args.dtype, args.runs, max_loras=args.adapters)
+    base, lora = statistics.median(results["base"]), statistics.median(results["lora"])
+    print(f"base {base:.1f}, LoRA {lora:.1f} output tok/s (medians of {args.runs}): LoRA / base = {lora / base:.2f}x")
+    return 0
 
 
 def _structured(args) -> int:

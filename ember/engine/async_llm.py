@@ -106,17 +106,17 @@ class AsyncLLM:
 
     # ---- requests (called from the event loop) ----------------------------------
     async def prepare(self, request_id: str, prompts: list[PromptType], params: SamplingParams,
-                      priority: int = 0) -> list[RequestGroup]:
+                      priority: int = 0, lora_request=None) -> list[RequestGroup]:
         """One request group per prompt, tokenized and validated on a worker thread (ValueError
         names the field); nothing is queued yet. The engine's ids get a nonce, so a client may
         reuse a request id while the first is still in flight."""
         nonce = secrets.token_hex(4)
         return await _off_loop(lambda: [
-            self.engine.make_request_group(f"{request_id}-{nonce}-{i}", prompt, params, priority)
+            self.engine.make_request_group(f"{request_id}-{nonce}-{i}", prompt, params, priority, lora_request)
             for i, prompt in enumerate(prompts)])
 
     async def prepare_chat(self, request_id: str, messages: list[dict[str, Any]], params: SamplingParams,
-                           priority: int = 0, add_generation_prompt: bool = True,
+                           priority: int = 0, add_generation_prompt: bool = True, lora_request=None,
                            **template_kwargs: Any) -> RequestGroup:
         """A conversation rendered by the chat template, then as `prepare`."""
         def build() -> list[int]:
@@ -124,7 +124,7 @@ class AsyncLLM:
             return self.tokenizer.encode_chat(messages, add_generation_prompt, **template_kwargs)
 
         ids = await _off_loop(build)
-        return (await self.prepare(request_id, [ids], params, priority))[0]
+        return (await self.prepare(request_id, [ids], params, priority, lora_request))[0]
 
     async def tokenize(self, text: str | None = None, messages: list[dict[str, Any]] | None = None,
                        add_special_tokens: bool = True, add_generation_prompt: bool = True) -> list[int]:
@@ -135,6 +135,21 @@ class AsyncLLM:
             return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
         return await _off_loop(encode)
+
+    # ---- LoRA adapters ----------------------------------------------------------------
+    @property
+    def serves_lora(self) -> bool:
+        return self.engine.lora is not None
+
+    async def add_lora(self, lora_request) -> None:
+        """Read and check an adapter (on a worker thread; ValueError says what is wrong)."""
+        if self.engine.lora is None:
+            raise ValueError("lora: this server was started without --enable-lora")
+        await _off_loop(lambda: self.engine.lora.load(lora_request))
+
+    def remove_lora(self, lora_int_id: int) -> None:
+        """Forget an adapter (requests already running with it finish with it)."""
+        self._commands.put(("forget_lora", lora_int_id, None))
 
     def submit(self, groups: list[RequestGroup]) -> list["RequestStream"]:
         """Queue prepared groups (all or none: QueueFullError, EngineDeadError at once); iterate
@@ -250,6 +265,8 @@ class AsyncLLM:
                 self.engine.abort_request(payload)
             elif kind == "fail_all":
                 self._fail_streams(payload)
+            elif kind == "forget_lora" and self.engine.lora is not None:
+                self.engine.lora.forget(payload)
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:

@@ -84,6 +84,27 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class LoRAConfig:
+    enable_lora: bool = field(default=False, metadata={
+        "help": "serve LoRA adapters (PEFT format) over the base model, several in one batch"})
+    max_loras: int = field(default=1, metadata={"help": "adapters held on the device at once (one step's limit)"})
+    max_lora_rank: int = field(default=16, metadata={"help": "the largest adapter rank accepted"})
+    max_cpu_loras: int | None = field(default=None, metadata={
+        "help": "adapters kept read in memory, least recently used dropped first (none: max(4, 2 x max_loras))"})
+
+    def __post_init__(self):
+        _check(isinstance(self.max_loras, int) and self.max_loras >= 1, "max_loras", self.max_loras, "an integer >= 1")
+        _check(isinstance(self.max_lora_rank, int) and 1 <= self.max_lora_rank <= 512, "max_lora_rank",
+               self.max_lora_rank, "an integer in [1, 512]")
+        _check(self.max_cpu_loras is None or (isinstance(self.max_cpu_loras, int) and self.max_cpu_loras >= self.max_loras),
+               "max_cpu_loras", self.max_cpu_loras, f"none or an integer >= max_loras ({self.max_loras})")
+
+    @property
+    def cpu_capacity(self) -> int:
+        return self.max_cpu_loras or max(4, 2 * self.max_loras)
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: str = field(metadata={"help": "the model directory or .gguf file"})
     tokenizer: str | None = field(default=None, metadata={
@@ -110,6 +131,7 @@ class EngineConfig:
     quantize_embeddings: bool = field(default=True, metadata={"help": "quantize the embedding table too (int8)"})
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def __post_init__(self):
         _check(self.dtype in DTYPE_CHOICES, "dtype", self.dtype, f"one of {DTYPE_CHOICES}")
@@ -132,7 +154,7 @@ class EngineConfig:
     def from_kwargs(cls, model: str, **kwargs) -> "EngineConfig":
         """Flat keyword arguments (as `LLM(...)` and the CLI take them) -> nested config."""
         parts = {}
-        for sub_name, sub_cls in (("cache", CacheConfig), ("scheduler", SchedulerConfig)):
+        for sub_name, sub_cls in (("cache", CacheConfig), ("scheduler", SchedulerConfig), ("lora", LoRAConfig)):
             names = {f.name for f in fields(sub_cls)}
             parts[sub_name] = sub_cls(**{k: kwargs.pop(k) for k in list(kwargs) if k in names})
         top = {f.name for f in fields(cls)}

@@ -83,9 +83,15 @@ class LLMEngine:
         dtype = next(self.model.parameters()).dtype
         num_blocks, block_bytes = self._num_kv_blocks(sched, dtype)
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
-        self.scheduler = Scheduler(sched, self.kv, self.max_model_len)
+        self.lora = None
+        if config.lora.enable_lora:
+            from ember.engine.lora import LoRAManager
+
+            self.lora = LoRAManager(self.model, config.lora, dtype, self.device)
+        self.scheduler = Scheduler(sched, self.kv, self.max_model_len,
+                                   config.lora.max_loras if self.lora is not None else None)
         self.runner = ModelRunner(self.model, mc, num_blocks, cache.block_size, self.device, config.seed,
-                                  config.attention_backend, cache.kv_cache_dtype)
+                                  config.attention_backend, cache.kv_cache_dtype, self.lora)
         self.spec = SpeculativeConfig.from_any(config.speculative)
         self.draft = None
         if self.spec is not None and self.spec.method == "draft":
@@ -187,13 +193,18 @@ class LLMEngine:
                              f"of at most {self.tokenizer.max_token_chars} characters each)")
 
     def make_request_group(
-        self, request_id: str, prompt: PromptType, params: SamplingParams | None = None, priority: int = 0
+        self, request_id: str, prompt: PromptType, params: SamplingParams | None = None, priority: int = 0,
+        lora_request=None,
     ) -> RequestGroup:
         """Validate a request and build its sequences, without touching engine state
         (so a server thread can do it and report errors before queueing)."""
         params = params or SamplingParams()  # (validated when it was made)
         text, ids = self.process_prompt(prompt)
         params.check_vocab(self.model_config.vocab_size)
+        if lora_request is not None:
+            if self.lora is None:
+                raise ValueError("lora_request: this engine serves no adapters (start it with enable_lora=True)")
+            self.lora.load(lora_request)  # read and checked now: a bad adapter fails this request only
         compiled = self.compile_structured(params.structured) if params.structured is not None else None
         room = self.max_model_len - len(ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
@@ -202,6 +213,9 @@ class LLMEngine:
         for i in range(params.n):
             seed = None if params.seed is None else params.seed + i
             request = Request(request_id, ids, params, max_tokens, eos, priority, seed=seed, index=i)
+            if lora_request is not None:
+                request.lora = lora_request
+                request.cache_salt = f"lora:{lora_request.lora_int_id}".encode()  # never another adapter's KV
             if compiled is not None:
                 request.matcher = self.grammars.matcher(compiled)
                 request.allowed_bitmask = self.grammars.allowed_bitmask(params.structured)
@@ -236,13 +250,14 @@ class LLMEngine:
         self.output.add(group)
 
     def add_request(
-        self, request_id: str | None, prompt: PromptType, params: SamplingParams | None = None, priority: int = 0
+        self, request_id: str | None, prompt: PromptType, params: SamplingParams | None = None, priority: int = 0,
+        lora_request=None,
     ) -> str:
         """Validate and queue one request; nothing is queued if it is invalid."""
         request_id = str(next(self._ids)) if request_id is None else request_id
         if request_id in self.output.groups:
             raise ValueError(f"request_id: {request_id!r} is already in use")
-        self.add_request_group(self.make_request_group(request_id, prompt, params, priority))
+        self.add_request_group(self.make_request_group(request_id, prompt, params, priority, lora_request))
         return request_id
 
     def abort_request(self, request_id: str) -> None:
@@ -413,7 +428,9 @@ class LLM:
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
         use_tqdm: bool = True,
         priority: Seq[int] | None = None,
+        lora_request=None,
     ) -> list[RequestOutput]:
+        """`lora_request`: a LoRARequest for every prompt, or a list of one (or None) per prompt."""
         if self.engine is None:
             raise ValueError("model: this is an embedding model; use embed(), not generate()")
         if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts, list) and isinstance(prompts[0], int)):
@@ -425,9 +442,12 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"sampling_params: {len(params)} given for {len(prompts)} prompts")
         priorities = list(priority) if priority is not None else [0] * len(prompts)
+        loras = list(lora_request) if isinstance(lora_request, (list, tuple)) else [lora_request] * len(prompts)
+        if len(loras) != len(prompts):
+            raise ValueError(f"lora_request: {len(loras)} given for {len(prompts)} prompts")
         # Every request is tokenized and validated before any is queued: one bad prompt adds no work.
-        groups = [self.engine.make_request_group(f"llm-{next(self._ids)}", prompt, p, prio)
-                  for prompt, p, prio in zip(prompts, params, priorities)]
+        groups = [self.engine.make_request_group(f"llm-{next(self._ids)}", prompt, p, prio, lora)
+                  for prompt, p, prio, lora in zip(prompts, params, priorities, loras)]
         for group in groups:
             self.engine.add_request_group(group)
         return self._run([g.request_id for g in groups], use_tqdm)

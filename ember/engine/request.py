@@ -235,6 +235,7 @@ class Request:
         self.stop_reason: int | str | None = None
         self.cumulative_logprob = 0.0
         self.logprobs: list[TokenLogprobs] | None = [] if params.logprobs is not None else None
+        self.lora = None  # the LoRARequest whose adapter this sequence runs with (None: the base model)
         self.matcher = None  # xgrammar GrammarMatcher of a structured request
         self.allowed_bitmask = None  # xgrammar bitmask row ANDed into its grammar mask (None: no extra ban)
 

@@ -54,7 +54,9 @@ class ModelRunner:
         seed: int,
         attention_backend: str = "auto",
         kv_cache_dtype: str = "auto",
+        lora=None,  # the engine's LoRAManager when it serves adapters
     ):
+        self.lora = lora
         self.model = model
         self.config = config
         self.device = device
@@ -123,8 +125,12 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, scheduled: SchedulerOutput) -> RunnerOutput:
-        # Shortest queries first: decodes lead, so attention backends batch them.
-        items = sorted(scheduled.scheduled, key=lambda item: item[1])
+        # Shortest queries first: decodes lead, so attention backends batch them (and, serving LoRA,
+        # each adapter's rows follow one another, so its product takes one slice of the batch).
+        if self.lora is None:
+            items = sorted(scheduled.scheduled, key=lambda item: item[1])
+        else:
+            items = sorted(scheduled.scheduled, key=lambda item: (item[1], item[0].lora.lora_int_id if item[0].lora else 0))
         requests = [r for r, _ in items]
         query_lens = [n for _, n in items]
         # num_computed_tokens already includes this step's tokens.
@@ -134,7 +140,14 @@ class ModelRunner:
             tokens = request.all_token_ids + request.spec_token_ids if request.spec_token_ids else request.all_token_ids
             input_ids.extend(tokens[start:start + n])
 
-        hidden = self.forward(requests, query_lens, context_lens, input_ids)
+        if self.lora is None:
+            hidden = self.forward(requests, query_lens, context_lens, input_ids)
+        else:
+            self.lora.prepare_step(requests, query_lens)
+            try:
+                hidden = self.forward(requests, query_lens, context_lens, input_ids)
+            finally:
+                self.lora.clear_step()  # a later forward (a test's, the draft's) sees no stale rows
         out = RunnerOutput()
         ends = list(itertools.accumulate(query_lens))
         done = [i for i, r in enumerate(requests) if r.num_computed_tokens == r.num_tokens + len(r.spec_token_ids)]

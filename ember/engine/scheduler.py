@@ -75,10 +75,12 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int):
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int,
+                 max_loras: int | None = None):
         self.config = config
         self.kv = kv
         self.max_model_len = max_model_len
+        self.max_loras = max_loras  # distinct LoRA adapters the running requests may use at once
         self.waiting = WaitingQueue(config.policy)
         self.running: list[Request] = []
         self.requests: dict[SequenceId, Request] = {}
@@ -139,8 +141,13 @@ class Scheduler:
                 budget -= num_new
 
         # Admit new work only when nothing had to be preempted this step.
+        adapters = {r.lora.lora_int_id for r in self.running if r.lora is not None}
+        held_back: list[Request] = []  # waiting for an adapter slot; they keep their place
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting.peek()
+            if self._needs_another_adapter(request, adapters):
+                held_back.append(self.waiting.pop())
+                continue
             computed_blocks = self.kv.get_computed_blocks(request)
             num_cached = len(computed_blocks) * self.kv.block_size
             num_new = request.num_tokens - num_cached
@@ -158,11 +165,19 @@ class Scheduler:
             self.running.append(request)
             scheduled[request] = num_new
             budget -= num_new
+            if request.lora is not None:
+                adapters.add(request.lora.lora_int_id)
+        for request in reversed(held_back):
+            self.waiting.push(request, front=True)
 
         # Advanced only now, so a request preempted above frees exactly what was computed.
         for request, num_new in scheduled.items():
             request.num_computed_tokens += num_new
         return SchedulerOutput(list(scheduled.items()), preempted)
+
+    def _needs_another_adapter(self, request: Request, adapters: set[int]) -> bool:
+        return (self.max_loras is not None and request.lora is not None
+                and request.lora.lora_int_id not in adapters and len(adapters) >= self.max_loras)
 
     def _pick_victim(self) -> Request:
         if self.config.policy == "priority":

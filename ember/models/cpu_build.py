@@ -118,8 +118,15 @@ def build(name: str, source: str) -> bool:
 def _load(key: str, source: str, failed: Path) -> None:
     from torch.utils import cpp_extension
 
+    # Compile a copy kept in the build directory: the build then names the same source path whoever
+    # asks for it, so two checkouts with the same source (same key) share one build instead of each
+    # making torch's build system redo it for its own path.
+    copy = failed.parent / f"{key}.cpp"
+    text = Path(source).read_bytes()
+    if not copy.is_file() or copy.read_bytes() != text:
+        copy.write_bytes(text)
     try:
-        cpp_extension.load(name=key, sources=[source], extra_cflags=compiler_flags(), extra_ldflags=["-fopenmp"],
+        cpp_extension.load(name=key, sources=[str(copy)], extra_cflags=compiler_flags(), extra_ldflags=["-fopenmp"],
                            is_python_module=False, verbose=False)
     except Exception as e:
         if "Error building extension" in str(e):  # the compiler's verdict on this source: remember it

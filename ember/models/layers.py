@@ -58,13 +58,23 @@ def make_norm(config: ModelConfig, size: int | None = None) -> RMSNorm:
 class Linear(nn.Linear):
     """nn.Linear whose decode-sized products go through ember's CPU GEMV kernel."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # LoRA: the engine's adapter slots (ember.engine.lora.LoRASlots) when it serves adapters, or a
+        # trainable adapter (ember.models.lora.TrainableLoRA, a submodule) when ember train fits one.
+        self.lora = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cpu_ops.linear(x, self.weight, self.bias)
+        y = cpu_ops.linear(x, self.weight, self.bias)
+        return y if self.lora is None else self.lora.add(x, y)
 
     def rows_function(self):
         """x [rows, in] -> [rows, out] for DecoderLayer.forward_rows (the Parameters themselves are bound:
         weights updated in place reach it)."""
         weight, bias, linear = self.weight, self.bias, cpu_ops.linear
+        if self.lora is not None:
+            add = self.lora.add
+            return lambda x: add(x, linear(x, weight, bias))
         return lambda x: linear(x, weight, bias)
 
 
@@ -324,7 +334,7 @@ class DecoderLayer(nn.Module):
         projections = (attn.qkv_proj, attn.o_proj, ffn.gate_up_proj, ffn.down_proj)
         if not (all(type(n) is RMSNorm and n.weight.dtype == torch.bfloat16 for n in norms) and all(  # quantized projections aren't Linear
                 type(p) in (Linear, MergedLinear) and p.weight.dtype == torch.bfloat16 and p.in_features % 2 == 0
-                for p in projections)):
+                and p.lora is None for p in projections)):
             return False
         linear = [(p.weight, p.out_features, p.bias) for p in projections]
         self._cpu_rows_plan = (

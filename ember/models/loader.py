@@ -35,6 +35,8 @@ def hf_parameter_map(model: nn.Module) -> dict[str, tuple[nn.Parameter, Index]]:
     names: dict[str, tuple[nn.Parameter, Index]] = {}
     for module_name, module in model.named_modules():
         prefix = f"{module_name}." if module_name else ""
+        if "lora" in module_name.split("."):  # a trainable LoRA adapter: not the base model's (PEFT's names)
+            continue
         if hasattr(module, "hf_parameters"):  # e.g. stacked experts: one tensor per expert on disk
             names.update(module.hf_parameters(prefix))
             continue

@@ -114,6 +114,7 @@ class QuantizedLinear(nn.Module):
         # int4: "ember" (ember's kernel and packing) or "aten" (torch's); int8: "channels" (one scale per
         # output channel) or "groups" (a scale and an optional offset per group of input channels).
         self.layout = "aten" if bits == 4 else "channels"
+        self.lora = None  # adapter slots (serving) or a trainable adapter (QLoRA), as on Linear
 
     @classmethod
     def from_int8(cls, q: torch.Tensor, scale: torch.Tensor, bias, dtype, **names) -> "QuantizedLinear":
@@ -218,6 +219,10 @@ class QuantizedLinear(nn.Module):
         return weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._forward(x)
+        return y if self.lora is None else self.lora.add(x, y)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, self.in_features)
         if flat.shape[0] > KERNEL_MAX_ROWS or x.device.type != "cpu":
@@ -248,7 +253,10 @@ class QuantizedLinear(nn.Module):
                 or self.qweight.device.type != "cpu":
             return self.forward
         op, args = self._kernel_call()
-        bias, forward = self.bias, self.forward
+        bias, forward = self.bias, self._forward
+        if self.lora is not None:
+            add = self.lora.add
+            return lambda x: add(x, op(x, *args, bias) if x.shape[0] <= KERNEL_MAX_ROWS else forward(x))
         return lambda x: op(x, *args, bias) if x.shape[0] <= KERNEL_MAX_ROWS else forward(x)
 
     def _kernel_call(self):

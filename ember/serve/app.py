@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -26,9 +26,8 @@ from ember.serve.handlers import ServerState
 from ember.serve.metrics import Metrics
 from ember.serve.protocol import (
     ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse, DetokenizeRequest,
-    EmbeddingRequest,
-    DetokenizeResponse, ErrorResponse, ModelList, OpenAIError, TokenizeRequest, TokenizeResponse,
-    random_id,
+    DetokenizeResponse, EmbeddingRequest, ErrorResponse, LoadLoRARequest, ModelList, OpenAIError, TokenizeRequest,
+    TokenizeResponse, UnloadLoRARequest, random_id,
 )
 
 logger = logging.getLogger("ember.serve")
@@ -44,6 +43,7 @@ class ServerConfig:
     allowed_origins: tuple[str, ...] = ()
     max_body_mb: float = 16.0
     drain_timeout: float = 30.0
+    allow_runtime_lora_updating: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter
 
     def __post_init__(self):
         if not 0 < self.port < 65536:
@@ -216,9 +216,7 @@ def _add_api(app: FastAPI, state: ServerState, config: ServerConfig) -> None:
                               type="authentication_error", code="invalid_api_key")
 
     def check_model(name: str | None) -> None:
-        if name is not None and name != state.model_name:
-            raise OpenAIError(404, f"model: {name!r} does not exist (this server has {state.model_name!r})",
-                              param="model", code="model_not_found")
+        state.lora_for(name)  # 404 unless it is the model or one of its adapters
 
     def request_id(request: Request, prefix: str) -> str:
         return request.state.request_id or random_id(prefix)
@@ -227,8 +225,20 @@ def _add_api(app: FastAPI, state: ServerState, config: ServerConfig) -> None:
 
     @app.get("/v1/models", response_model=ModelList, dependencies=keyed)
     async def models():
-        return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.created,
-                                            "owned_by": "ember", "max_model_len": state.max_model_len}]}
+        base = {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "ember",
+                "max_model_len": state.max_model_len}
+        adapters = [{**base, "id": name, "root": lora.lora_path, "parent": state.model_name}
+                    for name, lora in state.adapters.items()]
+        return {"object": "list", "data": [base, *adapters]}
+
+    if config.allow_runtime_lora_updating:  # off by default, as in vLLM: it reads paths the client names
+        @app.post("/v1/load_lora_adapter", dependencies=keyed)
+        async def load_lora_adapter(body: LoadLoRARequest):
+            return PlainTextResponse(await handlers.load_lora_adapter(body, state))
+
+        @app.post("/v1/unload_lora_adapter", dependencies=keyed)
+        async def unload_lora_adapter(body: UnloadLoRARequest):
+            return PlainTextResponse(await handlers.unload_lora_adapter(body, state))
 
     @app.post("/v1/completions", response_model=CompletionResponse, dependencies=keyed)
     async def completions(body: CompletionRequest, request: Request):
@@ -266,15 +276,27 @@ _IDLE_STATS = {"num_running": 0, "num_waiting": 0, "kv_cache_usage": 0.0, "promp
                "prefix_cache_hit_rate": 0.0}
 
 
-def make_state(llm: AsyncLLM | None, model_name: str, embedder=None) -> ServerState:
+def make_state(llm: AsyncLLM | None, model_name: str, embedder=None,
+               lora_modules: dict[str, str] | None = None) -> ServerState:
+    """`lora_modules`: adapter name -> PEFT directory, each read and checked now (a bad one stops the start)."""
     from concurrent.futures import ThreadPoolExecutor
+
+    from ember.engine.lora import LoRARequest
 
     stats = llm.get_stats if llm is not None else (lambda: dict(_IDLE_STATS))
     executor = ThreadPoolExecutor(max_workers=1) if embedder is not None else None
-    return ServerState(llm, model_name, Metrics(stats, model_name), embedder=embedder, embed_executor=executor)
+    state = ServerState(llm, model_name, Metrics(stats, model_name), embedder=embedder, embed_executor=executor)
+    for name, path in (lora_modules or {}).items():
+        if llm is None or not llm.serves_lora:
+            raise ValueError("lora_modules: adapters need a generative model started with --enable-lora")
+        request = LoRARequest(name, next(state.lora_ids), path)
+        llm.engine.lora.load(request)
+        state.adapters[name] = request
+    return state
 
 
-def run_server(llm: AsyncLLM | None, model_name: str, config: ServerConfig, embedder=None, sock=None) -> int:
+def run_server(llm: AsyncLLM | None, model_name: str, config: ServerConfig, embedder=None, sock=None,
+               lora_modules: dict[str, str] | None = None) -> int:
     """Serve until SIGINT/SIGTERM; in-flight requests get `drain_timeout` seconds to finish, then end
     with a 503 (or a last SSE error event) saying the server is shutting down. `sock`: a socket already
     listening on the configured address (bound before the model loaded). Returns the exit status:
@@ -295,7 +317,7 @@ def run_server(llm: AsyncLLM | None, model_name: str, config: ServerConfig, embe
                     f"the server is shutting down (in-flight requests had {config.drain_timeout:g} s to finish)")
             await super().shutdown(sockets)
 
-    app = build_app(make_state(llm, model_name, embedder), config)
+    app = build_app(make_state(llm, model_name, embedder, lora_modules), config)
     server = Server(uvicorn.Config(  # uvicorn's own cut-off only after ours has ended every request
         app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=config.drain_timeout + 5,
     ))

@@ -9,6 +9,7 @@ it has sent, and emits the difference. Both generating endpoints share one respo
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import time
@@ -20,6 +21,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ember.engine.async_llm import AsyncLLM, EngineDeadError, QueueFullError, RequestStream
+from ember.engine.lora import LoRARequest
 from ember.engine.output import RequestGroup
 from ember.engine.request import CompletionOutput, Logprob, RequestOutput, SamplingParams
 from ember.serve.metrics import Metrics
@@ -38,6 +40,18 @@ class ServerState:
     embedder: Any = None  # ... or an embedding model (EmbeddingEngine)
     embed_executor: Any = None  # one worker thread running embedding batches
     created: int = field(default_factory=now)
+    adapters: dict[str, LoRARequest] = field(default_factory=dict)  # LoRA adapters clients select by name
+    lora_ids: Any = field(default_factory=lambda: itertools.count(1))
+
+    def lora_for(self, name: str | None) -> LoRARequest | None:
+        """The adapter a request's "model" names (None: the base model); 404 for a name not served."""
+        if name is None or name == self.model_name:
+            return None
+        if name in self.adapters:
+            return self.adapters[name]
+        served = [self.model_name, *self.adapters]
+        raise OpenAIError(404, f"model: {name!r} does not exist (this server has {', '.join(map(repr, served))})",
+                          param="model", code="model_not_found")
 
     @property
     def max_model_len(self) -> int:
@@ -378,7 +392,7 @@ async def create_completion(body: CompletionRequest, state: ServerState, http: R
     if len(raw) * params.n > MAX_SEQUENCES:
         raise OpenAIError(400, f"n: {len(raw)} prompts x n={params.n} is more than {MAX_SEQUENCES} sequences in one "
                                "request", param="n")
-    groups = await prepared(llm.prepare(request_id, raw, params, body.priority))
+    groups = await prepared(llm.prepare(request_id, raw, params, body.priority, state.lora_for(body.model)))
     for group in groups:
         check_length(group.prompt_token_ids, body.max_tokens, llm.max_model_len, "max_tokens")
     shape = CompletionShape(body, llm.tokenizer, groups, params.n)
@@ -538,10 +552,30 @@ async def create_chat_completion(body: ChatCompletionRequest, state: ServerState
     kwargs = template_kwargs(body, plan)
     messages = checked(lambda: [m.for_template() for m in body.messages])
     group = await prepared(llm.prepare_chat(request_id, messages, params, body.priority,
-                                            body.add_generation_prompt, **kwargs))
+                                            body.add_generation_prompt, state.lora_for(body.model), **kwargs))
     check_length(group.prompt_token_ids, max_tokens, llm.max_model_len, field_name)
     shape = ChatShape(body, llm.tokenizer, plan, params.n)
     return await respond(shape, "chat.completion.chunk", body, state, http, request_id, [group])
+
+
+# ---- LoRA adapters at run time (vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter) ----------
+async def load_lora_adapter(body, state: ServerState) -> str:
+    llm = state.generator()
+    if body.lora_name in state.adapters or body.lora_name == state.model_name:
+        raise OpenAIError(400, f"lora_name: {body.lora_name!r} is already served", param="lora_name")
+    request = LoRARequest(body.lora_name, next(state.lora_ids), body.lora_path)
+    await prepared(llm.add_lora(request))
+    state.adapters[body.lora_name] = request
+    return f"Success: LoRA adapter '{body.lora_name}' added successfully."
+
+
+async def unload_lora_adapter(body, state: ServerState) -> str:
+    request = state.adapters.pop(body.lora_name, None)
+    if request is None:
+        raise OpenAIError(404, f"lora_name: {body.lora_name!r} is not a loaded adapter", param="lora_name",
+                          code="model_not_found")
+    state.generator().remove_lora(request.lora_int_id)
+    return f"Success: LoRA adapter '{body.lora_name}' removed successfully."
 
 
 # ---- /tokenize -------------------------------------------------------------------------------

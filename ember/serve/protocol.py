@@ -246,7 +246,18 @@ class ModelCard(BaseModel):
     object: str = "model"
     created: int
     owned_by: str = "ember"
+    root: str | None = None  # a LoRA adapter's directory (vLLM's field)
+    parent: str | None = None  # the base model a LoRA adapter runs on
     max_model_len: int | None = None
+
+
+class LoadLoRARequest(_Body):
+    lora_name: str = Field(min_length=1, max_length=256)
+    lora_path: str = Field(min_length=1, max_length=4096)
+
+
+class UnloadLoRARequest(_Body):
+    lora_name: str = Field(min_length=1, max_length=256)
 
 
 class ModelList(BaseModel):

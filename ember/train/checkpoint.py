@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from ember.models.config import ModelConfig
 
@@ -25,8 +25,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config
                    "special_tokens_map.json")
 
 
-def _param_names(model: nn.Module) -> list[str]:
-    return [n.removeprefix("module.") for n, _ in model.named_parameters()]
+def _param_names(model: nn.Module, optimizer) -> list[str]:
+    """Names of the optimizer's parameters in its own numbering (group by group, as its state dict
+    numbers them: not the model's order, where decayed and undecayed parameters interleave)."""
+    names = {id(p): n.removeprefix("module.") for n, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
 
 
 def _zero1_state(model: nn.Module, optimizer) -> dict:
@@ -35,7 +38,7 @@ def _zero1_state(model: nn.Module, optimizer) -> dict:
     payload = [None]
     if dist.get_rank() == 0:
         full = optimizer.state_dict()
-        names = _param_names(model)
+        names = _param_names(model, optimizer)
         order = [i for group in full["param_groups"] for i in group["params"]]
         payload[0] = {
             "state": {names[i]: full["state"][i] for i in order if i in full["state"]},
@@ -47,7 +50,7 @@ def _zero1_state(model: nn.Module, optimizer) -> dict:
 
 
 def _zero1_load(model: nn.Module, optimizer, named: dict) -> None:
-    names = _param_names(model)
+    names = _param_names(model, optimizer)
     index = {n: i for i, n in enumerate(names)}
     state = {index[n]: v for n, v in named["state"].items()}
     groups = [{**g, "params": [index[n] for n in g["params"]]} for g in named["param_groups"]]
@@ -56,8 +59,7 @@ def _zero1_load(model: nn.Module, optimizer, named: dict) -> None:
 
 def _zero1_placeholder(model: nn.Module, optimizer) -> dict:
     """The structure DCP loads the named optimizer state into (full-size tensors)."""
-    names = _param_names(model)
-    params = dict(zip(names, model.parameters()))
+    params = dict(zip(_param_names(model, optimizer), (p for g in optimizer.param_groups for p in g["params"])))
     state = {n: {"step": torch.zeros(()), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
              for n, p in params.items()}
     groups = []
@@ -68,11 +70,18 @@ def _zero1_placeholder(model: nn.Module, optimizer) -> dict:
     return {"state": state, "param_groups": groups}
 
 
+def _options(model: nn.Module) -> StateDictOptions:
+    # A LoRA run's frozen base is not checkpointed (it is the model the run started from), so loading
+    # expects only the trainable tensors; a full run's load stays strict.
+    strict = all(p.requires_grad for p in model.parameters())
+    return StateDictOptions(ignore_frozen_params=True, strict=strict)
+
+
 def state_dicts(model: nn.Module, optimizer, zero_stage: int) -> tuple[dict, dict]:
     if zero_stage == 1:
-        model_sd, _ = get_state_dict(model, [])
+        model_sd, _ = get_state_dict(model, [], options=_options(model))
         return model_sd, _zero1_state(model, optimizer)
-    return get_state_dict(model, optimizer)
+    return get_state_dict(model, optimizer, options=_options(model))
 
 
 def save_checkpoint(path: Path, step: int, model: nn.Module, optimizer, scheduler, zero_stage: int,
@@ -102,25 +111,27 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, zero_sta
     if not state_file.is_file():
         raise ValueError(f"resume: {str(path)!r} is not an ember checkpoint (no trainer_state.json)")
     if zero_stage == 1:
-        model_sd, _ = get_state_dict(model, [])
+        model_sd, _ = get_state_dict(model, [], options=_options(model))
         optim_sd = _zero1_placeholder(model, optimizer)
     else:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(model))
     both = {"model": model_sd, "optim": optim_sd}
     dcp.load(both, checkpoint_id=str(path / "dcp"))
     if zero_stage == 1:
-        set_state_dict(model, [], model_state_dict=both["model"], optim_state_dict={})
+        set_state_dict(model, [], model_state_dict=both["model"], optim_state_dict={}, options=_options(model))
         _zero1_load(model, optimizer, both["optim"])
     else:
-        set_state_dict(model, optimizer, model_state_dict=both["model"], optim_state_dict=both["optim"])
+        set_state_dict(model, optimizer, model_state_dict=both["model"], optim_state_dict=both["optim"],
+                       options=_options(model))
     state = json.loads(state_file.read_text())
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))
     return int(state["step"])
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, dtype: str = "float32") -> Path:
-    """A checkpoint -> an HF directory (config.json, model.safetensors, tokenizer files); one process."""
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, dtype: str = "float32", merge: bool = False) -> Path:
+    """A checkpoint -> an HF directory (config.json, model.safetensors, tokenizer files); one process.
+    A LoRA run's checkpoint -> its PEFT adapter, or with `merge` the base model with the adapter merged."""
     from ember.models import model_class
     from ember.models.config import dtype_from_name
     from ember.models.loader import save_model
@@ -128,6 +139,11 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, dtype: str = 
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     if not (checkpoint / "trainer_state.json").is_file():
         raise ValueError(f"checkpoint: {str(checkpoint)!r} is not an ember checkpoint (no trainer_state.json)")
+    train_config = json.loads((checkpoint / "trainer_state.json").read_text()).get("train_config") or {}
+    if train_config.get("lora") is not None:
+        return _export_lora(checkpoint, out_dir, train_config, dtype, merge)
+    if merge:
+        raise ValueError(f"merge: {str(checkpoint)!r} is a full-model checkpoint; there is no adapter to merge")
     config = ModelConfig.from_dir(checkpoint)
     with torch.device("meta"):
         model = model_class(config.architecture)(config)
@@ -138,6 +154,28 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, dtype: str = 
         warnings.simplefilter("ignore", UserWarning)
         dcp.load({"model": state}, checkpoint_id=str(checkpoint / "dcp"), no_dist=True)
     model.load_state_dict(state)
+    save_model(model, config, out_dir, dtype=dtype_from_name(dtype))
+    for name in TOKENIZER_FILES:
+        if (checkpoint / name).is_file():
+            shutil.copy(checkpoint / name, out_dir / name)
+    return out_dir
+
+
+def _export_lora(checkpoint: Path, out_dir: Path, train_config: dict, dtype: str, merge: bool) -> Path:
+    from ember.models import load_model
+    from ember.models.config import dtype_from_name
+    from ember.models.loader import save_model
+    from ember.models.lora import merge_adapter
+
+    adapter = checkpoint / "adapter"
+    if not adapter.is_dir():
+        raise ValueError(f"checkpoint: {str(checkpoint)!r} is a LoRA run's but has no adapter/ directory")
+    if not merge:
+        shutil.copytree(adapter, out_dir, dirs_exist_ok=True)
+        return out_dir
+    base = train_config["model"]["path"]
+    model, config = load_model(base, dtype="float32")
+    merge_adapter(model, adapter)
     save_model(model, config, out_dir, dtype=dtype_from_name(dtype))
     for name in TOKENIZER_FILES:
         if (checkpoint / name).is_file():

@@ -93,6 +93,49 @@ class OptimSpec:
 
 
 @dataclass(frozen=True)
+class LoRASpec:
+    """Fine-tune low-rank adapters instead of the model (PEFT's LoraConfig names accepted: lora_alpha,
+    lora_dropout). The base is frozen; with `base_quantization` it is held int8/int4 (QLoRA)."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] | str = "all-linear"  # HF module names (q_proj, ...) or "all-linear"
+    use_rslora: bool = False
+    base_quantization: str | None = None  # None | int8 | int4
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LoRASpec":
+        d = dict(d)
+        for peft_name, name in (("lora_alpha", "alpha"), ("lora_dropout", "dropout")):
+            if peft_name in d:
+                d[name] = d.pop(peft_name)
+        for ignored in ("peft_type", "task_type", "bias", "inference_mode"):
+            d.pop(ignored, None)
+        if d.get("modules_to_save"):
+            raise ConfigError(f"lora.modules_to_save: {d['modules_to_save']!r} is not supported yet (adapters on the "
+                              "decoder layers' projections only)")
+        d.pop("modules_to_save", None)
+        _check_keys("lora", d, {f.name for f in fields(cls)})
+        if isinstance(d.get("target_modules"), list):
+            d["target_modules"] = tuple(d["target_modules"])
+        return cls(**d)
+
+    def __post_init__(self):
+        checks = [
+            ("lora.r", isinstance(self.r, int) and self.r >= 1, "an integer >= 1"),
+            ("lora.alpha", self.alpha > 0, "> 0"),
+            ("lora.dropout", 0 <= self.dropout < 1, "in [0, 1)"),
+            ("lora.target_modules", self.target_modules == "all-linear" or (
+                isinstance(self.target_modules, tuple) and self.target_modules), "a list of module names or 'all-linear'"),
+            ("lora.base_quantization", self.base_quantization in (None, "int8", "int4"), "none, int8 or int4"),
+        ]
+        for name, ok, why in checks:
+            if not ok:
+                raise ConfigError(f"{name}: {getattr(self, name.split('.')[1])!r} is invalid ({why})")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     model: ModelSpec
     data: DataSpec
@@ -115,6 +158,7 @@ class TrainConfig:
     expert_parallel: bool = False  # MoE: experts sharded over the processes, tokens moved by all-to-all
     device: str = "auto"  # auto (CUDA when each process on a node gets a GPU, else CPU) | cpu | cuda
     optimizer: OptimSpec = field(default_factory=OptimSpec)
+    lora: LoRASpec | None = None  # fine-tune adapters (a `lora:` section), not the whole model
 
     def __post_init__(self):
         checks = [
@@ -131,6 +175,9 @@ class TrainConfig:
             ("offload_optimizer", not self.offload_optimizer or self.zero_stage >= 2, "needs zero_stage 2 or 3"),
             ("expert_parallel", not self.expert_parallel or self.zero_stage != 1,
              "works with zero_stage 0, 2 or 3: ZeRO-1's optimizer assumes replicated parameters"),
+            ("lora", self.lora is None or self.model.path is not None, "adapters fine-tune a model: give model.path"),
+            ("lora", self.lora is None or self.lora.base_quantization is None or self.zero_stage < 2,
+             "a quantized base (QLoRA) trains with zero_stage 0 or 1 (FSDP shards float tensors)"),
         ]
         for name, ok, why in checks:
             if not ok:
@@ -170,6 +217,8 @@ class TrainConfig:
         d["data"] = DataSpec.from_dict(d["data"])
         if "optimizer" in d:
             d["optimizer"] = OptimSpec.from_dict(d["optimizer"])
+        if d.get("lora") is not None:
+            d["lora"] = LoRASpec.from_dict(d["lora"])
         return cls(**d)
 
     @classmethod

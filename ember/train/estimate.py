@@ -33,7 +33,34 @@ class Estimate:
     activation_bytes: int
 
 
-def estimate(config: TrainConfig, num_params: int, ranks: int, hidden: int, layers: int, vocab: int) -> Estimate:
+@dataclass
+class LoRACounts:
+    trainable: int  # adapter parameters
+    quantizable: int  # base parameters in the decoder layers' projections (held int8/int4 under QLoRA)
+
+
+def lora_counts(model_config, spec) -> LoRACounts:
+    """Adapter and projection parameter counts of a LoRA config, from the model built on the meta device."""
+    import torch
+
+    from ember.models import model_class
+    from ember.models.lora import add_trainable_lora, lora_targets
+
+    with torch.device("meta"):
+        model = model_class(model_config.architecture)(model_config)
+        quantizable = sum(m.weight.numel() for m in {t.module for t in lora_targets(model).values()})
+        add_trainable_lora(model, spec.r, spec.alpha, 0.0, spec.target_modules)
+    return LoRACounts(sum(p.numel() for p in model.parameters() if p.requires_grad), quantizable)
+
+
+# bytes per parameter of a frozen base projection: fp32, or int8 / int4 with a fp32 scale (and offset) per group
+_FROZEN_BYTES = {None: 4.0, "int8": 1 + 4 / 64, "int4": 0.5 + 8 / 64}
+
+
+def estimate(config: TrainConfig, num_params: int, ranks: int, hidden: int, layers: int, vocab: int,
+             lora: LoRACounts | None = None) -> Estimate:
+    if lora is not None:
+        return _estimate_lora(config, num_params, ranks, hidden, layers, vocab, lora)
     stage = config.zero_stage
     full, sharded = PAPER[config.precision][stage]
     paper = int(num_params * (full + sharded / ranks))
@@ -45,13 +72,30 @@ def estimate(config: TrainConfig, num_params: int, ranks: int, hidden: int, laye
     optim = 8 * num_params // shard
     # Activations per micro-batch (Korthikanti et al., flash attention: ~34 s*b*h bytes per layer in
     # 16-bit, twice that in fp32), plus fp32 logits and their gradient for the loss.
+    return Estimate(num_params, ranks, paper, ember, params, grads, optim, _activations(config, hidden, layers, vocab))
+
+
+def _activations(config: TrainConfig, hidden: int, layers: int, vocab: int) -> int:
     tokens = config.micro_batch_size * config.data.seq_len
     width = 2 if config.precision == "bf16" else 4
     per_layer = 34 * tokens * hidden * width // 2
     if config.activation_checkpointing:
         per_layer = tokens * hidden * width
-    activations = layers * per_layer + 2 * tokens * vocab * 4
-    return Estimate(num_params, ranks, paper, ember, params, grads, optim, activations)
+    return layers * per_layer + 2 * tokens * vocab * 4
+
+
+def _estimate_lora(config: TrainConfig, num_params: int, ranks: int, hidden: int, layers: int, vocab: int,
+                   lora: LoRACounts) -> Estimate:
+    """The frozen base (fp32, or its projections int8/int4 under QLoRA) plus the adapter's weights, grads
+    and Adam moments (16 bytes each), each sharded as the stage shards them."""
+    stage = config.zero_stage
+    frozen = (num_params - lora.quantizable) * 4 + lora.quantizable * _FROZEN_BYTES[config.lora.base_quantization]
+    params = int(frozen + 4 * lora.trainable) // (ranks if stage >= 2 else 1)
+    grads = 4 * lora.trainable // (ranks if stage >= 2 else 1)
+    optim = 8 * lora.trainable // (1 if stage == 0 else ranks)
+    ember = params + grads + optim
+    return Estimate(num_params + lora.trainable, ranks, ember, ember, params, grads, optim,
+                    _activations(config, hidden, layers, vocab))
 
 
 def report(e: Estimate, stage: int, precision: str) -> str:

@@ -68,11 +68,34 @@ def preflight(config: TrainConfig, world_size: int) -> tuple[Tokenizer, ModelCon
 def build_model(config: TrainConfig, model_config: ModelConfig) -> nn.Module:
     if config.model.path is not None:
         model, _ = load_model(config.model.path, dtype="float32")
+        if config.lora is not None:
+            attach_lora(model, config)
         return model.train()
     torch.manual_seed(config.seed)
     model = model_class(model_config.architecture)(model_config)
     init_random_weights(model, config.model.init_std)
     return model.train()
+
+
+def attach_lora(model: nn.Module, config: TrainConfig) -> list[str]:
+    """Freeze the base (held int8/int4 for QLoRA) and attach trainable adapters."""
+    from ember.models.lora import add_trainable_lora
+
+    spec = config.lora
+    if spec.base_quantization is not None:
+        from ember.models.quant import QuantConfig, quantize_model
+
+        quantize_model(model, QuantConfig(spec.base_quantization, lm_head=False, embeddings=False))
+    torch.manual_seed(config.seed)  # the same A on every rank
+    try:
+        adapted = add_trainable_lora(model, spec.r, spec.alpha, spec.dropout, spec.target_modules, spec.use_rslora)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    logger.info("LoRA r=%d on %d modules: %d trainable parameters of %d (%.2f%%)%s", spec.r, len(adapted), trainable,
+                total, 100 * trainable / total, f", base {spec.base_quantization}" if spec.base_quantization else "")
+    return adapted
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -209,7 +232,26 @@ class Trainer:
         tokenizer_dir = self.config.model.tokenizer_dir
         save_checkpoint(path, step, self.model, self.optimizer, self.scheduler, self.config.zero_stage,
                         self.model_config, tokenizer_dir, self.config.to_dict(), self.d.is_main)
+        if self.config.lora is not None:
+            self._save_adapter(path / "adapter")
         return path
+
+    def _save_adapter(self, out_dir: Path) -> None:
+        """The adapter in PEFT's format beside the checkpoint: `ember serve --lora-modules name=DIR`
+        (or HF PEFT, or vLLM) loads it as it is."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        from ember.models.lora import adapter_state, save_adapter, trainable_adapters
+
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.d.is_main:
+            full = {k.removeprefix("module."): v for k, v in full.items()}
+            adapters = trainable_adapters(self.model)
+            spec = self.config.lora
+            targets = sorted({name for a in adapters.values() for name in a.names.values()})
+            save_adapter(adapter_state(adapters, full), out_dir, spec.r, spec.alpha, spec.dropout, targets,
+                         self.config.model.path, spec.use_rslora)
+        dist.barrier()
 
     # ---- the loop ---------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:

@@ -105,10 +105,11 @@ def param_groups(model: nn.Module, weight_decay: float, experts: list[nn.Paramet
     expert_ids = {id(p) for p in experts}
     decay, no_decay = [], []
     for _, p in model.named_parameters():
-        if id(p) not in expert_ids:
+        if p.requires_grad and id(p) not in expert_ids:  # (a LoRA run's frozen base stays out)
             (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return groups + ([{"params": list(experts), "weight_decay": weight_decay}] if experts else [])
+    experts = [p for p in experts if p.requires_grad]
+    return groups + ([{"params": experts, "weight_decay": weight_decay}] if experts else [])
 
 
 def shard_model(model: nn.Module, config: TrainConfig, d: Dist) -> tuple[nn.Module, torch.optim.Optimizer]:

@@ -46,7 +46,8 @@ class RunningServer:
 
 
 @contextmanager
-def running_server(model_dir, model_name="tiny", api_key=None, max_body_mb=1.0, max_waiting=None, **engine_kwargs):
+def running_server(model_dir, model_name="tiny", api_key=None, max_body_mb=1.0, max_waiting=None, lora_modules=None,
+                   allow_runtime_lora_updating=False, **engine_kwargs):
     import uvicorn
 
     from ember.engine.async_llm import AsyncLLM
@@ -55,8 +56,9 @@ def running_server(model_dir, model_name="tiny", api_key=None, max_body_mb=1.0, 
     engine_kwargs.setdefault("dtype", "float32")
     llm = AsyncLLM.from_args(str(model_dir), max_waiting=max_waiting, **engine_kwargs)
     port = free_port()
-    config = ServerConfig(port=port, api_key=api_key, max_body_mb=max_body_mb)
-    app = build_app(make_state(llm, model_name), config)
+    config = ServerConfig(port=port, api_key=api_key, max_body_mb=max_body_mb,
+                          allow_runtime_lora_updating=allow_runtime_lora_updating)
+    app = build_app(make_state(llm, model_name, lora_modules=lora_modules), config)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

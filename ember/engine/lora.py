@@ -1,0 +1,184 @@
+"""Many LoRA adapters over one base model, batched in the same step (vLLM's multi-LoRA serving).
+
+Every adaptable linear layer holds `max_loras` slots of adapter weights. Each step, the runner
+tells the manager which rows of the flat batch belong to which adapter; a layer then adds
+`B_s (A_s x)` to each adapter's rows, grouped by adapter: one shrink and one expand product per
+adapter present (Punica's segmented-GEMM idea, on PyTorch's matmuls), the base product shared by
+all rows. Requests of the base model and of several adapters run together; no weight is merged.
+
+Adapters are read (and checked) when a request names one, into a CPU cache; a step's adapters are
+copied into free slots, evicting the least recently used adapter no running request needs. The
+scheduler admits no request whose adapter would make the running set exceed `max_loras`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ember.engine.config import LoRAConfig
+from ember.engine.request import Request
+from ember.models.lora import LoRAAdapter, Target, lora_targets, module_shards, read_adapter
+
+
+@dataclass(frozen=True)
+class LoRARequest:
+    """An adapter for a request, as vLLM names it: a name, a positive integer id unique per adapter
+    (what slots and the prefix cache key by), and the PEFT directory."""
+
+    lora_name: str
+    lora_int_id: int
+    lora_path: str
+
+    def __post_init__(self):
+        if not isinstance(self.lora_int_id, int) or isinstance(self.lora_int_id, bool) or self.lora_int_id < 1:
+            raise ValueError(f"lora_int_id: {self.lora_int_id!r} must be an integer >= 1")
+        if not self.lora_name:
+            raise ValueError("lora_name: must not be empty")
+
+
+class LoRABatch:
+    """This step's rows per adapter slot: [(slot, rows)] where rows is a slice or an index tensor."""
+
+    def __init__(self):
+        self.groups: list[tuple[int, slice | torch.Tensor]] = []
+
+
+class LoRASlots:
+    """One linear layer's adapter weights in `max_loras` slots. The shards of a merged projection
+    (q, k, v of qkv_proj) share one shrink product: A holds their ranks side by side and B is
+    block-diagonal, so a slot costs two matmuls however many shards it adapts."""
+
+    def __init__(self, module: nn.Module, config: LoRAConfig, batch: LoRABatch, dtype: torch.dtype,
+                 device: torch.device):
+        self.shards = module_shards(module)
+        width = len(self.shards) * config.max_lora_rank
+        self.a = torch.zeros(config.max_loras, width, module.in_features, dtype=dtype, device=device)
+        self.b = torch.zeros(config.max_loras, module.out_features, width, dtype=dtype, device=device)
+        self.width = [0] * config.max_loras  # columns a slot uses (0: this layer is not adapted there)
+        self.batch = batch
+
+    def write(self, slot: int, parts: dict[int, tuple[torch.Tensor, torch.Tensor]], rank: int, scaling: float) -> None:
+        """parts: shard -> (A [r, in], B [size, r]); the scaling is folded into B."""
+        self.a[slot].zero_()
+        self.b[slot].zero_()
+        if not parts:
+            self.width[slot] = 0
+            return
+        row = 0
+        for shard, size in enumerate(self.shards):
+            if shard in parts:
+                a, b = parts[shard]
+                cols = slice(shard * rank, shard * rank + a.shape[0])
+                self.a[slot, cols] = a.to(self.a.dtype)
+                self.b[slot, row:row + size, cols] = (b.float() * scaling).to(self.b.dtype)
+            row += size
+        self.width[slot] = len(self.shards) * rank
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y (= the base product of x) plus each adapter's product on its rows, in place."""
+        for slot, rows in self.batch.groups:
+            width = self.width[slot]
+            if not width:
+                continue
+            a, b = self.a[slot, :width], self.b[slot, :, :width]
+            if isinstance(rows, slice):
+                y[rows].addmm_(x[rows] @ a.t(), b.t())
+            else:
+                y.index_add_(0, rows, (x.index_select(0, rows) @ a.t()) @ b.t())
+        return y
+
+
+class LoRAManager:
+    def __init__(self, model: nn.Module, config: LoRAConfig, dtype: torch.dtype, device: torch.device):
+        self.config = config
+        self.device = device
+        self.targets = lora_targets(model)
+        self.batch = LoRABatch()
+        self.layers: dict[str, LoRASlots] = {}
+        for target in self.targets.values():
+            if target.module_name not in self.layers:
+                slots = LoRASlots(target.module, config, self.batch, dtype, device)
+                target.module.lora = slots
+                self.layers[target.module_name] = slots
+        self.slot_ids: list[int | None] = [None] * config.max_loras  # adapter id held by each slot
+        self._slot_use: OrderedDict[int, None] = OrderedDict()  # slots, least recently used first
+        for slot in range(config.max_loras):
+            self._slot_use[slot] = None
+        self._cpu: OrderedDict[int, tuple[LoRARequest, LoRAAdapter]] = OrderedDict()
+        self._lock = threading.Lock()  # requests are prepared on worker threads
+
+    # ---- adapters (any thread) -----------------------------------------------------------
+    def load(self, request: LoRARequest) -> LoRAAdapter:
+        """The adapter from the CPU cache, or read and checked from its directory (ValueError)."""
+        with self._lock:
+            cached = self._cpu.get(request.lora_int_id)
+            if cached is not None:
+                if cached[0].lora_path != request.lora_path:
+                    raise ValueError(f"lora_int_id: {request.lora_int_id} is already {cached[0].lora_name!r} "
+                                     f"({cached[0].lora_path}); an id names one adapter")
+                self._cpu.move_to_end(request.lora_int_id)
+                return cached[1]
+        adapter = read_adapter(request.lora_path, self.config.max_lora_rank, self.targets)
+        with self._lock:
+            self._cpu[request.lora_int_id] = (request, adapter)
+            while len(self._cpu) > self.config.cpu_capacity:
+                self._cpu.popitem(last=False)
+        return adapter
+
+    def forget(self, lora_int_id: int) -> None:
+        """Drop an unloaded adapter from the CPU cache. Its slot keeps the weights for the requests still
+        running with it, until the slot is taken for another adapter."""
+        with self._lock:
+            self._cpu.pop(lora_int_id, None)
+
+    # ---- one step (the engine thread) ----------------------------------------------------------
+    def prepare_step(self, requests: list[Request], query_lens: list[int]) -> None:
+        """Put this step's adapters in slots and record which rows each one's requests are."""
+        runs: list[tuple[int, int, int]] = []  # (slot, start, end), merged when adjacent
+        needed = {r.lora.lora_int_id for r in requests if r.lora is not None}
+        start = 0
+        for request, n in zip(requests, query_lens):
+            if request.lora is not None:
+                slot = self._slot_for(request.lora, needed)
+                if runs and runs[-1][0] == slot and runs[-1][2] == start:
+                    runs[-1] = (slot, runs[-1][1], start + n)
+                else:
+                    runs.append((slot, start, start + n))
+            start += n
+        groups: dict[int, list[tuple[int, int]]] = {}
+        for slot, a, b in runs:
+            groups.setdefault(slot, []).append((a, b))
+        self.batch.groups = [(slot, _rows(spans, self.device)) for slot, spans in groups.items()]
+
+    def _slot_for(self, request: LoRARequest, needed: set[int]) -> int:
+        if request.lora_int_id in self.slot_ids:
+            slot = self.slot_ids.index(request.lora_int_id)
+        else:
+            slot = next(s for s in self._slot_use if self.slot_ids[s] not in needed)
+            self._write(slot, self.load(request))
+            self.slot_ids[slot] = request.lora_int_id
+        self._slot_use.move_to_end(slot)
+        return slot
+
+    @torch.inference_mode()
+    def _write(self, slot: int, adapter: LoRAAdapter) -> None:
+        per_layer: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {name: {} for name in self.layers}
+        for module, (a, b) in adapter.weights.items():
+            target: Target = self.targets[module]
+            per_layer[target.module_name][target.shard] = (a.to(self.device), b.to(self.device))
+        for name, parts in per_layer.items():
+            self.layers[name].write(slot, parts, adapter.rank, adapter.scaling)
+
+    def clear_step(self) -> None:
+        self.batch.groups = []
+
+
+def _rows(spans: list[tuple[int, int]], device: torch.device) -> slice | torch.Tensor:
+    if len(spans) == 1:
+        return slice(*spans[0])
+    return torch.cat([torch.arange(a, b, device=device) for a, b in spans])
