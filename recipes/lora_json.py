@@ -54,16 +54,21 @@ def check(adapter: str | None, count: int = 40, seed: int = 1) -> None:
         if name == "adapter" and lora is None:
             continue
         outs = llm.generate(prompts, params, use_tqdm=False, lora_request=lora)
-        exact = sum(o.outputs[0].text.strip() == want for o, (_, want) in zip(outs, pairs))
-        parsed = sum(_is_json(o.outputs[0].text) for o in outs)
-        print(f"{name}: {exact}/{count} exact answers, {parsed}/{count} valid JSON; e.g. {outs[0].outputs[0].text!r}")
+        answers = [_parse(o.outputs[0].text) for o in outs]
+        exact = sum(a == json.loads(want) for a, (_, want) in zip(answers, pairs))
+        shaped = sum(a is not None and set(a) == {"name", "age", "city"} for a in answers)
+        fields = sum(a is not None and a.get(k) == v for a, (_, want) in zip(answers, pairs)
+                     for k, v in json.loads(want).items())
+        print(f"{name}: {shaped}/{count} answers in the JSON shape, {fields}/{3 * count} fields right, "
+              f"{exact}/{count} exact; e.g. {outs[0].outputs[0].text!r}")
 
 
-def _is_json(text: str) -> bool:
+def _parse(text: str) -> dict | None:
     try:
-        return isinstance(json.loads(text), dict)
+        value = json.loads(text)
     except ValueError:
-        return False
+        return None
+    return value if isinstance(value, dict) else None
 
 
 if __name__ == "__main__":

@@ -343,6 +343,17 @@ class LLMEngine:
         self.weight_version += 1
         return self.weight_version
 
+    def update_lora(self, lora_request, named_tensors) -> int:
+        """New weights for a served adapter, by PEFT name (an RL trainer pushing only its adapter);
+        forgets the prefix cache and bumps the weight version, as update_weights does."""
+        if self.lora is None:
+            raise ValueError("update_lora: this engine serves no adapters (start it with enable_lora=True)")
+        items = dict(named_tensors.items() if hasattr(named_tensors, "items") else named_tensors)
+        self.lora.update(lora_request, items)
+        self.kv.reset_prefix_cache()
+        self.weight_version += 1
+        return self.weight_version
+
     def sleep(self) -> None:
         """Free the KV cache between rollout phases (requests must have finished)."""
         if self.has_unfinished_requests():
@@ -415,6 +426,9 @@ class LLM:
 
     def update_weights(self, named_tensors, strict: bool = False) -> int:
         return self.engine.update_weights(named_tensors, strict)
+
+    def update_lora(self, lora_request, named_tensors) -> int:
+        return self.engine.update_lora(lora_request, named_tensors)
 
     def sleep(self) -> None:
         self.engine.sleep()

@@ -136,6 +136,22 @@ class LoRAManager:
         with self._lock:
             self._cpu.pop(lora_int_id, None)
 
+    def update(self, request: LoRARequest, tensors: dict[str, torch.Tensor]) -> None:
+        """New weights for a known adapter (an RL trainer's push), by PEFT name: the in-memory copy and,
+        if the adapter holds a slot, the slot. Its rank and scaling stay those it was loaded with."""
+        from ember.models.lora import check_weights
+
+        adapter = self.load(request)
+        weights = check_weights(tensors, self.targets, request.lora_path)
+        ranks = {a.shape[0] for a, _ in weights.values()}
+        if ranks != {adapter.rank}:
+            raise ValueError(f"lora: pushed ranks {sorted(ranks)} differ from the adapter's {adapter.rank}")
+        updated = LoRAAdapter(adapter.rank, adapter.scaling, weights, adapter.config)
+        with self._lock:
+            self._cpu[request.lora_int_id] = (request, updated)
+        if request.lora_int_id in self.slot_ids:
+            self._write(self.slot_ids.index(request.lora_int_id), updated)
+
     # ---- one step (the engine thread) ----------------------------------------------------------
     def prepare_step(self, requests: list[Request], query_lens: list[int]) -> None:
         """Put this step's adapters in slots and record which rows each one's requests are."""

@@ -121,6 +121,14 @@ def read_adapter(path: str | Path, max_rank: int | None = None,
     return LoRAAdapter(rank, scaling, weights, config)
 
 
+def check_weights(tensors: dict[str, torch.Tensor], targets: dict[str, Target], label: str
+                  ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """PEFT-named A/B tensors (e.g. pushed by a trainer) paired up per module and checked against the model."""
+    weights = _pair_up(tensors, Path(label))
+    _check_shapes(weights, targets, Path(label))
+    return weights
+
+
 def _check_config(config: dict, path: Path) -> None:
     if str(config.get("peft_type", "LORA")).upper() != "LORA":
         raise ValueError(f"lora_path: {str(path)!r} is a {config.get('peft_type')} adapter, not LoRA")

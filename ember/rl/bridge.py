@@ -13,12 +13,22 @@ import time
 import torch
 
 
-def push_weights(trainer, engine) -> dict[str, float]:
-    """Copy the trainer's current weights into the engine (call on every rank; rank 0 pushes).
+def push_weights(trainer, engine, lora_request=None) -> dict[str, float]:
+    """Copy the trainer's current weights into the engine (call on every rank; rank 0 pushes); with
+    `lora_request` (a trainer fitting a LoRA adapter) only the adapter, into that served adapter.
     Returns {"seconds", "bytes", "weight_version"}."""
     engine = getattr(engine, "engine", engine)  # an LLM or its LLMEngine
     start = time.perf_counter()
     state = trainer.state_dict_for_engine()
+    if state and lora_request is not None:
+        from ember.models.lora import adapter_state, trainable_adapters
+
+        state = adapter_state(trainable_adapters(trainer.model), {k.removeprefix("module."): v for k, v in state.items()})
     size = sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor))
-    version = engine.update_weights(state) if state else engine.weight_version
+    if not state:
+        version = engine.weight_version
+    elif lora_request is not None:
+        version = engine.update_lora(lora_request, state)
+    else:
+        version = engine.update_weights(state)
     return {"seconds": time.perf_counter() - start, "bytes": size, "weight_version": version}

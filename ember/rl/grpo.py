@@ -51,6 +51,9 @@ class GRPOConfig:
     # Stop once the greedy evaluation reaches this accuracy (None: run all `steps`).
     target_accuracy: float | None = None
     seed: int = 0
+    # Train a LoRA adapter instead of the model ({"r": 8, "lora_alpha": 16, "target_modules": "all-linear"});
+    # the engine serves it and each push sends only the adapter.
+    lora: dict[str, Any] | None = None
 
     def __post_init__(self):
         if self.task not in ("reverse", "sort", "add"):
@@ -60,6 +63,10 @@ class GRPOConfig:
                 raise ConfigError(f"{name}: {getattr(self, name)} must be >= 1")
         if self.group_size < 2:
             raise ConfigError("group_size: GRPO needs at least 2 completions per prompt")
+        if self.lora is not None:
+            from ember.train.config import LoRASpec
+
+            LoRASpec.from_dict(self.lora)  # validates (PEFT names accepted)
 
     @classmethod
     def load(cls, path: str | Path) -> "GRPOConfig":
@@ -109,10 +116,12 @@ class GRPO:
         model, _ = load_model(policy, dtype="float32")
         model.train()
         self.reference = copy.deepcopy(model).to(self.d.device).eval() if c.kl_coef > 0 else None
+        self.lora_request = self._attach_lora(model) if c.lora is not None else None
         self.model, self.optimizer = shard(model, self.d, c.zero_stage, "fp32",
                                            OptimSpec(lr=c.lr, weight_decay=0.0, betas=(0.9, 0.99)))
+        lora = {"enable_lora": True, "max_lora_rank": self.lora_spec.r} if self.lora_request else {}
         self.engine = LLM(str(policy), dtype="float32", kv_cache_gib=0.05, seed=c.seed + self.d.rank,
-                          max_model_len=64)
+                          max_model_len=64, **lora)
         self.task = Task(c.task, c.task_length)
         self.rng = random.Random(c.seed * 1000 + self.d.rank)
         self.pad = self.tokenizer.hf.token_to_id("<pad>") or 0
@@ -122,6 +131,23 @@ class GRPO:
 
         self.answer_format = StructuredOutput(regex=f"[0-9]{{1,{max(1, c.max_new_tokens - 1)}}}")
 
+    def _attach_lora(self, model):
+        """Trainable adapters on the policy; the initial adapter (B = 0: the base policy) written where the
+        engine reads it. Returns the engine's LoRARequest for it."""
+        from ember.engine.lora import LoRARequest
+        from ember.models.lora import adapter_state, add_trainable_lora, save_adapter, trainable_adapters
+        from ember.train.config import LoRASpec
+
+        spec = self.lora_spec = LoRASpec.from_dict(self.config.lora)
+        torch.manual_seed(self.config.seed)  # the same A on every rank
+        names = add_trainable_lora(model, spec.r, spec.alpha, spec.dropout, spec.target_modules, spec.use_rslora)
+        path = Path(self.config.run_dir) / "adapter0"
+        if self.d.is_main:
+            save_adapter(adapter_state(trainable_adapters(model)), path, spec.r, spec.alpha, spec.dropout,
+                         sorted({n.rsplit(".", 1)[-1] for n in names}), None, spec.use_rslora)
+        dist.barrier()
+        return LoRARequest("policy", 1, str(path))
+
     # ---- pieces ---------------------------------------------------------------------------
     def rollout(self, num_prompts: int) -> list[dict[str, Any]]:
         from ember import SamplingParams
@@ -130,7 +156,7 @@ class GRPO:
         prompts = [self.task.sample(self.rng) for _ in range(num_prompts)]
         params = SamplingParams(n=c.group_size, temperature=c.temperature, max_tokens=c.max_new_tokens, logprobs=0,
                                 seed=self.rng.randrange(1 << 30), structured=self.answer_format)
-        outputs = self.engine.generate([p for p, _ in prompts], params, use_tqdm=False)
+        outputs = self.engine.generate([p for p, _ in prompts], params, use_tqdm=False, lora_request=self.lora_request)
         samples = []
         for (prompt, answer), out in zip(prompts, outputs):
             group = []
@@ -186,7 +212,13 @@ class GRPO:
 
         start = time.perf_counter()
         state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
-        self.engine.update_weights(state)
+        if self.lora_request is None:
+            self.engine.update_weights(state)
+        else:  # only the adapter travels
+            from ember.models.lora import adapter_state, trainable_adapters
+
+            full = {k.removeprefix("module."): v for k, v in state.items()}
+            self.engine.update_lora(self.lora_request, adapter_state(trainable_adapters(self.model), full))
         return time.perf_counter() - start
 
     def evaluate(self) -> float:
@@ -196,7 +228,8 @@ class GRPO:
         rng = random.Random(12345 + self.d.rank)
         prompts = [self.task.sample(rng) for _ in range(self.config.eval_prompts // self.d.world)]
         outs = self.engine.generate([p for p, _ in prompts], SamplingParams(
-            temperature=0, max_tokens=self.config.max_new_tokens, structured=self.answer_format), use_tqdm=False)
+            temperature=0, max_tokens=self.config.max_new_tokens, structured=self.answer_format), use_tqdm=False,
+            lora_request=self.lora_request)
         hits = torch.tensor(float(sum(o.outputs[0].text == a for (_, a), o in zip(prompts, outs))), device=self.d.device)
         dist.all_reduce(hits)
         return hits.item() / (len(prompts) * self.d.world)

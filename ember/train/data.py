@@ -1,9 +1,11 @@
 """Training data: text/JSONL files -> token ids -> fixed-length packed sequences.
 
 Documents are tokenized with the model's tokenizer, joined with EOS, and cut into
-`seq_len + 1` windows (inputs and next-token labels). The order of sequences is a
-function of (seed, step) only, so a run resumed on another world size sees the
-same global batches.
+`seq_len + 1` windows (inputs and next-token labels). A JSONL record with a `messages`
+list (a chat, OpenAI's shape) is rendered with the tokenizer's chat template, and only
+its assistant turns are trained on (chat SFT): the other tokens get the label -100, which
+the loss ignores. The order of sequences is a function of (seed, step) only, so a run
+resumed on another world size sees the same global batches.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ def expand_files(patterns: tuple[str, ...], section: str) -> list[Path]:
     return files
 
 
-def read_documents(files: list[Path], text_field: str) -> Iterator[str]:
+def read_documents(files: list[Path], text_field: str) -> Iterator[str | list[dict]]:
+    """Each document's text, or a chat record's list of messages."""
     for path in files:
         if path.suffix == ".jsonl":
             with path.open(encoding="utf-8") as f:
@@ -42,35 +45,78 @@ def read_documents(files: list[Path], text_field: str) -> Iterator[str]:
                         record = json.loads(line)
                     except json.JSONDecodeError as e:
                         raise ConfigError(f"{path}:{number}: not valid JSON ({e})") from None
+                    if isinstance(record, dict) and isinstance(record.get("messages"), list):
+                        _check_messages(record["messages"], f"{path}:{number}")
+                        yield record["messages"]
+                        continue
                     if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                        raise ConfigError(f"{path}:{number}: no string field {text_field!r}")
+                        raise ConfigError(f"{path}:{number}: no string field {text_field!r} (or a 'messages' list)")
                     yield record[text_field]
         else:
             yield path.read_text(encoding="utf-8", errors="replace")
 
 
+def _check_messages(messages: list, where: str) -> None:
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise ConfigError(f"{where}: messages[{i}] needs a string 'role' and 'content'")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ConfigError(f"{where}: the conversation has no assistant message to train on")
+
+
+def chat_tokens(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """A conversation through the chat template -> (token ids, 1 for the assistant turns' tokens, else 0).
+    Assistant spans are found in the text (each turn's rendering must extend the previous one's, as
+    chat templates do) and mapped to tokens by their character offsets."""
+    text = tokenizer.apply_chat_template(messages, False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:i], True) if i else ""
+        through = tokenizer.apply_chat_template(messages[:i + 1], False)
+        if not (text.startswith(through) and through.startswith(before)):
+            raise ConfigError("data: this chat template does not render a conversation as a prefix of its longer "
+                              "versions, so the assistant turns cannot be located; give plain 'text' records")
+        spans.append((len(before), len(through)))
+    encoding = tokenizer.hf.encode(text, add_special_tokens=False)
+    mask = [int(any(a <= start < b for a, b in spans)) for start, _ in encoding.offsets]
+    return list(encoding.ids), mask
+
+
 def tokenize_files(files: list[Path], tokenizer, text_field: str, cache_dir: Path | None) -> np.ndarray:
-    """All documents' tokens, each followed by EOS (cached in cache_dir by content)."""
+    """All documents' tokens, each followed by EOS (cached in cache_dir by content), and which tokens
+    are trained on (see `trained_mask`)."""
     key = hashlib.sha256()
     for f in files:
         stat = f.stat()
         key.update(f"{f.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     key.update(tokenizer.hf.to_str().encode())
     key.update(text_field.encode())
-    cache = cache_dir / f"tokens-{key.hexdigest()[:16]}.npy" if cache_dir else None
+    cache = cache_dir / f"tokens-v2-{key.hexdigest()[:16]}.npy" if cache_dir else None  # v2: trained-token bit
     if cache is not None and cache.is_file():
         return np.load(cache, mmap_mode="r")
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    pieces = []
-    for text in read_documents(files, text_field):
-        pieces.append(np.asarray(tokenizer.encode(text, add_special_tokens=False) + [eos], dtype=np.uint32))
+    pieces, masks = [], []
+    for doc in read_documents(files, text_field):
+        if isinstance(doc, list):
+            ids, mask = chat_tokens(tokenizer, doc)
+            ids, mask = ids + [eos], mask + [0]
+        else:
+            ids = tokenizer.encode(doc, add_special_tokens=False) + [eos]
+            mask = [1] * len(ids)
+        pieces.append(np.asarray(ids, dtype=np.uint32))
+        masks.append(np.asarray(mask, dtype=np.uint8))
     ids = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.uint32)
+    mask = np.concatenate(masks) if masks else np.zeros(0, dtype=np.uint8)
+    # The mask rides along as ids' high bit (token ids stay below 2^31): one cached array.
+    packed = ids | (mask.astype(np.uint32) << 31)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp.npy")
-        np.save(tmp, ids)
+        np.save(tmp, packed)
         tmp.replace(cache)
-    return ids
+    return packed
 
 
 class PackedDataset:
@@ -84,10 +130,13 @@ class PackedDataset:
         return max(0, (len(self.ids) - 1) // self.seq_len)
 
     def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, labels): labels are -100 (ignored by the loss) where the token is not trained on."""
         T = self.seq_len
         rows = np.stack([np.asarray(self.ids[i * T:i * T + T + 1], dtype=np.int64) for i in indices])
         rows = torch.from_numpy(rows)
-        return rows[:, :-1], rows[:, 1:]
+        trained = (rows >> 31).bool()
+        rows = rows & ((1 << 31) - 1)
+        return rows[:, :-1], torch.where(trained[:, 1:], rows[:, 1:], -100)
 
 
 def build_datasets(spec: DataSpec, tokenizer, cache_dir: Path | None) -> tuple[PackedDataset, PackedDataset | None]:

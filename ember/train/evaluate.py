@@ -32,5 +32,5 @@ def heldout_loss(model: str, files: list[str], seq_len: int = 256, text_field: s
         inputs, labels = data.batch(list(range(start, min(len(data), start + batch_size))))
         logits = net(inputs).float()
         total += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum").item()
-        count += labels.numel()
+        count += int((labels != -100).sum())
     return total / count, count

@@ -148,7 +148,9 @@ class Trainer:
     def _loss(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         with autocast(self.config, self.d):
             logits = self.model(inputs.to(self.d.device))
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.to(self.d.device).flatten())
+        labels = labels.to(self.d.device).flatten()
+        # the mean over the trained labels (a chat's prompt tokens are -100); 0 if a window has none
+        loss = F.cross_entropy(logits.float().flatten(0, 1), labels, reduction="sum") / (labels != -100).sum().clamp(min=1)
         if self.model.training and self.moe_layers:  # the routers' load-balancing loss
             aux = sum(m.aux_loss for m in self.moe_layers)
             self.last_aux_loss = float(aux.detach())
