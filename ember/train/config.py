@@ -61,6 +61,13 @@ class DataSpec:
     text_field: str = "text"  # the JSONL field holding the text
     seq_len: int = 256
     eval_fraction: float = 0.05
+    # Which tokens of chat (`messages`) and prompt/completion records are labels: the assistant turns
+    # (completions), the last assistant turn only, or every token.
+    loss_on: str = "assistant"
+
+    def __post_init__(self):
+        if self.loss_on not in ("assistant", "last_turn", "all"):
+            raise ConfigError(f"data.loss_on: {self.loss_on!r} is not one of assistant, last_turn, all")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DataSpec":

@@ -33,8 +33,8 @@ def expand_files(patterns: tuple[str, ...], section: str) -> list[Path]:
     return files
 
 
-def read_documents(files: list[Path], text_field: str) -> Iterator[str | list[dict]]:
-    """Each document's text, or a chat record's list of messages."""
+def read_documents(files: list[Path], text_field: str) -> Iterator[str | list[dict] | tuple[str, str]]:
+    """Each document's text, a chat record's list of messages, or a (prompt, completion) pair."""
     for path in files:
         if path.suffix == ".jsonl":
             with path.open(encoding="utf-8") as f:
@@ -48,6 +48,10 @@ def read_documents(files: list[Path], text_field: str) -> Iterator[str | list[di
                     if isinstance(record, dict) and isinstance(record.get("messages"), list):
                         _check_messages(record["messages"], f"{path}:{number}")
                         yield record["messages"]
+                        continue
+                    if isinstance(record, dict) and isinstance(record.get("prompt"), str) \
+                            and isinstance(record.get("completion"), str):
+                        yield record["prompt"], record["completion"]
                         continue
                     if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
                         raise ConfigError(f"{path}:{number}: no string field {text_field!r} (or a 'messages' list)")
@@ -64,10 +68,11 @@ def _check_messages(messages: list, where: str) -> None:
         raise ConfigError(f"{where}: the conversation has no assistant message to train on")
 
 
-def chat_tokens(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
-    """A conversation through the chat template -> (token ids, 1 for the assistant turns' tokens, else 0).
-    Assistant spans are found in the text (each turn's rendering must extend the previous one's, as
-    chat templates do) and mapped to tokens by their character offsets."""
+def chat_tokens(tokenizer, messages: list[dict], loss_on: str = "assistant") -> tuple[list[int], list[int]]:
+    """A conversation through the chat template -> (token ids, 1 for the assistant turns' tokens, else 0;
+    `loss_on` "last_turn": the last assistant turn's only, "all": every token). Assistant spans are found
+    in the text (each turn's rendering must extend the previous one's, as chat templates do) and mapped
+    to tokens by their character offsets."""
     text = tokenizer.apply_chat_template(messages, False)
     spans = []
     for i, m in enumerate(messages):
@@ -79,12 +84,26 @@ def chat_tokens(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
             raise ConfigError("data: this chat template does not render a conversation as a prefix of its longer "
                               "versions, so the assistant turns cannot be located; give plain 'text' records")
         spans.append((len(before), len(through)))
+    if loss_on == "last_turn":
+        spans = spans[-1:]
+    return _masked(tokenizer, text, spans if loss_on != "all" else [(0, len(text))])
+
+
+def completion_tokens(tokenizer, prompt: str, completion: str, loss_on: str = "assistant"
+                      ) -> tuple[list[int], list[int]]:
+    """A prompt/completion record -> (token ids of prompt + completion, 1 on the completion's tokens)."""
+    text = prompt + completion
+    return _masked(tokenizer, text, [(0 if loss_on == "all" else len(prompt), len(text))])
+
+
+def _masked(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
     encoding = tokenizer.hf.encode(text, add_special_tokens=False)
     mask = [int(any(a <= start < b for a, b in spans)) for start, _ in encoding.offsets]
     return list(encoding.ids), mask
 
 
-def tokenize_files(files: list[Path], tokenizer, text_field: str, cache_dir: Path | None) -> np.ndarray:
+def tokenize_files(files: list[Path], tokenizer, text_field: str, cache_dir: Path | None,
+                   loss_on: str = "assistant") -> np.ndarray:
     """All documents' tokens, each followed by EOS (cached in cache_dir by content), and which tokens
     are trained on (see `trained_mask`)."""
     key = hashlib.sha256()
@@ -93,15 +112,17 @@ def tokenize_files(files: list[Path], tokenizer, text_field: str, cache_dir: Pat
         key.update(f"{f.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     key.update(tokenizer.hf.to_str().encode())
     key.update(text_field.encode())
+    key.update(loss_on.encode())
     cache = cache_dir / f"tokens-v2-{key.hexdigest()[:16]}.npy" if cache_dir else None  # v2: trained-token bit
     if cache is not None and cache.is_file():
         return np.load(cache, mmap_mode="r")
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     pieces, masks = [], []
     for doc in read_documents(files, text_field):
-        if isinstance(doc, list):
-            ids, mask = chat_tokens(tokenizer, doc)
-            ids, mask = ids + [eos], mask + [0]
+        if isinstance(doc, (list, tuple)):
+            ids, mask = chat_tokens(tokenizer, doc, loss_on) if isinstance(doc, list) else \
+                completion_tokens(tokenizer, *doc, loss_on)
+            ids, mask = ids + [eos], mask + mask[-1:]  # the EOS is learned where the document ends trained
         else:
             ids = tokenizer.encode(doc, add_special_tokens=False) + [eos]
             mask = [1] * len(ids)
@@ -140,9 +161,11 @@ class PackedDataset:
 
 
 def build_datasets(spec: DataSpec, tokenizer, cache_dir: Path | None) -> tuple[PackedDataset, PackedDataset | None]:
-    train_ids = tokenize_files(expand_files(spec.train, "data.train"), tokenizer, spec.text_field, cache_dir)
+    train_ids = tokenize_files(expand_files(spec.train, "data.train"), tokenizer, spec.text_field, cache_dir,
+                               spec.loss_on)
     if spec.eval:
-        eval_ids = tokenize_files(expand_files(spec.eval, "data.eval"), tokenizer, spec.text_field, cache_dir)
+        eval_ids = tokenize_files(expand_files(spec.eval, "data.eval"), tokenizer, spec.text_field, cache_dir,
+                                  spec.loss_on)
     else:
         cut = int(len(train_ids) * (1 - spec.eval_fraction)) if spec.eval_fraction > 0 else len(train_ids)
         train_ids, eval_ids = train_ids[:cut], train_ids[cut:]

@@ -98,6 +98,18 @@ def attach_lora(model: nn.Module, config: TrainConfig) -> list[str]:
     return adapted
 
 
+def current_memory_bytes(device: torch.device) -> int:
+    """What the process holds now (CUDA: allocated; CPU: resident set), beside the peak, which on a CPU
+    includes load-time copies (e.g. full-precision weights before QLoRA quantizes them)."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return 0
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
@@ -161,9 +173,11 @@ class Trainer:
         """One optimizer step over the global batch; returns (mean loss, grad norm)."""
         c, d = self.config, self.d
         total = torch.zeros((), device=d.device)
+        trained = torch.zeros((), device=d.device)  # labels the loss counted (chat prompts are not)
         for micro in range(self.accum):
             indices = self.sampler.micro_batch(step, d.rank, d.world, micro, c.micro_batch_size, self.accum)
             inputs, labels = self.train_data.batch(indices)
+            trained += (labels != -100).sum()
             with no_grad_sync(self.model, c, last_micro=micro == self.accum - 1):
                 loss = self._loss(inputs, labels) / self.accum
                 loss.backward()
@@ -174,6 +188,8 @@ class Trainer:
         self.last_state_bytes = model_state_bytes(self.model, self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
         dist.all_reduce(total)
+        dist.all_reduce(trained)
+        self.last_trained_tokens = int(trained.item())
         return total.item() / d.world, norm
 
     def _clip(self) -> float:
@@ -270,6 +286,7 @@ class Trainer:
                 loss, norm = self.train_step(step)
                 seconds = time.perf_counter() - t0
                 record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": norm,
+                          "trained_tokens": self.last_trained_tokens,
                           **({"aux_loss": self.last_aux_loss} if self.moe_layers else {}),
                           "tokens_per_s": tokens_per_step / seconds, "step_s": seconds}
                 done = step + 1 == c.max_steps
@@ -292,11 +309,13 @@ class Trainer:
 
     def _memory_record(self) -> dict[str, Any]:
         """Each rank's model-state bytes and peak memory, gathered on every rank."""
-        mine = {"model_state_bytes": self.last_state_bytes["total"], "peak_bytes": peak_memory_bytes(self.d.device)}
+        mine = {"model_state_bytes": self.last_state_bytes["total"], "peak_bytes": peak_memory_bytes(self.d.device),
+                "current_bytes": current_memory_bytes(self.d.device)}
         everyone: list[Any] = [None] * self.d.world
         dist.all_gather_object(everyone, mine)
         return {"rank_model_state_bytes": [e["model_state_bytes"] for e in everyone],
-                "rank_peak_bytes": [e["peak_bytes"] for e in everyone]}
+                "rank_peak_bytes": [e["peak_bytes"] for e in everyone],
+                "rank_current_bytes": [e["current_bytes"] for e in everyone]}
 
 
 def run(config: TrainConfig) -> dict[str, Any]:

@@ -37,3 +37,46 @@ def test_chat_sft_trains(train_assets, tmp_path):
     records = train(write_config(tmp_path, train_assets, data={"train": [str(data)], "seq_len": 32}, max_steps=12))
     assert all(np.isfinite(r["loss"]) for r in records)
     assert losses(records)[12] < losses(records)[1]
+
+
+def test_loss_on_and_prompt_completion_records(train_assets, tmp_path):
+    from ember.train.data import completion_tokens
+
+    tokenizer = Tokenizer(train_assets / "tok")
+    _, last = chat_tokens(tokenizer, CHAT, "last_turn")
+    ids, everything = chat_tokens(tokenizer, CHAT, "all")
+    assert tokenizer.decode([t for t, m in zip(ids, last) if m], skip_special_tokens=False) == "Six.<|im_end|>\n"
+    assert all(everything)
+    ids, mask = completion_tokens(tokenizer, "Q: two plus two? A:", " four")
+    assert tokenizer.decode([t for t, m in zip(ids, mask) if m]) == " four"
+    data = tmp_path / "pc.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": "Q: two plus two? A:", "completion": " four"})
+                              for _ in range(100)) + "\n")
+    records = train(write_config(tmp_path, train_assets, data={"train": [str(data)], "seq_len": 32}, max_steps=3))
+    assert all(0 < r["trained_tokens"] < 8 * 32 / 2 for r in records)  # the completions (and EOS), reported
+
+
+def test_masked_loss_equals_transformers(model_factory, tmp_path):
+    """The trainer's loss on a chat batch equals transformers' loss with the same labels (-100 masked)."""
+    import torch
+
+    from ember.models import load_model
+    from ember.train.config import TrainConfig
+    from ember.train.trainer import Trainer
+    from tests.conftest import load_hf
+
+    path = model_factory("llama", std=0.1)
+    tokenizer = Tokenizer(path)
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join(json.dumps({"messages": CHAT}) for _ in range(20)) + "\n")
+    train_set, _ = build_datasets(DataSpec(train=(str(data),), seq_len=48, eval_fraction=0.0), tokenizer, None)
+    inputs, labels = train_set.batch(np.arange(min(4, len(train_set))))
+    trainer = Trainer(TrainConfig.from_dict({"model": {"path": str(path)}, "data": {"train": [str(data)]}}))
+    trainer.model, _ = load_model(path, dtype="float32")
+    trainer.d = type("D", (), {"device": torch.device("cpu")})()
+    trainer.moe_layers = []
+    with torch.no_grad():
+        ours = trainer._loss(inputs, labels).item()
+        hf_logits = load_hf(path)(inputs).logits.float()
+        theirs = torch.nn.functional.cross_entropy(hf_logits.flatten(0, 1), labels.flatten(), ignore_index=-100).item()
+    assert abs(ours - theirs) < 1e-5
