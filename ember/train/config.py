@@ -161,7 +161,7 @@ class TrainConfig:
     log_interval: int = 1
     eval_interval: int = 0  # 0: only at the end
     save_interval: int = 0  # 0: only at the end
-    resume: str | None = None  # a checkpoint directory to continue from
+    resume: str | None = None  # a checkpoint directory to continue from, or "auto": the run's latest complete one
     expert_parallel: bool = False  # MoE: experts sharded over the processes, tokens moved by all-to-all
     device: str = "auto"  # auto (CUDA when each process on a node gets a GPU, else CPU) | cpu | cuda
     optimizer: OptimSpec = field(default_factory=OptimSpec)
@@ -254,7 +254,7 @@ class TrainConfig:
             model=replace(config.model, path=resolve(config.model.path), tokenizer=resolve(config.model.tokenizer)),
             data=replace(config.data, train=tuple(resolve(p) for p in config.data.train),
                          eval=tuple(resolve(p) for p in config.data.eval)),
-            run_dir=resolve(config.run_dir), resume=resolve(config.resume),
+            run_dir=resolve(config.run_dir), resume=config.resume if config.resume == "auto" else resolve(config.resume),
         )
         return replace(config, **overrides) if overrides else config
 

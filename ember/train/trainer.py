@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import resource
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,15 @@ def attach_lora(model: nn.Module, config: TrainConfig) -> list[str]:
     return adapted
 
 
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The run's latest complete checkpoint (what `checkpoints/latest` names), or None."""
+    marker = Path(run_dir) / "checkpoints" / "latest"
+    if not marker.is_file():
+        return None
+    path = marker.parent / marker.read_text().strip()
+    return path if (path / "trainer_state.json").is_file() else None
+
+
 def current_memory_bytes(device: torch.device) -> int:
     """What the process holds now (CUDA: allocated; CPU: resident set), beside the peak, which on a CPU
     includes load-time copies (e.g. full-precision weights before QLoRA quantizes them)."""
@@ -153,8 +163,12 @@ class Trainer:
         self.dense_params = [p for p in self.model.parameters() if id(p) not in sharded]
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(c))
         self.start_step = 0
-        if c.resume:
-            self.start_step = load_checkpoint(Path(c.resume), self.model, self.optimizer, self.scheduler,
+        resume = latest_checkpoint(self.run_dir) if c.resume == "auto" else c.resume
+        if c.resume == "auto":
+            logger.info("resume: auto: %s", f"continuing from {resume}" if resume else "no complete checkpoint yet; "
+                        "starting at step 0")
+        if resume:
+            self.start_step = load_checkpoint(Path(resume), self.model, self.optimizer, self.scheduler,
                                               c.zero_stage)
 
     def _loss(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -243,15 +257,30 @@ class Trainer:
         return full if self.d.is_main else {}
 
     def save(self, step: int, name: str | None = None) -> Path:
-        path = self.run_dir / "checkpoints" / (name or f"step-{step}")
+        """A checkpoint, committed atomically: every rank writes into a directory aside, which is renamed
+        into place (and `checkpoints/latest` pointed at it) only once all have finished, so a crash or a
+        full disk mid-save never leaves a partial checkpoint where `resume: auto` would pick it up."""
+        root = self.run_dir / "checkpoints"
+        name = name or f"step-{step}"
+        path, pending = root / name, root / f".pending-{name}"
         if self.d.is_main:
-            path.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(pending, ignore_errors=True)
+            pending.mkdir(parents=True)
         dist.barrier()
         tokenizer_dir = self.config.model.tokenizer_dir
-        save_checkpoint(path, step, self.model, self.optimizer, self.scheduler, self.config.zero_stage,
+        save_checkpoint(pending, step, self.model, self.optimizer, self.scheduler, self.config.zero_stage,
                         self.model_config, tokenizer_dir, self.config.to_dict(), self.d.is_main)
         if self.config.lora is not None:
-            self._save_adapter(path / "adapter")
+            self._save_adapter(pending / "adapter")
+        dist.barrier()
+        if self.d.is_main:
+            shutil.rmtree(path, ignore_errors=True)
+            pending.rename(path)
+            marker = root / ".latest.tmp"
+            marker.write_text(name)
+            marker.replace(root / "latest")
+            logger.info("saved checkpoint %s (step %d)", path, step)
+        dist.barrier()
         return path
 
     def _save_adapter(self, out_dir: Path) -> None:
