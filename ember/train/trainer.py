@@ -99,6 +99,16 @@ def attach_lora(model: nn.Module, config: TrainConfig) -> list[str]:
     return adapted
 
 
+def _drop_records_after(metrics_file: Path, step: int) -> None:
+    """Keep a metrics file's records up to `step` (each step logged once, whatever restarts there were)."""
+    if not metrics_file.is_file():
+        return
+    lines = metrics_file.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        metrics_file.write_text("".join(line + "\n" for line in kept))
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The run's latest complete checkpoint (what `checkpoints/latest` names), or None."""
     marker = Path(run_dir) / "checkpoints" / "latest"
@@ -305,6 +315,8 @@ class Trainer:
         self._setup()
         c, d = self.config, self.d
         metrics_file = self.run_dir / "metrics.jsonl"
+        if d.is_main:
+            _drop_records_after(metrics_file, self.start_step)  # a resumed run logs those steps again
         tokens_per_step = self.global_batch * c.data.seq_len
         bar = tqdm(total=c.max_steps, initial=self.start_step, desc="train", unit="step", disable=not d.is_main)
         last: dict[str, Any] = {}
