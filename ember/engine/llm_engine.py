@@ -204,7 +204,7 @@ class LLMEngine:
         if lora_request is not None:
             if self.lora is None:
                 raise ValueError("lora_request: this engine serves no adapters (start it with enable_lora=True)")
-            self.lora.load(lora_request)  # read and checked now: a bad adapter fails this request only
+            adapter = self.lora.load(lora_request)  # read and checked now: a bad adapter fails this request only
         compiled = self.compile_structured(params.structured) if params.structured is not None else None
         room = self.max_model_len - len(ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
@@ -214,8 +214,9 @@ class LLMEngine:
             seed = None if params.seed is None else params.seed + i
             request = Request(request_id, ids, params, max_tokens, eos, priority, seed=seed, index=i)
             if lora_request is not None:
-                request.lora = lora_request
-                request.cache_salt = f"lora:{lora_request.lora_int_id}".encode()  # never another adapter's KV
+                request.lora, request.lora_adapter = lora_request, adapter
+                # never another adapter's KV (an id re-bound to another directory included)
+                request.cache_salt = f"lora:{lora_request.lora_int_id}:{lora_request.lora_path}".encode()
             if compiled is not None:
                 request.matcher = self.grammars.matcher(compiled)
                 request.allowed_bitmask = self.grammars.allowed_bitmask(params.structured)

@@ -6,9 +6,10 @@ tells the manager which rows of the flat batch belong to which adapter; a layer 
 adapter present (Punica's segmented-GEMM idea, on PyTorch's matmuls), the base product shared by
 all rows. Requests of the base model and of several adapters run together; no weight is merged.
 
-Adapters are read (and checked) when a request names one, into a CPU cache; a step's adapters are
-copied into free slots, evicting the least recently used adapter no running request needs. The
-scheduler admits no request whose adapter would make the running set exceed `max_loras`.
+Adapters are read (and checked) when a request names one, into a CPU cache, and the request keeps
+the adapter it was admitted with; a step's adapters are copied into slots, evicting the least
+recently used adapter the step does not need. The scheduler admits no request whose adapter would
+make the running set exceed `max_loras`.
 """
 
 from __future__ import annotations
@@ -105,23 +106,26 @@ class LoRAManager:
                 slots = LoRASlots(target.module, config, self.batch, dtype, device)
                 target.module.lora = slots
                 self.layers[target.module_name] = slots
-        self.slot_ids: list[int | None] = [None] * config.max_loras  # adapter id held by each slot
-        self._slot_use: OrderedDict[int, None] = OrderedDict()  # slots, least recently used first
-        for slot in range(config.max_loras):
-            self._slot_use[slot] = None
+        # Slots hold adapters by identity: a request carries the adapter it was admitted with, so the
+        # engine thread never reads a directory (a vanished one cannot fail a step) and an id re-bound to
+        # another adapter never finds the old one's weights.
+        self.slot_adapters: list[LoRAAdapter | None] = [None] * config.max_loras
+        self._slot_use: OrderedDict[int, None] = OrderedDict((slot, None) for slot in range(config.max_loras))
         self._cpu: OrderedDict[int, tuple[LoRARequest, LoRAAdapter]] = OrderedDict()
+        self._pushed: dict[int, tuple[LoRARequest, LoRAAdapter]] = {}  # updated in memory: never re-read
         self._lock = threading.Lock()  # requests are prepared on worker threads
 
     # ---- adapters (any thread) -----------------------------------------------------------
     def load(self, request: LoRARequest) -> LoRAAdapter:
-        """The adapter from the CPU cache, or read and checked from its directory (ValueError)."""
+        """The adapter from memory, or read and checked from its directory (ValueError)."""
         with self._lock:
-            cached = self._cpu.get(request.lora_int_id)
+            cached = self._pushed.get(request.lora_int_id) or self._cpu.get(request.lora_int_id)
             if cached is not None:
                 if cached[0].lora_path != request.lora_path:
                     raise ValueError(f"lora_int_id: {request.lora_int_id} is already {cached[0].lora_name!r} "
                                      f"({cached[0].lora_path}); an id names one adapter")
-                self._cpu.move_to_end(request.lora_int_id)
+                if request.lora_int_id in self._cpu:
+                    self._cpu.move_to_end(request.lora_int_id)
                 return cached[1]
         adapter = read_adapter(request.lora_path, self.config.max_lora_rank, self.targets)
         with self._lock:
@@ -131,14 +135,14 @@ class LoRAManager:
         return adapter
 
     def forget(self, lora_int_id: int) -> None:
-        """Drop an unloaded adapter from the CPU cache. Its slot keeps the weights for the requests still
-        running with it, until the slot is taken for another adapter."""
+        """Drop an unloaded adapter from memory (requests already admitted keep theirs)."""
         with self._lock:
             self._cpu.pop(lora_int_id, None)
+            self._pushed.pop(lora_int_id, None)
 
     def update(self, request: LoRARequest, tensors: dict[str, torch.Tensor]) -> None:
-        """New weights for a known adapter (an RL trainer's push), by PEFT name: the in-memory copy and,
-        if the adapter holds a slot, the slot. Its rank and scaling stay those it was loaded with."""
+        """New weights for a known adapter (an RL trainer's push), by PEFT name, in place: requests holding
+        it and its slot see them; it stays in memory from now on. Rank and scaling stay as loaded."""
         from ember.models.lora import check_weights
 
         adapter = self.load(request)
@@ -146,21 +150,22 @@ class LoRAManager:
         ranks = {a.shape[0] for a, _ in weights.values()}
         if ranks != {adapter.rank}:
             raise ValueError(f"lora: pushed ranks {sorted(ranks)} differ from the adapter's {adapter.rank}")
-        updated = LoRAAdapter(adapter.rank, adapter.scaling, weights, adapter.config)
+        adapter.weights = weights
         with self._lock:
-            self._cpu[request.lora_int_id] = (request, updated)
-        if request.lora_int_id in self.slot_ids:
-            self._write(self.slot_ids.index(request.lora_int_id), updated)
+            self._pushed[request.lora_int_id] = (request, adapter)
+        for slot, held in enumerate(self.slot_adapters):
+            if held is adapter:
+                self._write(slot, adapter)
 
     # ---- one step (the engine thread) ----------------------------------------------------------
     def prepare_step(self, requests: list[Request], query_lens: list[int]) -> None:
         """Put this step's adapters in slots and record which rows each one's requests are."""
         runs: list[tuple[int, int, int]] = []  # (slot, start, end), merged when adjacent
-        needed = {r.lora.lora_int_id for r in requests if r.lora is not None}
+        needed = {id(r.lora_adapter) for r in requests if r.lora is not None}
         start = 0
         for request, n in zip(requests, query_lens):
             if request.lora is not None:
-                slot = self._slot_for(request.lora, needed)
+                slot = self._slot_for(request.lora_adapter, needed)
                 if runs and runs[-1][0] == slot and runs[-1][2] == start:
                     runs[-1] = (slot, runs[-1][1], start + n)
                 else:
@@ -171,13 +176,15 @@ class LoRAManager:
             groups.setdefault(slot, []).append((a, b))
         self.batch.groups = [(slot, _rows(spans, self.device)) for slot, spans in groups.items()]
 
-    def _slot_for(self, request: LoRARequest, needed: set[int]) -> int:
-        if request.lora_int_id in self.slot_ids:
-            slot = self.slot_ids.index(request.lora_int_id)
+    def _slot_for(self, adapter: LoRAAdapter, needed: set[int]) -> int:
+        """The adapter's slot, writing it into the least recently used slot this step does not need."""
+        held = [s for s, a in enumerate(self.slot_adapters) if a is adapter]
+        if held:
+            slot = held[0]
         else:
-            slot = next(s for s in self._slot_use if self.slot_ids[s] not in needed)
-            self._write(slot, self.load(request))
-            self.slot_ids[slot] = request.lora_int_id
+            slot = next(s for s in self._slot_use if id(self.slot_adapters[s]) not in needed)
+            self._write(slot, adapter)
+            self.slot_adapters[slot] = adapter
         self._slot_use.move_to_end(slot)
         return slot
 

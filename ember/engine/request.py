@@ -236,6 +236,7 @@ class Request:
         self.cumulative_logprob = 0.0
         self.logprobs: list[TokenLogprobs] | None = [] if params.logprobs is not None else None
         self.lora = None  # the LoRARequest whose adapter this sequence runs with (None: the base model)
+        self.lora_adapter = None  # that adapter's weights, read when the request was made
         self.matcher = None  # xgrammar GrammarMatcher of a structured request
         self.allowed_bitmask = None  # xgrammar bitmask row ANDed into its grammar mask (None: no extra ban)
 

@@ -126,11 +126,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, scheduled: SchedulerOutput) -> RunnerOutput:
         # Shortest queries first: decodes lead, so attention backends batch them (and, serving LoRA,
-        # each adapter's rows follow one another, so its product takes one slice of the batch).
-        if self.lora is None:
-            items = sorted(scheduled.scheduled, key=lambda item: item[1])
-        else:
-            items = sorted(scheduled.scheduled, key=lambda item: (item[1], item[0].lora.lora_int_id if item[0].lora else 0))
+        # requests of one adapter and query length (its decodes) follow one another: one slice of the batch).
+        items = sorted(scheduled.scheduled, key=lambda item: (item[1], item[0].lora.lora_int_id if item[0].lora else 0))
         requests = [r for r, _ in items]
         query_lens = [n for _, n in items]
         # num_computed_tokens already includes this step's tokens.

@@ -116,6 +116,10 @@ def read_adapter(path: str | Path, max_rank: int | None = None,
     except Exception as e:  # safetensors raises its own error types
         raise ValueError(f"lora_path: {ADAPTER_WEIGHTS} of {str(path)!r} is unreadable ({e})") from None
     weights = _pair_up(tensors, path)
+    wrong = sorted({a.shape[0] for a, _ in weights.values()} - {rank})
+    if wrong:
+        raise ValueError(f"lora_path: {str(path)!r} has tensors of rank {wrong}, not its adapter_config.json "
+                         f"r={rank}")
     if targets is not None:
         _check_shapes(weights, targets, path)
     return LoRAAdapter(rank, scaling, weights, config)
@@ -216,16 +220,6 @@ class TrainableLoRA(nn.Module):
     def add(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return y + self.delta(x)
 
-    def merged_delta(self) -> torch.Tensor:
-        """The weight change [out, in] this adapter makes (for a merged export)."""
-        rows = []
-        for shard, size in enumerate(self.sizes):
-            name = self.names.get(shard)
-            in_features = next(iter(self.lora_A.values())).shape[1]
-            rows.append(torch.zeros(size, in_features) if name is None else
-                        (self.lora_B[name].detach().float() @ self.lora_A[name].detach().float()).cpu())
-        return torch.cat(rows) * self.scaling
-
 
 ALL_LINEAR = "all-linear"
 
@@ -260,6 +254,11 @@ def trainable_adapters(model: nn.Module) -> dict[str, TrainableLoRA]:
     """Module name (without wrappers' prefixes) -> its trainable adapter."""
     return {name.removeprefix("module.").removesuffix(".lora"): m for name, m in model.named_modules()
             if isinstance(m, TrainableLoRA)}
+
+
+def adapter_tensors(model: nn.Module, full_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """PEFT's tensors of a (possibly wrapped and sharded) model's adapters, from its gathered state dict."""
+    return adapter_state(trainable_adapters(model), {k.removeprefix("module."): v for k, v in full_state.items()})
 
 
 def adapter_state(adapters: dict[str, TrainableLoRA], full_state: dict[str, torch.Tensor] | None = None

@@ -21,9 +21,9 @@ def push_weights(trainer, engine, lora_request=None) -> dict[str, float]:
     start = time.perf_counter()
     state = trainer.state_dict_for_engine()
     if state and lora_request is not None:
-        from ember.models.lora import adapter_state, trainable_adapters
+        from ember.models.lora import adapter_tensors
 
-        state = adapter_state(trainable_adapters(trainer.model), {k.removeprefix("module."): v for k, v in state.items()})
+        state = adapter_tensors(trainer.model, state)
     size = sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor))
     if not state:
         version = engine.weight_version

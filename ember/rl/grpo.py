@@ -211,14 +211,15 @@ class GRPO:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         start = time.perf_counter()
-        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
-        if self.lora_request is None:
+        lora = self.lora_request is not None  # then only the adapter is gathered and travels
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
+                                                                          ignore_frozen_params=lora))
+        if not lora:
             self.engine.update_weights(state)
-        else:  # only the adapter travels
-            from ember.models.lora import adapter_state, trainable_adapters
+        else:
+            from ember.models.lora import adapter_tensors
 
-            full = {k.removeprefix("module."): v for k, v in state.items()}
-            self.engine.update_lora(self.lora_request, adapter_state(trainable_adapters(self.model), full))
+            self.engine.update_lora(self.lora_request, adapter_tensors(self.model, state))
         return time.perf_counter() - start
 
     def evaluate(self) -> float:

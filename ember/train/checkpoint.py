@@ -71,7 +71,8 @@ def _zero1_placeholder(model: nn.Module, optimizer) -> dict:
 
 
 def _options(model: nn.Module) -> StateDictOptions:
-    # A LoRA run's frozen base is not checkpointed (it is the model the run started from), so loading
+    # A LoRA run's frozen base parameters are not checkpointed (it is the model the run started from; a QLoRA
+    # base's quantized buffers are, as buffers), so loading
     # expects only the trainable tensors; a full run's load stays strict.
     strict = all(p.requires_grad for p in model.parameters())
     return StateDictOptions(ignore_frozen_params=True, strict=strict)

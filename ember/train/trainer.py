@@ -103,8 +103,14 @@ def _drop_records_after(metrics_file: Path, step: int) -> None:
     """Keep a metrics file's records up to `step` (each step logged once, whatever restarts there were)."""
     if not metrics_file.is_file():
         return
+    def step_of(line: str) -> int | None:
+        try:
+            return json.loads(line).get("step", 0)
+        except ValueError:  # a line half-written when the run died
+            return None
+
     lines = metrics_file.read_text().splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = [line for line in lines if line.strip() and (s := step_of(line)) is not None and s <= step]
     if len(kept) != len(lines):
         metrics_file.write_text("".join(line + "\n" for line in kept))
 
@@ -284,8 +290,12 @@ class Trainer:
             self._save_adapter(pending / "adapter")
         dist.barrier()
         if self.d.is_main:
-            shutil.rmtree(path, ignore_errors=True)
+            replaced = root / f".replaced-{name}"
+            if path.exists():  # saved again under this name: `latest` must never name a missing directory
+                shutil.rmtree(replaced, ignore_errors=True)
+                path.rename(replaced)
             pending.rename(path)
+            shutil.rmtree(replaced, ignore_errors=True)
             marker = root / ".latest.tmp"
             marker.write_text(name)
             marker.replace(root / "latest")
@@ -298,15 +308,14 @@ class Trainer:
         (or HF PEFT, or vLLM) loads it as it is."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        from ember.models.lora import adapter_state, save_adapter, trainable_adapters
+        from ember.models.lora import adapter_tensors, save_adapter, trainable_adapters
 
-        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                         ignore_frozen_params=True))
         if self.d.is_main:
-            full = {k.removeprefix("module."): v for k, v in full.items()}
-            adapters = trainable_adapters(self.model)
             spec = self.config.lora
-            targets = sorted({name for a in adapters.values() for name in a.names.values()})
-            save_adapter(adapter_state(adapters, full), out_dir, spec.r, spec.alpha, spec.dropout, targets,
+            targets = sorted({name for a in trainable_adapters(self.model).values() for name in a.names.values()})
+            save_adapter(adapter_tensors(self.model, full), out_dir, spec.r, spec.alpha, spec.dropout, targets,
                          self.config.model.path, spec.use_rslora)
         dist.barrier()
 
@@ -335,11 +344,11 @@ class Trainer:
                     record["eval_loss"] = self.evaluate()
                 if step == self.start_step or done:
                     record.update(self._memory_record())
+                if d.is_main and ((step + 1) % c.log_interval == 0 or done or "eval_loss" in record):
+                    with metrics_file.open("a") as f:  # before the checkpoint: a resume never lacks its record
+                        f.write(json.dumps(record) + "\n")
                 if c.save_interval and (step + 1) % c.save_interval == 0 and not done:
                     self.save(step + 1)
-                if d.is_main and ((step + 1) % c.log_interval == 0 or done or "eval_loss" in record):
-                    with metrics_file.open("a") as f:
-                        f.write(json.dumps(record) + "\n")
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", lr=f"{record['lr']:.2e}")
                 last = record

@@ -127,3 +127,33 @@ def test_bad_adapters_are_clear_errors(four_adapters, model_factory, tmp_path):
         plain.generate([PROMPTS[0]], params, use_tqdm=False, lora_request=loras[0])
     # the engine still serves after the refusals
     assert len(llm.generate([PROMPTS[0]], params, use_tqdm=False, lora_request=loras[0])[0].outputs[0].token_ids) == 2
+
+
+def test_admitted_requests_survive_their_adapter_vanishing(four_adapters, tmp_path):
+    """A request keeps the adapter it was admitted with: deleting (or re-binding) the directory afterwards
+    fails nobody, and a rank that is not the config's r is refused when read."""
+    import shutil
+
+    base, loras = four_adapters
+    copy = tmp_path / "copy"
+    shutil.copytree(loras[0].lora_path, copy)
+    lora = LoRARequest("copy", 11, str(copy))
+    llm = LLM(str(base), dtype="float32", enable_lora=True, max_loras=1, max_cpu_loras=1, max_lora_rank=16)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    want = tokens_of(llm.generate([PROMPTS[0]], params, use_tqdm=False, lora_request=lora))
+    engine = llm.engine
+    engine.add_request("a", PROMPTS[0], params, lora_request=lora)
+    engine.add_request("b", PROMPTS[1], params, lora_request=loras[1])  # evicts "copy" from memory (capacity 1)
+    shutil.rmtree(copy)
+    finished = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out.outputs[0].token_ids
+    assert [finished["a"]] == want and len(finished["b"]) == 6
+    config = json.loads((Path(loras[1].lora_path) / "adapter_config.json").read_text())
+    wrong = tmp_path / "wrong"
+    shutil.copytree(loras[1].lora_path, wrong)
+    (wrong / "adapter_config.json").write_text(json.dumps({**config, "r": config["r"] + 2}))
+    with pytest.raises(ValueError, match="not its adapter_config.json r="):
+        llm.generate([PROMPTS[0]], params, use_tqdm=False, lora_request=LoRARequest("w", 12, str(wrong)))
