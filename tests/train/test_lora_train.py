@@ -92,6 +92,7 @@ def test_zero3_on_two_processes_matches_one(lora_run, model_factory, train_asset
         assert abs(losses(sharded)[step] - loss) <= 1e-4 * abs(loss), (step, losses(sharded)[step], loss)
 
 
+@pytest.mark.slow  # four training runs, three of them on 2 processes (~50 s)
 def test_zero1_resume_and_qlora(lora_run, train_assets, tmp_path):
     """ZeRO-1 on 2 processes resumes its own checkpoint (the optimizer state by name, in the optimizer's own
     order) to the uninterrupted losses; an int8 base (QLoRA) learns, and the estimate counts its bytes."""
