@@ -85,6 +85,7 @@ def test_merged_export_equals_base_plus_adapter(lora_run, tmp_path):
     assert (adapter_only / "adapter_config.json").is_file() and (adapter_only / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow  # a 2-process run
 def test_zero3_on_two_processes_matches_one(lora_run, model_factory, train_assets, tmp_path):
     base, _, records = lora_run
     sharded = train(lora_config(tmp_path, base, train_assets, zero_stage=3), nproc=2)

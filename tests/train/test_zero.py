@@ -25,6 +25,7 @@ def test_stage_on_two_processes_matches_one(stage, reference, train_assets, tmp_
     assert losses(records)[20] < losses(records)[1]  # it learns
 
 
+@pytest.mark.slow  # two 2-process runs; the stage matrix above covers the default path
 def test_gradient_accumulation_and_offload(reference, train_assets, tmp_path):
     accum = train(write_config(tmp_path / "accum", train_assets, zero_stage=2, micro_batch_size=1), nproc=2)
     assert_same_losses(losses(accum), losses(reference[0]))  # 1 x 4 micro-batches x 2 ranks = 8
@@ -46,6 +47,7 @@ def test_resume_on_another_world_size(reference, train_assets, tmp_path, stage):
     assert_same_losses(got, {s: l for s, l in losses(records).items() if s > 10})
 
 
+@pytest.mark.slow  # four 2-process runs
 def test_stage3_memory_and_estimate(reference, train_assets, tmp_path):
     from ember.train.config import TrainConfig
     from ember.train.estimate import estimate
