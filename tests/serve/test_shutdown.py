@@ -49,50 +49,42 @@ def stream_in_background(base: str, result: dict, started: threading.Event) -> t
     return t
 
 
-def test_sigterm_drains_in_flight_requests(model_factory):
+def signal_mid_stream(model_factory, sig: int, drain_timeout: str) -> tuple[list[str], int, str]:
+    """Start `ember serve`, stream a long completion, send `sig` once it streams: (the SSE lines the client
+    got, the exit status, the server's output)."""
     model = model_factory("llama", max_position_embeddings=4096)
     port = free_port()
-    # The request must finish within the drain time: one far above what its 3,000 tokens take on a
-    # loaded machine, so only a server that does not drain fails this.
-    proc = start(model, port, "--drain-timeout", "600")
+    proc = start(model, port, "--drain-timeout", drain_timeout)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_ready(proc, base)
         result, started = {}, threading.Event()
         t = stream_in_background(base, result, started)
         assert started.wait(120)  # the request is streaming
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         t.join(600)
-        assert result["lines"][-1] == "data: [DONE]"
-        assert '"finish_reason": "length"' in result["lines"][-2]
-        assert proc.wait(120) == 0
+        return result["lines"], proc.wait(120), proc.stdout.read()
     finally:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def test_sigterm_drains_in_flight_requests(model_factory):
+    # The request must finish within the drain time: one far above what its 3,000 tokens take on a
+    # loaded machine, so only a server that does not drain fails this.
+    lines, status, _ = signal_mid_stream(model_factory, signal.SIGTERM, "600")
+    assert lines[-1] == "data: [DONE]"
+    assert '"finish_reason": "length"' in lines[-2]
+    assert status == 0
 
 
 def test_ctrl_c_past_the_drain_time_ends_requests_with_a_reason_and_no_traceback(model_factory):
-    model = model_factory("llama", max_position_embeddings=4096)
-    port = free_port()
-    proc = start(model, port, "--drain-timeout", "0.5")
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(proc, base)
-        result, started = {}, threading.Event()
-        t = stream_in_background(base, result, started)
-        assert started.wait(120)
-        proc.send_signal(signal.SIGINT)
-        t.join(120)
-        assert result["lines"][-1] == "data: [DONE]"
-        assert "shutting down" in result["lines"][-2], result["lines"][-3:]
-        assert proc.wait(120) == 130  # the shell's status for Ctrl-C
-        output = proc.stdout.read()
-        assert "Traceback" not in output, output[-3000:]
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+    lines, status, output = signal_mid_stream(model_factory, signal.SIGINT, "0.5")
+    assert lines[-1] == "data: [DONE]"
+    assert "shutting down" in lines[-2], lines[-3:]
+    assert status == 130  # the shell's status for Ctrl-C
+    assert "Traceback" not in output, output[-3000:]
 
 
 def test_a_busy_port_fails_at_once_in_one_line(model_factory):
