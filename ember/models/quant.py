@@ -160,14 +160,21 @@ class QuantizedLinear(nn.Module):
         n, k = q.shape
         module = cls(k, n, 4, group_size, bias, dtype, **names)
         q = q.to(torch.int32).contiguous()
-        if k % 64 == 0 and (q.device.type != "cpu" or (dtype in (torch.bfloat16, torch.float32)
-                                                       and cpu_ops.int_kernels_available())):
+        aten_packs = n % 16 == 0  # torch's CPU int4 packing takes output channels in multiples of 16
+        if k % 64 == 0 and (q.device.type != "cpu" or not aten_packs or (
+                dtype in (torch.bfloat16, torch.float32) and cpu_ops.int_kernels_available())):
             # ember's kernel: per 64 channels, byte j = channel j (low nibble) | channel 32 + j (high), in tiles
             # of 4 output channels (_set_tiles).
-            # Off CPU the same packing serves the dequantize path.
+            # Off CPU (or without the kernel, where torch cannot pack this shape) it serves the dequantize path.
             module.layout = "ember"
             halves = q.to(torch.uint8).reshape(n, k // 64, 2, 32)
             module._set_tiles(halves[:, :, 0] | (halves[:, :, 1] << 4), scale, offset)
+            return module
+        if not aten_packs:  # held as int8 per group instead (0..15 fit): the same values, exactly
+            module.bits, module.layout = 8, "groups"
+            module.register_buffer("qweight", q.to(torch.int8))
+            module.register_buffer("group_scales", scale.float().contiguous())
+            module.register_buffer("group_offsets", None if offset is None else offset.float().contiguous())
             return module
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.cpu(), 1)  # torch packs on CPU only
         module.register_buffer("qweight", packed.to(q.device))
