@@ -328,7 +328,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_train_fit(args: argparse.Namespace) -> int:
     from ember.train.launch import launch
 
-    return launch(args.config, args.nproc, args.nnodes, args.node_rank, args.rdzv_endpoint, args.rdzv_id)
+    return launch(args.config, args.nproc, args.nnodes, args.node_rank, args.rdzv_endpoint, args.rdzv_id,
+                  args.max_restarts)
 
 
 def cmd_train_estimate(args: argparse.Namespace) -> int:
@@ -458,6 +459,9 @@ def _add_train(sub) -> None:
     fit.add_argument("--node-rank", type=int, default=None, help="this node's rank in a multi-node run")
     fit.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT of the rendezvous for multi-node runs")
     fit.add_argument("--rdzv-id", default=None, help="the rendezvous id (none: a random one)")
+    fit.add_argument("--max-restarts", type=int, default=0,
+                     help="restart all workers up to this many times after one dies; they resume from the "
+                          "latest checkpoint (torchrun's elastic restarts)")
     fit.set_defaults(func=cmd_train_fit)
 
     est = actions.add_parser("estimate", help="per-rank memory of a config: ZeRO's formulas and ember's own")

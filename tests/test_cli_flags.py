@@ -137,8 +137,9 @@ def test_a_new_config_field_gets_a_flag_with_no_other_edit(monkeypatch):
 
 
 @pytest.mark.parametrize("argv,command,expected", [
-    (["train", "cfg.yaml"], "cmd_train_fit", {"config": "cfg.yaml", "nproc": 1, "nnodes": 1}),
+    (["train", "cfg.yaml"], "cmd_train_fit", {"config": "cfg.yaml", "nproc": 1, "nnodes": 1, "max_restarts": 0}),
     (["train", "--nproc", "2", "cfg.yaml"], "cmd_train_fit", {"config": "cfg.yaml", "nproc": 2}),
+    (["train", "--nproc", "2", "--max-restarts", "3", "cfg.yaml"], "cmd_train_fit", {"nproc": 2, "max_restarts": 3}),
     (["train", "--nproc", "8", "--nnodes", "2", "--node-rank", "0", "--rdzv-endpoint", "h:29500", "c.yaml"],
      "cmd_train_fit", {"nnodes": 2, "node_rank": 0, "rdzv_endpoint": "h:29500", "rdzv_id": None}),
     (["train", "fit", "cfg.yaml"], "cmd_train_fit", {"config": "cfg.yaml"}),

@@ -10,6 +10,7 @@ from torch.utils.checkpoint import checkpoint
 from ember.models.attention import AttentionContext, attend
 from ember.models.config import ModelConfig
 from ember.models.layers import _ACTIVATIONS, Linear, TransposedLinear
+from ember.models.loss import token_logprobs
 
 
 class GPT2Attention(nn.Module):
@@ -84,11 +85,16 @@ class GPT2LMHeadModel(nn.Module):
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         self.transformer.gradient_checkpointing = enabled
 
-    def forward(self, input_ids, positions=None, ctx=None):
+    def forward(self, input_ids, positions=None, ctx=None, labels=None):
+        """As LlamaForCausalLM.forward."""
         if positions is None:
             positions = torch.arange(input_ids.shape[-1], device=input_ids.device).expand_as(input_ids)
         hidden = self.transformer(input_ids, positions, ctx)
-        return hidden if ctx is not None else self.lm_head(hidden)
+        if ctx is not None:
+            return hidden
+        if labels is not None:
+            return token_logprobs(hidden, labels, self.compute_logits, self.config.vocab_size)
+        return self.lm_head(hidden)
 
     def compute_logits(self, hidden):
         return self.lm_head(hidden)

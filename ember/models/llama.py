@@ -27,6 +27,7 @@ from ember.models import cpu_ops
 from ember.models.attention import AttentionContext
 from ember.models.config import ModelConfig
 from ember.models.layers import DecoderLayer, Linear, Rotary, make_norm
+from ember.models.loss import token_logprobs
 
 
 class LlamaModel(nn.Module):
@@ -110,14 +111,20 @@ class LlamaForCausalLM(nn.Module):
         input_ids: torch.Tensor,
         positions: torch.Tensor | None = None,
         ctx: AttentionContext | None = None,
+        labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Training: `input_ids[B, T]` -> logits `[B, T, V]`.
+        """Training: `input_ids[B, T]` -> logits `[B, T, V]`, or with `labels[B, T]` the labels'
+        log-probabilities `[B, T]` (0 where a label is -100) without the whole logits tensor.
         Engine: flat `input_ids[N]`, `positions[N]`, `ctx` -> final hidden states `[N, H]`
         (the engine computes logits only for the rows it samples)."""
         if positions is None:
             positions = torch.arange(input_ids.shape[-1], device=input_ids.device).expand_as(input_ids)
         hidden = self.model(input_ids, positions, ctx)
-        return hidden if ctx is not None else self.compute_logits(hidden)
+        if ctx is not None:
+            return hidden
+        if labels is not None:
+            return token_logprobs(hidden, labels, self.compute_logits, self.config.vocab_size)
+        return self.compute_logits(hidden)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden)

@@ -202,6 +202,7 @@ class TrainableLoRA(nn.Module):
             self.lora_B[name] = nn.Parameter(torch.zeros(self.sizes[shard], rank, device=device))
         self.scaling = alpha / math.sqrt(rank) if use_rslora else alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.enabled = True  # off: the base model's output (a DPO run's reference)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """scaling * B (A x) for every row block (zeros where a shard is not adapted)."""
@@ -218,7 +219,7 @@ class TrainableLoRA(nn.Module):
         return out * self.scaling
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return y + self.delta(x)
+        return y + self.delta(x) if self.enabled else y
 
 
 ALL_LINEAR = "all-linear"

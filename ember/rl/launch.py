@@ -14,18 +14,20 @@ def launch(config_path: str, nproc: int = 1) -> int:
     if nproc == 1:
         run(GRPOConfig.load(config_path))
         return 0
-    from torch.distributed import run as torchrun
+    from ember.train.faults import run_torchrun
 
-    try:
-        torchrun.main(["--standalone", "--nproc-per-node", str(nproc), "--max-restarts", "0",
-                       "-m", "ember.rl.launch", config_path])
-    except Exception as e:
-        print(f"error: grpo failed: {type(e).__name__}", file=sys.stderr)
+    failure = run_torchrun(["--standalone", "--nproc-per-node", str(nproc), "-m", "ember.rl.launch", config_path],
+                           "grpo")
+    if failure:
+        print(f"error: {failure}", file=sys.stderr)
         return 1
     return 0
 
 
 if __name__ == "__main__":  # a torchrun worker: a process of its own, so it sets up logging as the CLI does
+    from ember.train.faults import die_with_parent
+
+    die_with_parent()
     from ember.logs import configure_logging
     from ember.rl.grpo import run
     from ember.train.zero import run_worker

@@ -17,7 +17,11 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_state_dict,
+)
 
 from ember.models.config import ModelConfig
 
@@ -59,9 +63,10 @@ def _zero1_load(model: nn.Module, optimizer, named: dict) -> None:
 
 def _zero1_placeholder(model: nn.Module, optimizer) -> dict:
     """The structure DCP loads the named optimizer state into (full-size tensors)."""
+    from ember.train.optim import state_template
+
     params = dict(zip(_param_names(model, optimizer), (p for g in optimizer.param_groups for p in g["params"])))
-    state = {n: {"step": torch.zeros(()), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
-             for n, p in params.items()}
+    state = {n: state_template(optimizer.optim, p) for n, p in params.items()}
     groups = []
     for g in optimizer.param_groups:
         ids = {id(p) for p in g["params"]}
@@ -93,6 +98,8 @@ def save_checkpoint(path: Path, step: int, model: nn.Module, optimizer, schedule
     if is_main:
         state = {"step": step, "scheduler": scheduler.state_dict(), "world_size": dist.get_world_size(),
                  "rng": torch.get_rng_state().tolist(), "train_config": config_dict}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # (dropout on the GPU draws from it)
+            state["cuda_rng"] = torch.cuda.get_rng_state().tolist()
         (path / "trainer_state.json").write_text(json.dumps(state, default=str))
         hf = dict(model_config.raw)
         hf["architectures"] = [model_config.architecture]
@@ -127,7 +134,23 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, zero_sta
     state = json.loads(state_file.read_text())
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))
+    if "cuda_rng" in state and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda_rng"], dtype=torch.uint8))
     return int(state["step"])
+
+
+def prune_checkpoints(root: Path, keep_last: int) -> list[Path]:
+    """Delete all but the `keep_last` newest `step-N` checkpoints under `root`; the one `latest` names
+    and `final` are never deleted. Returns what was deleted."""
+    root = Path(root)
+    marker = root / "latest"
+    protected = {marker.read_text().strip()} if marker.is_file() else set()
+    steps = sorted((p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()),
+                   key=lambda p: int(p.name[5:]))
+    doomed = [p for p in steps[:-keep_last] if p.name not in protected]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, dtype: str = "float32", merge: bool = False) -> Path:

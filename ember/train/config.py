@@ -1,8 +1,8 @@
 """TrainConfig: one YAML/JSON file, validated before any process starts.
 
-Unknown keys are rejected with the nearest valid name. A DeepSpeed-style config
-(train_micro_batch_size_per_gpu, zero_optimization, bf16, optimizer, scheduler, ...)
-is translated to the same fields, so users can bring theirs.
+Unknown keys are rejected, all of them in one error, each with the nearest valid name. A DeepSpeed
+config (train_micro_batch_size_per_gpu, zero_optimization, fp16/bf16, optimizer, scheduler, "auto"
+values, ...) is taken as written and translated to the same fields: see ember.train.ds_config.
 """
 
 from __future__ import annotations
@@ -27,11 +27,18 @@ class ConfigError(ValueError):
 
 
 def _check_keys(section: str, given: dict[str, Any], allowed: set[str]) -> None:
+    """One ConfigError naming every unknown key of a section (a near name when there is one)."""
+    lines, far = [], False
     for key in given:
         if key not in allowed:
-            near = difflib.get_close_matches(key, sorted(allowed), n=1)
-            hint = f"; did you mean {near[0]!r}?" if near else f" (valid: {', '.join(sorted(allowed))})"
-            raise ConfigError(f"{section}{'.' if section else ''}{key}: unknown key{hint}")
+            near = difflib.get_close_matches(key, sorted(allowed), n=1, cutoff=0.75)
+            far = far or not near
+            lines.append(f"{section}{'.' if section else ''}{key}: unknown key" + (f"; did you mean {near[0]!r}?"
+                                                                                   if near else ""))
+    if far:
+        lines.append(f"  (valid {section or 'top-level'} keys: {', '.join(sorted(allowed))})")
+    if lines:
+        raise ConfigError("\n".join(lines))
 
 
 @dataclass(frozen=True)
@@ -81,14 +88,24 @@ class DataSpec:
         return cls(**d)
 
 
+OPTIMIZERS = ("adamw", "adam", "sgd", "lion")
+
+
 @dataclass(frozen=True)
 class OptimSpec:
+    type: str = "adamw"  # adamw | adam (weight decay as an L2 term, torch.optim.Adam) | sgd | lion
     lr: float = 3e-4
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio at max_steps
+    weight_decay: float = 0.01  # on matrices; norms and biases are not decayed
+    betas: tuple[float, float] = (0.9, 0.95)  # adam, adamw, lion
+    eps: float = 1e-8  # adam, adamw
+    momentum: float = 0.0  # sgd
+    nesterov: bool = False  # sgd
+    warmup_steps: int = 0  # the default `cosine` schedule's linear warmup
+    min_lr_ratio: float = 0.1  # the default `cosine` schedule decays to lr * min_lr_ratio at max_steps
+
+    def __post_init__(self):
+        if self.type not in OPTIMIZERS:
+            raise ConfigError(f"optimizer.type: {self.type!r} is not supported (one of {', '.join(OPTIMIZERS)})")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "OptimSpec":
@@ -96,7 +113,54 @@ class OptimSpec:
         d = dict(d)
         if "betas" in d:
             d["betas"] = tuple(d["betas"])
+        if isinstance(d.get("type"), str):
+            d["type"] = d["type"].lower()
         return cls(**d)
+
+
+@dataclass(frozen=True)
+class SchedulerSpec:
+    """The LR schedule (ember.train.schedules): `cosine` (ember's default: the optimizer's warmup_steps,
+    then cosine to its min_lr_ratio), `constant`, or DeepSpeed's WarmupLR, WarmupDecayLR, WarmupCosineLR,
+    OneCycle, LRRangeTest with DeepSpeed's params (all of them, defaults filled in, after from_dict)."""
+
+    type: str = "cosine"
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], lr: float, max_steps: int) -> "SchedulerSpec":
+        from ember.train.schedules import resolve
+
+        _check_keys("scheduler", d, {"type", "params"})
+        params, problems = resolve(d.get("type", "cosine"), dict(d.get("params") or {}), lr, max_steps)
+        if problems:
+            raise ConfigError("\n".join(problems))
+        return cls(d.get("type", "cosine"), params)
+
+
+@dataclass(frozen=True)
+class LossScaleSpec:
+    """fp16's loss scaling (ember.train.precision), with DeepSpeed's fp16 names and defaults."""
+
+    loss_scale: float = 0  # 0: dynamic; > 0: this static scale
+    initial_scale_power: int = 16  # the dynamic scale starts at 2**initial_scale_power
+    loss_scale_window: int = 1000  # clean steps before the scale doubles
+    hysteresis: int = 2  # overflows tolerated before the scale halves
+    consecutive_hysteresis: bool = False  # a clean step restores the hysteresis
+    min_loss_scale: float = 1
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LossScaleSpec":
+        _check_keys("loss_scaling", d, {f.name for f in fields(cls)})
+        return cls(**d)
+
+    def __post_init__(self):
+        checks = [("loss_scale", self.loss_scale >= 0, ">= 0"), ("hysteresis", self.hysteresis >= 1, ">= 1"),
+                  ("loss_scale_window", self.loss_scale_window >= 1, ">= 1"),
+                  ("min_loss_scale", self.min_loss_scale > 0, "> 0")]
+        for name, ok, why in checks:
+            if not ok:
+                raise ConfigError(f"loss_scaling.{name}: {getattr(self, name)!r} is invalid ({why})")
 
 
 @dataclass(frozen=True)
@@ -143,13 +207,39 @@ class LoRASpec:
 
 
 @dataclass(frozen=True)
+class DPOSpec:
+    """Preference optimization (`objective: dpo`); see ember.train.dpo."""
+
+    beta: float = 0.1
+    loss_type: str = "sigmoid"  # sigmoid | ipo
+    label_smoothing: float = 0.0  # conservative DPO (cDPO): the labels are flipped with this probability
+    reference: str = "precomputed"  # precomputed | live
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DPOSpec":
+        _check_keys("dpo", d, {f.name for f in fields(cls)})
+        return cls(**d)
+
+    def __post_init__(self):
+        checks = [
+            ("beta", self.beta > 0, "> 0"),
+            ("loss_type", self.loss_type in ("sigmoid", "ipo"), "sigmoid or ipo"),
+            ("label_smoothing", 0 <= self.label_smoothing < 0.5, "in [0, 0.5)"),
+            ("reference", self.reference in ("precomputed", "live"), "precomputed or live"),
+        ]
+        for name, ok, why in checks:
+            if not ok:
+                raise ConfigError(f"dpo.{name}: {getattr(self, name)!r} is invalid ({why})")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     model: ModelSpec
     data: DataSpec
     run_dir: str = "runs/ember"
     zero_stage: int = 0
-    precision: str = "fp32"  # fp32 | bf16 (fp32 master weights and gradient reduction)
-    micro_batch_size: int = 8  # sequences per rank per forward
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp32 master weights and gradient reduction; fp16 scales the loss)
+    micro_batch_size: int | None = 8  # sequences per rank per forward; None: global_batch_size / (accum x world)
     grad_accum: int | None = None  # default 1, or derived from global_batch_size
     global_batch_size: int | None = None  # sequences per optimizer step, all ranks together
     max_steps: int = 100
@@ -161,20 +251,29 @@ class TrainConfig:
     log_interval: int = 1
     eval_interval: int = 0  # 0: only at the end
     save_interval: int = 0  # 0: only at the end
+    keep_last: int | None = None  # keep the N newest step-* checkpoints (and `latest`, `final`); None: all
+    tensorboard: bool = False  # also write scalars to RUN_DIR/tensorboard (needs the tensorboard package)
     resume: str | None = None  # a checkpoint directory to continue from, or "auto": the run's latest complete one
     expert_parallel: bool = False  # MoE: experts sharded over the processes, tokens moved by all-to-all
     device: str = "auto"  # auto (CUDA when each process on a node gets a GPU, else CPU) | cpu | cuda
     optimizer: OptimSpec = field(default_factory=OptimSpec)
+    scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
+    loss_scaling: LossScaleSpec = field(default_factory=LossScaleSpec)  # precision: fp16
     lora: LoRASpec | None = None  # fine-tune adapters (a `lora:` section), not the whole model
+    objective: str = "sft"  # sft: next-token loss | dpo: preference pairs (a `dpo:` section tunes it)
+    dpo: DPOSpec | None = None
 
     def __post_init__(self):
         checks = [
             ("zero_stage", self.zero_stage in (0, 1, 2, 3), "one of 0, 1, 2, 3"),
-            ("precision", self.precision in ("fp32", "bf16"), "fp32 or bf16"),
+            ("precision", self.precision in ("fp32", "bf16", "fp16"), "fp32, bf16 or fp16"),
             ("device", self.device in ("auto", "cpu", "cuda"), "auto, cpu or cuda"),
-            ("micro_batch_size", self.micro_batch_size >= 1, ">= 1"),
+            ("micro_batch_size", self.micro_batch_size is None or self.micro_batch_size >= 1, ">= 1"),
+            ("micro_batch_size", self.micro_batch_size is not None or self.global_batch_size is not None,
+             "is derived from global_batch_size (DeepSpeed's train_batch_size): give one"),
             ("grad_accum", self.grad_accum is None or self.grad_accum >= 1, ">= 1"),
             ("max_steps", self.max_steps >= 1, ">= 1"),
+            ("keep_last", self.keep_last is None or self.keep_last >= 1, ">= 1, or null to keep every checkpoint"),
             ("data.seq_len", self.data.seq_len >= 2, ">= 2"),
             ("data.eval_fraction", 0 <= self.data.eval_fraction < 1, "in [0, 1)"),
             ("optimizer.lr", self.optimizer.lr > 0, "> 0"),
@@ -183,6 +282,8 @@ class TrainConfig:
             ("expert_parallel", not self.expert_parallel or self.zero_stage != 1,
              "works with zero_stage 0, 2 or 3: ZeRO-1's optimizer assumes replicated parameters"),
             ("lora", self.lora is None or self.model.path is not None, "adapters fine-tune a model: give model.path"),
+            ("objective", self.objective in ("sft", "dpo"), "sft or dpo"),
+            ("dpo", self.dpo is None or self.objective == "dpo", "a `dpo:` section needs objective: dpo"),
             ("lora", self.lora is None or self.lora.base_quantization is None or self.zero_stage < 2,
              "a quantized base (QLoRA) trains with zero_stage 0 or 1 (FSDP shards float tensors)"),
         ]
@@ -190,20 +291,40 @@ class TrainConfig:
             if not ok:
                 value = getattr(self, name, None) if "." not in name else "(see config)"
                 raise ConfigError(f"{name}: {value!r} is invalid ({why})")
+        if self.objective == "dpo" and self.dpo is None:
+            object.__setattr__(self, "dpo", DPOSpec())  # (frozen) the defaults, as an empty `dpo:` section
         if not self.data.train:
             raise ConfigError("data.train: at least one training file is required")
         if self.model.path is None and self.model.tokenizer is None:
             raise ConfigError("model: give 'path' (an HF model to fine-tune) or 'tokenizer' (to train from scratch)")
 
+    def micro_batch(self, world_size: int) -> int:
+        """Sequences per rank per forward: micro_batch_size, or derived as DeepSpeed derives it
+        (train_batch_size = micro-batch x accumulation x world size)."""
+        if self.micro_batch_size is not None:
+            return self.micro_batch_size
+        accum = self.grad_accum or 1
+        if self.global_batch_size % (accum * world_size):
+            raise ConfigError(
+                f"global_batch_size: {self.global_batch_size} does not divide into grad_accum x world size "
+                f"({accum} x {world_size}) micro-batches of whole sequences"
+            )
+        return self.global_batch_size // (accum * world_size)
+
+    def for_world(self, world_size: int) -> "TrainConfig":
+        """This config with the micro-batch and accumulation of a run on `world_size` processes."""
+        return replace(self, micro_batch_size=self.micro_batch(world_size), grad_accum=self.accumulation(world_size))
+
     def accumulation(self, world_size: int) -> int:
         """Micro-batches per optimizer step on each rank."""
+        micro = self.micro_batch(world_size)
         if self.global_batch_size is None:
             return self.grad_accum or 1
-        per_step = self.micro_batch_size * world_size
+        per_step = micro * world_size
         if self.global_batch_size % per_step:
             raise ConfigError(
                 f"global_batch_size: {self.global_batch_size} is not a multiple of micro_batch_size x world size "
-                f"({self.micro_batch_size} x {world_size})"
+                f"({micro} x {world_size})"
             )
         accum = self.global_batch_size // per_step
         if self.grad_accum is not None and self.grad_accum != accum:
@@ -211,22 +332,36 @@ class TrainConfig:
         return accum
 
     def global_batch(self, world_size: int) -> int:
-        return self.micro_batch_size * world_size * self.accumulation(world_size)
+        return self.micro_batch(world_size) * world_size * self.accumulation(world_size)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        d = _from_deepspeed(dict(d))
-        allowed = {f.name for f in fields(cls)}
-        _check_keys("", d, allowed)
+        """Every unknown key and bad section is reported together, in one ConfigError."""
+        from ember.train.ds_config import from_deepspeed
+
+        problems: list[str] = []
+        d = from_deepspeed(dict(d), problems)
+        problems += _autos_left(d)
+        _collect(problems, _check_keys, "", d, {f.name for f in fields(cls)})
         if "model" not in d or "data" not in d:
-            raise ConfigError("config: 'model' and 'data' sections are required")
-        d["model"] = ModelSpec.from_dict(d["model"])
-        d["data"] = DataSpec.from_dict(d["data"])
-        if "optimizer" in d:
-            d["optimizer"] = OptimSpec.from_dict(d["optimizer"])
-        if d.get("lora") is not None:
-            d["lora"] = LoRASpec.from_dict(d["lora"])
-        return cls(**d)
+            problems.append("config: 'model' and 'data' sections are required")
+        sections = {"model": ModelSpec, "data": DataSpec, "optimizer": OptimSpec, "lora": LoRASpec, "dpo": DPOSpec,
+                    "loss_scaling": LossScaleSpec}
+        for name, spec in sections.items():
+            if d.get(name) is not None:
+                d[name] = _collect(problems, spec.from_dict, d[name])
+        if "scheduler" in d:
+            lr = d["optimizer"].lr if isinstance(d.get("optimizer"), OptimSpec) else OptimSpec.lr
+            d["scheduler"] = _collect(problems, SchedulerSpec.from_dict, d["scheduler"] or {}, lr,
+                                      d.get("max_steps", cls.max_steps))
+        if problems:
+            lines = "\n".join(problems)
+            count = sum(not line.startswith(" ") for line in lines.splitlines())
+            raise ConfigError(lines if count == 1 else f"config: {count} problems:\n{lines}")
+        try:
+            return cls(**d)
+        except TypeError as e:  # a value of the wrong type ("8" for 8, a list for a number, ...)
+            raise ConfigError(f"config: {e}") from None
 
     @classmethod
     def load(cls, path: str | Path, **overrides: Any) -> "TrainConfig":
@@ -264,57 +399,21 @@ class TrainConfig:
         return asdict(self)
 
 
-_DS_SCHEDULERS = {"WarmupCosineLR", "WarmupDecayLR", "WarmupLR"}
+def _collect(problems: list[str], parse, *args):
+    """parse(*args), or None with its ConfigError (or TypeError: a value of the wrong type) noted."""
+    try:
+        return parse(*args)
+    except (ConfigError, TypeError) as e:
+        problems.append(str(e))
+        return None
 
 
-def _from_deepspeed(d: dict[str, Any]) -> dict[str, Any]:
-    """Translate DeepSpeed's common keys into ember's; leave everything else for validation."""
-    moves = {
-        "train_micro_batch_size_per_gpu": "micro_batch_size",
-        "gradient_accumulation_steps": "grad_accum",
-        "gradient_clipping": "grad_clip",
-        "train_batch_size": "global_batch_size",
-    }
-    for ds_key, key in moves.items():
-        if ds_key in d:
-            d[key] = d.pop(ds_key)
-    if "zero_optimization" in d:
-        zero = d.pop("zero_optimization")
-        _check_keys("zero_optimization", zero, {"stage", "offload_optimizer", "offload_param", "contiguous_gradients",
-                                                "overlap_comm", "reduce_scatter", "allgather_partitions",
-                                                "reduce_bucket_size", "allgather_bucket_size",
-                                                "stage3_param_persistence_threshold"})
-        d["zero_stage"] = zero.get("stage", 0)
-        if (zero.get("offload_optimizer") or {}).get("device", "none") == "cpu":
-            d["offload_optimizer"] = True
-        if (zero.get("offload_param") or {}).get("device", "none") == "cpu":
-            d["offload_params"] = True
-    for key in ("bf16", "fp16"):
-        if key in d:
-            section = d.pop(key)
-            if section.get("enabled", False):
-                if key == "fp16":
-                    raise ConfigError("fp16.enabled: fp16 training is not supported; use bf16")
-                d["precision"] = "bf16"
-    optimizer = d.get("optimizer")
-    if isinstance(optimizer, dict) and "type" in optimizer:
-        kind = optimizer.get("type", "")
-        if kind.lower() not in ("adamw", "adam"):
-            raise ConfigError(f"optimizer.type: {kind!r} is not supported (AdamW)")
-        params = dict(optimizer.get("params", {}))
-        d["optimizer"] = {k: v for k, v in params.items() if k in ("lr", "weight_decay", "betas", "eps")}
-    scheduler = d.pop("scheduler", None)
-    if scheduler:
-        if scheduler.get("type") not in _DS_SCHEDULERS:
-            raise ConfigError(f"scheduler.type: {scheduler.get('type')!r} is not one of {sorted(_DS_SCHEDULERS)}")
-        params = scheduler.get("params", {})
-        opt = d.setdefault("optimizer", {})
-        if "warmup_num_steps" in params:
-            opt["warmup_steps"] = params["warmup_num_steps"]
-        if "warmup_max_lr" in params:
-            opt["lr"] = params["warmup_max_lr"]
-        if "total_num_steps" in params:
-            d.setdefault("max_steps", params["total_num_steps"])
-    for ignored in ("steps_per_print", "wall_clock_breakdown", "prescale_gradients", "zero_allow_untested_optimizer"):
-        d.pop(ignored, None)
-    return d
+def _autos_left(d: dict[str, Any], prefix: str = "") -> list[str]:
+    """'auto' where ember has nothing to resolve it from (DeepSpeed's keys are resolved before this)."""
+    found = []
+    for key, value in d.items():
+        if isinstance(value, str) and value == "auto" and f"{prefix}{key}" not in ("resume", "device"):
+            found.append(f"{prefix}{key}: 'auto' is only resolved in DeepSpeed's keys; give a value")
+        elif isinstance(value, dict) and key != "scheduler":
+            found += _autos_left(value, f"{prefix}{key}.")
+    return found

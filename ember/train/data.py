@@ -33,31 +33,35 @@ def expand_files(patterns: tuple[str, ...], section: str) -> list[Path]:
     return files
 
 
+def read_jsonl(path: Path) -> Iterator[tuple[str, object]]:
+    """("FILE:LINE", record) for each non-empty line of a JSONL file."""
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{number}", json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}:{number}: not valid JSON ({e})") from None
+
+
 def read_documents(files: list[Path], text_field: str) -> Iterator[str | list[dict] | tuple[str, str]]:
     """Each document's text, a chat record's list of messages, or a (prompt, completion) pair."""
     for path in files:
-        if path.suffix == ".jsonl":
-            with path.open(encoding="utf-8") as f:
-                for number, line in enumerate(f, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ConfigError(f"{path}:{number}: not valid JSON ({e})") from None
-                    if isinstance(record, dict) and isinstance(record.get("messages"), list):
-                        _check_messages(record["messages"], f"{path}:{number}")
-                        yield record["messages"]
-                        continue
-                    if isinstance(record, dict) and isinstance(record.get("prompt"), str) \
-                            and isinstance(record.get("completion"), str):
-                        yield record["prompt"], record["completion"]
-                        continue
-                    if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                        raise ConfigError(f"{path}:{number}: no string field {text_field!r} (or a 'messages' list)")
-                    yield record[text_field]
-        else:
+        if path.suffix != ".jsonl":
             yield path.read_text(encoding="utf-8", errors="replace")
+            continue
+        for where, record in read_jsonl(path):
+            if isinstance(record, dict) and isinstance(record.get("messages"), list):
+                _check_messages(record["messages"], where)
+                yield record["messages"]
+            elif isinstance(record, dict) and isinstance(record.get("prompt"), str) \
+                    and isinstance(record.get("completion"), str):
+                yield record["prompt"], record["completion"]
+            elif isinstance(record, dict) and isinstance(record.get(text_field), str):
+                yield record[text_field]
+            else:
+                raise ConfigError(f"{where}: no string field {text_field!r} (or a 'messages' list)")
 
 
 def _check_messages(messages: list, where: str) -> None:
@@ -68,15 +72,17 @@ def _check_messages(messages: list, where: str) -> None:
         raise ConfigError(f"{where}: the conversation has no assistant message to train on")
 
 
-def chat_tokens(tokenizer, messages: list[dict], loss_on: str = "assistant") -> tuple[list[int], list[int]]:
+def chat_tokens(tokenizer, messages: list[dict], loss_on: str = "assistant", from_message: int = 0
+                ) -> tuple[list[int], list[int]]:
     """A conversation through the chat template -> (token ids, 1 for the assistant turns' tokens, else 0;
-    `loss_on` "last_turn": the last assistant turn's only, "all": every token). Assistant spans are found
+    `loss_on` "last_turn": the last assistant turn's only, "all": every token; turns before
+    `from_message` are never trained on: a preference pair's prompt). Assistant spans are found
     in the text (each turn's rendering must extend the previous one's, as chat templates do) and mapped
     to tokens by their character offsets."""
     text = tokenizer.apply_chat_template(messages, False)
     spans = []
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or i < from_message:
             continue
         before = tokenizer.apply_chat_template(messages[:i], True) if i else ""
         through = tokenizer.apply_chat_template(messages[:i + 1], False)

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import uuid
 
@@ -13,13 +12,17 @@ from ember.train.config import TrainConfig
 
 
 def launch(config_path: str, nproc: int = 1, nnodes: int = 1, node_rank: int | None = None,
-           rdzv_endpoint: str | None = None, rdzv_id: str | None = None) -> int:
-    """Validate everything first, then train; returns the exit status."""
+           rdzv_endpoint: str | None = None, rdzv_id: str | None = None, max_restarts: int = 0) -> int:
+    """Validate everything first, then train; returns the exit status. With `max_restarts` K, torchrun
+    restarts the whole group up to K times after a worker dies, and it resumes from the latest checkpoint."""
+    from ember.train.faults import run_torchrun
     from ember.train.trainer import preflight, run
     from ember.train.zero import training_device
 
     if nproc < 1 or nnodes < 1:
         raise ValueError(f"--nproc/--nnodes: {nproc}/{nnodes} must be >= 1")
+    if max_restarts < 0:
+        raise ValueError(f"--max-restarts: {max_restarts} must be >= 0")
     config = TrainConfig.load(config_path)
     preflight(config, nproc * nnodes)
     # Too few GPUs for device: cuda fails here, not in every worker; a CPU run hides the GPUs from its
@@ -28,9 +31,7 @@ def launch(config_path: str, nproc: int = 1, nnodes: int = 1, node_rank: int | N
     if nproc == 1 and nnodes == 1:
         run(config)
         return 0
-    from torch.distributed import run as torchrun
-
-    args = ["--nproc-per-node", str(nproc), "--nnodes", str(nnodes), "--max-restarts", "0"]
+    args = ["--nproc-per-node", str(nproc), "--nnodes", str(nnodes)]
     if nnodes == 1 and rdzv_endpoint is None:
         args.append("--standalone")
     else:
@@ -40,23 +41,17 @@ def launch(config_path: str, nproc: int = 1, nnodes: int = 1, node_rank: int | N
         if node_rank is not None:
             args += ["--node-rank", str(node_rank)]
     args += ["-m", "ember.train.launch", config_path]
-    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if cpu_run:
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the workers inherit it at spawn
-    try:
-        torchrun.main(args)
-    except Exception as e:  # a worker failed: torchrun has already stopped the others
-        print(f"error: training failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
+    failure = run_torchrun(args, "training", max_restarts, {"CUDA_VISIBLE_DEVICES": ""} if cpu_run else None)
+    if failure:
+        print(f"error: {failure}", file=sys.stderr)
         return 1
-    finally:
-        if saved is None:
-            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-        else:
-            os.environ["CUDA_VISIBLE_DEVICES"] = saved
     return 0
 
 
 if __name__ == "__main__":  # a torchrun worker: a process of its own, so it sets up logging as the CLI does
+    from ember.train.faults import die_with_parent
+
+    die_with_parent()  # first: a worker never outlives `ember train`, even a SIGKILLed one
     from ember.logs import configure_logging
     from ember.train.trainer import run
     from ember.train.zero import run_worker

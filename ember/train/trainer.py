@@ -5,8 +5,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import math
 import resource
 import shutil
 import time
@@ -15,18 +17,26 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from ember.models import ModelConfig, load_model, model_class
 from ember.models.loader import init_random_weights
 from ember.tokenizer import Tokenizer
-from ember.train.checkpoint import load_checkpoint, save_checkpoint
+from ember.train.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
 from ember.train.config import ConfigError, TrainConfig
 from ember.train.data import StepSampler, build_datasets
+from ember.train.faults import disk_full, record_error, restart_count
+from ember.train.optim import build_scheduler
+from ember.train.precision import LossScaler
+from ember.train.runlog import RunReport, check_tensorboard
 from ember.train.zero import (
-    Dist, autocast, init_distributed, lr_lambda, model_state_bytes, no_grad_sync, shard_model,
+    Dist,
+    autocast,
+    init_distributed,
+    model_state_bytes,
+    no_grad_sync,
+    shard_model,
 )
 
 logger = logging.getLogger(__name__)
@@ -63,6 +73,7 @@ def preflight(config: TrainConfig, world_size: int) -> tuple[Tokenizer, ModelCon
         if int(experts) % world_size:
             raise ConfigError(f"expert_parallel: {experts} experts do not divide over {world_size} processes")
     config.accumulation(world_size)  # raises if the batch does not divide
+    check_tensorboard(config)
     return tokenizer, model_config
 
 
@@ -72,8 +83,11 @@ def build_model(config: TrainConfig, model_config: ModelConfig) -> nn.Module:
         if config.lora is not None:
             attach_lora(model, config)
         return model.train()
+    with torch.device("meta"):  # (a sharded start draws the same values: ember.train.sharded_init)
+        model = model_class(model_config.architecture)(model_config)
+    model = model.to_empty(device="cpu")
+    model.tie_weights()
     torch.manual_seed(config.seed)
-    model = model_class(model_config.architecture)(model_config)
     init_random_weights(model, config.model.init_std)
     return model.train()
 
@@ -139,7 +153,23 @@ def current_memory_bytes(device: torch.device) -> int:
 def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    try:  # the high-water mark since the last reset_peak_memory (the process's life if never reset)
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new high-water mark (Linux: /proc/self/clear_refs "5" resets VmHWM)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 class Trainer:
@@ -150,6 +180,7 @@ class Trainer:
     def _setup(self) -> None:
         c = self.config
         self.d: Dist = init_distributed(c.device)
+        c = self.config = c.for_world(self.d.world)  # a micro-batch derived from DeepSpeed's train_batch_size
         torch.manual_seed(c.seed)
         self.tokenizer, self.model_config = preflight(c, self.d.world)
         self.accum = c.accumulation(self.d.world)
@@ -159,67 +190,171 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         dist.barrier()
         cache = self.run_dir / "cache"
+        datasets = build_datasets
+        if c.objective == "dpo":
+            from ember.train.dpo import build_pair_datasets as datasets
         if self.d.is_main:
-            build_datasets(c.data, self.tokenizer, cache)  # rank 0 tokenizes; the others read its cache
+            datasets(c.data, self.tokenizer, cache)  # rank 0 tokenizes; the others read its cache
         dist.barrier()
-        self.train_data, self.eval_data = build_datasets(c.data, self.tokenizer, cache)
+        self.train_data, self.eval_data = datasets(c.data, self.tokenizer, cache)
         self.sampler = StepSampler(len(self.train_data), self.global_batch, c.seed)
-        base = build_model(c, self.model_config)
+        from ember.train.sharded_init import materialize, meta_model, starts_sharded
+
+        sharded_start = starts_sharded(c)  # ZeRO-2/3: no rank ever holds the whole model
+        meta_model(self.model_config)  # (the libraries building a model loads are counted before the model)
+        reset_peak_memory(self.d.device)
+        before_model = current_memory_bytes(self.d.device)
+        base = meta_model(self.model_config) if sharded_start else build_model(c, self.model_config)
         from ember.models.moe import MoE
 
         self.moe_layers = [m for m in base.modules() if isinstance(m, MoE)]
         self.aux_coef = float(self.model_config.raw.get("router_aux_loss_coef", 0.01))
         self.last_aux_loss = 0.0
         base.set_gradient_checkpointing(c.activation_checkpointing)
-        self.model, self.optimizer = shard_model(base, c, self.d)
+        self.reference_model = None  # DPO's frozen starting model, for `reference: live` (not LoRA: its base)
+        if c.objective == "dpo" and c.dpo.reference == "live" and c.lora is None:
+            import copy
+
+            frozen = build_model(c, self.model_config) if sharded_start else copy.deepcopy(base)
+            self.reference_model = frozen.to(self.d.device).eval().requires_grad_(False)
+        self.model, self.optimizer = shard_model(base, c, self.d,
+                                                 lambda model: materialize(model, c, self.d.device))
+        # What building and sharding the model took at its peak, over what the process held before.
+        self.startup_bytes = peak_memory_bytes(self.d.device) - before_model
+        self.before_model_bytes = before_model
         from ember.train.expert_parallel import expert_params
 
         self.expert_params = expert_params(base)
         sharded = {id(p) for p in self.expert_params}
         self.dense_params = [p for p in self.model.parameters() if id(p) not in sharded]
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(c))
+        self.scheduler = build_scheduler(self.optimizer, c)
+        self.scaler = LossScaler(c.loss_scaling if c.precision == "fp16" else None)
+        if c.objective == "dpo" and c.dpo.reference == "precomputed":  # before a checkpoint replaces the weights
+            self._precompute_reference(cache)
         self.start_step = 0
-        resume = latest_checkpoint(self.run_dir) if c.resume == "auto" else c.resume
-        if c.resume == "auto":
+        restarts = restart_count()  # torchrun restarted the group after a rank died: continue where it was
+        explicit = c.resume if c.resume != "auto" else None
+        resume = (latest_checkpoint(self.run_dir) if c.resume == "auto" or restarts else None) or explicit
+        if restarts:
+            logger.info("restart %d: resuming from %s", restarts, resume or "step 0 (no complete checkpoint yet)")
+        elif c.resume == "auto":
             logger.info("resume: auto: %s", f"continuing from {resume}" if resume else "no complete checkpoint yet; "
                         "starting at step 0")
         if resume:
             self.start_step = load_checkpoint(Path(resume), self.model, self.optimizer, self.scheduler,
                                               c.zero_stage)
+            self.scaler.load(Path(resume))
 
-    def _loss(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _forward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The labels' log-probabilities [B, T] (0 where a label is -100), the LM head chunk by chunk."""
         with autocast(self.config, self.d):
-            logits = self.model(inputs.to(self.d.device))
-        labels = labels.to(self.d.device).flatten()
+            return self.model(inputs.to(self.d.device), labels=labels.to(self.d.device))
+
+    def _precompute_reference(self, cache: Path) -> None:
+        """DPO's reference: every pair's log-probabilities under the starting model, once (cached by content)."""
+        from ember.train.dpo import precompute_reference, reference_cache_key
+
+        c, d = self.config, self.d
+        average = c.dpo.loss_type == "ipo"
+        for data in (self.train_data, self.eval_data):
+            if data is None:
+                continue
+            path = cache / f"dpo-reference-{reference_cache_key(c, data)}.pt"
+            cached = torch.tensor(int(path.is_file()))
+            dist.all_reduce(cached, op=dist.ReduceOp.MIN)  # all ranks compute, or none (the forwards are collective)
+            if cached:
+                data.reference = torch.load(path)
+                continue
+            logger.info("dpo: reference log-probabilities of %d pairs (once; cached in %s)", len(data), cache)
+            data.reference = precompute_reference(self.model, data, c.micro_batch_size, d.rank, d.world, d.device,
+                                                  self._forward, average)
+            if d.is_main:
+                torch.save(data.reference, path.with_suffix(".tmp"))
+                path.with_suffix(".tmp").replace(path)
+
+    def _reference_logps(self, data, inputs: torch.Tensor, labels: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+        """[2B] reference log-probabilities of a DPO batch's rows (chosen, then rejected)."""
+        from ember.train.dpo import adapters_off, sequence_logps
+
+        if data.reference is not None:
+            ref = data.reference[pairs]
+            return torch.cat([ref[:, 0], ref[:, 1]]).to(self.d.device)
+        average = self.config.dpo.loss_type == "ipo"
+        with torch.no_grad():
+            labels = labels.to(self.d.device)
+            if self.reference_model is not None:
+                with autocast(self.config, self.d):
+                    logps = self.reference_model(inputs.to(self.d.device), labels=labels)
+            else:
+                with adapters_off(self.model):
+                    logps = self._forward(inputs, labels)
+            return sequence_logps(logps, labels, average)
+
+    def _loss(self, batch: tuple, data=None) -> torch.Tensor:
+        """The micro-batch's loss: next-token cross-entropy (SFT) or the DPO loss of its pairs."""
+        if self.config.objective == "dpo":
+            return self._dpo_loss(*batch, data=data or self.train_data)
+        inputs, labels = batch
         # the mean over the trained labels (a chat's prompt tokens are -100); 0 if a window has none
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels, reduction="sum") / (labels != -100).sum().clamp(min=1)
+        loss = -self._forward(inputs, labels).sum() / (labels != -100).sum().clamp(min=1).to(self.d.device)
         if self.model.training and self.moe_layers:  # the routers' load-balancing loss
             aux = sum(m.aux_loss for m in self.moe_layers)
             self.last_aux_loss = float(aux.detach())
             loss = loss + self.aux_coef * aux
         return loss
 
+    def _dpo_loss(self, inputs: torch.Tensor, labels: torch.Tensor, pairs: torch.Tensor, data) -> torch.Tensor:
+        """The mean DPO loss of the micro-batch's pairs; their rewards are summed into `pair_stats`."""
+        from ember.train.dpo import dpo_loss, sequence_logps
+
+        spec = self.config.dpo
+        policy = sequence_logps(self._forward(inputs, labels), labels, spec.loss_type == "ipo")
+        reference = self._reference_logps(data, inputs, labels, pairs)
+        b = len(pairs)
+        losses, rewards = dpo_loss(policy[:b], policy[b:], reference[:b], reference[b:], spec)
+        chosen, rejected = rewards["chosen_reward"], rewards["rejected_reward"]
+        self.pair_stats += torch.stack([chosen.sum(), rejected.sum(), (chosen > rejected).sum(),
+                                        torch.tensor(float(b), device=chosen.device)]).to(self.pair_stats)
+        return losses.mean()
+
+    def _reset_pair_stats(self) -> None:
+        self.pair_stats = torch.zeros(4, dtype=torch.float64, device=self.d.device)
+
+    def _pair_record(self, prefix: str = "") -> dict[str, float]:
+        """Means over every rank's pairs since the last reset: DPO's rewards, margin and accuracy."""
+        if self.config.objective != "dpo":
+            return {}
+        if dist.is_initialized():
+            dist.all_reduce(self.pair_stats)
+        chosen, rejected, wins = (self.pair_stats[:3] / self.pair_stats[3].clamp(min=1)).tolist()
+        return {f"{prefix}reward_accuracy": wins, f"{prefix}reward_margin": chosen - rejected,
+                f"{prefix}chosen_reward": chosen, f"{prefix}rejected_reward": rejected}
+
     def train_step(self, step: int) -> tuple[float, float]:
         """One optimizer step over the global batch; returns (mean loss, grad norm)."""
         c, d = self.config, self.d
         total = torch.zeros((), device=d.device)
         trained = torch.zeros((), device=d.device)  # labels the loss counted (chat prompts are not)
+        self._reset_pair_stats()
         for micro in range(self.accum):
             indices = self.sampler.micro_batch(step, d.rank, d.world, micro, c.micro_batch_size, self.accum)
-            inputs, labels = self.train_data.batch(indices)
-            trained += (labels != -100).sum()
+            batch = self.train_data.batch(indices)
+            trained += (batch[1] != -100).sum()
             with no_grad_sync(self.model, c, last_micro=micro == self.accum - 1):
-                loss = self._loss(inputs, labels) / self.accum
-                loss.backward()
+                loss = self._loss(batch) / self.accum
+                self.scaler.scale_loss(loss).backward()
             total += loss.detach()
+        self.scaler.unscale_(self.model.parameters())
         norm = self._clip()
-        self.optimizer.step()
-        self.scheduler.step()
+        if self.scaler.update(math.isfinite(norm)):  # fp16: an overflowed step is skipped, and its lr step
+            self.optimizer.step()
+            self.scheduler.step()
         self.last_state_bytes = model_state_bytes(self.model, self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
         dist.all_reduce(total)
         dist.all_reduce(trained)
         self.last_trained_tokens = int(trained.item())
+        self.last_pairs = self._pair_record()
         return total.item() / d.world, norm
 
     def _clip(self) -> float:
@@ -233,20 +368,30 @@ class Trainer:
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
     @torch.no_grad()
-    def evaluate(self, max_batches: int = 16) -> float | None:
-        """Mean loss over (up to max_batches x micro_batch_size) held-out sequences, all ranks together."""
+    def evaluate(self, max_sequences: int = 256) -> float | None:
+        """Mean loss over (up to max_sequences) held-out sequences, all ranks together: per label token
+        (SFT) or per pair (DPO), so neither the micro-batch size nor the world size changes it."""
         if self.eval_data is None:
             return None
         self.model.eval()
         c, d = self.config, self.d
-        n = min(len(self.eval_data), max_batches * c.micro_batch_size * d.world)
-        total = torch.zeros(2, device=d.device)
+        n = min(len(self.eval_data), max_sequences)
+        total = torch.zeros(2, dtype=torch.float64, device=d.device)
+        self._reset_pair_stats()
         for start in range(0, n, c.micro_batch_size * d.world):
-            # every rank runs the same number of forwards (FSDP all-gathers are collective)
-            idx = [i % n for i in range(start + d.rank * c.micro_batch_size, start + (d.rank + 1) * c.micro_batch_size)]
-            inputs, labels = self.eval_data.batch(idx)
-            total += torch.stack([self._loss(inputs, labels) * len(idx), torch.tensor(float(len(idx)), device=d.device)])
+            # Every rank runs the same number of forwards (FSDP all-gathers are collective); a rank past
+            # the end scores one sequence with weight 0, so nothing counts twice.
+            idx = list(range(start + d.rank * c.micro_batch_size, min(n, start + (d.rank + 1) * c.micro_batch_size)))
+            stats = self.pair_stats.clone()
+            batch = self.eval_data.batch(idx or [0])
+            loss = self._loss(batch, self.eval_data).double()
+            # the loss is a mean over the batch's labels (SFT) or pairs (DPO): weigh it by their count
+            weight = float(len(idx)) if c.objective == "dpo" else float((batch[1] != -100).sum()) * bool(idx)
+            if not idx:
+                self.pair_stats = stats
+            total += torch.stack([loss * weight, torch.tensor(weight, dtype=torch.float64, device=d.device)])
         dist.all_reduce(total)
+        self.last_eval_pairs = self._pair_record("eval_")
         self.model.train()
         return (total[0] / total[1]).item()
 
@@ -267,7 +412,10 @@ class Trainer:
 
     def state_dict_for_engine(self) -> dict[str, torch.Tensor]:
         """The full model state (gathered from shards) on rank 0; an empty dict elsewhere."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
 
         full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return full if self.d.is_main else {}
@@ -284,10 +432,19 @@ class Trainer:
             pending.mkdir(parents=True)
         dist.barrier()
         tokenizer_dir = self.config.model.tokenizer_dir
-        save_checkpoint(pending, step, self.model, self.optimizer, self.scheduler, self.config.zero_stage,
-                        self.model_config, tokenizer_dir, self.config.to_dict(), self.d.is_main)
-        if self.config.lora is not None:
-            self._save_adapter(pending / "adapter")
+        try:
+            save_checkpoint(pending, step, self.model, self.optimizer, self.scheduler, self.config.zero_stage,
+                            self.model_config, tokenizer_dir, self.config.to_dict(), self.d.is_main)
+            if self.d.is_main:
+                self.scaler.save(pending)
+            if self.config.lora is not None:
+                self._save_adapter(pending / "adapter")
+        except Exception as e:
+            full = disk_full(e, root)  # (before the pending files are deleted and the space comes back)
+            shutil.rmtree(pending, ignore_errors=True)  # no partial checkpoint left; `latest` is untouched
+            if full:
+                raise OSError(errno.ENOSPC, f"No space left on device: saving checkpoint {name} in {root}") from e
+            raise
         dist.barrier()
         if self.d.is_main:
             replaced = root / f".replaced-{name}"
@@ -300,13 +457,18 @@ class Trainer:
             marker.write_text(name)
             marker.replace(root / "latest")
             logger.info("saved checkpoint %s (step %d)", path, step)
+            if self.config.keep_last:
+                prune_checkpoints(root, self.config.keep_last)
         dist.barrier()
         return path
 
     def _save_adapter(self, out_dir: Path) -> None:
         """The adapter in PEFT's format beside the checkpoint: `ember serve --lora-modules name=DIR`
         (or HF PEFT, or vLLM) loads it as it is."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
 
         from ember.models.lora import adapter_tensors, save_adapter, trainable_adapters
 
@@ -321,6 +483,7 @@ class Trainer:
 
     # ---- the loop ---------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
+        started = time.perf_counter()
         self._setup()
         c, d = self.config, self.d
         metrics_file = self.run_dir / "metrics.jsonl"
@@ -328,6 +491,7 @@ class Trainer:
             _drop_records_after(metrics_file, self.start_step)  # a resumed run logs those steps again
         tokens_per_step = self.global_batch * c.data.seq_len
         bar = tqdm(total=c.max_steps, initial=self.start_step, desc="train", unit="step", disable=not d.is_main)
+        report = RunReport(self.run_dir, c, d.is_main, started)  # TensorBoard scalars, summary.json
         last: dict[str, Any] = {}
         try:
             for step in range(self.start_step, c.max_steps):
@@ -336,12 +500,13 @@ class Trainer:
                 loss, norm = self.train_step(step)
                 seconds = time.perf_counter() - t0
                 record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": norm,
-                          "trained_tokens": self.last_trained_tokens,
-                          **({"aux_loss": self.last_aux_loss} if self.moe_layers else {}),
+                          "trained_tokens": self.last_trained_tokens, **self.last_pairs,
+                          **({"aux_loss": self.last_aux_loss} if self.moe_layers else {}), **self.scaler.metrics(),
                           "tokens_per_s": tokens_per_step / seconds, "step_s": seconds}
                 done = step + 1 == c.max_steps
                 if (c.eval_interval and (step + 1) % c.eval_interval == 0) or done:
                     record["eval_loss"] = self.evaluate()
+                    record.update(getattr(self, "last_eval_pairs", {}))
                 if step == self.start_step or done:
                     record.update(self._memory_record())
                 if d.is_main and ((step + 1) % c.log_interval == 0 or done or "eval_loss" in record):
@@ -352,26 +517,36 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", lr=f"{record['lr']:.2e}")
                 last = record
+                report.step(record, tokens_per_step)
             last["checkpoint"] = str(self.save(c.max_steps, "final"))
+            self.summary = report.finish(last, self.model_config.num_params, d.device, d.world)
         finally:
             bar.close()
+            report.close()
         return last
 
     def _memory_record(self) -> dict[str, Any]:
         """Each rank's model-state bytes and peak memory, gathered on every rank."""
         mine = {"model_state_bytes": self.last_state_bytes["total"], "peak_bytes": peak_memory_bytes(self.d.device),
-                "current_bytes": current_memory_bytes(self.d.device)}
+                "current_bytes": current_memory_bytes(self.d.device), "startup_bytes": self.startup_bytes,
+                "training_peak_bytes": peak_memory_bytes(self.d.device) - self.before_model_bytes}
         everyone: list[Any] = [None] * self.d.world
         dist.all_gather_object(everyone, mine)
         return {"rank_model_state_bytes": [e["model_state_bytes"] for e in everyone],
                 "rank_peak_bytes": [e["peak_bytes"] for e in everyone],
-                "rank_current_bytes": [e["current_bytes"] for e in everyone]}
+                "rank_current_bytes": [e["current_bytes"] for e in everyone],
+                "rank_model_startup_bytes": [e["startup_bytes"] for e in everyone],
+                # the peak since the model was built, over what the process held before it (`estimate`'s peak)
+                "rank_model_peak_bytes": [e["training_peak_bytes"] for e in everyone]}
 
 
 def run(config: TrainConfig) -> dict[str, Any]:
     """Entry point for one rank (or the only process)."""
     try:
         return Trainer(config).fit()
+    except BaseException as e:
+        record_error(e)  # now: tearing the group down makes the peers fail, and the first failure is the cause
+        raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

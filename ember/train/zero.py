@@ -5,15 +5,15 @@
 - stage 2: fully_shard (FSDP2) per block and root, reshard_after_forward=False
   (parameters, gradients and optimizer state sharded at rest; no re-gather in backward);
 - stage 3: fully_shard with reshard_after_forward=True.
-bf16 keeps fp32 master weights and reduces gradients in fp32: autocast for stages 0-1,
-MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) for 2-3.
+bf16 and fp16 keep fp32 master weights and reduce gradients in fp32: autocast for stages 0-1,
+MixedPrecisionPolicy(param_dtype=bf16/fp16, reduce_dtype=fp32) for 2-3 (fp16 adds loss scaling,
+ember.train.precision). The optimizer is any of ember.train.optim's, by OptimSpec.type.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 from dataclasses import dataclass
 
@@ -22,6 +22,9 @@ import torch.distributed as dist
 from torch import nn
 
 from ember.train.config import TrainConfig
+from ember.train.optim import lr_lambda, optimizer_args  # noqa: F401 - lr_lambda: imported from here too
+
+HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +93,11 @@ def run_worker(main, *args) -> None:
         status = e.code if isinstance(e.code, int) else int(e.code is not None)
     except KeyboardInterrupt:
         status = 130
-    except BaseException:  # noqa: BLE001 - the traceback Python would print, then exit status 1
+    except BaseException as e:  # noqa: BLE001 - the traceback Python would print, then exit status 1
         traceback.print_exc()
+        from ember.train.faults import record_error
+
+        record_error(e)  # for torchrun: the launcher's error line names this cause
         status = 1
     logging.shutdown()
     sys.stdout.flush()
@@ -112,24 +118,35 @@ def param_groups(model: nn.Module, weight_decay: float, experts: list[nn.Paramet
     return groups + ([{"params": experts, "weight_decay": weight_decay}] if experts else [])
 
 
-def shard_model(model: nn.Module, config: TrainConfig, d: Dist) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """Apply the configured stage; returns the wrapped model and its optimizer."""
+def shard_model(model: nn.Module, config: TrainConfig, d: Dist, materialize=None
+                ) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """Apply the configured stage; returns the wrapped model and its optimizer. A model on the meta
+    device (ZeRO-2/3) gets its storage and values from `materialize(model)` once it is sharded."""
     return shard(model, d, config.zero_stage, config.precision, config.optimizer,
-                 offload=config.offload_optimizer or config.offload_params, expert_parallel=config.expert_parallel)
+                 offload=config.offload_optimizer or config.offload_params, expert_parallel=config.expert_parallel,
+                 materialize=materialize)
 
 
 def shard(model: nn.Module, d: Dist, zero_stage: int, precision: str, opt, offload: bool = False,
-          expert_parallel: bool = False):
+          expert_parallel: bool = False, materialize=None):
     """`shard_model` without a TrainConfig (the RL loop uses it too)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        MixedPrecisionPolicy,
+        fully_shard,
+    )
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from ember.train.expert_parallel import moe_layers, shard_experts
 
-    adam = dict(lr=opt.lr, betas=opt.betas, eps=opt.eps)
-    model.to(d.device)
+    optimizer_class, kwargs = optimizer_args(opt)
+    on_meta = any(p.is_meta for p in model.parameters())
+    if on_meta and (zero_stage < 2 or materialize is None):
+        raise ValueError("a model on the meta device is sharded by ZeRO-2/3 and then materialized")
+    if not on_meta:
+        model.to(d.device)
     # The mesh names the device: FSDP's default picks CUDA whenever it exists, even for a CPU run.
     mesh = init_device_mesh(d.device.type, (d.world,)) if zero_stage >= 2 or (expert_parallel and d.world > 1) else None
     experts: list[nn.Parameter] = []  # sharded experts (expert-parallel only; preflight checked they divide)
@@ -138,8 +155,8 @@ def shard(model: nn.Module, d: Dist, zero_stage: int, precision: str, opt, offlo
     # MoE experts get an optimizer group of their own, sharded or not, so checkpoints resume either way.
     expert_group = experts or [p for m in moe_layers(model) for p in (m.w13, m.w2)]
     if zero_stage >= 2:
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-            if precision == "bf16" else MixedPrecisionPolicy()
+        mp = MixedPrecisionPolicy(param_dtype=HALF[precision], reduce_dtype=torch.float32) \
+            if precision in HALF else MixedPrecisionPolicy()
         offload_policy = {}
         if offload and d.device.type == "cuda":
             # On a CPU-only machine everything already lives in host memory: nothing to move.
@@ -149,15 +166,17 @@ def shard(model: nn.Module, d: Dist, zero_stage: int, precision: str, opt, offlo
         for layer in model.blocks():
             fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard, **offload_policy, **ignored)
         fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard, **offload_policy, **ignored)
-        return model, torch.optim.AdamW(param_groups(model, opt.weight_decay, expert_group), **adam)
+        if on_meta:
+            materialize(model)
+        return model, optimizer_class(param_groups(model, opt.weight_decay, expert_group), **kwargs)
     if experts:  # DDP averages the replicated parameters only; the experts are sharded, not copies
         names = {id(p): n for n, p in model.named_parameters()}
         DDP._set_params_and_buffers_to_ignore_for_model(model, [names[id(p)] for p in experts])
     wrapped = DDP(model) if d.world > 1 else model
     if zero_stage == 1:
         groups = param_groups(model, opt.weight_decay, expert_group)
-        return wrapped, ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, **adam)
-    return wrapped, torch.optim.AdamW(param_groups(model, opt.weight_decay, expert_group), **adam)
+        return wrapped, ZeroRedundancyOptimizer(groups, optimizer_class=optimizer_class, **kwargs)
+    return wrapped, optimizer_class(param_groups(model, opt.weight_decay, expert_group), **kwargs)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -165,8 +184,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def autocast(config: TrainConfig, d: Dist):
-    if config.precision == "bf16" and config.zero_stage < 2:
-        return torch.autocast(d.device.type, dtype=torch.bfloat16)
+    if config.precision in HALF and config.zero_stage < 2:
+        return torch.autocast(d.device.type, dtype=HALF[config.precision])
     return contextlib.nullcontext()
 
 
@@ -186,18 +205,6 @@ def _restore_sync(model):
         yield
     finally:
         model.set_requires_gradient_sync(True)
-
-
-def lr_lambda(config: TrainConfig):
-    warmup, total, floor = config.optimizer.warmup_steps, config.max_steps, config.optimizer.min_lr_ratio
-
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

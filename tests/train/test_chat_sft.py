@@ -76,7 +76,7 @@ def test_masked_loss_equals_transformers(model_factory, tmp_path):
     trainer.d = type("D", (), {"device": torch.device("cpu")})()
     trainer.moe_layers = []
     with torch.no_grad():
-        ours = trainer._loss(inputs, labels).item()
+        ours = trainer._loss((inputs, labels)).item()
         hf_logits = load_hf(path)(inputs).logits.float()
         theirs = torch.nn.functional.cross_entropy(hf_logits.flatten(0, 1), labels.flatten(), ignore_index=-100).item()
     assert abs(ours - theirs) < 1e-5

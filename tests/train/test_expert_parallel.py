@@ -26,8 +26,9 @@ def moe_reference(train_assets, tmp_path_factory):
 
 
 def exported(run_dir, out):
-    from ember.train.checkpoint import export_checkpoint
     from safetensors.torch import load_file
+
+    from ember.train.checkpoint import export_checkpoint
 
     export_checkpoint(run_dir / "checkpoints" / "final", out)
     return load_file(str(out / "model.safetensors"))

@@ -1,12 +1,8 @@
 """Training config validation, the Python API, export round trip, plots and crash handling."""
 
-import contextlib
 import json
 import os
 import signal
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
@@ -15,7 +11,7 @@ import torch
 import yaml
 
 from ember.train.config import ConfigError, TrainConfig
-from tests.train.conftest import write_config
+from tests.train.conftest import is_worker_alive, logged_steps, train_job, write_config
 from tests.waiting import wait_until
 
 
@@ -62,7 +58,8 @@ def test_deepspeed_style_config(train_assets, tmp_path):
     config = TrainConfig.load(path)
     assert (config.zero_stage, config.micro_batch_size, config.grad_accum, config.grad_clip) == (2, 2, 4, 0.5)
     assert config.offload_optimizer and config.precision == "bf16" and config.max_steps == 50
-    assert config.optimizer.lr == 0.001 and config.optimizer.betas == (0.9, 0.99) and config.optimizer.warmup_steps == 5
+    assert config.optimizer.lr == 0.001 and config.optimizer.betas == (0.9, 0.99) and config.optimizer.weight_decay == 0.1
+    assert config.scheduler.type == "WarmupCosineLR" and config.scheduler.params["warmup_num_steps"] == 5
 
 
 def test_python_api_export_round_trip_and_plot(train_assets, tmp_path):
@@ -93,64 +90,16 @@ def test_python_api_export_round_trip_and_plot(train_assets, tmp_path):
     assert all(p.stat().st_size > 1000 for p in pngs)
 
 
-def _processes() -> dict[int, tuple[int, str, str]]:
-    """pid -> (parent pid, state, command line) of every process, from /proc."""
-    table = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:  # gone meanwhile
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm)", which may hold spaces
-        table[int(entry.name)] = (int(fields[1]), fields[0], cmdline)
-    return table
-
-
-def _workers(job_pid: int) -> list[int]:
-    """The live training ranks this test's job started: its own children running ember.train.launch
-    (by parent pid, so other jobs on the machine are never touched)."""
-    return sorted(pid for pid, (ppid, state, cmdline) in _processes().items()
-                  if ppid == job_pid and state != "Z" and "ember.train.launch" in cmdline)
-
-
-def _alive(pid: int) -> bool:
-    """Whether `pid` is still a running (not zombie) training worker."""
-    info = _processes().get(pid)
-    return info is not None and info[1] != "Z" and "ember.train.launch" in info[2]
-
-
 def test_a_crashed_rank_ends_the_job(train_assets, tmp_path):
     path = write_config(tmp_path, train_assets, max_steps=100000)
-    proc = subprocess.Popen([sys.executable, "-m", "ember.cli", "train", "--nproc", "2", str(path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output: list[str] = []  # read as it comes, so a full pipe never stalls the job
-    reader = threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True)
-    reader.start()
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    workers: list[int] = []
-    try:
-        wait_until(lambda: proc.poll() is not None or (metrics.exists() and metrics.read_text().count("\n") >= 3),
-                   timeout=300, what="3 training steps")
-        assert proc.poll() is None, "".join(output)[-2000:]
-        workers = wait_until(lambda: _workers(proc.pid), what="the job's worker processes")
+    with train_job(path, "--nproc", "2") as job:
+        workers = job.running(lambda: logged_steps(tmp_path / "run") >= 3, "3 training steps")
         os.kill(workers[-1], signal.SIGKILL)  # one rank dies
         start = time.monotonic()
-        code = proc.wait(timeout=60)
+        code = job.proc.wait(timeout=60)
         assert code != 0 and time.monotonic() - start < 30
-        assert not [pid for pid in workers if _alive(pid)]
-    finally:  # on a failure, nothing of this job is left running
-        stray = set(workers) | set(_workers(proc.pid))
-        if proc.poll() is None:
-            proc.kill()
-        for pid in stray:
-            if _alive(pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-        proc.wait()
-        reader.join(10)
+        assert not [pid for pid in workers if is_worker_alive(pid)]
+        wait_until(lambda: "was killed by SIGKILL" in job.text, timeout=10, what="the error line")
 
 
 def test_moe_training_reports_the_aux_loss(train_assets, tmp_path):

@@ -65,3 +65,25 @@ def test_stage3_memory_and_estimate(reference, train_assets, tmp_path):
             assert abs(rank_bytes - predicted) <= 0.15 * predicted, (stage, rank_bytes, predicted)
         if stage == 3:
             assert max(measured) <= 0.6 * one
+
+
+@pytest.mark.slow
+def test_zero3_starts_sharded(model_factory, train_assets, tmp_path):
+    """ZeRO-3 builds the model on the meta device and each rank materialises only its shard: the
+    start-up peak per rank (over what the process held before the model) is at most 0.6x the whole
+    fp32 model on 2 processes; ZeRO-0 holds at least the whole model."""
+    import os
+
+    from tests.train.test_families import fine_tune_config
+
+    hf_dir = model_factory("llama", hidden_size=512, intermediate_size=1536, num_hidden_layers=24, vocab_size=4096,
+                           num_attention_heads=8, num_key_value_heads=4)
+    fp32_bytes = os.path.getsize(hf_dir / "model.safetensors")  # written in float32
+    runs = {}
+    for stage in (0, 3):
+        records = train(fine_tune_config(tmp_path / str(stage), train_assets, hf_dir, zero_stage=stage, max_steps=1,
+                                         micro_batch_size=2, global_batch_size=4), nproc=2)
+        runs[stage] = records[0]
+    assert runs[3]["loss"] == pytest.approx(runs[0]["loss"], abs=1e-5)
+    assert max(runs[3]["rank_model_startup_bytes"]) <= 0.6 * fp32_bytes, runs[3]["rank_model_startup_bytes"]
+    assert min(runs[0]["rank_model_startup_bytes"]) >= fp32_bytes
