@@ -117,6 +117,11 @@ def _add_system_benches(bsub) -> None:
     tr.add_argument("--micro-batch-size", type=int, default=8)
     tr.add_argument("--seq-len", type=int, default=256)
     tr.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    tr.add_argument("--compare", choices=["deepspeed"], default=None,
+                    help="race DeepSpeed (its own venv: --peer-python) at ZeRO-2/3 on 2 processes, fp32, alternating")
+    tr.add_argument("--peer-python", default=None, help="python of the DeepSpeed venv")
+    tr.add_argument("--runs", type=int, default=2, help="--compare: runs of each side per stage (alternating)")
+    tr.add_argument("--stages", type=int, nargs="+", default=[2, 3], choices=[2, 3], help="--compare: ZeRO stages")
     gg = bsub.add_parser("gguf", help="a GGUF model against transformers on the same file: token ids, greedy "
                                       "parity on 20 prompts, teacher-forced agreement and loss on held-out text")
     gg.add_argument("--model", required=True, help="a .gguf file")
@@ -311,6 +316,14 @@ def _train(args) -> int:
 
     from ember.bench.models import corpus_text
 
+    if args.compare == "deepspeed":
+        from ember.bench.train_race import race
+
+        if not args.peer_python or args.precision != "fp32":
+            print("error: --compare deepspeed needs --peer-python (a venv with deepspeed) and --precision fp32")
+            return 2
+        _header(args)
+        return race(args)
     _header(args)
     work = Path(tempfile.mkdtemp(prefix="ember-bench-train-"))
     (work / "train.txt").write_text(corpus_text() * 200)
@@ -553,10 +566,15 @@ def _header(args) -> None:
 
 
 def _throughput(args) -> int:
-    import json
-    from pathlib import Path
 
-    from ember.bench.throughput import EmberRunner, HFRunner, LlamaCppRunner, VllmRunner, median_result, summary
+    from ember.bench.throughput import (
+        EmberRunner,
+        HFRunner,
+        LlamaCppRunner,
+        VllmRunner,
+        median_result,
+        summary,
+    )
     from ember.bench.workloads import w1
     from ember.models.config import ModelConfig
     from ember.models.gguf import find_gguf

@@ -90,14 +90,48 @@ def causal_attention(
     sliding_window: int | None = None,
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
+    documents: torch.Tensor | None = None,  # [batch, 1, seq, seq] block-causal mask (DocumentMask's)
 ) -> torch.Tensor:
     seq = q.shape[2]
-    if softcap is not None or sinks is not None:
-        return attention_math(q, k, v, scale, causal_mask(seq, seq, sliding_window, q.device), softcap,
-                              None if sinks is None else sinks.view(-1, 1, 1))
-    if sliding_window is None or sliding_window >= seq:
+    window = sliding_window if sliding_window is not None and sliding_window < seq else None
+    if documents is None and window is None and softcap is None and sinks is None:
         return sdpa(q, k, v, scale, is_causal=True)
-    return sdpa(q, k, v, scale, mask=causal_mask(seq, seq, sliding_window, q.device))
+    mask = documents if documents is not None and window is None else causal_mask(seq, seq, window, q.device)
+    if documents is not None and window is not None:
+        mask = mask & documents
+    if softcap is not None or sinks is not None:
+        return attention_math(q, k, v, scale, mask, softcap, None if sinks is None else sinks.view(-1, 1, 1))
+    return sdpa(q, k, v, scale, mask=mask)
+
+
+class DocumentMask:
+    """The training forward's context for windows packed with several documents (`data.packing:
+    documents`): a token attends only to earlier tokens of its own document. The mask is built once
+    per forward and shared by every layer (a layer with a sliding window narrows it further);
+    q/k/v come as [batch, seq, heads, dim]."""
+
+    def __init__(self, document_ids: torch.Tensor):  # [batch, seq], nondecreasing along each row
+        seq = document_ids.shape[-1]
+        causal = torch.ones(seq, seq, dtype=torch.bool, device=document_ids.device).tril()
+        self.mask = ((document_ids[:, :, None] == document_ids[:, None, :]) & causal)[:, None]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+               sliding_window: int | None, softcap: float | None = None, sinks: torch.Tensor | None = None
+               ) -> torch.Tensor:
+        return causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale, sliding_window,
+                                softcap, sinks, self.mask).transpose(1, 2)
+
+
+def document_context(document_ids: torch.Tensor) -> tuple[torch.Tensor, DocumentMask | None]:
+    """Packed windows' `document_ids [batch, seq]` -> (positions restarting at 0 at each document's first
+    token, the DocumentMask; None when every row holds one document: plain causal attention's fast path)."""
+    index = torch.arange(document_ids.shape[-1], device=document_ids.device).expand_as(document_ids)
+    if bool((document_ids[:, -1] == document_ids[:, 0]).all()):
+        return index, None
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    first = torch.where(starts, index, 0).cummax(dim=1).values
+    return index - first, DocumentMask(document_ids)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, layer: int,

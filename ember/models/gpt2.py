@@ -7,7 +7,12 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ember.models.attention import AttentionContext, attend
+from ember.models.attention import (
+    AttentionContext,
+    DocumentMask,
+    attend,
+    document_context,
+)
 from ember.models.config import ModelConfig
 from ember.models.layers import _ACTIVATIONS, Linear, TransposedLinear
 from ember.models.loss import token_logprobs
@@ -61,8 +66,8 @@ class GPT2Model(nn.Module):
     def forward(self, input_ids, positions, ctx):
         x = self.wte(input_ids) + self.wpe(positions)
         for block in self.h:
-            if self.gradient_checkpointing and self.training and ctx is None:
-                x = checkpoint(block, x, None, use_reentrant=False)
+            if self.gradient_checkpointing and self.training and (ctx is None or isinstance(ctx, DocumentMask)):
+                x = checkpoint(block, x, ctx, use_reentrant=False)
             else:
                 x = block(x, ctx)
         return self.ln_f(x)
@@ -85,12 +90,15 @@ class GPT2LMHeadModel(nn.Module):
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         self.transformer.gradient_checkpointing = enabled
 
-    def forward(self, input_ids, positions=None, ctx=None, labels=None):
+    def forward(self, input_ids, positions=None, ctx=None, labels=None, document_ids=None):
         """As LlamaForCausalLM.forward."""
+        engine = ctx is not None
+        if document_ids is not None:
+            positions, ctx = document_context(document_ids)
         if positions is None:
             positions = torch.arange(input_ids.shape[-1], device=input_ids.device).expand_as(input_ids)
         hidden = self.transformer(input_ids, positions, ctx)
-        if ctx is not None:
+        if engine:
             return hidden
         if labels is not None:
             return token_logprobs(hidden, labels, self.compute_logits, self.config.vocab_size)

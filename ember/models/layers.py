@@ -198,6 +198,9 @@ class Attention(nn.Module):
             self.q_norm = make_norm(config, d if self.qk_norm == "head" else q_size)
             self.k_norm = make_norm(config, d if self.qk_norm == "head" else kv_size)
         self.sinks = nn.Parameter(torch.zeros(self.num_heads)) if config.family.sinks else None
+        # Training over a context-parallel group (ember.train.context_parallel): attention over the whole
+        # sequence of which this rank holds a slice; None: plain `attend`.
+        self.context_parallel = None
 
     @property
     def plain(self) -> bool:
@@ -227,7 +230,10 @@ class Attention(nn.Module):
                 q, k = self.q_norm(q), self.k_norm(k)
             if self.rotary:
                 q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
-        out = attend(q, k, v, self.scale, self.layer, ctx, self.sliding_window, self.softcap, self.sinks)
+        if ctx is None and self.context_parallel is not None:
+            out = self.context_parallel(q, k, v, self.scale, self.sliding_window, self.softcap, self.sinks)
+        else:
+            out = attend(q, k, v, self.scale, self.layer, ctx, self.sliding_window, self.softcap, self.sinks)
         return self.o_proj.forward(out.flatten(-2))
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ember.models import cpu_ops
-from ember.models.attention import AttentionContext
+from ember.models.attention import AttentionContext, DocumentMask, document_context
 from ember.models.config import ModelConfig
 from ember.models.layers import DecoderLayer, Linear, Rotary, make_norm
 from ember.models.loss import token_logprobs
@@ -60,8 +60,8 @@ class LlamaModel(nn.Module):
             return self.norm.add_and_norm(x, delta)[1] if delta is not None else self.norm(x)
         for layer, key in zip(self.layers, self.layer_rotary):
             cos, sin = tables[key] if key is not None else none
-            if self.gradient_checkpointing and self.training and ctx is None:
-                x = checkpoint(layer, x, cos, sin, None, use_reentrant=False)
+            if self.gradient_checkpointing and self.training and (ctx is None or isinstance(ctx, DocumentMask)):
+                x = checkpoint(layer, x, cos, sin, ctx, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, ctx)
         return self.norm(x)
@@ -112,15 +112,21 @@ class LlamaForCausalLM(nn.Module):
         positions: torch.Tensor | None = None,
         ctx: AttentionContext | None = None,
         labels: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Training: `input_ids[B, T]` -> logits `[B, T, V]`, or with `labels[B, T]` the labels'
         log-probabilities `[B, T]` (0 where a label is -100) without the whole logits tensor.
         Engine: flat `input_ids[N]`, `positions[N]`, `ctx` -> final hidden states `[N, H]`
-        (the engine computes logits only for the rows it samples)."""
+        (the engine computes logits only for the rows it samples).
+        Windows packed with several documents (`data.packing: documents`) pass `document_ids[B, T]`:
+        positions restart at each document and attention stays within it (`document_context`)."""
+        engine = ctx is not None
+        if document_ids is not None:
+            positions, ctx = document_context(document_ids)
         if positions is None:
             positions = torch.arange(input_ids.shape[-1], device=input_ids.device).expand_as(input_ids)
         hidden = self.model(input_ids, positions, ctx)
-        if ctx is not None:
+        if engine:
             return hidden
         if labels is not None:
             return token_logprobs(hidden, labels, self.compute_logits, self.config.vocab_size)

@@ -71,10 +71,16 @@ class DataSpec:
     # Which tokens of chat (`messages`) and prompt/completion records are labels: the assistant turns
     # (completions), the last assistant turn only, or every token.
     loss_on: str = "assistant"
+    # stream: a window attends across the documents packed into it (pretraining's usual packing);
+    # documents: each document sees only itself (block-causal attention, positions restarting at 0),
+    # as if trained alone (TRL's padding-free packing); the first token of a document is not a label.
+    packing: str = "stream"
 
     def __post_init__(self):
         if self.loss_on not in ("assistant", "last_turn", "all"):
             raise ConfigError(f"data.loss_on: {self.loss_on!r} is not one of assistant, last_turn, all")
+        if self.packing not in ("stream", "documents"):
+            raise ConfigError(f"data.packing: {self.packing!r} is not one of stream, documents")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DataSpec":
@@ -255,6 +261,7 @@ class TrainConfig:
     tensorboard: bool = False  # also write scalars to RUN_DIR/tensorboard (needs the tensorboard package)
     resume: str | None = None  # a checkpoint directory to continue from, or "auto": the run's latest complete one
     expert_parallel: bool = False  # MoE: experts sharded over the processes, tokens moved by all-to-all
+    context_parallel: int = 1  # ranks that split each sequence (Ulysses; ember.train.context_parallel)
     device: str = "auto"  # auto (CUDA when each process on a node gets a GPU, else CPU) | cpu | cuda
     optimizer: OptimSpec = field(default_factory=OptimSpec)
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
@@ -273,6 +280,7 @@ class TrainConfig:
              "is derived from global_batch_size (DeepSpeed's train_batch_size): give one"),
             ("grad_accum", self.grad_accum is None or self.grad_accum >= 1, ">= 1"),
             ("max_steps", self.max_steps >= 1, ">= 1"),
+            ("context_parallel", self.context_parallel >= 1, ">= 1"),
             ("keep_last", self.keep_last is None or self.keep_last >= 1, ">= 1, or null to keep every checkpoint"),
             ("data.seq_len", self.data.seq_len >= 2, ">= 2"),
             ("data.eval_fraction", 0 <= self.data.eval_fraction < 1, "in [0, 1)"),
@@ -284,6 +292,10 @@ class TrainConfig:
             ("lora", self.lora is None or self.model.path is not None, "adapters fine-tune a model: give model.path"),
             ("objective", self.objective in ("sft", "dpo"), "sft or dpo"),
             ("dpo", self.dpo is None or self.objective == "dpo", "a `dpo:` section needs objective: dpo"),
+            ("data.packing", self.data.packing == "stream" or self.objective == "sft",
+             "documents packs SFT windows; DPO pads each sequence to its own row already"),
+            ("data.packing", self.data.packing == "stream" or self.context_parallel == 1,
+             "documents needs context_parallel 1 (its mask spans whole windows)"),
             ("lora", self.lora is None or self.lora.base_quantization is None or self.zero_stage < 2,
              "a quantized base (QLoRA) trains with zero_stage 0 or 1 (FSDP shards float tensors)"),
         ]

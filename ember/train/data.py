@@ -21,6 +21,8 @@ import torch
 
 from ember.train.config import ConfigError, DataSpec
 
+TRAINED_BIT, START_BIT = 31, 30  # a packed token's flags above its id: trained on, first of its document
+
 
 def expand_files(patterns: tuple[str, ...], section: str) -> list[Path]:
     files: list[Path] = []
@@ -119,7 +121,8 @@ def tokenize_files(files: list[Path], tokenizer, text_field: str, cache_dir: Pat
     key.update(tokenizer.hf.to_str().encode())
     key.update(text_field.encode())
     key.update(loss_on.encode())
-    cache = cache_dir / f"tokens-v2-{key.hexdigest()[:16]}.npy" if cache_dir else None  # v2: trained-token bit
+    # v2: trained-token bit; v3: document-start bit
+    cache = cache_dir / f"tokens-v3-{key.hexdigest()[:16]}.npy" if cache_dir else None
     if cache is not None and cache.is_file():
         return np.load(cache, mmap_mode="r")
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
@@ -136,8 +139,11 @@ def tokenize_files(files: list[Path], tokenizer, text_field: str, cache_dir: Pat
         masks.append(np.asarray(mask, dtype=np.uint8))
     ids = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.uint32)
     mask = np.concatenate(masks) if masks else np.zeros(0, dtype=np.uint8)
-    # The mask rides along as ids' high bit (token ids stay below 2^31): one cached array.
-    packed = ids | (mask.astype(np.uint32) << 31)
+    lengths = np.asarray([len(p) for p in pieces], dtype=np.int64)
+    starts = np.zeros(len(ids), dtype=np.uint32)
+    starts[np.cumsum(lengths) - lengths] = 1
+    # The mask and the document starts ride along as ids' two high bits (token ids stay below 2^30): one array.
+    packed = ids | (mask.astype(np.uint32) << TRAINED_BIT) | (starts << START_BIT)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp.npy")
@@ -147,23 +153,32 @@ def tokenize_files(files: list[Path], tokenizer, text_field: str, cache_dir: Pat
 
 
 class PackedDataset:
-    """Non-overlapping windows of seq_len + 1 tokens over one token stream."""
+    """Non-overlapping windows of seq_len + 1 tokens over one token stream; with `documents`, each row
+    also says which document each input token belongs to (`data.packing: documents`)."""
 
-    def __init__(self, ids: np.ndarray, seq_len: int):
+    def __init__(self, ids: np.ndarray, seq_len: int, documents: bool = False):
         self.ids = ids
         self.seq_len = seq_len
+        self.documents = documents
 
     def __len__(self) -> int:
         return max(0, (len(self.ids) - 1) // self.seq_len)
 
-    def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, labels): labels are -100 (ignored by the loss) where the token is not trained on."""
+    def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, ...]:
+        """(inputs, labels): labels are -100 (ignored by the loss) where the token is not trained on.
+        With documents: (inputs, labels, document_ids [B, T], counting from 0 in each row), and a
+        document's first token is no label (nothing of its own document precedes it)."""
         T = self.seq_len
         rows = np.stack([np.asarray(self.ids[i * T:i * T + T + 1], dtype=np.int64) for i in indices])
         rows = torch.from_numpy(rows)
-        trained = (rows >> 31).bool()
-        rows = rows & ((1 << 31) - 1)
-        return rows[:, :-1], torch.where(trained[:, 1:], rows[:, 1:], -100)
+        trained = ((rows >> TRAINED_BIT) & 1).bool()
+        starts = ((rows >> START_BIT) & 1).bool()
+        rows = rows & ((1 << START_BIT) - 1)
+        if not self.documents:
+            return rows[:, :-1], torch.where(trained[:, 1:], rows[:, 1:], -100)
+        labels = torch.where(trained[:, 1:] & ~starts[:, 1:], rows[:, 1:], -100)
+        documents = starts[:, :-1].long().cumsum(1)
+        return rows[:, :-1], labels, documents - documents[:, :1]
 
 
 def build_datasets(spec: DataSpec, tokenizer, cache_dir: Path | None) -> tuple[PackedDataset, PackedDataset | None]:
@@ -175,10 +190,11 @@ def build_datasets(spec: DataSpec, tokenizer, cache_dir: Path | None) -> tuple[P
     else:
         cut = int(len(train_ids) * (1 - spec.eval_fraction)) if spec.eval_fraction > 0 else len(train_ids)
         train_ids, eval_ids = train_ids[:cut], train_ids[cut:]
-    train = PackedDataset(train_ids, spec.seq_len)
+    documents = spec.packing == "documents"
+    train = PackedDataset(train_ids, spec.seq_len, documents)
     if len(train) == 0:
         raise ConfigError(f"data.train: {len(train_ids)} tokens do not make one sequence of seq_len {spec.seq_len}")
-    evaluation = PackedDataset(eval_ids, spec.seq_len)
+    evaluation = PackedDataset(eval_ids, spec.seq_len, documents)
     return train, evaluation if len(evaluation) else None
 
 

@@ -72,7 +72,11 @@ def preflight(config: TrainConfig, world_size: int) -> tuple[Tokenizer, ModelCon
             raise ConfigError(f"expert_parallel: {model_config.architecture} has no Mixture-of-Experts layers")
         if int(experts) % world_size:
             raise ConfigError(f"expert_parallel: {experts} experts do not divide over {world_size} processes")
-    config.accumulation(world_size)  # raises if the batch does not divide
+    if config.context_parallel > 1:
+        from ember.train.context_parallel import check_context_parallel
+
+        check_context_parallel(config, model_config, world_size)
+    config.accumulation(world_size // config.context_parallel)  # raises if the batch does not divide
     check_tensorboard(config)
     return tokenizer, model_config
 
@@ -175,16 +179,24 @@ def reset_peak_memory(device: torch.device) -> None:
 class Trainer:
     def __init__(self, config: TrainConfig):
         self.config = config
+        self.cp = None  # the context-parallel group (_setup), when config.context_parallel > 1
 
     # ---- pieces -----------------------------------------------------------------------
     def _setup(self) -> None:
         c = self.config
         self.d: Dist = init_distributed(c.device)
-        c = self.config = c.for_world(self.d.world)  # a micro-batch derived from DeepSpeed's train_batch_size
-        torch.manual_seed(c.seed)
         self.tokenizer, self.model_config = preflight(c, self.d.world)
-        self.accum = c.accumulation(self.d.world)
-        self.global_batch = c.global_batch(self.d.world)
+        # Context parallel: each group of ranks shares its sequences; data parallelism is over the groups.
+        self.data_rank, self.data_world = self.d.rank, self.d.world
+        if c.context_parallel > 1:
+            from ember.train.context_parallel import ContextParallel
+
+            self.cp = ContextParallel(c.context_parallel, self.d.rank, self.d.world)
+            self.data_rank, self.data_world = self.cp.data_rank, self.cp.data_world
+        c = self.config = c.for_world(self.data_world)  # a micro-batch derived from DeepSpeed's train_batch_size
+        torch.manual_seed(c.seed)
+        self.accum = c.accumulation(self.data_world)
+        self.global_batch = c.global_batch(self.data_world)
         self.run_dir = Path(c.run_dir)
         if self.d.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -211,6 +223,8 @@ class Trainer:
         self.aux_coef = float(self.model_config.raw.get("router_aux_loss_coef", 0.01))
         self.last_aux_loss = 0.0
         base.set_gradient_checkpointing(c.activation_checkpointing)
+        if self.cp is not None:
+            self.cp.apply(base)
         self.reference_model = None  # DPO's frozen starting model, for `reference: live` (not LoRA: its base)
         if c.objective == "dpo" and c.dpo.reference == "live" and c.lora is None:
             import copy
@@ -245,10 +259,17 @@ class Trainer:
                                               c.zero_stage)
             self.scaler.load(Path(resume))
 
-    def _forward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The labels' log-probabilities [B, T] (0 where a label is -100), the LM head chunk by chunk."""
+    def _forward(self, inputs: torch.Tensor, labels: torch.Tensor, document_ids: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+        """The labels' log-probabilities [B, T] (0 where a label is -100), the LM head chunk by chunk;
+        `document_ids` [B, T]: the windows' documents (`data.packing: documents`) attend only within themselves."""
+        if self.cp is not None:  # this rank's slice of the sequences: [B, T / context_parallel]
+            inputs, labels, positions = self.cp.shard(inputs, labels)
+            with autocast(self.config, self.d):
+                return self.model(inputs.to(self.d.device), positions.to(self.d.device), labels=labels.to(self.d.device))
+        documents = {} if document_ids is None else {"document_ids": document_ids.to(self.d.device)}
         with autocast(self.config, self.d):
-            return self.model(inputs.to(self.d.device), labels=labels.to(self.d.device))
+            return self.model(inputs.to(self.d.device), labels=labels.to(self.d.device), **documents)
 
     def _precompute_reference(self, cache: Path) -> None:
         """DPO's reference: every pair's log-probabilities under the starting model, once (cached by content)."""
@@ -294,9 +315,12 @@ class Trainer:
         """The micro-batch's loss: next-token cross-entropy (SFT) or the DPO loss of its pairs."""
         if self.config.objective == "dpo":
             return self._dpo_loss(*batch, data=data or self.train_data)
-        inputs, labels = batch
+        inputs, labels, *document_ids = batch  # (document ids with `data.packing: documents`)
         # the mean over the trained labels (a chat's prompt tokens are -100); 0 if a window has none
-        loss = -self._forward(inputs, labels).sum() / (labels != -100).sum().clamp(min=1).to(self.d.device)
+        # (context parallel: this rank's tokens' share of the whole micro-batch's mean, times the group size,
+        # as DDP averages over every rank: ember.train.context_parallel)
+        loss = -self._forward(inputs, labels, *document_ids).sum() * self.config.context_parallel \
+            / (labels != -100).sum().clamp(min=1).to(self.d.device)
         if self.model.training and self.moe_layers:  # the routers' load-balancing loss
             aux = sum(m.aux_loss for m in self.moe_layers)
             self.last_aux_loss = float(aux.detach())
@@ -337,7 +361,8 @@ class Trainer:
         trained = torch.zeros((), device=d.device)  # labels the loss counted (chat prompts are not)
         self._reset_pair_stats()
         for micro in range(self.accum):
-            indices = self.sampler.micro_batch(step, d.rank, d.world, micro, c.micro_batch_size, self.accum)
+            indices = self.sampler.micro_batch(step, self.data_rank, self.data_world, micro, c.micro_batch_size,
+                                               self.accum)
             batch = self.train_data.batch(indices)
             trained += (batch[1] != -100).sum()
             with no_grad_sync(self.model, c, last_micro=micro == self.accum - 1):
@@ -353,7 +378,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         dist.all_reduce(total)
         dist.all_reduce(trained)
-        self.last_trained_tokens = int(trained.item())
+        self.last_trained_tokens = int(trained.item()) // c.context_parallel  # (a group's ranks count one batch)
         self.last_pairs = self._pair_record()
         return total.item() / d.world, norm
 
@@ -378,10 +403,11 @@ class Trainer:
         n = min(len(self.eval_data), max_sequences)
         total = torch.zeros(2, dtype=torch.float64, device=d.device)
         self._reset_pair_stats()
-        for start in range(0, n, c.micro_batch_size * d.world):
+        rank, world = self.data_rank, self.data_world  # (a context-parallel group scores the same sequences)
+        for start in range(0, n, c.micro_batch_size * world):
             # Every rank runs the same number of forwards (FSDP all-gathers are collective); a rank past
             # the end scores one sequence with weight 0, so nothing counts twice.
-            idx = list(range(start + d.rank * c.micro_batch_size, min(n, start + (d.rank + 1) * c.micro_batch_size)))
+            idx = list(range(start + rank * c.micro_batch_size, min(n, start + (rank + 1) * c.micro_batch_size)))
             stats = self.pair_stats.clone()
             batch = self.eval_data.batch(idx or [0])
             loss = self._loss(batch, self.eval_data).double()
@@ -399,6 +425,8 @@ class Trainer:
     def logprobs(self, token_ids: list[list[int]]) -> list[list[float]]:
         """log p(token_t | tokens before t) for t >= 1 of each sequence, with the training
         forward, one sequence at a time (so no padding or batch shape changes a number)."""
+        if self.cp is not None:
+            raise NotImplementedError("logprobs: not under context_parallel (each rank would need its slice)")
         was_training = self.model.training
         self.model.eval()
         out = []

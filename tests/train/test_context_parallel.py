@@ -1,0 +1,123 @@
+"""Context parallel (Ulysses) training on 2 real processes (gloo, all-to-all) against 1 process."""
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from ember.train.config import ConfigError, TrainConfig
+from tests.train.conftest import losses, train, write_config
+
+SEQ = 512
+
+
+def tiny_llama(kv_heads: int):
+    from ember.models import ModelConfig, model_class
+    from ember.models.loader import init_random_weights
+
+    hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 384, "hidden_size": 64,
+          "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+          "num_key_value_heads": kv_heads, "max_position_embeddings": SEQ, "torch_dtype": "float32"}
+    config = ModelConfig.from_hf(hf, source="model")
+    model = model_class("LlamaForCausalLM")(config)
+    torch.manual_seed(0)
+    init_random_weights(model, 0.05)
+    return model
+
+
+def _parity_worker(rank: int, world: int, store_path: str, kv_heads: int) -> None:
+    from ember.train.context_parallel import ContextParallel
+
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
+    try:
+        torch.manual_seed(1)
+        inputs = torch.randint(0, 384, (2, SEQ))
+        labels = torch.randint(0, 384, (2, SEQ))
+        labels[0, :37] = -100  # a prompt: unlabelled tokens
+        model = tiny_llama(kv_heads)
+        reference = copy.deepcopy(model)
+        expected = reference(inputs, labels=labels)
+        (-expected.sum()).backward()
+
+        cp = ContextParallel(world, rank, world)
+        cp.apply(model)
+        mine, my_labels, positions = cp.shard(inputs, labels)
+        got = model(mine, positions, labels=my_labels)
+        (-got.sum()).backward()
+        torch.testing.assert_close(got, expected[:, positions[0]], atol=1e-5, rtol=0)
+        for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+            grad = p.grad.clone()
+            dist.all_reduce(grad)  # replicated parameters: the group's gradient is the sum of its ranks'
+            torch.testing.assert_close(grad, q.grad, atol=1e-5, rtol=1e-5, msg=name)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("kv_heads", [2, 1])  # grouped-query heads split over the ranks / repeated (1 < 2 ranks)
+def test_ulysses_logprobs_and_grads_match_one_process(kv_heads, tmp_path):
+    mp.spawn(_parity_worker, args=(2, str(tmp_path / "store"), kv_heads), nprocs=2)
+
+
+def long_config(directory, assets, **overrides):
+    text = (assets / "train.txt").read_text()
+    (directory / "data").mkdir(parents=True, exist_ok=True)
+    corpus = directory / "data" / "long.txt"
+    corpus.write_text(text * 4)  # a few 4,096-token windows
+    return write_config(directory, assets, data={"train": [str(corpus)], "seq_len": 4096},
+                        model={"max_position_embeddings": 4096}, micro_batch_size=1, global_batch_size=1,
+                        max_steps=3, **overrides)
+
+
+@pytest.mark.slow
+def test_train_4096_tokens_on_two_ranks_matches_one(train_assets, tmp_path):
+    one = losses(train(long_config(tmp_path / "one", train_assets), nproc=1))
+    records = train(long_config(tmp_path / "cp", train_assets, context_parallel=2), nproc=2)
+    two = losses(records)
+    assert sorted(two) == sorted(one) == [1, 2, 3]
+    for step, loss in one.items():
+        assert abs(two[step] - loss) <= 1e-5, f"step {step}: {two[step]} vs {loss}"
+    assert records[-1]["trained_tokens"] == 4096
+
+
+def test_context_parallel_config_errors(train_assets, tmp_path):
+    from ember.train.trainer import preflight
+
+    with pytest.raises(ConfigError, match="context_parallel"):
+        TrainConfig.load(write_config(tmp_path / "zero", train_assets, context_parallel=0))
+    config = TrainConfig.load(write_config(tmp_path / "odd", train_assets, context_parallel=2))
+    with pytest.raises(ConfigError, match="3 processes do not split into groups of 2"):
+        preflight(config, 3)
+    config = TrainConfig.load(write_config(tmp_path / "heads", train_assets, context_parallel=3,
+                                           data={"seq_len": 33}))
+    with pytest.raises(ConfigError, match="4 attention heads do not divide over 3 ranks"):
+        preflight(config, 3)
+    config = TrainConfig.load(write_config(tmp_path / "seq", train_assets, context_parallel=2,
+                                           data={"seq_len": 33}))
+    with pytest.raises(ConfigError, match="data.seq_len 33 does not split into 2 slices"):
+        preflight(config, 2)
+    config = TrainConfig.load(write_config(tmp_path / "dpo", train_assets, context_parallel=2, objective="dpo"))
+    with pytest.raises(ConfigError, match="objective 'dpo': context parallel trains the sft objective only"):
+        preflight(config, 2)
+
+
+@pytest.fixture(scope="module")
+def small_reference(train_assets, tmp_path_factory):
+    return train(write_config(tmp_path_factory.mktemp("cp-reference"), train_assets, **SMALL), nproc=1)
+
+
+SMALL = {"max_steps": 4, "data": {"seq_len": 64, "eval_fraction": 0.1}}
+
+
+@pytest.mark.slow  # (~30 s each)
+@pytest.mark.parametrize("stage, checkpointing", [(1, True), (3, False)])
+def test_batches_accumulation_eval_zero_stages_match_one_process(stage, checkpointing, small_reference,
+                                                                  train_assets, tmp_path):
+    """4 sequences per micro-batch, 2 micro-batches a step, held-out loss, ZeRO-1/3, recomputed blocks."""
+    one = small_reference
+    two = train(write_config(tmp_path, train_assets, context_parallel=2, zero_stage=stage,
+                             activation_checkpointing=checkpointing, **SMALL), nproc=2)
+    for a, b in zip(one, two, strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 and a["trained_tokens"] == b["trained_tokens"], (a, b)
+    assert abs(one[-1]["eval_loss"] - two[-1]["eval_loss"]) <= 1e-5
