@@ -15,7 +15,7 @@ from ember.models.attention import (
 )
 from ember.models.config import ModelConfig
 from ember.models.layers import _ACTIVATIONS, Linear, TransposedLinear
-from ember.models.loss import token_logprobs
+from ember.models.loss import token_logprob_sum, token_logprobs
 
 
 class GPT2Attention(nn.Module):
@@ -90,7 +90,7 @@ class GPT2LMHeadModel(nn.Module):
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         self.transformer.gradient_checkpointing = enabled
 
-    def forward(self, input_ids, positions=None, ctx=None, labels=None, document_ids=None):
+    def forward(self, input_ids, positions=None, ctx=None, labels=None, document_ids=None, reduction="none"):
         """As LlamaForCausalLM.forward."""
         engine = ctx is not None
         if document_ids is not None:
@@ -100,6 +100,9 @@ class GPT2LMHeadModel(nn.Module):
         hidden = self.transformer(input_ids, positions, ctx)
         if engine:
             return hidden
+        if labels is not None and reduction == "sum":
+            return token_logprob_sum(hidden, labels, self.lm_head, None, self.compute_logits,
+                                     self.config.vocab_size)
         if labels is not None:
             return token_logprobs(hidden, labels, self.compute_logits, self.config.vocab_size)
         return self.lm_head(hidden)

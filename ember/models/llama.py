@@ -27,7 +27,7 @@ from ember.models import cpu_ops
 from ember.models.attention import AttentionContext, DocumentMask, document_context
 from ember.models.config import ModelConfig
 from ember.models.layers import DecoderLayer, Linear, Rotary, make_norm
-from ember.models.loss import token_logprobs
+from ember.models.loss import token_logprob_sum, token_logprobs
 
 
 class LlamaModel(nn.Module):
@@ -113,9 +113,11 @@ class LlamaForCausalLM(nn.Module):
         ctx: AttentionContext | None = None,
         labels: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
+        reduction: str = "none",
     ) -> torch.Tensor:
         """Training: `input_ids[B, T]` -> logits `[B, T, V]`, or with `labels[B, T]` the labels'
-        log-probabilities `[B, T]` (0 where a label is -100) without the whole logits tensor.
+        log-probabilities `[B, T]` (0 where a label is -100) without the whole logits tensor; with
+        `reduction="sum"` their sum, a scalar whose gradients skip recomputing the LM head (loss.py).
         Engine: flat `input_ids[N]`, `positions[N]`, `ctx` -> final hidden states `[N, H]`
         (the engine computes logits only for the rows it samples).
         Windows packed with several documents (`data.packing: documents`) pass `document_ids[B, T]`:
@@ -128,6 +130,9 @@ class LlamaForCausalLM(nn.Module):
         hidden = self.model(input_ids, positions, ctx)
         if engine:
             return hidden
+        if labels is not None and reduction == "sum":
+            return token_logprob_sum(hidden, labels, self.lm_head, self.final_softcap, self.compute_logits,
+                                     self.config.vocab_size)
         if labels is not None:
             return token_logprobs(hidden, labels, self.compute_logits, self.config.vocab_size)
         return self.compute_logits(hidden)

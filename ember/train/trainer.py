@@ -259,17 +259,18 @@ class Trainer:
                                               c.zero_stage)
             self.scaler.load(Path(resume))
 
-    def _forward(self, inputs: torch.Tensor, labels: torch.Tensor, document_ids: torch.Tensor | None = None
-                 ) -> torch.Tensor:
-        """The labels' log-probabilities [B, T] (0 where a label is -100), the LM head chunk by chunk;
+    def _forward(self, inputs: torch.Tensor, labels: torch.Tensor, document_ids: torch.Tensor | None = None,
+                 reduction: str = "none") -> torch.Tensor:
+        """The labels' log-probabilities [B, T] (0 where a label is -100), or with reduction="sum" their sum
+        (gradients without recomputing the LM head: ember.models.loss), the LM head chunk by chunk;
         `document_ids` [B, T]: the windows' documents (`data.packing: documents`) attend only within themselves."""
+        device = self.d.device
+        extra = {} if document_ids is None else {"document_ids": document_ids.to(device)}
         if self.cp is not None:  # this rank's slice of the sequences: [B, T / context_parallel]
             inputs, labels, positions = self.cp.shard(inputs, labels)
-            with autocast(self.config, self.d):
-                return self.model(inputs.to(self.d.device), positions.to(self.d.device), labels=labels.to(self.d.device))
-        documents = {} if document_ids is None else {"document_ids": document_ids.to(self.d.device)}
+            extra = {"positions": positions.to(device)}
         with autocast(self.config, self.d):
-            return self.model(inputs.to(self.d.device), labels=labels.to(self.d.device), **documents)
+            return self.model(inputs.to(device), labels=labels.to(device), reduction=reduction, **extra)
 
     def _precompute_reference(self, cache: Path) -> None:
         """DPO's reference: every pair's log-probabilities under the starting model, once (cached by content)."""
@@ -319,7 +320,7 @@ class Trainer:
         # the mean over the trained labels (a chat's prompt tokens are -100); 0 if a window has none
         # (context parallel: this rank's tokens' share of the whole micro-batch's mean, times the group size,
         # as DDP averages over every rank: ember.train.context_parallel)
-        loss = -self._forward(inputs, labels, *document_ids).sum() * self.config.context_parallel \
+        loss = -self._forward(inputs, labels, *document_ids, reduction="sum") * self.config.context_parallel \
             / (labels != -100).sum().clamp(min=1).to(self.d.device)
         if self.model.training and self.moe_layers:  # the routers' load-balancing loss
             aux = sum(m.aux_loss for m in self.moe_layers)
