@@ -63,9 +63,11 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class DataSpec:
-    train: tuple[str, ...] = ()  # text or JSONL files (globs allowed)
+    # text or JSONL files (globs allowed); with Hugging Face datasets installed also parquet/arrow files,
+    # save_to_disk directories and Hub ids hf:[ORG/]NAME[:CONFIG][@SPLIT] (ember.train.hf_datasets)
+    train: tuple[str, ...] = ()
     eval: tuple[str, ...] = ()  # held-out files; default: the last eval_fraction of train
-    text_field: str = "text"  # the JSONL field holding the text
+    text_field: str = "text"  # the JSONL (or dataset) field holding the text
     seq_len: int = 256
     eval_fraction: float = 0.05
     # Which tokens of chat (`messages`) and prompt/completion records are labels: the assistant turns
@@ -396,11 +398,12 @@ class TrainConfig:
         # Relative data/model paths are relative to the config file.
         base = path.parent
         resolve = lambda p: p if p is None or Path(p).is_absolute() else str(base / p)  # noqa: E731
+        resolve_data = lambda p: p if p.startswith("hf:") else resolve(p)  # noqa: E731  (hf: a Hub dataset id)
         config = replace(
             config,
             model=replace(config.model, path=resolve(config.model.path), tokenizer=resolve(config.model.tokenizer)),
-            data=replace(config.data, train=tuple(resolve(p) for p in config.data.train),
-                         eval=tuple(resolve(p) for p in config.data.eval)),
+            data=replace(config.data, train=tuple(resolve_data(p) for p in config.data.train),
+                         eval=tuple(resolve_data(p) for p in config.data.eval)),
             run_dir=resolve(config.run_dir), resume=config.resume if config.resume == "auto" else resolve(config.resume),
         )
         return replace(config, **overrides) if overrides else config

@@ -1,4 +1,5 @@
-"""Training data: text/JSONL files -> token ids -> fixed-length packed sequences.
+"""Training data: text/JSONL files (or parquet/arrow files and HF datasets: ember.train.hf_datasets)
+-> token ids -> fixed-length packed sequences.
 
 Documents are tokenized with the model's tokenizer, joined with EOS, and cut into
 `seq_len + 1` windows (inputs and next-token labels). A JSONL record with a `messages`
@@ -19,20 +20,41 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ember.train import hf_datasets
 from ember.train.config import ConfigError, DataSpec
+from ember.train.hf_datasets import DatasetSource
 
 TRAINED_BIT, START_BIT = 31, 30  # a packed token's flags above its id: trained on, first of its document
 
 
-def expand_files(patterns: tuple[str, ...], section: str) -> list[Path]:
-    files: list[Path] = []
+def expand_files(patterns: tuple[str, ...], section: str) -> list[Path | DatasetSource]:
+    """Text and JSONL files as Paths; parquet/arrow files, save_to_disk directories and `hf:` Hub ids as
+    DatasetSources (ember.train.hf_datasets)."""
+    files: list[Path | DatasetSource] = []
     for pattern in patterns:
+        if pattern.startswith(hf_datasets.HUB_PREFIX):
+            files.append(hf_datasets.hub_dataset(pattern, section))
+            continue
         matches = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
-        found = [Path(m) for m in matches if Path(m).is_file()]
+        found: list[Path | DatasetSource] = []
+        for path in map(Path, matches):
+            if path.is_file():
+                found.append(hf_datasets.table_file(path, section) if path.suffix in hf_datasets.TABLE_BUILDERS
+                             else path)
+            elif hf_datasets.is_saved_dataset(path):
+                found.append(hf_datasets.saved_dataset(path, section))
         if not found:
             raise ConfigError(f"{section}: {pattern!r} matches no file")
         files += found
     return files
+
+
+def source_key(source: Path | DatasetSource) -> str:
+    """What a source's tokens depend on: a file's path, size and mtime; a dataset's fingerprint."""
+    if isinstance(source, DatasetSource):
+        return source.key()
+    stat = source.stat()
+    return f"{source.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[str, object]]:
@@ -47,13 +69,18 @@ def read_jsonl(path: Path) -> Iterator[tuple[str, object]]:
                 raise ConfigError(f"{path}:{number}: not valid JSON ({e})") from None
 
 
-def read_documents(files: list[Path], text_field: str) -> Iterator[str | list[dict] | tuple[str, str]]:
+def read_documents(files: list[Path | DatasetSource], text_field: str
+                   ) -> Iterator[str | list[dict] | tuple[str, str]]:
     """Each document's text, a chat record's list of messages, or a (prompt, completion) pair."""
     for path in files:
-        if path.suffix != ".jsonl":
+        if isinstance(path, DatasetSource):
+            records = path.records()  # each row as a JSONL record
+        elif path.suffix != ".jsonl":
             yield path.read_text(encoding="utf-8", errors="replace")
             continue
-        for where, record in read_jsonl(path):
+        else:
+            records = read_jsonl(path)
+        for where, record in records:
             if isinstance(record, dict) and isinstance(record.get("messages"), list):
                 _check_messages(record["messages"], where)
                 yield record["messages"]
@@ -110,14 +137,13 @@ def _masked(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[list[in
     return list(encoding.ids), mask
 
 
-def tokenize_files(files: list[Path], tokenizer, text_field: str, cache_dir: Path | None,
+def tokenize_files(files: list[Path | DatasetSource], tokenizer, text_field: str, cache_dir: Path | None,
                    loss_on: str = "assistant") -> np.ndarray:
     """All documents' tokens, each followed by EOS (cached in cache_dir by content), and which tokens
     are trained on (see `trained_mask`)."""
     key = hashlib.sha256()
     for f in files:
-        stat = f.stat()
-        key.update(f"{f.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        key.update(source_key(f).encode())
     key.update(tokenizer.hf.to_str().encode())
     key.update(text_field.encode())
     key.update(loss_on.encode())

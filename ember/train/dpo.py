@@ -71,14 +71,21 @@ def side_tokens(tokenizer, side: tuple, eos: int) -> tuple[list[int], list[int]]
     return ids + [eos], mask + [1]
 
 
-def read_pairs(files: list[Path]) -> list[tuple[tuple, tuple]]:
+def read_pairs(files: list) -> list[tuple[tuple, tuple]]:
+    """The pairs of JSONL files and of datasets' rows (ember.train.hf_datasets: parquet, arrow, hf: ids)."""
     from ember.train.data import read_jsonl
+    from ember.train.hf_datasets import DatasetSource
 
     pairs = []
     for path in files:
-        if path.suffix != ".jsonl":
-            raise ConfigError(f"data: {path}: DPO reads JSONL preference records (prompt, chosen, rejected)")
-        pairs += [_pair_sides(record, where) for where, record in read_jsonl(path)]
+        if isinstance(path, DatasetSource):
+            records = path.records()
+        elif path.suffix != ".jsonl":
+            raise ConfigError(f"data: {path}: DPO reads preference records (prompt, chosen, rejected) from JSONL, "
+                              "parquet or arrow files or Hugging Face datasets")
+        else:
+            records = read_jsonl(path)
+        pairs += [_pair_sides(record, where) for where, record in records]
     return pairs
 
 
@@ -121,15 +128,14 @@ class PairDataset:
 
 def build_pair_datasets(spec, tokenizer, cache_dir: Path | None) -> tuple[PairDataset, PairDataset | None]:
     """Train (and held-out) pairs: data.eval, or the last eval_fraction of data.train's pairs."""
-    from ember.train.data import expand_files
+    from ember.train.data import expand_files, source_key
 
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
 
-    def tokenized(files: list[Path]) -> list[tuple[np.ndarray, np.ndarray]]:
+    def tokenized(files: list) -> list[tuple[np.ndarray, np.ndarray]]:
         key = hashlib.sha256(tokenizer.hf.to_str().encode() + str(spec.seq_len).encode())
         for f in files:
-            stat = f.stat()
-            key.update(f"{f.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+            key.update(source_key(f).encode())
         cache = cache_dir / f"pairs-{key.hexdigest()[:16]}.pt" if cache_dir else None
         if cache is not None and cache.is_file():
             return torch.load(cache, weights_only=False)
