@@ -27,37 +27,41 @@ def tiny_llama(kv_heads: int):
     return model
 
 
-def _parity_worker(rank: int, world: int, store_path: str, kv_heads: int) -> None:
-    from ember.train.context_parallel import ContextParallel
-
+def _parity_worker(rank: int, world: int, store_path: str) -> None:
     dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
     try:
-        torch.manual_seed(1)
-        inputs = torch.randint(0, 384, (2, SEQ))
-        labels = torch.randint(0, 384, (2, SEQ))
-        labels[0, :37] = -100  # a prompt: unlabelled tokens
-        model = tiny_llama(kv_heads)
-        reference = copy.deepcopy(model)
-        expected = reference(inputs, labels=labels)
-        (-expected.sum()).backward()
-
-        cp = ContextParallel(world, rank, world)
-        cp.apply(model)
-        mine, my_labels, positions = cp.shard(inputs, labels)
-        got = model(mine, positions, labels=my_labels)
-        (-got.sum()).backward()
-        torch.testing.assert_close(got, expected[:, positions[0]], atol=1e-5, rtol=0)
-        for (name, p), q in zip(model.named_parameters(), reference.parameters()):
-            grad = p.grad.clone()
-            dist.all_reduce(grad)  # replicated parameters: the group's gradient is the sum of its ranks'
-            torch.testing.assert_close(grad, q.grad, atol=1e-5, rtol=1e-5, msg=name)
+        for kv_heads in (2, 1):  # grouped-query heads split over the ranks / repeated (1 < 2 ranks)
+            _check_parity(rank, world, kv_heads)
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("kv_heads", [2, 1])  # grouped-query heads split over the ranks / repeated (1 < 2 ranks)
-def test_ulysses_logprobs_and_grads_match_one_process(kv_heads, tmp_path):
-    mp.spawn(_parity_worker, args=(2, str(tmp_path / "store"), kv_heads), nprocs=2)
+def _check_parity(rank: int, world: int, kv_heads: int) -> None:
+    from ember.train.context_parallel import ContextParallel
+
+    torch.manual_seed(1)
+    inputs = torch.randint(0, 384, (2, SEQ))
+    labels = torch.randint(0, 384, (2, SEQ))
+    labels[0, :37] = -100  # a prompt: unlabelled tokens
+    model = tiny_llama(kv_heads)
+    reference = copy.deepcopy(model)
+    expected = reference(inputs, labels=labels)
+    (-expected.sum()).backward()
+
+    cp = ContextParallel(world, rank, world)
+    cp.apply(model)
+    mine, my_labels, positions = cp.shard(inputs, labels)
+    got = model(mine, positions, labels=my_labels)
+    (-got.sum()).backward()
+    torch.testing.assert_close(got, expected[:, positions[0]], atol=1e-5, rtol=0)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        grad = p.grad.clone()
+        dist.all_reduce(grad)  # replicated parameters: the group's gradient is the sum of its ranks'
+        torch.testing.assert_close(grad, q.grad, atol=1e-5, rtol=1e-5, msg=f"{name} (kv_heads {kv_heads})")
+
+
+def test_ulysses_logprobs_and_grads_match_one_process(tmp_path):
+    mp.spawn(_parity_worker, args=(2, str(tmp_path / "store")), nprocs=2)
 
 
 def long_config(directory, assets, **overrides):
