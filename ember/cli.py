@@ -74,7 +74,12 @@ def _has_default(f: dataclasses.Field) -> bool:
 
 def _choices() -> dict[str, tuple[str, ...]]:
     """The fixed sets the engine checks these fields against, offered as argparse choices."""
-    from ember.choices import ATTENTION_BACKENDS, DTYPE_CHOICES, KV_CACHE_DTYPES, QUANTIZATION_METHODS
+    from ember.choices import (
+        ATTENTION_BACKENDS,
+        DTYPE_CHOICES,
+        KV_CACHE_DTYPES,
+        QUANTIZATION_METHODS,
+    )
     from ember.engine.config import POLICIES
 
     return {"dtype": DTYPE_CHOICES, "attention_backend": ATTENTION_BACKENDS, "policy": POLICIES,
@@ -334,10 +339,8 @@ def cmd_train_fit(args: argparse.Namespace) -> int:
 
 def cmd_train_estimate(args: argparse.Namespace) -> int:
     from ember.train.config import TrainConfig
-    from ember.train.estimate import estimate, report
+    from ember.train.estimate import estimate, lora_counts, report
     from ember.train.trainer import preflight
-
-    from ember.train.estimate import lora_counts
 
     config = TrainConfig.load(args.config)
     _, mc = preflight(config, args.nproc)
@@ -345,8 +348,7 @@ def cmd_train_estimate(args: argparse.Namespace) -> int:
     if lora is not None:
         print(f"LoRA r={config.lora.r}: {lora.trainable:,} trainable parameters; base "
               f"{config.lora.base_quantization or 'float32'} (frozen)")
-    print(report(estimate(config, mc.num_params, args.nproc, mc.hidden_size, mc.num_layers, mc.vocab_size, lora),
-                 config.zero_stage, config.precision))
+    print(report(estimate(config, mc, args.nproc, lora), config.zero_stage, config.precision))
     return 0
 
 

@@ -117,7 +117,6 @@ def test_zero1_resume_and_qlora(lora_run, train_assets, tmp_path):
     counts = lora_counts(mc, config.lora)
     assert counts.trainable == 2 * (4 * (64 + 64) + 2 * 4 * (64 + 32) + 4 * (64 + 64) + 2 * 4 * (64 + 128)
                                     + 4 * (128 + 64))
-    quantized = estimate(config, mc.num_params, 1, mc.hidden_size, mc.num_layers, mc.vocab_size, counts)
-    plain = estimate(TrainConfig.load(lora_config(tmp_path / "p", base, train_assets)), mc.num_params, 1,
-                     mc.hidden_size, mc.num_layers, mc.vocab_size, counts)
+    quantized = estimate(config, mc, 1, counts)
+    plain = estimate(TrainConfig.load(lora_config(tmp_path / "p", base, train_assets)), mc, 1, counts)
     assert quantized.params_bytes < plain.params_bytes

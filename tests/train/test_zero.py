@@ -60,7 +60,7 @@ def test_stage3_memory_and_estimate(reference, train_assets, tmp_path):
         measured = records[0]["rank_model_state_bytes"]
         config = TrainConfig.load(config_path)
         _, mc = preflight(config, 2)
-        predicted = estimate(config, mc.num_params, 2, mc.hidden_size, mc.num_layers, mc.vocab_size).ember_bytes
+        predicted = estimate(config, mc, 2).ember_bytes
         for rank_bytes in measured:
             assert abs(rank_bytes - predicted) <= 0.15 * predicted, (stage, rank_bytes, predicted)
         if stage == 3:
