@@ -117,11 +117,15 @@ def _add_system_benches(bsub) -> None:
     tr.add_argument("--micro-batch-size", type=int, default=8)
     tr.add_argument("--seq-len", type=int, default=256)
     tr.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    tr.add_argument("--compare", choices=["deepspeed"], default=None,
-                    help="race DeepSpeed (its own venv: --peer-python) at ZeRO-2/3 on 2 processes, fp32, alternating")
+    tr.add_argument("--compare", choices=["deepspeed", "compile"], default=None,
+                    help="deepspeed: race DeepSpeed (its own venv: --peer-python) at ZeRO-2/3 on 2 processes, fp32, "
+                         "alternating; compile: `compile: true` against eager on 1 and 2 processes at --stages, "
+                         "alternating")
     tr.add_argument("--peer-python", default=None, help="python of the DeepSpeed venv")
     tr.add_argument("--runs", type=int, default=2, help="--compare: runs of each side per stage (alternating)")
-    tr.add_argument("--stages", type=int, nargs="+", default=[2, 3], choices=[2, 3], help="--compare: ZeRO stages")
+    tr.add_argument("--stages", type=int, nargs="+", default=[2, 3], choices=[0, 1, 2, 3],
+                    help="--compare: ZeRO stages (deepspeed: 2, 3)")
+    tr.add_argument("--nproc", type=int, nargs="+", default=[1, 2], help="--compare compile: process counts")
     gg = bsub.add_parser("gguf", help="a GGUF model against transformers on the same file: token ids, greedy "
                                       "parity on 20 prompts, teacher-forced agreement and loss on held-out text")
     gg.add_argument("--model", required=True, help="a .gguf file")
@@ -319,14 +323,17 @@ def _train(args) -> int:
     if args.compare == "deepspeed":
         from ember.bench.train_race import race
 
-        if not args.peer_python or args.precision != "fp32":
-            print("error: --compare deepspeed needs --peer-python (a venv with deepspeed) and --precision fp32")
+        if not args.peer_python or args.precision != "fp32" or not set(args.stages) <= {2, 3}:
+            print("error: --compare deepspeed needs --peer-python (a venv with deepspeed), --precision fp32 and "
+                  "--stages among 2, 3")
             return 2
         _header(args)
         return race(args)
     _header(args)
     work = Path(tempfile.mkdtemp(prefix="ember-bench-train-"))
     (work / "train.txt").write_text(corpus_text() * 200)
+    if args.compare == "compile":
+        return _train_compile(args, work)
     results = {}
     for nproc in (1, 2):
         for stage in (0, 1, 2, 3):
@@ -366,6 +373,58 @@ def _train(args) -> int:
               f"{results.get((2, stage), float('nan')) / peer_s:.2f})", flush=True)
     if (2, 0) in results and (2, 3) in results:
         print(f"stage 3 / stage 0 step time on 2 ranks: {results[(2, 3)] / results[(2, 0)]:.2f}")
+    return 0
+
+
+def _train_compile(args, work) -> int:
+    """`compile: true` against eager, alternating (the machine's speed drifts), `args.runs` runs of each per
+    process count and stage: median step time without the first step (the compiled one traces and compiles
+    in it), rank 0's CPU seconds per step (steadier than the wall clock on a shared machine), that first
+    step, and the largest loss difference between the two."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    for stage in args.stages:
+        for nproc in args.nproc:
+            steps, cpus, firsts, losses = ({False: [], True: []} for _ in range(4))
+            for run in range(args.runs):
+                for compiled in (False, True):
+                    run_dir = work / f"run-{nproc}-{stage}-{compiled}-{run}"
+                    config = {
+                        "model": {"path": str(Path(args.model).resolve())},
+                        "data": {"train": [str(work / "train.txt")], "seq_len": args.seq_len, "eval_fraction": 0.0},
+                        "run_dir": str(run_dir), "zero_stage": stage, "precision": args.precision,
+                        "micro_batch_size": args.micro_batch_size, "max_steps": args.steps,
+                        "optimizer": {"lr": 1e-4}, "compile": compiled,
+                    }
+                    path = run_dir.with_suffix(".yaml")
+                    path.write_text(yaml.safe_dump(config))
+                    out = subprocess.run([sys.executable, "-m", "ember.cli", "train", "--nproc", str(nproc), str(path)],
+                                         capture_output=True, text=True)
+                    name = f"stage {stage} x{nproc} {'compiled' if compiled else 'eager'} run {run + 1}"
+                    if out.returncode != 0:
+                        print(f"{name}: failed\n{out.stderr[-2000:]}")
+                        return 1
+                    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+                    step_s = statistics.median(r["step_s"] for r in records[1:])
+                    cpu_s = statistics.median(r["cpu_s"] for r in records[1:])
+                    steps[compiled].append(step_s)
+                    cpus[compiled].append(cpu_s)
+                    firsts[compiled].append(records[0]["step_s"])
+                    losses[compiled].append([r["loss"] for r in records])
+                    print(f"{name}: {step_s:6.3f} s/step, {cpu_s:6.3f} CPU s/step (steps 2-{len(records)}), "
+                          f"first step {records[0]['step_s']:6.1f} s", flush=True)
+            eager_s, compiled_s = statistics.median(steps[False]), statistics.median(steps[True])
+            eager_cpu, compiled_cpu = statistics.median(cpus[False]), statistics.median(cpus[True])
+            diff = max(abs(a - b) for x, y in zip(losses[False], losses[True]) for a, b in zip(x, y))
+            print(f"stage {stage} x{nproc}: eager {eager_s:.3f} s/step ({eager_cpu:.3f} CPU s), compiled "
+                  f"{compiled_s:.3f} s/step ({compiled_cpu:.3f} CPU s): {eager_s / compiled_s:.2f}x wall, "
+                  f"{eager_cpu / compiled_cpu:.2f}x CPU; first step {statistics.median(firsts[False]):.1f} s eager, "
+                  f"{', '.join(f'{t:.1f}' for t in firsts[True])} s compiled; max loss diff {diff:.1e}", flush=True)
     return 0
 
 

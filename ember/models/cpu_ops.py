@@ -9,7 +9,8 @@ pair-packed copy of the weight in tiles of 6 rows x 64 channels (see `_pairs`); 
 of or level with oneDNN's prepacked GEMM from 16 to 2,048 rows here (BENCHMARKS.md has the
 measurements behind both limits). RMSNorm, SwiGLU's silu(gate) * up, rotary embedding and greedy argmax in bf16 are
 one pass each instead of PyTorch's several ops, with the same rounding. Used only for bf16
-activations on CPUs with AVX512-BF16 and VNNI, without autograd; everything else goes
+activations on CPUs with AVX512-BF16 and VNNI, without autograd, outside torch.compile (a compiled
+region, `compile: true` training, traces PyTorch's ops and inductor fuses them); everything else goes
 through PyTorch. Larger bf16 products without autograd use oneDNN with the weight
 prepacked once (see `_packed`).
 """
@@ -51,7 +52,7 @@ def int_kernel_ok(x: torch.Tensor, max_rows: int) -> bool:
     """Whether x (fp32 or bf16 on CPU, at most `max_rows` rows, no gradient) can go through them."""
     return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
             and x.numel() <= max_rows * x.shape[-1] and not (torch.is_grad_enabled() and x.requires_grad)
-            and int_kernels_available())
+            and not torch.compiler.is_compiling() and int_kernels_available())
 
 
 def _gemv(x, weight, scales, bias):  # the op's resolved overload: no overload lookup on every call
@@ -70,13 +71,15 @@ def _elementwise_ok(x: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
         return False
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *tensors)):
         return False
+    if torch.compiler.is_compiling():  # (`compile: true` training: inductor fuses PyTorch's ops itself)
+        return False
     return gemv_available() if x.dtype == torch.bfloat16 else int_kernels_available()
 
 
 def _inference_bf16(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """bf16 on CPU with no gradient to track: where ember's paths apply."""
     return weight.dtype == torch.bfloat16 and x.dtype == torch.bfloat16 and x.device.type == "cpu" and \
-        not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) and not torch.compiler.is_compiling()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

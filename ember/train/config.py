@@ -253,6 +253,7 @@ class TrainConfig:
     max_steps: int = 100
     grad_clip: float | None = 1.0
     activation_checkpointing: bool = False
+    compile: bool = False  # each transformer block under torch.compile (ember.train.compile)
     offload_optimizer: bool = False
     offload_params: bool = False
     seed: int = 0
@@ -283,6 +284,7 @@ class TrainConfig:
             ("grad_accum", self.grad_accum is None or self.grad_accum >= 1, ">= 1"),
             ("max_steps", self.max_steps >= 1, ">= 1"),
             ("context_parallel", self.context_parallel >= 1, ">= 1"),
+            ("compile", isinstance(self.compile, bool), "true or false"),
             ("keep_last", self.keep_last is None or self.keep_last >= 1, ">= 1, or null to keep every checkpoint"),
             ("data.seq_len", self.data.seq_len >= 2, ">= 2"),
             ("data.eval_fraction", 0 <= self.data.eval_fraction < 1, "in [0, 1)"),

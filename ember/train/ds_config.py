@@ -53,7 +53,16 @@ ZERO_OFF = {"zero_hpz_partition_size": 1, "zero_quantized_weights": False, "zero
             "zenflow": None, "zeropp_loco_param": None}
 TOP_UNSUPPORTED = ("pipeline", "tensor_parallel", "sequence_parallel_size", "compression_training", "data_efficiency",
                    "curriculum_learning", "sparse_attention", "hybrid_engine", "autotuning", "elasticity",
-                   "torch_autocast", "compile")
+                   "torch_autocast")
+# DeepSpeed's `compile` section tunes engine.compile(), which the training script calls (the section alone
+# compiles nothing); its one feature is DeepCompile's graph passes. ember's `compile: true` is a bool.
+COMPILE_KEYS = ("deepcompile", "autoep_non_moe", "free_activation", "free_activation_threshold", "offload_activation",
+                "offload_activation_pin_memory", "offload_opt_states", "double_buffer", "symmetric_memory",
+                "debug_log", "dump_graphs", "offload_parameters", "sync_before_reduce", "sync_after_reduce",
+                "sync_before_allgather", "sync_after_allgather", "keep_int_input_tensors", "keep_all_input_tensors",
+                "passes")
+COMPILE = ("DeepSpeed compiles only when the script calls engine.compile(); `compile: true` runs each "
+           "transformer block under torch.compile")
 BATCH = {"train_micro_batch_size_per_gpu": "micro_batch_size", "gradient_accumulation_steps": "grad_accum",
          "train_batch_size": "global_batch_size", "gradient_clipping": "grad_clip"}
 MARKERS = {*BATCH, "zero_optimization", "fp16", "bf16", "amp", *TOP_NO_EFFECT, "sparse_gradients"}
@@ -71,7 +80,7 @@ SCALER_KEYS = ("loss_scale", "initial_scale_power", "loss_scale_window", "hyster
 def is_deepspeed(d: dict[str, Any]) -> bool:
     optimizer = d.get("optimizer")
     return bool(MARKERS & d.keys()) or isinstance(d.get("activation_checkpointing"), dict) or isinstance(
-        d.get("tensorboard"), dict) or (
+        d.get("tensorboard"), dict) or isinstance(d.get("compile"), dict) or (
         isinstance(optimizer, dict) and "params" in optimizer)
 
 
@@ -105,6 +114,8 @@ def from_deepspeed(d: dict[str, Any], problems: list[str]) -> dict[str, Any]:
         elif key == "tensorboard" and isinstance(d[key], dict):  # DeepSpeed's section; ember's key is a bool
             d[key] = bool(d[key].get("enabled", False))
             notes.setdefault("tensorboard: scalars go to RUN_DIR/tensorboard (output_path, job_name ignored)", [])
+        elif key == "compile" and isinstance(d[key], dict):  # DeepSpeed's section; ember's key is a bool
+            _compile(d.pop(key), problems, notes)
         elif key == "sparse_gradients":
             if d.pop(key):
                 problems.append("sparse_gradients: true is not supported (gradients are dense)")
@@ -113,6 +124,18 @@ def from_deepspeed(d: dict[str, Any], problems: list[str]) -> dict[str, Any]:
             problems.append(f"{key}: a DeepSpeed feature ember does not implement")
     _report(notes)
     return d
+
+
+def _compile(section: dict, problems: list[str], notes: dict) -> None:
+    for key, value in section.items():
+        if key == "deepcompile" and value:
+            problems.append("compile.deepcompile: true: DeepCompile (DeepSpeed's graph passes for ZeRO) is not "
+                            "implemented; ember's `compile: true` runs each transformer block under torch.compile")
+        elif key in COMPILE_KEYS:
+            notes.setdefault(COMPILE, []).append(f"compile.{key}")
+        else:
+            problems.append(_unknown(f"compile.{key}", key, list(COMPILE_KEYS)))
+    notes.setdefault(COMPILE, [])
 
 
 def _set(d: dict, key: str, value: Any, source: str, problems: list[str]) -> None:

@@ -77,6 +77,10 @@ def preflight(config: TrainConfig, world_size: int) -> tuple[Tokenizer, ModelCon
 
         check_context_parallel(config, model_config, world_size)
     config.accumulation(world_size // config.context_parallel)  # raises if the batch does not divide
+    if config.compile:
+        from ember.train.compile import check_compile
+
+        check_compile(config, model_config)
     check_tensorboard(config)
     return tokenizer, model_config
 
@@ -231,6 +235,10 @@ class Trainer:
 
             frozen = build_model(c, self.model_config) if sharded_start else copy.deepcopy(base)
             self.reference_model = frozen.to(self.d.device).eval().requires_grad_(False)
+        if c.compile:  # after activation checkpointing (and DPO's copy), before DDP/FSDP2 wrap the blocks
+            from ember.train.compile import compile_blocks
+
+            compile_blocks(base, self.d.is_main)
         self.model, self.optimizer = shard_model(base, c, self.d,
                                                  lambda model: materialize(model, c, self.d.device))
         # What building and sharding the model took at its peak, over what the process held before.
@@ -524,14 +532,17 @@ class Trainer:
         last: dict[str, Any] = {}
         try:
             for step in range(self.start_step, c.max_steps):
-                t0 = time.perf_counter()
+                t0, cpu0 = time.perf_counter(), time.process_time()
                 lr = self.scheduler.get_last_lr()[0]
                 loss, norm = self.train_step(step)
                 seconds = time.perf_counter() - t0
+                if c.compile and step == self.start_step and d.is_main:
+                    logger.info("compile: the first step took %.1f s, tracing and compiling included", seconds)
                 record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": norm,
                           "trained_tokens": self.last_trained_tokens, **self.last_pairs,
                           **({"aux_loss": self.last_aux_loss} if self.moe_layers else {}), **self.scaler.metrics(),
-                          "tokens_per_s": tokens_per_step / seconds, "step_s": seconds}
+                          "tokens_per_s": tokens_per_step / seconds, "step_s": seconds,
+                          "cpu_s": time.process_time() - cpu0}  # rank 0's CPU time (a shared machine's steadier clock)
                 done = step + 1 == c.max_steps
                 if (c.eval_interval and (step + 1) % c.eval_interval == 0) or done:
                     record["eval_loss"] = self.evaluate()
