@@ -13,10 +13,22 @@ activations on CPUs with AVX512-BF16 and VNNI, without autograd, outside torch.c
 region, `compile: true` training, traces PyTorch's ops and inductor fuses them); everything else goes
 through PyTorch. Larger bf16 products without autograd use oneDNN with the weight
 prepacked once (see `_packed`).
+
+Batch invariance (`set_batch_invariant`, the engine's default): each of those kernels sums a row's
+products in an order that does not depend on the other rows, but they differ from each other, so
+choosing by row count would make a row's bits depend on its batch. Invariant, a weight always goes
+through one kernel: the pair-packed one (any number of rows) where it can, else the GEMV.
+
+CPUs with AVX2 but without AVX512-BF16 (most laptops) get `avx2_ops.cpp` instead: a bf16 GEMM for any
+number of rows (`_blocks`: one more copy of each weight, as `_pairs` is) and one-pass RMSNorm and
+SwiGLU with the same arithmetic as the AVX-512 ones; PyTorch's own bf16 products there run at a
+fraction of its fp32 speed. tests/engine/test_batch_invariance.py checks row independence on
+whichever CPU runs it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 
@@ -29,6 +41,25 @@ from ember.models.huge_pages import huge_page_copy
 GEMV_MAX_ROWS = 2  # bf16 weights: row by row on the weight as stored
 PAIRS_MAX_ROWS = 2048  # bf16 weights: the pair-packed kernel up to here (as far as measured); oneDNN's above
 INT8_GEMV_MAX_ROWS = 16  # int8 weights: above this dequantizing once + GEMM wins
+_batch_invariant = False  # process-wide, set by the engine (EngineConfig.batch_invariant)
+
+
+def set_batch_invariant(enabled: bool) -> None:
+    """Route bf16 products by the weight alone, never by the number of rows (see the module's note)."""
+    global _batch_invariant
+    _batch_invariant = bool(enabled)
+
+
+@contextlib.contextmanager
+def batch_invariance(enabled: bool):
+    """The setting for one engine step, restored after it: other callers in the process (a trainer's
+    no-grad forward, another engine) keep their own routing."""
+    before = _batch_invariant
+    set_batch_invariant(enabled)
+    try:
+        yield
+    finally:
+        set_batch_invariant(before)
 
 
 @functools.cache
@@ -53,6 +84,18 @@ def int_kernel_ok(x: torch.Tensor, max_rows: int) -> bool:
     return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
             and x.numel() <= max_rows * x.shape[-1] and not (torch.is_grad_enabled() and x.requires_grad)
             and not torch.compiler.is_compiling() and int_kernels_available())
+
+
+@functools.cache
+def avx2_library_available() -> bool:
+    """avx2_ops.cpp built and the CPU has AVX2 + FMA (true on AVX-512 CPUs too: the tests run it there)."""
+    return build("ember_avx2_ops", str(Path(__file__).with_name("avx2_ops.cpp"))) and bool(torch.ops.ember_avx2.supported())
+
+
+@functools.cache
+def blocks_available() -> bool:
+    """Whether the engine uses the AVX2 bf16 kernel: CPUs with AVX2 but without AVX512-BF16."""
+    return not gemv_available() and avx2_library_available()
 
 
 def _gemv(x, weight, scales, bias):  # the op's resolved overload: no overload lookup on every call
@@ -84,17 +127,20 @@ def _inference_bf16(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear: bf16 inference on CPU through ember's GEMV (1-2 rows), its pair-packed kernel (up to
-    `PAIRS_MAX_ROWS`) or oneDNN with a prepacked weight (more rows)."""
+    `PAIRS_MAX_ROWS`; any number when batch-invariant) or oneDNN with a prepacked weight (more rows)."""
     if not _inference_bf16(x, weight):
         return F.linear(x, weight, bias)
     flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # (the engine's rows are flat already)
     rows = flat.shape[0]
-    if rows <= PAIRS_MAX_ROWS and gemv_available():
+    if gemv_available() and (_batch_invariant or rows <= PAIRS_MAX_ROWS):
         flat = flat if flat.is_contiguous() else flat.contiguous()
-        if rows <= GEMV_MAX_ROWS or (pairs := _pairs(weight)) is None:
+        pairs = None if rows <= GEMV_MAX_ROWS and not _batch_invariant else _pairs(weight)
+        if pairs is None:
             out = _gemv(flat, weight, None, bias)
         else:
             out = torch.ops.ember_ops.linear_pairs.default(flat, pairs, weight.shape[0], bias)
+    elif blocks_available() and (blocks := _blocks(weight)) is not None:
+        out = torch.ops.ember_avx2.linear_blocks.default(flat, blocks, weight.shape[0], bias)
     elif (packed := _packed(weight)) is not None:
         out = torch.ops.mkldnn._linear_pointwise(flat, packed, bias, "none", [], "")
     else:
@@ -106,10 +152,12 @@ def expert_linear(x: torch.Tensor, stacked: torch.Tensor, expert: int) -> torch.
     """F.linear(x, stacked[expert]) for MoE weights stacked [experts, out, in], on the same paths."""
     if not _inference_bf16(x, stacked):
         return F.linear(x, stacked[expert])
-    if x.shape[0] <= PAIRS_MAX_ROWS and gemv_available():
-        if x.shape[0] <= GEMV_MAX_ROWS or (pairs := _pairs(stacked)) is None:
+    if (_batch_invariant or x.shape[0] <= PAIRS_MAX_ROWS) and gemv_available():
+        if (x.shape[0] <= GEMV_MAX_ROWS and not _batch_invariant) or (pairs := _pairs(stacked)) is None:
             return _gemv(x.contiguous(), stacked[expert], None, None)
         return torch.ops.ember_ops.linear_pairs.default(x.contiguous(), pairs[expert], stacked.shape[1], None)
+    if blocks_available() and (blocks := _blocks(stacked)) is not None:
+        return torch.ops.ember_avx2.linear_blocks.default(x.contiguous(), blocks[expert], stacked.shape[1], None)
     if (packed := _packed(stacked)) is not None:
         return torch.ops.mkldnn._linear_pointwise(x, packed[expert], None, "none", [], "")
     return F.linear(x, stacked[expert])
@@ -145,6 +193,11 @@ def _pairs(weight: torch.Tensor):
                       weight.shape[-1] % 2 == 0)
 
 
+def _blocks(weight: torch.Tensor):
+    """The weight in the block layout of the AVX2 kernel ([N/16, K, 16], see avx2_ops.cpp), in huge pages."""
+    return _kept_copy(weight, "_ember_blocks", lambda w: huge_page_copy(torch.ops.ember_avx2.pack_blocks(w)), True)
+
+
 @functools.cache
 def _onednn_packing() -> bool:
     try:
@@ -164,26 +217,39 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: to
     return out.view(*x.shape[:-1], q.shape[0])
 
 
+def _norm_ops(x: torch.Tensor, *tensors: torch.Tensor | None):
+    """The op library with one-pass RMSNorm and SwiGLU for x, or None: AVX512-BF16's (cpu_ops.cpp) or, for
+    bf16 on CPUs without it, AVX2's (avx2_ops.cpp: the same arithmetic)."""
+    if _elementwise_ok(x, *tensors):
+        return torch.ops.ember_ops
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not torch.compiler.is_compiling() and \
+            not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *tensors))) and \
+            blocks_available():
+        return torch.ops.ember_avx2
+    return None
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' RMSNorm (fp32 statistics, rounded to the input dtype before the weight)."""
-    if weight.dtype != x.dtype or not _elementwise_ok(x, weight):
+    if weight.dtype != x.dtype or (ops := _norm_ops(x, weight)) is None:
         return F.rms_norm(x, weight.shape, weight, eps)
-    return torch.ops.ember_ops.rms_norm(x.contiguous(), weight, eps)
+    return ops.rms_norm(x.contiguous(), weight.contiguous(), eps)
 
 
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + delta, rms_norm(x + delta)): a residual add and the norm after it, in one pass in bf16."""
-    if weight.dtype != x.dtype or delta.dtype != x.dtype or x.shape != delta.shape or not _elementwise_ok(x, weight, delta):
+    if weight.dtype != x.dtype or delta.dtype != x.dtype or x.shape != delta.shape or \
+            (ops := _norm_ops(x, weight, delta)) is None:
         total = x + delta
         return total, rms_norm(total, weight, eps)
-    return torch.ops.ember_ops.add_rms_norm(x.contiguous(), delta.contiguous(), weight, eps)
+    return ops.add_rms_norm(x.contiguous(), delta.contiguous(), weight.contiguous(), eps)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
     """silu(gate) * up for [..., 2 * I] = gate | up, or None where the kernel does not apply."""
-    if not _elementwise_ok(gate_up):
+    if (ops := _norm_ops(gate_up)) is None:
         return None
-    return torch.ops.ember_ops.silu_mul(gate_up.contiguous())
+    return ops.silu_mul(gate_up.contiguous())
 
 
 def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> bool:

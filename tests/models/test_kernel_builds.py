@@ -15,7 +15,8 @@ import pytest
 pytestmark = pytest.mark.slow  # each compiles torch's headers: tens of seconds
 
 ROOT = Path(__file__).resolve().parents[2]
-SOURCES = [ROOT / "ember" / "models" / "cpu_ops.cpp", ROOT / "ember" / "engine" / "attention" / "paged_cpu.cpp"]
+SOURCES = [ROOT / "ember" / "models" / "cpu_ops.cpp", ROOT / "ember" / "models" / "avx2_ops.cpp",
+           ROOT / "ember" / "engine" / "attention" / "paged_cpu.cpp"]
 
 
 def _syntax_check(compiler: str, flags: list[str], source: Path) -> subprocess.CompletedProcess:
@@ -32,6 +33,17 @@ def test_sources_compile_for_x86_without_avx512(source):
     if compiler is None:
         pytest.skip("no C++ compiler")
     result = _syntax_check(compiler, ["-march=x86-64-v3", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"], source)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def test_avx2_kernels_compile_with_avx512_vectors():
+    """AVX-512 CPUs without AVX512-BF16 (Skylake to Ice Lake servers) build avx2_ops.cpp with ATen's 512-bit
+    vectors: its ymm paths must step aside there."""
+    compiler = shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    flags = ["-march=skylake-avx512", "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
+    result = _syntax_check(compiler, flags, ROOT / "ember" / "models" / "avx2_ops.cpp")
     assert result.returncode == 0, result.stderr[-4000:]
 
 
