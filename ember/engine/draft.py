@@ -20,7 +20,8 @@ from ember.models.config import ModelConfig
 
 class DraftProposer:
     def __init__(self, spec: SpeculativeConfig, target: ModelConfig, num_blocks: int, block_size: int,
-                 device: torch.device, dtype: torch.dtype, seed: int, attention_backend: str):
+                 device: torch.device, dtype: torch.dtype, seed: int, attention_backend: str,
+                 batch_invariant: bool = False):
         model, config = load_model(spec.model, dtype=dtype, device=device)
         if config.vocab_size != target.vocab_size:
             raise ValueError(
@@ -28,7 +29,8 @@ class DraftProposer:
             )
         if device.type == "cpu":
             rehome_weights(model)
-        self.runner = ModelRunner(model, config, num_blocks, block_size, device, seed + 1, attention_backend)
+        self.runner = ModelRunner(model, config, num_blocks, block_size, device, seed + 1, attention_backend,
+                                  batch_invariant=batch_invariant)
         self.generator = torch.Generator(device=device).manual_seed(seed + 1)
 
     def _pick(self, logits: torch.Tensor, request: Request) -> tuple[int, torch.Tensor | None]:
@@ -42,6 +44,10 @@ class DraftProposer:
     @torch.inference_mode()
     def propose(self, requests: list[Request], num_drafts: list[int]) -> dict[SequenceId, tuple[list[int], torch.Tensor | None]]:
         """sequence id -> (drafts, their distributions stacked [k, vocab] or None for greedy)."""
+        with self.runner.routing():  # the draft's logits too, not only its forwards
+            return self._propose(requests, num_drafts)
+
+    def _propose(self, requests: list[Request], num_drafts: list[int]) -> dict[SequenceId, tuple[list[int], torch.Tensor | None]]:
         work = sorted(((r, k) for r, k in zip(requests, num_drafts) if k > 0),
                       key=lambda rk: rk[0].num_tokens - rk[0].num_draft_computed)
         if not work:

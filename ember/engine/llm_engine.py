@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ember.engine.config import EngineConfig, SchedulerConfig
+from ember.engine.cpu_share import DEFAULT_THREADS, ThreadGovernor
 from ember.engine.kv_cache import KVCacheManager
 from ember.engine.output import OutputProcessor, RequestGroup, Sequence
 from ember.engine.request import Request, RequestOutput, RequestStatus, SamplingParams
@@ -55,6 +56,8 @@ def _warm_cpu_kernels() -> None:
     from ember.models import cpu_ops
 
     found = {"int (AVX512-VNNI)": cpu_ops.int_kernels_available(), "bf16 (AVX512-BF16)": cpu_ops.gemv_available()}
+    if not found["bf16 (AVX512-BF16)"]:
+        found["bf16 products (AVX2)"] = cpu_ops.blocks_available()
     if not all(found.values()):
         logger.info("CPU kernels: %s; the rest runs on PyTorch's ops", ", ".join(
             f"{name} {'yes' if ok else 'no'}" for name, ok in found.items()))
@@ -64,8 +67,13 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.device = resolve_device(config.device)
+        self.governor = None
         if self.device.type == "cpu":
             _warm_cpu_kernels()
+            if config.threads is not None:
+                torch.set_num_threads(config.threads)
+            else:
+                self.governor = ThreadGovernor(DEFAULT_THREADS)
         self.model, self.model_config = load_model(config.model, config.dtype, self.device)
         if config.quantization is not None:
             quantize_model(self.model, config.quant_config())
@@ -91,14 +99,14 @@ class LLMEngine:
         self.scheduler = Scheduler(sched, self.kv, self.max_model_len,
                                    config.lora.max_loras if self.lora is not None else None)
         self.runner = ModelRunner(self.model, mc, num_blocks, cache.block_size, self.device, config.seed,
-                                  config.attention_backend, cache.kv_cache_dtype, self.lora)
+                                  config.attention_backend, cache.kv_cache_dtype, self.lora, config.batch_invariant)
         self.spec = SpeculativeConfig.from_any(config.speculative)
         self.draft = None
         if self.spec is not None and self.spec.method == "draft":
             from ember.engine.draft import DraftProposer
 
             self.draft = DraftProposer(self.spec, mc, num_blocks, cache.block_size, self.device, dtype,
-                                       config.seed, config.attention_backend)
+                                       config.seed, config.attention_backend, config.batch_invariant)
         self.spec_stats = {"spec_num_drafts": 0, "spec_num_accepted": 0, "spec_num_verifications": 0}
         self._log_summary(dtype, num_blocks, block_bytes)
         self._grammars = None
@@ -279,6 +287,8 @@ class LLMEngine:
         streaming), or with `finished_only` only for those that finished."""
         if self.sleeping:
             raise ValueError("step: the engine is asleep; call wake() first")
+        if self.governor is not None:
+            self.governor.before_step()
         scheduled = self.scheduler.schedule()
         if not scheduled.is_empty:
             result = self.runner.execute(scheduled)
@@ -294,6 +304,8 @@ class LLMEngine:
                     self.runner.release(request.seq_id)
         if self.spec is not None:
             self._propose()
+        if self.governor is not None:
+            self.governor.after_step()
         return self.output.outputs(finished_only, self.weight_version)
 
     def _count_speculation(self, scheduled, result) -> None:

@@ -3,6 +3,7 @@ and samples the rows that need a token."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from dataclasses import dataclass, field
 
@@ -16,6 +17,7 @@ from ember.engine.request import Request, SequenceId
 from ember.engine.sampler import Sampler, TokenLogprobInfo, compute_logprob_info
 from ember.engine.scheduler import SchedulerOutput
 from ember.engine.spec import verify
+from ember.models import cpu_ops
 from ember.models.config import ModelConfig
 
 
@@ -55,6 +57,7 @@ class ModelRunner:
         attention_backend: str = "auto",
         kv_cache_dtype: str = "auto",
         lora=None,  # the engine's LoRAManager when it serves adapters
+        batch_invariant: bool = False,
     ):
         self.lora = lora
         self.model = model
@@ -65,7 +68,8 @@ class ModelRunner:
         self.attention_backend = resolve_backend(
             attention_backend, device, (config.num_heads, config.num_kv_heads, config.head_dim, block_size)
         )
-        self.kv_layout = choose_layout(self.attention_backend, self.dtype, kv_cache_dtype)
+        self.batch_invariant = batch_invariant
+        self.kv_layout = choose_layout(self.attention_backend, self.dtype, kv_cache_dtype, batch_invariant)
         self.num_blocks = num_blocks
         self.kv_caches: list[LayerCache] = []
         self.allocate_kv_cache()
@@ -75,7 +79,8 @@ class ModelRunner:
 
     def allocate_kv_cache(self) -> None:
         self.kv_caches = allocate_kv_caches(self.config, self.num_blocks, self.block_size, self.device, self.kv_layout)
-        self.backend = make_backend(self.attention_backend, self.kv_caches, self.block_size, self.kv_layout)
+        self.backend = make_backend(self.attention_backend, self.kv_caches, self.block_size, self.kv_layout,
+                                    self.batch_invariant)
 
     def release_kv_cache(self) -> None:
         """Drop every reference to the KV buffer so its memory goes back to the allocator."""
@@ -97,11 +102,20 @@ class ModelRunner:
         self.generators.pop(seq_id, None)
         self.draft_probs.pop(seq_id, None)
 
-    @torch.inference_mode()
+    def routing(self):
+        """cpu_ops' product routing for this engine (batch-invariant or not) for the length of a step."""
+        return cpu_ops.batch_invariance(self.batch_invariant) if self.device.type == "cpu" else contextlib.nullcontext()
+
     def forward(self, requests: list[Request], query_lens: list[int], context_lens: list[int],
                 input_ids: list[int]) -> torch.Tensor:
         """One flat forward: request i's `query_lens[i]` tokens at positions after its
         `context_lens[i]` cached ones (requests ordered by query length). Returns hidden rows."""
+        with self.routing():
+            return self._forward(requests, query_lens, context_lens, input_ids)
+
+    @torch.inference_mode()
+    def _forward(self, requests: list[Request], query_lens: list[int], context_lens: list[int],
+                 input_ids: list[int]) -> torch.Tensor:
         device = self.device
         bs = self.block_size
         max_blocks = max(len(r.block_ids) for r in requests)
@@ -125,6 +139,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, scheduled: SchedulerOutput) -> RunnerOutput:
+        with self.routing():  # the forward, the LM head, verification and prompt logprobs alike
+            return self._execute(scheduled)
+
+    def _execute(self, scheduled: SchedulerOutput) -> RunnerOutput:
         # Shortest queries first: decodes lead, so attention backends batch them (and, serving LoRA,
         # requests of one adapter and query length (its decodes) follow one another: one slice of the batch).
         items = sorted(scheduled.scheduled, key=lambda item: (item[1], item[0].lora.lora_int_id if item[0].lora else 0))

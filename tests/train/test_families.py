@@ -27,7 +27,7 @@ def fine_tune_config(directory, train_assets, hf_dir, **overrides):
     return path
 
 
-@pytest.mark.parametrize("arch", FAMILIES)
+@pytest.mark.parametrize("arch", [FAMILIES[0], *(pytest.param(a, marks=pytest.mark.slow) for a in FAMILIES[1:])])
 def test_zero3_on_two_processes_matches_one_and_exports(model_factory, train_assets, tmp_path, arch):
     hf_dir = model_factory(arch, std=0.1)
     one = train(fine_tune_config(tmp_path / "one", train_assets, hf_dir), nproc=1)

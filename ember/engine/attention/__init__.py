@@ -35,15 +35,17 @@ def resolve_backend(name: str, device: torch.device, shape: tuple[int, int, int,
 
 
 
-def choose_layout(backend: str, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> KVLayout:
+def choose_layout(backend: str, dtype: torch.dtype, kv_cache_dtype: str = "auto", batch_invariant: bool = False) -> KVLayout:
     if kv_cache_dtype == "int8":
         return KVLayout(quantized=True, dtype=dtype)
-    paired = backend == "cpu_paged" and dtype == torch.bfloat16 and bf16_pairs_supported()
+    # The paired kernel tiles a prompt's rows and groups its softmax updates differently from a decode's,
+    # so a row's bits depend on how it was scheduled; the transposed kernel visits every row alike.
+    paired = backend == "cpu_paged" and dtype == torch.bfloat16 and bf16_pairs_supported() and not batch_invariant
     return KVLayout(paired=paired, dtype=dtype)
 
 
-def make_backend(name: str, kv_caches: list, block_size: int, layout: KVLayout):
-    return BACKENDS[name](kv_caches, block_size, layout)
+def make_backend(name: str, kv_caches: list, block_size: int, layout: KVLayout, batch_invariant: bool = False):
+    return BACKENDS[name](kv_caches, block_size, layout, batch_invariant)
 
 
 __all__ = ["BACKENDS", "BACKEND_CHOICES", "KV_CACHE_DTYPES", "BatchLayout", "KVLayout", "choose_layout", "make_backend", "resolve_backend"]

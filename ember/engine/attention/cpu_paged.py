@@ -10,7 +10,9 @@ gathering the blocks; BENCHMARKS.md has the figures). Other layouts (fp32, an
 int8 cache) send requests of up to `KERNEL_MAX_QUERY` new tokens (decodes, short chunks,
 speculative drafts) through the kernel and keep SDPA for longer prompt chunks, whose
 blocked matmuls win there; an int8 cache's fresh prompts thus attend over their own
-unquantized K/V, as other engines do.
+unquantized K/V, as other engines do. With `batch_invariant` (the engine's default) every row goes
+through the transposed-layout kernel, whose per-row order is fixed: a token's attention output is the
+same bits whether it came in a prompt chunk, a decode, a verification or after a prefix-cache hit.
 
 The kernel is compiled on first use (torch.utils.cpp_extension, cached in
 ~/.cache/torch_extensions); without a compiler ember falls back to torch_paged.
@@ -106,7 +108,7 @@ class CpuPagedBackend(TorchPagedBackend):
 
     def build(self, layout: BatchLayout) -> CpuPagedContext:
         num_kernel = 0  # the kernel takes the batch's first requests (ordered by query length)
-        if self.layout.paired:
+        if self.layout.paired or self.batch_invariant:
             num_kernel = len(layout.query_lens)
         while num_kernel < len(layout.query_lens) and layout.query_lens[num_kernel] <= KERNEL_MAX_QUERY:
             num_kernel += 1

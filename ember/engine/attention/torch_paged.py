@@ -223,10 +223,11 @@ class TorchPagedContext:
 class TorchPagedBackend:
     name = "torch_paged"
 
-    def __init__(self, kv_caches: list[LayerCache], block_size: int, layout: KVLayout):
+    def __init__(self, kv_caches: list[LayerCache], block_size: int, layout: KVLayout, batch_invariant: bool = False):
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.layout = layout
+        self.batch_invariant = batch_invariant
 
     def chunks(self, layout: BatchLayout, first_request: int, first_row: int) -> list[PromptChunk]:
         chunks, start = [], first_row
