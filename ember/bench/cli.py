@@ -745,12 +745,16 @@ def _latency(args) -> int:
 
     workload = w2()
     _header(args)
-    if args.compare in ("hf", "variant"):
+    if args.compare == "hf":
         raise SystemExit(f"--compare {args.compare}: W1 only (ember bench throughput)")
     runner = EmberRunner(args.model, args.dtype, device=args.device, threads=args.threads)
     runner.latency(w2(prompt_len=16, output_len=8))
     peer_run = None
-    if args.compare == "vllm":
+    if args.compare == "variant":  # ember itself without batch invariance: what invariance costs W2
+        variant = EmberRunner(args.model, args.dtype, device=args.device, threads=args.threads, batch_invariant=False)
+        variant.latency(w2(prompt_len=16, output_len=8))
+        peer_run = lambda: variant.latency(workload)  # noqa: E731
+    elif args.compare == "vllm":
         from ember.bench.peers import VllmCpu
 
         vllm = VllmCpu(_peer_python(args), args.model, args.dtype)

@@ -69,7 +69,8 @@ class ModelRunner:
             attention_backend, device, (config.num_heads, config.num_kv_heads, config.head_dim, block_size)
         )
         self.batch_invariant = batch_invariant
-        self.kv_layout = choose_layout(self.attention_backend, self.dtype, kv_cache_dtype, batch_invariant)
+        plain = config.attn_softcap is None and not config.family.sinks
+        self.kv_layout = choose_layout(self.attention_backend, self.dtype, kv_cache_dtype, batch_invariant, plain)
         self.num_blocks = num_blocks
         self.kv_caches: list[LayerCache] = []
         self.allocate_kv_cache()

@@ -310,3 +310,38 @@ def test_decode_kernel_writes_first_when_another_row_reads_the_block():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(got, expected)
+
+
+@pytest.mark.skipif(not bf16_pairs_supported(), reason="no AVX512-BF16 kernel here")
+@pytest.mark.parametrize("heads,kv_heads", [(2, 2), (4, 2), (8, 2), (8, 1)])
+@pytest.mark.parametrize("block_size,window", [(16, 0), (32, 0), (16, 20), (32, 37)])
+def test_paired_invariant_tiling_gives_prompt_rows_their_decode_bits(heads, kv_heads, block_size, window):
+    """invariant=True: each row of a prompt chunk (over cached context, in tiles of rows) is the same bits as
+    that row attended alone, as a decode is, and as inside chunks cut elsewhere; the fast tiling is not
+    (it sums q.k in other chains and updates the softmax at other keys) but stays close."""
+    g = torch.Generator().manual_seed(heads * 100 + kv_heads * 10 + block_size + window)
+    dim, context, rows = 32, 50, 37
+    total = context + rows
+    num_blocks = -(-total // block_size) + 2
+    table = (torch.randperm(num_blocks - 1, generator=g)[:-(-total // block_size)] + 1).view(1, -1)
+    positions = torch.arange(total)
+    slots = table[0, positions // block_size] * block_size + positions % block_size
+    kv_layout = KVLayout(paired=True, dtype=torch.bfloat16)
+    cache = kv_layout.allocate(1, num_blocks, kv_heads, block_size, dim)[0]
+    for part in cache:
+        part.fill_(float("nan"))  # no unwritten slot may reach an output
+    k, v = (torch.randn(total, kv_heads, dim, generator=g).to(torch.bfloat16) for _ in range(2))
+    torch.ops.ember_cpu.write_paired(cache[0], cache[1], k, v, slots // block_size, slots % block_size)
+    q = torch.randn(rows, heads, dim, generator=g).to(torch.bfloat16)
+    lens = torch.arange(context + 1, total + 1)
+
+    def attend(first, last, invariant=True):
+        return torch.ops.ember_cpu.paged_attention(q[first:last], cache[0], cache[1], table, torch.zeros(last - first, dtype=torch.long),
+                                                   lens[first:last].contiguous(), window, dim**-0.5, invariant=invariant)
+
+    whole = attend(0, rows)
+    assert not whole.isnan().any()
+    alone = torch.cat([attend(i, i + 1) for i in range(rows)])
+    assert torch.equal(whole, alone)
+    assert torch.equal(whole, torch.cat([attend(0, 5), attend(5, 6), attend(6, 29), attend(29, rows)]))
+    torch.testing.assert_close(attend(0, rows, invariant=False).float(), whole.float(), atol=2e-2, rtol=2e-2)

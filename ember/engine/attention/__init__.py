@@ -35,12 +35,15 @@ def resolve_backend(name: str, device: torch.device, shape: tuple[int, int, int,
 
 
 
-def choose_layout(backend: str, dtype: torch.dtype, kv_cache_dtype: str = "auto", batch_invariant: bool = False) -> KVLayout:
+def choose_layout(backend: str, dtype: torch.dtype, kv_cache_dtype: str = "auto", batch_invariant: bool = False,
+                  plain_attention: bool = True) -> KVLayout:
+    """`plain_attention`: no layer soft-caps its logits or has sinks. The paired kernel has neither (those
+    layers go to the PyTorch reference, whose bits depend on the batch), so batch-invariant engines of such
+    models keep the transposed layout, whose kernel has both."""
     if kv_cache_dtype == "int8":
         return KVLayout(quantized=True, dtype=dtype)
-    # The paired kernel tiles a prompt's rows and groups its softmax updates differently from a decode's,
-    # so a row's bits depend on how it was scheduled; the transposed kernel visits every row alike.
-    paired = backend == "cpu_paged" and dtype == torch.bfloat16 and bf16_pairs_supported() and not batch_invariant
+    paired = backend == "cpu_paged" and dtype == torch.bfloat16 and bf16_pairs_supported() and \
+        (plain_attention or not batch_invariant)
     return KVLayout(paired=paired, dtype=dtype)
 
 

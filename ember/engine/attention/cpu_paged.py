@@ -11,8 +11,9 @@ int8 cache) send requests of up to `KERNEL_MAX_QUERY` new tokens (decodes, short
 speculative drafts) through the kernel and keep SDPA for longer prompt chunks, whose
 blocked matmuls win there; an int8 cache's fresh prompts thus attend over their own
 unquantized K/V, as other engines do. With `batch_invariant` (the engine's default) every row goes
-through the transposed-layout kernel, whose per-row order is fixed: a token's attention output is the
-same bits whether it came in a prompt chunk, a decode, a verification or after a prefix-cache hit.
+through the kernel, with a per-row order that does not depend on the batch (the paired kernel in its
+invariant tiling: see paged_cpu.cpp): a token's attention output is the same bits whether it came in a
+prompt chunk, a decode, a verification or after a prefix-cache hit.
 
 The kernel is compiled on first use (torch.utils.cpp_extension, cached in
 ~/.cache/torch_extensions); without a compiler ember falls back to torch_paged.
@@ -58,6 +59,7 @@ class CpuPagedContext:
     chunks: list[PromptChunk]
     reference: Callable[[], "object"]  # the torch_paged context of this batch, for layers the kernel declines
     decode_only: bool = False  # paired layout, every request one new token
+    invariant: bool = False  # the paired kernel's batch-invariant tiling for prompt rows
 
     def attend(self, layer, q, k, v, scale, sliding_window, softcap=None, sinks=None):
         cache = self.kv_caches[layer]
@@ -85,7 +87,7 @@ class CpuPagedContext:
             kernel_out = torch.ops.ember_cpu.paged_attention.default(
                 q[:rows], *cache[:2], self.block_tables, self.token_request, self.kv_lens,
                 sliding_window or 0, scale, **scales, softcap=softcap or 0.0,
-                sinks=None if sinks is None else sinks.float().contiguous(),
+                sinks=None if sinks is None else sinks.float().contiguous(), invariant=self.invariant,
             )
             if not self.chunks:
                 return kernel_out
@@ -130,4 +132,5 @@ class CpuPagedBackend(TorchPagedBackend):
             self.kv_caches, self.layout, split_slots(layout.slot_mapping, self.block_size), rows, layout.block_tables, token_request,
             layout.positions[:rows] + 1, chunks, reference_context,
             decode_only=self.layout.paired and rows == num_kernel == len(layout.query_lens) and not chunks,
+            invariant=self.batch_invariant,
         )

@@ -231,7 +231,13 @@ struct FreshTokens {
 // A work item is a tile of up to R consecutive rows of one request and one KV head: its R x G
 // query heads share every K and V load, which makes prompt chunks over cached context compute-bound
 // instead of load-bound (R = 1 for decodes). Each row keeps its own visible key range.
-template <int G, int R>
+//
+// A row's arithmetic depends on C (independent sums per head in q.k), S (chunks of keys per softmax
+// update) and where the spans of S chunks start; never on R or on the tile's other rows: keys a row
+// does not see score -inf and add exact zeros. Spans start on a grid of S * W keys, so a row's
+// updates fall at the same keys whichever tile holds it. With one C and S for every tile
+// (paired_attention's invariant tiling) a row's bits are the same as a decode, in any batch.
+template <int G, int R, int C, int S>
 void paired_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                    const int64_t* block_tables, int64_t max_blocks, const int64_t* token_request,
                    const int64_t* kv_lens, int64_t window, float scale, const std::vector<int64_t>& tiles,
@@ -239,8 +245,6 @@ void paired_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
   static_assert(R >= 1);
   constexpr int64_t W = 16;
   constexpr int H = G * R;  // query heads per work item
-  constexpr int S = R == 1 ? kSpan : 2;  // chunks per softmax update (fewer with more heads: registers)
-  constexpr int C = H >= 8 ? 1 : 8 / H;  // independent multiply-add chains per head
   const int64_t heads = q.size(1), dim = q.size(2);
   const int64_t kv_heads = k_cache.size(1), block_size = k_cache.size(3);
   const int64_t pairs = dim / 2, dim_vecs = dim / W;
@@ -311,7 +315,7 @@ void paired_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
 
       // S chunks of W keys share one softmax update: one max and one sum reduction, one
       // rescaling of the accumulators, per S * W keys instead of per W.
-      for (int64_t span = lo_all - lo_all % W; span < hi_all; span += S * W) {
+      for (int64_t span = lo_all - lo_all % (S * W); span < hi_all; span += S * W) {
         const int64_t chunks = std::min<int64_t>(S, (hi_all - span + W - 1) / W);
         for (int64_t kh = 0; kh < kh_per_item; ++kh) {  // this item's KV heads, one after another
           const int64_t kvh = kvh0 + kh;
@@ -451,16 +455,29 @@ std::pair<std::vector<int64_t>, std::vector<int64_t>> row_tiles(const int64_t* t
   return {single, multi};
 }
 
+// Independent q.k sums per head for `heads` query heads per item: a single chain would wait on each
+// multiply-add's latency; 8 chains in all keep the unit busy.
+constexpr int chains_for(int heads) { return heads >= 8 ? 1 : 8 / heads; }
+
+// Decodes as tiles of one row; a prompt's rows in tiles of R. Fast: R x G = 8 query heads per item,
+// one chain each and 2 chunks per softmax update (the registers they leave). Invariant: every tile
+// with the decodes' C and S, so R = 2 (16 accumulators) and prompt attention does more loads.
 template <int G>
 void paired_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                       const int64_t* block_tables, int64_t max_blocks, const int64_t* token_request,
-                      const int64_t* kv_lens, int64_t window, float scale, at::Tensor& out) {
-  constexpr int R = G >= 8 ? 1 : 8 / G;  // rows per tile for prompt chunks: 8 query heads per item
-  auto [single, multi] = row_tiles(token_request, q.size(0), R);
+                      const int64_t* kv_lens, int64_t window, float scale, bool invariant, at::Tensor& out) {
+  constexpr int R = G >= 8 ? 1 : 8 / G, RI = G >= 8 ? 1 : 2;
+  auto [single, multi] = row_tiles(token_request, q.size(0), invariant ? RI : R);
   if (!single.empty())
-    paired_kernel<G, 1>(q, k_cache, v_cache, block_tables, max_blocks, token_request, kv_lens, window, scale, single, out);
-  if (!multi.empty())
-    paired_kernel<G, R>(q, k_cache, v_cache, block_tables, max_blocks, token_request, kv_lens, window, scale, multi, out);
+    paired_kernel<G, 1, chains_for(G), kSpan>(q, k_cache, v_cache, block_tables, max_blocks, token_request, kv_lens,
+                                              window, scale, single, out);
+  if (multi.empty()) return;
+  if (invariant)
+    paired_kernel<G, RI, chains_for(G), kSpan>(q, k_cache, v_cache, block_tables, max_blocks, token_request, kv_lens,
+                                               window, scale, multi, out);
+  else
+    paired_kernel<G, R, chains_for(G * R), 2>(q, k_cache, v_cache, block_tables, max_blocks, token_request, kv_lens,
+                                              window, scale, multi, out);
 }
 #endif
 
@@ -516,7 +533,7 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
                            const at::Tensor& block_tables, const at::Tensor& token_request,
                            const at::Tensor& kv_lens, int64_t window, double scale,
                            const std::optional<at::Tensor>& k_scales, const std::optional<at::Tensor>& v_scales,
-                           double softcap, const std::optional<at::Tensor>& sinks) {
+                           double softcap, const std::optional<at::Tensor>& sinks, bool invariant) {
   const bool quantized = k_cache.scalar_type() == at::kChar;
   const bool paired = k_cache.dim() == 5;  // see paired_kernel for that layout
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2),
@@ -551,7 +568,8 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
         if (paired) {
           paired_attention<decltype(g)::value>(q, k_cache, v_cache, block_tables.data_ptr<int64_t>(),
                                                block_tables.size(1), token_request.data_ptr<int64_t>(),
-                                               kv_lens.data_ptr<int64_t>(), window, static_cast<float>(scale), out);
+                                               kv_lens.data_ptr<int64_t>(), window, static_cast<float>(scale),
+                                               invariant, out);
           return;
         }
       }
@@ -726,7 +744,8 @@ at::Tensor decode_attention_paired(const at::Tensor& q, at::Tensor& k_cache, at:
   }
   at::Tensor out = at::empty(q.sizes(), q.options());
   const auto go = [&](auto g) {
-    paired_kernel<decltype(g)::value, 1>(q, k_cache, v_cache, table, max_blocks, token_request.data(), lens, window,
+    constexpr int G = decltype(g)::value;
+    paired_kernel<G, 1, chains_for(G), kSpan>(q, k_cache, v_cache, table, max_blocks, token_request.data(), lens, window,
                                          static_cast<float>(scale), tiles, out, shared ? nullptr : &fresh);
   };
   with_group(group, go);
@@ -743,7 +762,7 @@ TORCH_LIBRARY(ember_cpu, m) {
   m.def("write_transposed(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor blocks, Tensor offsets) -> ()");
   m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor token_request, "
         "Tensor kv_lens, int window, float scale, Tensor? k_scales=None, Tensor? v_scales=None, float softcap=0.0, "
-        "Tensor? sinks=None) -> Tensor");
+        "Tensor? sinks=None, bool invariant=False) -> Tensor");
   m.def("decode_attention_paired(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor blocks, "
         "Tensor offsets, Tensor block_tables, Tensor kv_lens, int window, float scale) -> Tensor");
   m.def("bf16_pairs_supported() -> bool", &bf16_pairs_supported);
