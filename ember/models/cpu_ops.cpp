@@ -22,6 +22,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -595,9 +596,12 @@ void rotary_rows(c10::BFloat16* x, int64_t row_stride, const c10::BFloat16* cos,
 }
 
 // Batches of 3 rows and more: compute-bound once the weights are read once for many rows, which
-// the row-by-row GEMV above does not do beyond 4 rows. Weights go in "pair-packed" blocks of 16
-// output channels, [N/16][K/2][16][2] (see pack_pairs): one 64-byte load is 16 channels x 2 inputs,
-// one vdpbf16ps per row of x adds them to that row's 16 outputs, so no horizontal sums are needed.
+// the row-by-row GEMV above does not do beyond 4 rows. Weights go "pair-packed" in groups of
+// kTileBlocks blocks of 16 output channels, [N/64][K/2][64][2] (see pack_pairs): one 64-byte load is
+// 16 channels x 2 inputs, one vdpbf16ps per row of x adds them to that row's 16 outputs, so no
+// horizontal sums are needed, and a tile's 4 loads for one pair of inputs are 256 consecutive bytes:
+// a group is one sequential stream (four streams 16 KiB apart, the layout before, read a single row's
+// weights ~20-25% slower: BENCHMARKS.md).
 // A tile is up to kTileRows rows x kTileBlocks blocks (24 accumulators + 4 weight vectors + one
 // broadcast fit the 32 vector registers; per pair of inputs 4 loads and 6 broadcasts feed 24
 // multiply-adds). 6x4 is the one tile shape of those tried (12x2, 14x2, 8x3, 6x4, 5x5, 4x6 rows x
@@ -606,18 +610,19 @@ void rotary_rows(c10::BFloat16* x, int64_t row_stride, const c10::BFloat16* cos,
 // from comments). The accumulation order (k ascending per output) is the same for every tile, so
 // results do not depend on the batch.
 
-template <int R, int B>
+template <int R>
 void pairs_tile(const uint32_t* x, int64_t x_stride, const uint32_t* w, int64_t k_pairs, const c10::BFloat16* bias,
                 int64_t n0, int64_t n_dim, c10::BFloat16* out, int64_t out_stride, const char* fetch, int64_t fetch_lines) {
+  constexpr int B = kTileBlocks;
   __m512 acc[R][B];
   for (int r = 0; r < R; ++r)
     for (int b = 0; b < B; ++b) acc[r][b] = _mm512_setzero_ps();
-  const int64_t block_stride = k_pairs * kPairBlock, fetch_step = (fetch_lines + k_pairs - 1) / k_pairs;
+  const int64_t fetch_step = (fetch_lines + k_pairs - 1) / k_pairs;
   for (int64_t kp = 0; kp < k_pairs; ++kp) {
     for (int64_t line = kp * fetch_step; line < std::min(fetch_lines, (kp + 1) * fetch_step); ++line)
       _mm_prefetch(fetch + line * 64, _MM_HINT_T1);
     __m512bh wv[B];
-    for (int b = 0; b < B; ++b) wv[b] = (__m512bh)_mm512_loadu_si512(w + b * block_stride + kp * kPairBlock);
+    for (int b = 0; b < B; ++b) wv[b] = (__m512bh)_mm512_loadu_si512(w + (kp * B + b) * kPairBlock);
     for (int r = 0; r < R; ++r) {
       const __m512bh xv = (__m512bh)_mm512_set1_epi32(x[r * x_stride + kp]);
       for (int b = 0; b < B; ++b) acc[r][b] = _mm512_dpbf16_ps(acc[r][b], xv, wv[b]);
@@ -643,34 +648,32 @@ void with_constant(int64_t value, const Body& body) {
 
 void linear_pairs_rows(const at::Tensor& x, const at::Tensor& packed, int64_t n_dim, const c10::BFloat16* bias,
                        at::Tensor& out) {
-  const int64_t m_dim = x.size(0), k_pairs = x.size(1) / 2, blocks = packed.size(0);
+  const int64_t m_dim = x.size(0), k_pairs = x.size(1) / 2, groups = packed.size(0);
   const int64_t row_tiles = (m_dim + kTileRows - 1) / kTileRows;
+  const int64_t group_elems = k_pairs * kTileBlocks * kPairBlock;  // uint32 pairs per group
   const auto* xp = reinterpret_cast<const uint32_t*>(x.data_ptr<c10::BFloat16>());
   const auto* wp = reinterpret_cast<const uint32_t*>(packed.data_ptr<c10::BFloat16>());
   auto* op = out.data_ptr<c10::BFloat16>();
-  // Each thread takes an equal share of the blocks and walks it kTileBlocks at a time; each
-  // group's weights (64 KiB at K = 512) stay in L2 while every row tile passes over them.
-  at::parallel_for(0, blocks, kTileBlocks, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; b += kTileBlocks) {
-      const uint32_t* w = wp + b * k_pairs * kPairBlock;
+  // Each thread takes an equal share of the groups; each group's weights (64 KiB at K = 512) stay in
+  // L2 while every row tile passes over them.
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const uint32_t* w = wp + g * group_elems;
       // The next group's weights into L2 meanwhile, a slice per row tile (the hardware prefetcher
       // alone left the first tile of each group waiting on memory).
-      const int64_t next_lines = std::min<int64_t>(kTileBlocks, std::max<int64_t>(0, b1 - b - kTileBlocks)) * k_pairs;
-      const char* next = reinterpret_cast<const char*>(w + kTileBlocks * k_pairs * kPairBlock);
+      const int64_t next_lines = g + 1 < g1 ? group_elems * 4 / 64 : 0;
+      const char* next = reinterpret_cast<const char*>(w + group_elems);
       const int64_t slice = (next_lines + row_tiles - 1) / row_tiles;
-      with_constant<kTileBlocks>(b1 - b, [&](auto num_blocks) {
-        constexpr int B = decltype(num_blocks)::value;
-        for (int64_t tile = 0, m = 0; tile < row_tiles; ++tile) {
-          const int64_t rows = (m_dim - m) / (row_tiles - tile);  // near-equal tiles: 64 rows = 5, 5, then 6s
-          const int64_t first_line = std::min(tile * slice, next_lines);
-          with_constant<kTileRows>(rows, [&](auto num_rows) {
-            constexpr int R = decltype(num_rows)::value;
-            pairs_tile<R, B>(xp + m * k_pairs, k_pairs, w, k_pairs, bias, b * kPairBlock, n_dim, op + m * n_dim, n_dim,
-                             next + first_line * 64, std::min(slice, next_lines - first_line));
-          });
-          m += rows;
-        }
-      });
+      for (int64_t tile = 0, m = 0; tile < row_tiles; ++tile) {
+        const int64_t rows = (m_dim - m) / (row_tiles - tile);  // near-equal tiles: 64 rows = 5, 5, then 6s
+        const int64_t first_line = std::min(tile * slice, next_lines);
+        with_constant<kTileRows>(rows, [&](auto num_rows) {
+          constexpr int R = decltype(num_rows)::value;
+          pairs_tile<R>(xp + m * k_pairs, k_pairs, w, k_pairs, bias, g * kTileBlocks * kPairBlock, n_dim, op + m * n_dim,
+                        n_dim, next + first_line * 64, std::min(slice, next_lines - first_line));
+        });
+        m += rows;
+      }
     }
   });
 }
@@ -775,13 +778,14 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& w, int64_t n_dim, 
   return out;
 }
 
-// [N, K] bf16 -> [ceil(N / 16), K / 2, 16, 2]: the layout linear_pairs reads (channels past N are zero).
+// [N, K] bf16 -> [ceil(N / 64), K / 2, 64, 2]: the layout linear_pairs reads (channels past N are zero).
 at::Tensor pack_pairs(const at::Tensor& w) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16 && w.size(1) % 2 == 0, "w: bf16 [N, K] with K even");
-  const int64_t n_dim = w.size(0), k_dim = w.size(1), blocks = (n_dim + kPairBlock - 1) / kPairBlock;
-  at::Tensor padded = at::zeros({blocks * kPairBlock, k_dim}, w.options());
+  constexpr int64_t width = kTileBlocks * kPairBlock;
+  const int64_t n_dim = w.size(0), k_dim = w.size(1), groups = (n_dim + width - 1) / width;
+  at::Tensor padded = at::zeros({groups * width, k_dim}, w.options());
   padded.narrow(0, 0, n_dim).copy_(w);
-  return padded.view({blocks, kPairBlock, k_dim / 2, 2}).transpose(1, 2).contiguous();
+  return padded.view({groups, width, k_dim / 2, 2}).transpose(1, 2).contiguous();
 }
 
 at::Tensor linear_pairs(const at::Tensor& x, const at::Tensor& packed, int64_t n_dim, const std::optional<at::Tensor>& bias) {
@@ -789,8 +793,9 @@ at::Tensor linear_pairs(const at::Tensor& x, const at::Tensor& packed, int64_t n
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16 && x.size(1) % 2 == 0,
               "x: contiguous bf16 [M, K] with K even");
   TORCH_CHECK(packed.dim() == 4 && packed.is_contiguous() && packed.scalar_type() == at::kBFloat16 &&
-              packed.size(1) * 2 == x.size(1) && packed.size(2) == kPairBlock && packed.size(3) == 2 &&
-              packed.size(0) == (n_dim + kPairBlock - 1) / kPairBlock, "packed: pack_pairs(w) of a [n_dim, K] weight");
+              packed.size(1) * 2 == x.size(1) && packed.size(2) == kTileBlocks * kPairBlock && packed.size(3) == 2 &&
+              packed.size(0) == (n_dim + kTileBlocks * kPairBlock - 1) / (kTileBlocks * kPairBlock),
+              "packed: pack_pairs(w) of a [n_dim, K] weight");
   TORCH_CHECK(!bias || (bias->scalar_type() == at::kBFloat16 && bias->is_contiguous() && bias->numel() == n_dim),
               "bias: bf16 [N]");
   at::Tensor out = at::empty({x.size(0), n_dim}, x.options());
@@ -900,6 +905,54 @@ at::Tensor argmax_rows_op(const at::Tensor& x) {
   return out;
 }
 
+// A decode-only step's decoder layers in one call: DecoderLayer.forward_cpu_rows's kernels in its
+// order, with the same bits, and no Python between them (a small model's single-stream token spent
+// about a fifth of its time in the ~12 op calls per layer from Python). Per layer, `weights` holds
+// 6 tensors (input norm, qkv pairs, o pairs, post-attention norm, gate_up pairs, down pairs),
+// `biases` 4, `sizes` 5 after the first 3 (heads, kv_heads, head_dim): qkv, o, gate_up and down
+// widths and the sliding window (0: none), `eps` 2. Attention is cpu_paged's decode kernel
+// (ember_cpu::decode_attention_paired, through the dispatcher). Returns (x, delta) as
+// forward_cpu_rows does: their sum is the last layer's output.
+std::tuple<at::Tensor, at::Tensor> decode_stack(
+    const at::Tensor& x_in, const at::Tensor& cos, const at::Tensor& sin, at::TensorList weights,
+    const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef sizes, at::ArrayRef<double> eps, double scale,
+    at::TensorList k_caches, at::TensorList v_caches, const at::Tensor& blocks, const at::Tensor& offsets,
+    const at::Tensor& block_tables, const at::Tensor& kv_lens) {
+  const int64_t layers = static_cast<int64_t>(k_caches.size());
+  TORCH_CHECK(layers > 0 && static_cast<int64_t>(weights.size()) == 6 * layers &&
+              static_cast<int64_t>(biases.size()) == 4 * layers && static_cast<int64_t>(sizes.size()) == 3 + 5 * layers &&
+              static_cast<int64_t>(eps.size()) == 2 * layers && static_cast<int64_t>(v_caches.size()) == layers,
+              "decode_stack: per-layer lists of 6 weights, 4 biases, 5 sizes, 2 eps, one K and one V cache");
+  static const auto attend = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("ember_cpu::decode_attention_paired", "")
+      .typed<at::Tensor(const at::Tensor&, at::Tensor&, at::Tensor&, const at::Tensor&, const at::Tensor&,
+                        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double)>();
+  const int64_t heads = sizes[0], kv_heads = sizes[1], head_dim = sizes[2], rows = x_in.size(0);
+  at::Tensor x = x_in, delta;
+  for (int64_t l = 0; l < layers; ++l) {
+    const at::Tensor* w = &weights[6 * l];
+    const int64_t* n = &sizes[3 + 5 * l];
+    const auto bias = [&](int i) { return biases.get(4 * l + i); };
+    at::Tensor h;
+    if (!delta.defined()) {
+      h = rms_norm(x, w[0], eps[2 * l]);
+    } else {
+      std::tie(x, h) = add_rms_norm(x, delta, w[0], eps[2 * l]);
+    }
+    at::Tensor qkv = linear_pairs(h, w[1], n[0], bias(0));
+    rotary_(qkv, cos, sin, heads + kv_heads);
+    const at::Tensor split = qkv.view({rows, heads + 2 * kv_heads, head_dim});
+    at::Tensor k_cache = k_caches[l], v_cache = v_caches[l];
+    const at::Tensor out = attend.call(split.narrow(1, 0, heads), k_cache, v_cache, split.narrow(1, heads, kv_heads),
+                                       split.narrow(1, heads + kv_heads, kv_heads), blocks, offsets, block_tables, kv_lens,
+                                       n[4], scale);
+    std::tie(x, h) = add_rms_norm(x, linear_pairs(out.view({rows, heads * head_dim}), w[2], n[1], bias(1)), w[3],
+                                  eps[2 * l + 1]);
+    delta = linear_pairs(silu_mul(linear_pairs(h, w[4], n[2], bias(2))), w[5], n[3], bias(3));
+  }
+  return {x, delta};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(ember_ops, m) {
@@ -909,6 +962,9 @@ TORCH_LIBRARY(ember_ops, m) {
   m.def("add_rms_norm(Tensor x, Tensor delta, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("rotary_(Tensor(a!) x, Tensor cos, Tensor sin, int heads) -> Tensor(a!)");
   m.def("argmax(Tensor x) -> Tensor");
+  m.def("decode_stack(Tensor x, Tensor cos, Tensor sin, Tensor[] weights, Tensor?[] biases, int[] sizes, float[] eps, "
+        "float scale, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor blocks, Tensor offsets, Tensor block_tables, "
+        "Tensor kv_lens) -> (Tensor, Tensor)");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("linear_gemv(Tensor x, Tensor w, Tensor? scales=None, Tensor? bias=None) -> Tensor");
   m.def("linear_groups(Tensor x, Tensor w, int group, Tensor scales, Tensor? offsets=None, Tensor? bias=None) -> Tensor");
@@ -928,4 +984,5 @@ TORCH_LIBRARY_IMPL(ember_ops, CPU, m) {
   m.impl("add_rms_norm", &add_rms_norm);
   m.impl("rotary_", &rotary_);
   m.impl("argmax", &argmax_rows_op);
+  m.impl("decode_stack", &decode_stack);
 }

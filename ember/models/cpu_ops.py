@@ -50,6 +50,10 @@ def set_batch_invariant(enabled: bool) -> None:
     _batch_invariant = bool(enabled)
 
 
+def batch_invariant_routing() -> bool:
+    return _batch_invariant
+
+
 @contextlib.contextmanager
 def batch_invariance(enabled: bool):
     """The setting for one engine step, restored after it: other callers in the process (a trainer's
@@ -187,7 +191,7 @@ def _packed(weight: torch.Tensor):
 
 
 def _pairs(weight: torch.Tensor):
-    """The weight in the pair-packed layout of ember's kernel ([N/16, K/2, 16, 2], see cpu_ops.cpp), in
+    """The weight in the pair-packed layout of ember's kernel ([N/64, K/2, 64, 2], see cpu_ops.cpp), in
     huge pages: one more copy, built on the first batch of 3 rows or more. None if K is odd."""
     return _kept_copy(weight, "_ember_pairs", lambda w: huge_page_copy(torch.ops.ember_ops.pack_pairs(w)),
                       weight.shape[-1] % 2 == 0)

@@ -54,6 +54,8 @@ class LlamaModel(nn.Module):
         tables = {key: rotary(positions, x.dtype) for key, rotary in self.rotaries.items()}
         none = (None, None)
         if ctx is not None and (step := self._cpu_rows(x) or self._rows(x)):
+            if step is DecoderLayer.forward_cpu_rows and (out := self._decode_stack(x, tables, ctx)) is not None:
+                return self.norm.add_and_norm(*out)[1]
             delta = None
             for layer, key in zip(self.layers, self.layer_rotary):
                 x, delta = step(layer, x, delta, *tables.get(key, none), ctx)
@@ -68,12 +70,38 @@ class LlamaModel(nn.Module):
 
     def _cpu_rows(self, x: torch.Tensor):
         """DecoderLayer.forward_cpu_rows if the layers take the engine's batch through it, else None."""
+        # batch-invariant routing sends one or two rows through the pair-packed kernel too
+        fewest = 1 if cpu_ops.batch_invariant_routing() else cpu_ops.GEMV_MAX_ROWS + 1
         if not (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 2
-                and cpu_ops.GEMV_MAX_ROWS < x.shape[0] <= cpu_ops.PAIRS_MAX_ROWS and not torch.is_grad_enabled()):
+                and fewest <= x.shape[0] <= cpu_ops.PAIRS_MAX_ROWS and not torch.is_grad_enabled()):
             return None
         if self._layers_take_cpu_rows is None:
             self._layers_take_cpu_rows = cpu_ops.gemv_available() and all(layer.takes_cpu_rows() for layer in self.layers)
         return DecoderLayer.forward_cpu_rows if self._layers_take_cpu_rows else None
+
+    def _decode_stack(self, x: torch.Tensor, tables: dict, ctx):
+        """A decode-only step's layers in one C++ call (cpu_ops.cpp's decode_stack: forward_cpu_rows's kernels
+        and bits without the Python between them), or None where it does not apply (layers with different
+        rotary tables, attention other than cpu_paged's decode kernel)."""
+        keys = set(self.layer_rotary)
+        if len(keys) != 1 or None in keys or not hasattr(ctx, "decode_stack_args"):
+            return None
+        plans = [layer._cpu_rows_plan for layer in self.layers]
+        if len({plan[5:9] for plan in plans}) != 1 or \
+                (attention := ctx.decode_stack_args([plan[9] for plan in plans])) is None:
+            return None
+        weights, biases, sizes, eps = [], [], list(plans[0][5:8]), []
+        for (norm1, eps1, qkv_w, qkv_n, qkv_b, _, _, _, _, _, window, o_w, o_n, o_b, norm2, eps2,
+             gate_up_w, gate_up_n, gate_up_b, down_w, down_n, down_b) in plans:
+            packed = [cpu_ops._pairs(w) for w in (qkv_w, o_w, gate_up_w, down_w)]  # repacked after an RL push
+            if any(p is None for p in packed):  # (not `None in packed`: that compares tensors with None)
+                return None
+            weights += [norm1, packed[0], packed[1], norm2, packed[2], packed[3]]
+            biases += [qkv_b, o_b, gate_up_b, down_b]
+            sizes += [qkv_n, o_n, gate_up_n, down_n, window or 0]
+            eps += [eps1, eps2]
+        cos, sin = tables[next(iter(keys))]
+        return torch.ops.ember_ops.decode_stack.default(x, cos, sin, weights, biases, sizes, eps, plans[0][8], *attention)
 
     def _rows(self, x: torch.Tensor):
         """DecoderLayer.forward_rows if the layers take the engine's batch through it (fused elementwise

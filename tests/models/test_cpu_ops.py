@@ -198,8 +198,9 @@ def test_elementwise_kernels_step_aside_for_autograd():
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 def test_layer_row_path_matches_the_module_path(model_factory, arch, monkeypatch):
     """The engine's bf16 batches go through DecoderLayer.forward_cpu_rows (one Python frame a layer,
-    the residual add fused into the next norm); every logprob equals the module path's to the bit,
-    over prompt chunks, decodes and their mixtures (qkv bias in Qwen2, a sliding window in Mistral)."""
+    the residual add fused into the next norm), decode-only steps through decode_stack (one C++ call for
+    all layers); every logprob equals the module path's to the bit, over prompt chunks, decodes and their
+    mixtures (qkv bias in Qwen2, a sliding window in Mistral)."""
     from ember import LLM, SamplingParams
     from ember.models import llama
 
@@ -210,8 +211,13 @@ def test_layer_row_path_matches_the_module_path(model_factory, arch, monkeypatch
     row_path = llama.DecoderLayer.forward_cpu_rows
     monkeypatch.setattr(llama.DecoderLayer, "forward_cpu_rows",
                         lambda self, *a: (out := row_path(self, *a), deltas.append(out[1] is not None))[0])
+    stacked = []
+    stack = llama.LlamaModel._decode_stack
+    monkeypatch.setattr(llama.LlamaModel, "_decode_stack",
+                        lambda self, *a: (out := stack(self, *a), stacked.append(out is not None))[0])
     fast = llm.generate(prompts, params, use_tqdm=False)
     assert deltas and all(deltas), "the row path was not taken, or fell back"
+    assert sum(stacked) >= 10, "decode steps did not go through decode_stack"
     monkeypatch.setattr(llama.LlamaModel, "_cpu_rows", lambda self, x: None)
     monkeypatch.setattr(llama.LlamaModel, "_rows", lambda self, x: None)
     llm.engine.kv.reset_prefix_cache()

@@ -61,6 +61,14 @@ class CpuPagedContext:
     decode_only: bool = False  # paired layout, every request one new token
     invariant: bool = False  # the paired kernel's batch-invariant tiling for prompt rows
 
+    def decode_stack_args(self, layers: list[int]):
+        """For a decode-only batch, what cpu_ops.cpp's decode_stack needs to run `layers`' attention as
+        attend() would (K caches, V caches, slots, block tables, key counts); None for other batches."""
+        if not self.decode_only:
+            return None
+        return ([self.kv_caches[i][0] for i in layers], [self.kv_caches[i][1] for i in layers], *self.slots,
+                self.block_tables, self.kv_lens)
+
     def attend(self, layer, q, k, v, scale, sliding_window, softcap=None, sinks=None):
         cache = self.kv_caches[layer]
         if self.layout.paired and (softcap is not None or sinks is not None):
