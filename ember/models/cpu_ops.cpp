@@ -43,6 +43,7 @@ constexpr int64_t kFlushElems = 8192;  // int32 lanes are moved to fp32 before t
 constexpr int64_t kPairBlock = 16;  // output channels per pair-packed block (linear_pairs)
 constexpr int kTileRows = 6;
 constexpr int kTileBlocks = 4;
+constexpr int64_t kSingleTileFetchMax = 256 * 1024;  // bytes of a pair-packed group (linear_pairs_rows)
 constexpr int kTile = 4;  // output channels per tile of the int4 layout (linear_int4)
 
 // ---- integer weights (AVX512-VNNI): int8 per channel, int8 per group, int4 per group -------------
@@ -660,8 +661,11 @@ void linear_pairs_rows(const at::Tensor& x, const at::Tensor& packed, int64_t n_
     for (int64_t g = g0; g < g1; ++g) {
       const uint32_t* w = wp + g * group_elems;
       // The next group's weights into L2 meanwhile, a slice per row tile (the hardware prefetcher
-      // alone left the first tile of each group waiting on memory).
-      const int64_t next_lines = g + 1 < g1 ? group_elems * 4 / 64 : 0;
+      // alone left the first tile of each group waiting on memory). Not for one tile of rows over a
+      // large group (K in the thousands): there the weights stream once, the hardware prefetcher
+      // keeps up, and a second large group in L2 evicts the one being read (BENCHMARKS.md).
+      const bool fetch_next = g + 1 < g1 && (row_tiles > 1 || group_elems * 4 <= kSingleTileFetchMax);
+      const int64_t next_lines = fetch_next ? group_elems * 4 / 64 : 0;
       const char* next = reinterpret_cast<const char*>(w + group_elems);
       const int64_t slice = (next_lines + row_tiles - 1) / row_tiles;
       for (int64_t tile = 0, m = 0; tile < row_tiles; ++tile) {
