@@ -101,3 +101,16 @@ def test_default_model_repeats_a_passage_identically_with_ngram_speculation():
     spec = LLM(speculative={"method": "ngram", "num_tokens": 5, "max_ngram": 4})
     assert _result(spec.generate([passage * 2], params, use_tqdm=False)[0]) == plain
     assert spec.engine.get_stats()["spec_num_accepted"] > 0
+
+
+def test_invariant_engines_keep_the_paired_layout_only_for_plain_attention():
+    """The paired kernel has no soft-capping or sinks (those layers fall back to the PyTorch reference,
+    whose bits depend on the batch), so a batch-invariant engine of such a model uses the transposed layout."""
+    from ember.engine.attention import choose_layout
+    from ember.engine.attention.cpu_paged import bf16_pairs_supported
+
+    paired = bf16_pairs_supported()
+    assert choose_layout("cpu_paged", torch.bfloat16, batch_invariant=True, plain_attention=True).paired == paired
+    assert not choose_layout("cpu_paged", torch.bfloat16, batch_invariant=True, plain_attention=False).paired
+    assert choose_layout("cpu_paged", torch.bfloat16, batch_invariant=False, plain_attention=False).paired == paired
+    assert not choose_layout("torch_paged", torch.bfloat16, batch_invariant=True).paired

@@ -12,8 +12,9 @@ speculative drafts) through the kernel and keep SDPA for longer prompt chunks, w
 blocked matmuls win there; an int8 cache's fresh prompts thus attend over their own
 unquantized K/V, as other engines do. With `batch_invariant` (the engine's default) every row goes
 through the kernel, with a per-row order that does not depend on the batch (the paired kernel in its
-invariant tiling: see paged_cpu.cpp): a token's attention output is the same bits whether it came in a
-prompt chunk, a decode, a verification or after a prefix-cache hit.
+invariant tiling, see paged_cpu.cpp; the transposed layout's kernel for models with soft-capped logits or
+sinks): a token's attention output is the same bits whether it came in a prompt chunk, a decode, a
+verification or after a prefix-cache hit.
 
 The kernel is compiled on first use (torch.utils.cpp_extension, cached in
 ~/.cache/torch_extensions); without a compiler ember falls back to torch_paged.
