@@ -122,7 +122,13 @@ def test_web_chat_page_in_chromium(llama_dir, tmp_path):
             assert page.locator(".msg.assistant").count() == 1
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "web_chat.png"))
-            # 3. Stop mid-answer: the partial answer stays, no error
+            # 3. Stop mid-answer: the partial answer stays, no error. The tiny model writes its whole answer in
+            # milliseconds (greedy, it ends at 50 tokens), so the answer arrives over a slow link (Chromium's
+            # network throttling: 2 KB/s), which keeps it in progress until the click, on any machine.
+            network = page.context.new_cdp_session(page)
+            network.send("Network.enable")
+            network.send("Network.emulateNetworkConditions",
+                         {"offline": False, "latency": 0, "downloadThroughput": 2048, "uploadThroughput": -1})
             page.fill("#max-tokens", "99999")  # clamped to the context
             page.fill("#input", "Tell me a long story")
             page.click("#send")
@@ -132,6 +138,9 @@ def test_web_chat_page_in_chromium(llama_dir, tmp_path):
                                    timeout=60000)
             page.click("#stop")
             page.wait_for_function(idle)
+            assert page.locator(".msg.assistant").count() == 2 and page.locator(".msg.assistant").last.inner_text()
+            network.send("Network.emulateNetworkConditions",
+                         {"offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1})
             assert page.locator(".msg.error").count() == 1  # only step 1's
             assert int(page.input_value("#max-tokens")) <= 511
             # 4. Reset mid-answer: an empty page, no AbortError bubble
