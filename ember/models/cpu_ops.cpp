@@ -596,8 +596,8 @@ void rotary_rows(c10::BFloat16* x, int64_t row_stride, const c10::BFloat16* cos,
   });
 }
 
-// Batches of 3 rows and more: compute-bound once the weights are read once for many rows, which
-// the row-by-row GEMV above does not do beyond 4 rows. Weights go "pair-packed" in groups of
+// Batches of 3 rows and more (and every batch under batch invariance: cpu_ops.py): compute-bound once the
+// weights are read once for many rows, which the row-by-row GEMV above does not do beyond 4 rows. Weights go "pair-packed" in groups of
 // kTileBlocks blocks of 16 output channels, [N/64][K/2][64][2] (see pack_pairs): one 64-byte load is
 // 16 channels x 2 inputs, one vdpbf16ps per row of x adds them to that row's 16 outputs, so no
 // horizontal sums are needed, and a tile's 4 loads for one pair of inputs are 256 consecutive bytes:
