@@ -37,9 +37,11 @@ def _add_workload_benches(bsub) -> None:
         p.add_argument("--model", required=True)
         p.add_argument("--dtype", default="bfloat16", help="(a quantized GGUF computes in float32: give float32)")
         p.add_argument("--runs", type=int, default=3)
-        p.add_argument("--compare", choices=["hf", "vllm", "llamacpp", "variant"], default=None,
+        p.add_argument("--compare", choices=["hf", "vllm", "llamacpp", "variant", "tp"], default=None,
                        help="run a peer in the same invocation (vllm, llamacpp: in their own venvs, --peer-python; "
-                            "variant: ember itself with --no-batch-invariant, what invariance costs)")
+                            "variant: ember itself with --no-batch-invariant, what invariance costs; "
+                            "tp: ember with --tensor-parallel-size --tp-size)")
+        p.add_argument("--tp-size", type=int, default=2, help="--compare tp: the tensor-parallel size")
         p.add_argument("--competitor", action="store_true",
                        help="keep one busy process running (a spinning loop, one core's worth) during the measured "
                             "runs: how the engines share a machine with other work")
@@ -655,6 +657,9 @@ def _throughput(args) -> int:
     if args.compare == "variant":
         runners.append(EmberRunner(args.model, args.dtype, batch_invariant=False, **engine_kwargs))
         runners[-1].name = "ember (variant)"
+    elif args.compare == "tp":
+        runners.append(EmberRunner(args.model, args.dtype, tensor_parallel_size=args.tp_size, **engine_kwargs))
+        runners[-1].name = f"ember tp={args.tp_size}"
     elif args.compare == "hf":
         runners.append(HFRunner(args.model, args.dtype, batch_size=args.hf_batch_size,
                                 device=runners[0].llm.engine.device))
@@ -752,6 +757,11 @@ def _latency(args) -> int:
     peer_run = None
     if args.compare == "variant":  # ember itself without batch invariance: what invariance costs W2
         variant = EmberRunner(args.model, args.dtype, device=args.device, threads=args.threads, batch_invariant=False)
+        variant.latency(w2(prompt_len=16, output_len=8))
+        peer_run = lambda: variant.latency(workload)  # noqa: E731
+    elif args.compare == "tp":
+        variant = EmberRunner(args.model, args.dtype, device=args.device, threads=args.threads,
+                              tensor_parallel_size=args.tp_size)
         variant.latency(w2(prompt_len=16, output_len=8))
         peer_run = lambda: variant.latency(workload)  # noqa: E731
     elif args.compare == "vllm":

@@ -21,6 +21,7 @@ from typing import Any
 from ember.engine.llm_engine import LLMEngine, PromptType
 from ember.engine.output import RequestGroup
 from ember.engine.request import RequestOutput, SamplingParams
+from ember.engine.tensor_parallel import WorkerDiedError
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +137,19 @@ class AsyncLLM:
 
         return await _off_loop(encode)
 
+    async def prefix_probe(self, text: str | None = None, messages: list[dict[str, Any]] | None = None,
+                           token_ids: list[int] | None = None) -> dict[str, Any]:
+        """For a router: the prompt's block hashes (hex) and how many leading ones this engine has cached,
+        with its queue; nothing is queued or computed."""
+        if token_ids is None:
+            token_ids = await self.tokenize(text, messages)
+        kv = self.engine.kv
+        hashes = await _off_loop(lambda: kv.prefix_hashes(token_ids))
+        stats = self._stats
+        return {"block_size": kv.block_size, "num_tokens": len(token_ids), "block_hashes": [h.hex() for h in hashes],
+                "cached_blocks": kv.num_cached_blocks(hashes),
+                "num_running": stats.get("num_running", 0), "num_waiting": stats.get("num_waiting", 0)}
+
     # ---- LoRA adapters ----------------------------------------------------------------
     @property
     def serves_lora(self) -> bool:
@@ -208,6 +222,7 @@ class AsyncLLM:
         self._stop.set()
         self._commands.put(("wake", None, None))
         self._thread.join(timeout)
+        self.engine.shutdown()
 
     # ---- the loop thread ----------------------------------------------------------
     def _loop(self) -> None:
@@ -221,6 +236,8 @@ class AsyncLLM:
                         self._deliver(engine.step())
                     self._stats = engine.get_stats()
                     failures = 0
+                except WorkerDiedError:
+                    raise  # no step can run without the rank: the engine is over
                 except Exception as e:  # a bug, not bad input (that is refused before it gets here)
                     failures += 1
                     logger.exception("engine step failed (%d in a row)", failures)

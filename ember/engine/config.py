@@ -126,6 +126,9 @@ class EngineConfig:
                 "prompt chunks, prefix-cache hits, speculative verification): one summation order per product and one "
                 "attention kernel for every row (not yet for quantized weights, MoE routers or LoRA deltas); "
                 "--no-batch-invariant trades that for speed"})
+    tensor_parallel_size: int = field(default=1, metadata={
+        "help": "split the model's heads, MLP channels and vocabulary over N ranks, one process each (the engine "
+                "process is rank 0; gloo on CPU with the cores split between the ranks, NCCL on CUDA)"})
     speculative: dict | None = field(default=None, metadata={
         "help": 'speculative decoding, as JSON: {"method": "ngram", "num_tokens": K, "max_ngram": N} or '
                 '{"method": "draft", "model": DIR, "num_tokens": K}'})
@@ -145,6 +148,13 @@ class EngineConfig:
         _check(self.dtype in DTYPE_CHOICES, "dtype", self.dtype, f"one of {DTYPE_CHOICES}")
         _check(self.threads is None or (isinstance(self.threads, int) and 1 <= self.threads <= 1024), "threads",
                self.threads, "none or an integer in [1, 1024]")
+        _check(isinstance(self.tensor_parallel_size, int) and 1 <= self.tensor_parallel_size <= 64,
+               "tensor_parallel_size", self.tensor_parallel_size, "an integer in [1, 64]")
+        if self.tensor_parallel_size > 1:
+            _check(self.quantization is None, "quantization", self.quantization,
+                   "quantized weights are not split over tensor-parallel ranks yet: leave it unset")
+            _check(not self.lora.enable_lora, "enable_lora", True,
+                   "LoRA adapters are not split over tensor-parallel ranks yet")
         _check(
             self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
             "device", self.device, "auto, cpu, cuda or cuda:N",

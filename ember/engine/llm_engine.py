@@ -22,9 +22,12 @@ from ember.engine.request import Request, RequestOutput, RequestStatus, Sampling
 from ember.engine.runner import ModelRunner, kv_bytes_per_block
 from ember.engine.scheduler import Scheduler
 from ember.engine.spec import SpeculativeConfig, can_speculate, ngram_propose
+from ember.engine.tensor_parallel import TensorParallelWorkers, rank_threads
 from ember.models import load_model
 from ember.models.huge_pages import rehome_weights
 from ember.models.quant import QuantizedLinear, quantize_model, weight_bytes
+from ember.models.config import ModelConfig
+from ember.models.tensor_parallel import check_shardable, shard_model
 from ember.tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -68,13 +71,32 @@ class LLMEngine:
         self.config = config
         self.device = resolve_device(config.device)
         self.governor = None
+        self.tp_workers = None
         if self.device.type == "cpu":
             _warm_cpu_kernels()
+        if config.tensor_parallel_size > 1:  # the workers load their shards while this process loads its own
+            check_shardable(ModelConfig.from_path(config.model), config.tensor_parallel_size)
+            threads = rank_threads(config.tensor_parallel_size, config.threads)
+            torch.set_num_threads(threads)
+            self.tp_workers = TensorParallelWorkers(config, config.tensor_parallel_size, self.device, threads)
+        elif self.device.type == "cpu":
             if config.threads is not None:
                 torch.set_num_threads(config.threads)
             else:
                 self.governor = ThreadGovernor(DEFAULT_THREADS)
+        try:
+            self._build(config)
+        except BaseException:
+            if self.tp_workers is not None:
+                self.tp_workers.shutdown()
+            raise
+
+    def _build(self, config: EngineConfig) -> None:
         self.model, self.model_config = load_model(config.model, config.dtype, self.device)
+        # The KV cache and attention see this rank's heads (all of them without tensor parallelism).
+        self.rank_config = self.model_config
+        if self.tp_workers is not None:
+            self.rank_config = shard_model(self.model, self.tp_workers.group)
         if config.quantization is not None:
             quantize_model(self.model, config.quant_config())
         if self.device.type == "cpu":
@@ -98,8 +120,11 @@ class LLMEngine:
             self.lora = LoRAManager(self.model, config.lora, dtype, self.device)
         self.scheduler = Scheduler(sched, self.kv, self.max_model_len,
                                    config.lora.max_loras if self.lora is not None else None)
-        self.runner = ModelRunner(self.model, mc, num_blocks, cache.block_size, self.device, config.seed,
-                                  config.attention_backend, cache.kv_cache_dtype, self.lora, config.batch_invariant)
+        if self.tp_workers is not None:
+            self.tp_workers.start(num_blocks)
+        self.runner = ModelRunner(self.model, self.rank_config, num_blocks, cache.block_size, self.device, config.seed,
+                                  config.attention_backend, cache.kv_cache_dtype, self.lora, config.batch_invariant,
+                                  self.tp_workers)
         self.spec = SpeculativeConfig.from_any(config.speculative)
         self.draft = None
         if self.spec is not None and self.spec.method == "draft":
@@ -129,8 +154,10 @@ class LLMEngine:
     def _num_kv_blocks(self, sched: SchedulerConfig, dtype: torch.dtype) -> tuple[int, int]:
         """Blocks the budget buys (never more than max_num_seqs full-length requests need), and a block's bytes."""
         cache = self.config.cache
-        block_bytes = kv_bytes_per_block(self.model_config, cache.block_size, dtype, cache.kv_cache_dtype)
+        block_bytes = kv_bytes_per_block(self.rank_config, cache.block_size, dtype, cache.kv_cache_dtype)
         budget = cache.kv_cache_gib * (1 << 30) if cache.kv_cache_gib else min(4 << 30, _available_memory_bytes(self.device) // 4)
+        if self.device.type == "cpu":  # the ranks share the machine's memory: each holds its part of the budget
+            budget /= self.config.tensor_parallel_size
         enough = sched.max_num_seqs * -(-self.max_model_len // cache.block_size) + 1
         num_blocks = min(int(budget // block_bytes), enough)
         if num_blocks < 2:
@@ -289,6 +316,8 @@ class LLMEngine:
             raise ValueError("step: the engine is asleep; call wake() first")
         if self.governor is not None:
             self.governor.before_step()
+        elif self.tp_workers is not None:  # rank 0's share of the cores (another engine in the process may differ)
+            torch.set_num_threads(self.tp_workers.threads)
         scheduled = self.scheduler.schedule()
         if not scheduled.is_empty:
             result = self.runner.execute(scheduled)
@@ -345,6 +374,9 @@ class LLMEngine:
         weight version, which every later output carries."""
         from ember.models.loader import load_weights
 
+        if self.tp_workers is not None:
+            raise ValueError("update_weights: this engine is tensor-parallel; pushing weights into split ranks is "
+                             "not supported yet (serve the policy with tensor_parallel_size=1)")
         if any(isinstance(m, QuantizedLinear) for m in self.model.modules()):
             raise ValueError("update_weights: this engine's weights are quantized; push weights into an engine "
                              "without quantization")
@@ -378,8 +410,15 @@ class LLMEngine:
 
     def wake(self) -> None:
         if self.sleeping:
+            if self.tp_workers is not None:
+                self.tp_workers.allocate_kv_cache()
             self.runner.allocate_kv_cache()
             self.sleeping = False
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers, if any (the engine serves no step after this)."""
+        if self.tp_workers is not None:
+            self.tp_workers.shutdown()
 
     # ---- introspection ------------------------------------------------------------
     def get_stats(self) -> dict[str, Any]:

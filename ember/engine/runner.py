@@ -58,8 +58,10 @@ class ModelRunner:
         kv_cache_dtype: str = "auto",
         lora=None,  # the engine's LoRAManager when it serves adapters
         batch_invariant: bool = False,
+        workers=None,  # tensor parallel: the other ranks (ember.engine.tensor_parallel.TensorParallelWorkers)
     ):
         self.lora = lora
+        self.workers = workers
         self.model = model
         self.config = config
         self.device = device
@@ -85,6 +87,8 @@ class ModelRunner:
 
     def release_kv_cache(self) -> None:
         """Drop every reference to the KV buffer so its memory goes back to the allocator."""
+        if self.workers is not None:
+            self.workers.release_kv_cache()
         self.kv_caches = []
         self.backend = None
         if self.device.type == "cuda":
@@ -135,8 +139,20 @@ class ModelRunner:
             first_token = torch.cumsum(lens, 0) - lens
             positions = torch.arange(len(input_ids), device=device) + (starts - first_token)[token_request]
             slot_mapping = block_tables[token_request, positions // bs] * bs + positions % bs
-        ctx = self.backend.build(BatchLayout(query_lens, context_lens, block_tables, slot_mapping, positions))
-        return self.model(torch.tensor(input_ids, device=device), positions, ctx)
+        layout = BatchLayout(query_lens, context_lens, block_tables, slot_mapping, positions)
+        ids = torch.tensor(input_ids, device=device)
+        if self.workers is not None:  # tensor parallel: the other ranks run the same forward on their shards
+            return self.workers.run(("forward", ids, layout), lambda: self.run_model(ids, layout))
+        return self.run_model(ids, layout)
+
+    def run_model(self, input_ids: torch.Tensor, layout: BatchLayout) -> torch.Tensor:
+        """The model over one step's flat tokens (a tensor-parallel worker's whole share of a step)."""
+        return self.model(input_ids, layout.positions, self.backend.build(layout))
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.workers is not None:  # vocabulary-parallel: every rank computes its slice
+            return self.workers.run(("logits", hidden), lambda: self.model.compute_logits(hidden))
+        return self.model.compute_logits(hidden)
 
     @torch.inference_mode()
     def execute(self, scheduled: SchedulerOutput) -> RunnerOutput:
@@ -170,7 +186,7 @@ class ModelRunner:
         plain = [i for i in done if not requests[i].spec_token_ids]
         if plain:
             rows = torch.tensor([ends[i] - 1 for i in plain], device=self.device)
-            logits = self.model.compute_logits(hidden[rows])
+            logits = self.compute_logits(hidden[rows])
             sample_reqs = [requests[i] for i in plain]
             result = self.sampler(logits, sample_reqs, [self._generator(r) for r in sample_reqs])
             for request, token, info in zip(sample_reqs, result.token_ids, result.logprobs):
@@ -187,7 +203,7 @@ class ModelRunner:
 
     def _verify(self, request: Request, hidden: torch.Tensor, out: RunnerOutput) -> None:
         """Rows of the last token and each draft -> the accepted tokens plus one of the target's."""
-        logits = self.model.compute_logits(hidden).float()
+        logits = self.compute_logits(hidden).float()
         drafts = request.spec_token_ids
         draft_probs = self.draft_probs.pop(request.seq_id, None)
         verified = verify(logits, drafts, request, self._generator(request), self.sampler.generator, draft_probs)
@@ -206,7 +222,7 @@ class ModelRunner:
         num = min(hidden.shape[0], request.num_prompt_tokens - 1 - start)
         if num <= 0:
             return
-        logprobs = self.model.compute_logits(hidden[:num]).float().log_softmax(dim=-1)
+        logprobs = self.compute_logits(hidden[:num]).float().log_softmax(dim=-1)
         targets = torch.tensor(request.prompt_token_ids[start + 1:start + 1 + num], device=self.device)
         out.prompt_logprobs[request.seq_id] = compute_logprob_info(
             logprobs, targets, [request.params.prompt_logprobs] * num

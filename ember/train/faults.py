@@ -14,12 +14,12 @@ import errno
 import json
 import os
 import signal
-import sys
 import time
 import traceback
 
+from ember.process import die_with_parent as set_parent_death_signal
+
 LAUNCHER_PID = "EMBER_LAUNCHER_PID"  # set by run_torchrun; a worker checks its parent is still that process
-_PR_SET_PDEATHSIG = 1
 
 
 def die_with_parent() -> None:
@@ -28,13 +28,8 @@ def die_with_parent() -> None:
     A torchrun worker's parent is the agent, which runs inside `ember train` itself (torchrun is called
     in-process, from the main thread, so it lives as long as the launcher does). The signal is tied to the
     parent existing at the call: if the launcher died before it, exit now rather than train as an orphan."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        return  # not permitted here: the worker still trains, as before
+    if not set_parent_death_signal():
+        return  # not permitted here (or not Linux): the worker still trains, as before
     launcher = os.environ.get(LAUNCHER_PID)
     if launcher is not None and os.getppid() != int(launcher):
         os._exit(1)

@@ -11,7 +11,7 @@ import torch
 
 from ember import LLM, SamplingParams
 from ember.engine.lora import LoRARequest
-from tests.conftest import VOCAB, load_hf
+from tests.conftest import load_hf
 
 peft = pytest.importorskip("peft")
 

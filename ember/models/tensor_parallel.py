@@ -1,0 +1,206 @@
+"""Tensor parallelism for the decoder stack: Megatron's split of a loaded model across a process group.
+
+Each rank keeps 1/N of every layer and the ranks sum their partial results once per sublayer:
+- attention: q/k/v projections by head (column-parallel), o_proj by its input columns (row-parallel),
+  then one all-reduce; a rank attends over its own heads with its own share of the KV cache;
+- gated MLP: gate/up by channel (column), down by input column (row), one all-reduce;
+- MoE: the router replicated, every expert (and Qwen2-MoE's shared expert) split like the MLP, one
+  all-reduce after the whole block (the routing weights scale each expert's partial sum linearly);
+- embeddings and the LM head by vocabulary: a rank looks up only its ids (the others' rows sum in as
+  zeros) and computes only its logits, gathered into the whole row. Ranks whose vocabulary slice would
+  be ragged pad it with zero rows, cut off after the gather.
+
+Biases of row-parallel projections live on rank 0 only (summed in once). Every rank runs the same
+forward on the same inputs, so each ends a layer with the same whole hidden state. `shard_model` does
+the split in place on a model that was loaded whole, and returns the rank's view of the config (its
+heads and channels), which sizes its KV cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ember.models.config import ModelConfig
+from ember.models.layers import DecoderLayer, GatedMLP, Linear, MergedLinear
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorParallelGroup:
+    rank: int
+    size: int
+    group: object = None  # a torch.distributed ProcessGroup (None: the default group)
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(x, group=self.group)
+        return x
+
+    def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts, dim=-1)
+
+
+def check_shardable(config: ModelConfig, size: int) -> None:
+    """Raise ValueError naming what keeps `config` from splitting `size` ways."""
+    if size == 1:
+        return
+    family = config.family
+    if family.moe == "gpt_oss" or family.sinks:
+        raise ValueError(f"tensor_parallel_size: {size}: {config.architecture} (gpt-oss experts) is not split yet")
+    if family.qk_norm == "full":
+        raise ValueError(f"tensor_parallel_size: {size}: {config.architecture} normalises q and k over all heads "
+                         "at once, which a split by head cannot do")
+    widths = {"num_attention_heads": config.num_heads, "num_key_value_heads": config.num_kv_heads,
+              "intermediate_size": config.intermediate_size}
+    raw = config.raw
+    for key in ("moe_intermediate_size", "shared_expert_intermediate_size"):
+        if raw.get(key):
+            widths[key] = int(raw[key])
+    for name, value in widths.items():
+        if value % size:
+            raise ValueError(f"tensor_parallel_size: {size} does not divide the model's {name} ({value})")
+
+
+def shard_model(model: nn.Module, tp: TensorParallelGroup) -> ModelConfig:
+    """Split `model` (an ember decoder, loaded whole) in place to rank `tp.rank`'s share; returns the
+    config as the rank sees it (its heads and MLP width)."""
+    from ember.models.llama import LlamaForCausalLM
+    from ember.models.moe import MoE
+
+    config: ModelConfig = getattr(model, "config", None)
+    if not isinstance(model, LlamaForCausalLM):
+        raise ValueError(f"tensor_parallel_size: {tp.size}: {type(model).__name__} models are not split yet")
+    check_shardable(config, tp.size)
+    for layer in model.model.layers:
+        attn, ffn = layer.self_attn, getattr(layer, layer.ffn_name)
+        projections = [attn.qkv_proj, attn.o_proj] + ([ffn.gate_up_proj, ffn.down_proj] if isinstance(ffn, GatedMLP) else [])
+        if not isinstance(ffn, (GatedMLP, MoE)) or any(type(p) not in (Linear, MergedLinear) for p in projections):
+            raise ValueError(f"tensor_parallel_size: {tp.size}: quantized weights are not split yet")
+    body = model.model
+    body.fused_rows = False  # the fused CPU row paths call kernels directly, past the all-reduces
+    for layer in body.layers:
+        _shard_layer(layer, tp)
+    _shard_vocabulary(model, tp)
+    return dataclasses.replace(config, num_heads=config.num_heads // tp.size,
+                               num_kv_heads=config.num_kv_heads // tp.size,
+                               intermediate_size=config.intermediate_size // tp.size)
+
+
+def _piece(t: torch.Tensor, dim: int, tp: TensorParallelGroup) -> torch.Tensor:
+    size = t.shape[dim] // tp.size
+    return t.narrow(dim, tp.rank * size, size)
+
+
+def _set(module: nn.Module, name: str, value: torch.Tensor | None) -> None:
+    if value is None:
+        module.register_parameter(name, None)
+    else:
+        setattr(module, name, nn.Parameter(value.contiguous().clone(), requires_grad=False))
+
+
+def _column(linear: MergedLinear, tp: TensorParallelGroup) -> None:
+    """Keep this rank's rows of each merged part (q, k, v; or gate, up)."""
+    sizes = linear.output_sizes
+    parts = linear.weight.split(sizes, 0)
+    _set(linear, "weight", torch.cat([_piece(p, 0, tp) for p in parts]))
+    if linear.bias is not None:
+        _set(linear, "bias", torch.cat([_piece(b, 0, tp) for b in linear.bias.split(sizes, 0)]))
+    linear.output_sizes = [s // tp.size for s in sizes]
+    linear.out_features = sum(linear.output_sizes)
+
+
+def _row(linear: Linear, tp: TensorParallelGroup) -> None:
+    """Keep this rank's input columns; the bias on rank 0 only (the all-reduce adds it once)."""
+    _set(linear, "weight", _piece(linear.weight, 1, tp))
+    linear.in_features //= tp.size
+    if linear.bias is not None and tp.rank != 0:
+        _set(linear, "bias", None)
+
+
+def _reduce_after(module: nn.Module, tp: TensorParallelGroup) -> None:
+    """Sum `module`'s output over the group. Set on the instance: DecoderLayer and Attention call their
+    submodules' `forward` directly, so a hook would never run."""
+    local = module.forward
+
+    def forward(*args, **kwargs):
+        return tp.all_reduce(local(*args, **kwargs))
+
+    module.forward = forward
+
+
+def _shard_mlp(mlp: GatedMLP, tp: TensorParallelGroup) -> None:
+    _column(mlp.gate_up_proj, tp)
+    _row(mlp.down_proj, tp)
+
+
+def _shard_layer(layer: DecoderLayer, tp: TensorParallelGroup) -> None:
+    attn = layer.self_attn
+    _column(attn.qkv_proj, tp)
+    attn.num_heads //= tp.size
+    attn.num_kv_heads //= tp.size
+    attn.split_sizes = [s // tp.size for s in attn.split_sizes]
+    _row(attn.o_proj, tp)
+    _reduce_after(attn.o_proj, tp)
+    ffn = getattr(layer, layer.ffn_name)
+    if isinstance(ffn, GatedMLP):
+        _shard_mlp(ffn, tp)
+        _reduce_after(ffn.down_proj, tp)
+        return
+    # MoE (Mixtral, Qwen2/3-MoE): the router stays whole; experts split by channel, as the MLP is
+    inter = ffn.intermediate
+    gate, up = ffn.w13.split(inter, 1)
+    _set(ffn, "w13", torch.cat((_piece(gate, 1, tp), _piece(up, 1, tp)), 1))
+    _set(ffn, "w2", _piece(ffn.w2, 2, tp))
+    ffn.intermediate = inter // tp.size
+    if ffn.shared_expert is not None:
+        _shard_mlp(ffn.shared_expert, tp)
+    _reduce_after(ffn, tp)
+
+
+class VocabParallelEmbedding(nn.Embedding):
+    """This rank's rows of the embedding table ([start, end) of the vocabulary, zero-padded to an even
+    split); ids outside them look up zeros, and the all-reduce fills in every row."""
+
+    def __init__(self, whole: nn.Embedding, tp: TensorParallelGroup):
+        vocab = whole.num_embeddings
+        per_rank = -(-vocab // tp.size)
+        start = min(tp.rank * per_rank, vocab)
+        end = min(start + per_rank, vocab)
+        super().__init__(per_rank, whole.embedding_dim, device="meta")
+        rows = torch.zeros(per_rank, whole.embedding_dim, dtype=whole.weight.dtype, device=whole.weight.device)
+        rows[:end - start] = whole.weight[start:end]
+        self.weight = nn.Parameter(rows, requires_grad=False)
+        self.vocab_start, self.vocab_end, self.vocab_size = start, end, vocab
+        self.tp = tp
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        mine = (ids >= self.vocab_start) & (ids < self.vocab_end)
+        out = F.embedding(torch.where(mine, ids - self.vocab_start, 0), self.weight)
+        return self.tp.all_reduce(out.masked_fill_(~mine.unsqueeze(-1), 0))
+
+
+def _shard_vocabulary(model: nn.Module, tp: TensorParallelGroup) -> None:
+    body = model.model
+    embedding = VocabParallelEmbedding(body.embed_tokens, tp)
+    head = model.lm_head
+    if model.config.tie_word_embeddings:
+        head_rows = embedding.weight
+    else:
+        padded = torch.zeros_like(embedding.weight)
+        start, end = embedding.vocab_start, embedding.vocab_end
+        padded[:end - start] = head.weight[start:end]
+        head_rows = nn.Parameter(padded, requires_grad=False)
+    body.embed_tokens = embedding
+    head.weight = head_rows
+    head.out_features = head_rows.shape[0]
+    local, vocab = head.forward, embedding.vocab_size
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        return tp.all_gather_last(local(hidden))[..., :vocab]
+
+    head.forward = forward

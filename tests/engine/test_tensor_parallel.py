@@ -1,0 +1,115 @@
+"""Tensor parallel on CPU (gloo over loopback, one worker process per extra rank) against one process:
+fp32 greedy tokens identical, bf16 within vLLM's logprob rule, the same through `ember serve`, and a
+worker that dies ends the engine (and the server) with an error naming it, never a hang."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from ember import LLM, SamplingParams
+from ember.engine.tensor_parallel import WorkerDiedError
+from tests.engine.test_kv_int8 import check_logprobs_close
+
+PROMPTS = [[1 + (i * 37 + j * 11) % 500 for j in range(5 + 9 * i)] for i in range(8)]  # 5 to 68 tokens
+
+
+def generate(path, tp: int, dtype: str = "float32", **kwargs):
+    llm = LLM(str(path), dtype=dtype, tensor_parallel_size=tp, **kwargs)
+    try:
+        params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=5)
+        return llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+    finally:
+        llm.engine.shutdown()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mixtral", "qwen2_moe"])
+def test_tp2_fp32_greedy_tokens_equal_one_process(model_factory, arch):
+    # qwen2: tied embeddings (the vocabulary-parallel head is the embedding's shard) and q/k/v biases;
+    # mixtral and qwen2_moe: experts split by channel, the latter with a shared expert
+    path = model_factory(arch, std=0.2)
+    one, two = generate(path, 1), generate(path, 2)
+    assert [o.outputs[0].token_ids for o in two] == [o.outputs[0].token_ids for o in one]
+    for a, b in zip(one, two):  # and the logprobs, to fp32 summation-order noise
+        for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert x.keys() == y.keys()
+            assert max(abs(x[t].logprob - y[t].logprob) for t in x) < 1e-4
+
+
+def test_tp2_bf16_within_logprob_rule(model_factory):
+    path = model_factory("llama", std=0.2)
+    one, two = generate(path, 1, "bfloat16"), generate(path, 2, "bfloat16")
+    assert check_logprobs_close(two, one) >= 0.5
+
+
+def test_vocabulary_split_unevenly_pads_and_cuts(model_factory):
+    # 509 rows over 2 ranks: rank 1's slice has one padded row, which must never be sampled
+    path = model_factory("llama", std=0.2, vocab_size=509)
+    one, two = generate(path, 1), generate(path, 2)
+    assert [o.outputs[0].token_ids for o in two] == [o.outputs[0].token_ids for o in one]
+
+
+def test_sizes_that_do_not_divide_are_refused_before_any_process_starts(model_factory):
+    path = model_factory("llama")  # 4 heads, 2 KV heads
+    with pytest.raises(ValueError, match=r"tensor_parallel_size: 4 does not divide the model's num_key_value_heads \(2\)"):
+        LLM(str(path), tensor_parallel_size=4)
+    with pytest.raises(ValueError, match="quantization"):
+        LLM(str(path), tensor_parallel_size=2, quantization="int8")
+
+
+def test_a_killed_worker_ends_the_engine_with_its_name(model_factory):
+    path = model_factory("llama", std=0.2)
+    llm = LLM(str(path), dtype="float32", tensor_parallel_size=2)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    try:
+        assert len(llm.generate([[1, 2, 3]], params, use_tqdm=False)[0].outputs[0].token_ids) == 8
+        worker = llm.engine.tp_workers.processes[0]
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.join()
+        with pytest.raises(WorkerDiedError, match=r"tensor-parallel worker 1 exited \(code -9\)"):
+            llm.generate([[1, 2, 3]], params, use_tqdm=False)
+        with pytest.raises(WorkerDiedError):  # and stays over
+            llm.generate([[4, 5, 6]], params, use_tqdm=False)
+    finally:
+        llm.engine.shutdown()
+
+
+def _spawned_workers(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
+@pytest.mark.skipif(not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists(),
+                    reason="needs /proc/PID/task/PID/children to find the worker")
+def test_serve_tp2_answers_as_one_process_and_exits_when_a_worker_dies(model_factory):
+    import openai
+
+    from tests.serve.conftest import free_port
+    from tests.serve.test_shutdown import start, wait_ready
+
+    path = model_factory("llama", std=0.2)
+    expected = [o.outputs[0].text for o in generate(path, 1)[:4]]
+    port = free_port()
+    proc = start(path, port, "--tensor-parallel-size", "2")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(proc, base)
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+        for prompt, text in zip(PROMPTS, expected):
+            out = client.completions.create(model="tiny", prompt=prompt, max_tokens=16, temperature=0,
+                                            extra_body={"ignore_eos": True})
+            assert out.choices[0].text == text
+        (worker,) = _spawned_workers(proc.pid)
+        os.kill(worker, signal.SIGKILL)
+        with pytest.raises(openai.APIError):
+            client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=16)
+        output, _ = proc.communicate(timeout=120)  # the server exits by itself
+        assert proc.returncode == 1, output
+        assert "tensor-parallel worker 1 exited (code -9)" in output
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
