@@ -250,7 +250,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if args.model is not None and args.model != args.model_tag:
             raise ValueError(f"model: given twice ({args.model_tag!r} and --model {args.model!r})")
         args.model = args.model_tag
+    if args.data_parallel_size < 1:
+        raise ValueError(f"data_parallel_size: {args.data_parallel_size} must be >= 1")
     sock = listen(args.host, args.port)  # before the model loads: a busy port fails in one line, at once
+    if args.data_parallel_size > 1:
+        from ember.serve.data_parallel import serve_data_parallel
+
+        print(f"ember {__version__}: starting {args.data_parallel_size} replicas of {args.model or 'the default model'} "
+              f"behind a router on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+        return serve_data_parallel(args.argv, args.data_parallel_size, sock, args.host, args.port,
+                                   args.router_policy)
     # a line at once: building kernels and reading weights take a while on a first run
     print(f"ember {__version__}: starting the server for {args.model or 'the default model'} on "
           f"http://{args.host}:{args.port} (loading ...)", file=sys.stderr, flush=True)
@@ -274,6 +283,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return run_server(None, name, config, embedder=embedder, sock=sock)
     llm = AsyncLLM.from_args(path, max_waiting=args.max_waiting, **engine_kwargs(args))
     return run_server(llm, name, config, sock=sock, lora_modules=lora_modules(args.lora_modules))
+
+
+def cmd_router(args: argparse.Namespace) -> int:
+    from ember.serve.router import RouterConfig, run_router
+
+    config = RouterConfig(tuple(args.backend), policy=args.policy, balance_threshold=args.balance_threshold)
+    return run_router(config, args.host, args.port, listen(args.host, args.port))
 
 
 def lora_modules(specs: list[str] | None) -> dict[str, str]:
@@ -427,7 +443,23 @@ def _add_serve(sub) -> None:
                        default=os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").lower() in ("1", "true"),
                        help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (they read paths the "
                             "client names; also set by VLLM_ALLOW_RUNTIME_LORA_UPDATING=true)")
+    serve.add_argument("--data-parallel-size", type=int, default=1,
+                       help="N engine replicas (processes, the cores split between them) behind one endpoint, "
+                            "requests routed by cached prefix and queue depth (ember router)")
+    serve.add_argument("--router-policy", choices=["prefix", "round_robin"], default="prefix",
+                       help="--data-parallel-size: how the router places requests")
     serve.set_defaults(func=cmd_serve)
+
+    router = sub.add_parser("router", help="one OpenAI endpoint over several `ember serve` replicas, placing "
+                                           "each request by cached prefix and queue depth")
+    router.add_argument("--backend", action="append", required=True, metavar="URL",
+                        help="a replica's base URL, e.g. http://10.0.0.2:8000 (repeatable)")
+    router.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    router.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
+    router.add_argument("--policy", choices=["prefix", "round_robin"], default="prefix")
+    router.add_argument("--balance-threshold", type=int, default=8,
+                        help="in-flight requests a cached prefix may outweigh before the least busy replica wins")
+    router.set_defaults(func=cmd_router)
 
 
 def _add_model_commands(sub) -> None:
@@ -533,6 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()  # a program shows its INFO lines; `import ember` alone configures nothing
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(_default_train_action(argv))
+    args.argv = argv  # as given: `serve --data-parallel-size` starts its replicas with the same arguments
     try:
         return args.func(args)
     except ValueError as e:  # bad input: one clear line, no traceback

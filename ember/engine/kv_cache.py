@@ -84,6 +84,25 @@ class KVCacheManager:
             blocks.append(block)
         return blocks
 
+    def prefix_hashes(self, token_ids: Sequence[int]) -> list[bytes]:
+        """The chain hashes of the full blocks of `token_ids` (no salt, no adapter), as a request's would be."""
+        bs, hashes = self.block_size, []
+        for i in range(len(token_ids) // bs):
+            hashes.append(hash_block(hashes[-1] if hashes else None, token_ids[i * bs:(i + 1) * bs]))
+        return hashes
+
+    def num_cached_blocks(self, hashes: Sequence[bytes]) -> int:
+        """How many leading blocks of `hashes` the cache holds now. Only dict lookups: safe to call from another
+        thread than the engine's (the answer may be a step old, which routing tolerates)."""
+        if not self.enable_prefix_caching:
+            return 0
+        count = 0
+        for block_hash in hashes:
+            if block_hash not in self.cached:
+                break
+            count += 1
+        return count
+
     def record_query(self, request: Request, num_hit_tokens: int) -> None:
         """Count an admitted request's lookup; a preempted request's recompute is not a new query."""
         if self.enable_prefix_caching and request.num_preemptions == 0 and request.params.prompt_logprobs is None:

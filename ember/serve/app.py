@@ -26,8 +26,8 @@ from ember.serve.handlers import ServerState
 from ember.serve.metrics import Metrics
 from ember.serve.protocol import (
     ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse, DetokenizeRequest,
-    DetokenizeResponse, EmbeddingRequest, ErrorResponse, LoadLoRARequest, ModelList, OpenAIError, TokenizeRequest,
-    TokenizeResponse, UnloadLoRARequest, random_id,
+    DetokenizeResponse, EmbeddingRequest, ErrorResponse, LoadLoRARequest, ModelList, OpenAIError, PrefixProbeRequest,
+    TokenizeRequest, TokenizeResponse, UnloadLoRARequest, random_id,
 )
 
 logger = logging.getLogger("ember.serve")
@@ -260,6 +260,21 @@ def _add_api(app: FastAPI, state: ServerState, config: ServerConfig) -> None:
         check_model(body.model)
         ids = await handlers.tokenize(body, state)
         return {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids}
+
+    @app.post("/router/probe", dependencies=keyed, include_in_schema=False)
+    async def prefix_probe(body: PrefixProbeRequest):
+        """For `ember router`: the prompt's block hashes and how many this replica holds, and its queue."""
+        llm = state.generator()
+        prompt = body.prompt[0] if isinstance(body.prompt, list) and body.prompt and \
+            isinstance(body.prompt[0], (str, list)) else body.prompt
+        if body.messages is not None:
+            messages = handlers.checked(lambda: [m.for_template() for m in body.messages])
+            return await handlers.prepared(llm.prefix_probe(messages=messages))
+        if isinstance(prompt, str):
+            return await handlers.prepared(llm.prefix_probe(text=prompt))
+        if isinstance(prompt, list):
+            return await llm.prefix_probe(token_ids=[t for t in prompt if isinstance(t, int)])
+        raise OpenAIError(400, "prompt: give 'prompt' or 'messages'", param="prompt")
 
     @app.post("/detokenize", response_model=DetokenizeResponse, dependencies=keyed)
     async def detokenize(body: DetokenizeRequest):

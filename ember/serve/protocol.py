@@ -187,6 +187,14 @@ class TokenizeRequest(_Body):
     add_generation_prompt: bool = True
 
 
+class PrefixProbeRequest(BaseModel):
+    """A router's question (POST /router/probe): the body of the completion or chat request it is placing
+    (the keys other than these are ignored). A batch of prompts is placed by its first."""
+
+    prompt: str | list[int] | list[str] | list[list[int]] | None = None
+    messages: list[ChatMessage] | None = None
+
+
 class EmbeddingRequest(_Body):
     model: str | None = None
     input: str | list[str] | list[int] | list[list[int]]
