@@ -142,7 +142,7 @@ class ModelRunner:
         layout = BatchLayout(query_lens, context_lens, block_tables, slot_mapping, positions)
         ids = torch.tensor(input_ids, device=device)
         if self.workers is not None:  # tensor parallel: the other ranks run the same forward on their shards
-            return self.workers.run(("forward", ids, layout), lambda: self.run_model(ids, layout))
+            return self.workers.forward(ids, layout, lambda: self.run_model(ids, layout))
         return self.run_model(ids, layout)
 
     def run_model(self, input_ids: torch.Tensor, layout: BatchLayout) -> torch.Tensor:
@@ -151,7 +151,7 @@ class ModelRunner:
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.workers is not None:  # vocabulary-parallel: every rank computes its slice
-            return self.workers.run(("logits", hidden), lambda: self.model.compute_logits(hidden))
+            return self.workers.compute_logits(hidden, lambda: self.model.compute_logits(hidden))
         return self.model.compute_logits(hidden)
 
     @torch.inference_mode()

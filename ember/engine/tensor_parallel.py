@@ -20,12 +20,16 @@ import logging
 import multiprocessing as mp
 import os
 import pickle
+import secrets
 import traceback
 from multiprocessing.connection import Connection, wait
 
 import torch
 import torch.distributed as dist
 
+from ember.engine.attention import BatchLayout
+from ember.models import shm_collectives
+from ember.models.shm_collectives import SharedMemoryComm
 from ember.models.tensor_parallel import TensorParallelGroup, shard_model
 from ember.process import die_with_parent
 
@@ -60,16 +64,35 @@ def _send(conn: Connection, message: tuple) -> None:
     conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
 
 
+def _pack(t: torch.Tensor) -> tuple:
+    """A tensor for the pipe as a numpy array (which pickles ~100x faster than a tensor), bf16 as int16."""
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        return "bf16", t.view(torch.int16).numpy()
+    return None, t.numpy()
+
+
+def _unpack(packed: tuple, device: torch.device) -> torch.Tensor:
+    kind, array = packed
+    t = torch.from_numpy(array)
+    return (t.view(torch.bfloat16) if kind == "bf16" else t).to(device)
+
+
 def _device(device: torch.device, rank: int) -> torch.device:
     return torch.device("cuda", rank) if device.type == "cuda" else device
 
 
-def init_group(store_port: int, rank: int, size: int, device: torch.device, store=None) -> TensorParallelGroup:
+def init_group(store_port: int, rank: int, size: int, device: torch.device, shm_name: str | None,
+               store=None, shm: SharedMemoryComm | None = None) -> TensorParallelGroup:
+    """Rank `rank`'s process group; on CPU with the shared-memory collectives (segment `shm_name`, which rank 0
+    created before starting the workers: `shm`) for the tensors that fit."""
     if store is None:
         store = dist.TCPStore("127.0.0.1", store_port, size, is_master=False, timeout=COLLECTIVE_TIMEOUT)
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=COLLECTIVE_TIMEOUT)
-    return TensorParallelGroup(rank, size)
+    if shm is None and shm_name is not None:
+        shm = SharedMemoryComm(shm_name, rank, size)
+    return TensorParallelGroup(rank, size, shm=shm)
 
 
 class TensorParallelWorkers:
@@ -80,13 +103,19 @@ class TensorParallelWorkers:
         self.threads = threads
         self.dead: str | None = None
         context = mp.get_context("spawn")  # a fresh interpreter: no copy of the parent's threads or model
+        self.shm_name = self.shm = None
+        self.processes, self.conns = [], []
+        if device.type == "cpu" and shm_collectives.available():
+            self.shm_name = f"ember-tp-{os.getpid()}-{secrets.token_hex(4)}"
+            self.shm = SharedMemoryComm(self.shm_name, 0, size, create=True,
+                                        peers_alive=lambda: all(p.is_alive() for p in self.processes))
         self.store = dist.TCPStore("127.0.0.1", 0, size, is_master=True, timeout=COLLECTIVE_TIMEOUT,
                                    wait_for_workers=False)
-        self.processes, self.conns = [], []
         for rank in range(1, size):
             parent, child = context.Pipe()
             process = context.Process(target=_worker_main, name=f"ember-tp{rank}", daemon=True,
-                                      args=(config, rank, size, self.store.port, device, threads, child))
+                                      args=(config, rank, size, self.store.port, self.shm_name, device, threads,
+                                            child))
             process.start()
             child.close()
             self.processes.append(process)
@@ -95,7 +124,7 @@ class TensorParallelWorkers:
                     " ".join(str(p.pid) for p in self.processes))
         for rank in range(1, size):
             self._expect(rank, "hello", "starting")
-        self.group = init_group(self.store.port, 0, size, device, self.store)
+        self.group = init_group(self.store.port, 0, size, device, self.shm_name, self.store, self.shm)
 
     def _expect(self, rank: int, kind: str, doing: str):
         conn, process = self.conns[rank - 1], self.processes[rank - 1]
@@ -123,6 +152,8 @@ class TensorParallelWorkers:
             _send(conn, ("start", num_blocks))
         for rank in range(1, self.size):
             self._expect(rank, "ready", "loading the model")
+        if self.shm is not None:
+            self.shm.unlink()  # every rank has it mapped
 
     def _broadcast(self, message: tuple) -> None:
         if self.dead is not None:
@@ -149,6 +180,16 @@ class TensorParallelWorkers:
                     self._fail(f"tensor-parallel worker {rank} exited (code {process.exitcode}) during a step")
             raise
 
+    def forward(self, ids: torch.Tensor, layout: BatchLayout, local):
+        """Every worker runs the forward of this step's batch; `local()` is rank 0's."""
+        message = ("forward", _pack(ids), layout.query_lens, layout.context_lens, _pack(layout.block_tables),
+                   _pack(layout.slot_mapping), _pack(layout.positions))
+        return self.run(message, local)
+
+    def compute_logits(self, hidden: torch.Tensor, local):
+        """Every worker computes its vocabulary slice of these rows' logits; `local()` is rank 0's (the whole)."""
+        return self.run(("logits", _pack(hidden)), local)
+
     def release_kv_cache(self) -> None:
         self._broadcast(("release_kv",))
 
@@ -169,12 +210,15 @@ class TensorParallelWorkers:
                 process.join()
         for conn in self.conns:
             conn.close()
+        if self.shm is not None:
+            self.shm.close()
+            self.shm = None
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _worker_main(config, rank: int, size: int, store_port: int, device: torch.device, threads: int,
-                 conn: Connection) -> None:
+def _worker_main(config, rank: int, size: int, store_port: int, shm_name: str | None, device: torch.device,
+                 threads: int, conn: Connection) -> None:
     die_with_parent()
     try:
         cores = rank_cores(rank, size, threads)
@@ -185,7 +229,7 @@ def _worker_main(config, rank: int, size: int, store_port: int, device: torch.de
         if device.type == "cuda":
             torch.cuda.set_device(device)
         _send(conn, ("hello", None))
-        group = init_group(store_port, rank, size, device)
+        group = init_group(store_port, rank, size, device, shm_name)
         runner = _load_shard(config, group, device, conn)
     except Exception as e:  # said to rank 0, which raises it as the engine's start-up error
         traceback.print_exc()
@@ -217,12 +261,15 @@ def _serve(runner, conn: Connection) -> None:
         except EOFError:  # the engine process is gone
             return
         if kind == "forward":
-            ids, layout = args
+            ids, query_lens, context_lens, block_tables, slot_mapping, positions = args
+            device = runner.device
+            layout = BatchLayout(query_lens, context_lens, _unpack(block_tables, device), _unpack(slot_mapping, device),
+                                 _unpack(positions, device))
             with runner.routing():
-                runner.run_model(ids.to(runner.device), _to(layout, runner.device))
+                runner.run_model(_unpack(ids, device), layout)
         elif kind == "logits":
             with runner.routing():
-                runner.model.compute_logits(args[0].to(runner.device))
+                runner.model.compute_logits(_unpack(args[0], runner.device))
         elif kind == "release_kv":
             runner.release_kv_cache()
         elif kind == "allocate_kv":
@@ -232,11 +279,3 @@ def _serve(runner, conn: Connection) -> None:
                 dist.destroy_process_group()
             return
 
-
-def _to(layout, device: torch.device):
-    if device.type == "cpu":
-        return layout
-    import dataclasses
-
-    return dataclasses.replace(layout, block_tables=layout.block_tables.to(device),
-                               slot_mapping=layout.slot_mapping.to(device), positions=layout.positions.to(device))

@@ -289,6 +289,9 @@ class DecoderLayer(nn.Module):
             ffn = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias,
                            config.family.fused_checkpoint)
         setattr(self, self.ffn_name, ffn)
+        # Tensor parallel (ember.models.tensor_parallel): sums o_proj's and down_proj's partial outputs over the
+        # ranks in the row paths below (the modules' own forwards do it themselves); None in one process.
+        self.tp_reduce = None
 
     def forward(self, x, cos, sin, ctx):
         # Submodules' forward directly: they carry no hooks (FSDP wraps whole layers), and
@@ -326,9 +329,13 @@ class DecoderLayer(nn.Module):
         ops.rotary_.default(qkv, cos, sin, heads + kv_heads)
         q, k, v = qkv.view(rows, -1, head_dim).split_with_sizes([heads, kv_heads, kv_heads], 1)
         out = ctx.attend(layer, q, k, v, scale, window).reshape(rows, -1)
-        x, h = ops.add_rms_norm.default(x, ops.linear_pairs.default(out.contiguous(), o_p, o_n, o_b), norm2, eps2)
+        attn_out = ops.linear_pairs.default(out.contiguous(), o_p, o_n, o_b)
+        if self.tp_reduce is not None:
+            attn_out = self.tp_reduce(attn_out)
+        x, h = ops.add_rms_norm.default(x, attn_out, norm2, eps2)
         gate_up = ops.linear_pairs.default(h, gate_up_p, gate_up_n, gate_up_b)
-        return x, ops.linear_pairs.default(ops.silu_mul.default(gate_up), down_p, down_n, down_b)
+        down = ops.linear_pairs.default(ops.silu_mul.default(gate_up), down_p, down_n, down_b)
+        return x, down if self.tp_reduce is None else self.tp_reduce(down)
 
     def takes_cpu_rows(self) -> bool:
         """Whether forward_cpu_rows applies (a dense SwiGLU block, bf16 weights, even widths); if so,
@@ -375,8 +382,10 @@ class DecoderLayer(nn.Module):
             ops.rotary_.default(q.view(rows, -1), cos, sin, heads)
             ops.rotary_.default(k.view(rows, -1), cos, sin, kv_heads)
         out = ctx.attend(layer, q, k, v, scale, window).reshape(rows, -1)
-        x, h = ops.add_rms_norm.default(x, o(out), norm2, eps2)
-        return x, down(ops.silu_mul.default(gate_up(h)))
+        attn_out, reduce = o(out), self.tp_reduce
+        x, h = ops.add_rms_norm.default(x, attn_out if reduce is None else reduce(attn_out), norm2, eps2)
+        delta = down(ops.silu_mul.default(gate_up(h)))
+        return x, delta if reduce is None else reduce(delta)
 
     def takes_rows(self, dtype: torch.dtype) -> bool:
         """Whether forward_rows applies to activations of `dtype` (a SwiGLU block whose projections have

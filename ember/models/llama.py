@@ -46,7 +46,6 @@ class LlamaModel(nn.Module):
         self.gradient_checkpointing = False  # training: recompute each block's activations in backward
         self._layers_take_cpu_rows: bool | None = None  # decided on the first engine batch
         self._layers_take_rows: dict[torch.dtype, bool] = {}
-        self.fused_rows = True  # False: always the modules (tensor parallel: their all-reduces)
 
     def forward(self, input_ids, positions, ctx: AttentionContext | None) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
@@ -73,7 +72,7 @@ class LlamaModel(nn.Module):
         """DecoderLayer.forward_cpu_rows if the layers take the engine's batch through it, else None."""
         # batch-invariant routing sends one or two rows through the pair-packed kernel too
         fewest = 1 if cpu_ops.batch_invariant_routing() else cpu_ops.GEMV_MAX_ROWS + 1
-        if not (self.fused_rows and x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 2
+        if not (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 2
                 and fewest <= x.shape[0] <= cpu_ops.PAIRS_MAX_ROWS and not torch.is_grad_enabled()):
             return None
         if self._layers_take_cpu_rows is None:
@@ -85,7 +84,7 @@ class LlamaModel(nn.Module):
         and bits without the Python between them), or None where it does not apply (layers with different
         rotary tables, attention other than cpu_paged's decode kernel)."""
         keys = set(self.layer_rotary)
-        if len(keys) != 1 or None in keys or not hasattr(ctx, "decode_stack_args"):
+        if len(keys) != 1 or None in keys or not hasattr(ctx, "decode_stack_args") or self.layers[0].tp_reduce:
             return None
         plans = [layer._cpu_rows_plan for layer in self.layers]
         if len({plan[5:9] for plan in plans}) != 1 or \
@@ -107,7 +106,7 @@ class LlamaModel(nn.Module):
     def _rows(self, x: torch.Tensor):
         """DecoderLayer.forward_rows if the layers take the engine's batch through it (fused elementwise
         kernels for x's dtype here, every projection with a rows function), else None."""
-        if not (self.fused_rows and x.device.type == "cpu" and x.dim() == 2 and x.shape[0] <= cpu_ops.PAIRS_MAX_ROWS
+        if not (x.device.type == "cpu" and x.dim() == 2 and x.shape[0] <= cpu_ops.PAIRS_MAX_ROWS
                 and not torch.is_grad_enabled() and cpu_ops.elementwise_available(x.dtype)):
             return None
         if x.dtype not in self._layers_take_rows:

@@ -34,12 +34,17 @@ class TensorParallelGroup:
     rank: int
     size: int
     group: object = None  # a torch.distributed ProcessGroup (None: the default group)
+    shm: object = None  # ranks on one machine: a SharedMemoryComm for the tensors that fit its slots
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shm is not None and self.shm.fits(x):
+            return self.shm.all_reduce(x)
         dist.all_reduce(x, group=self.group)
         return x
 
     def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shm is not None and self.shm.fits(x):
+            return self.shm.all_gather_last(x)
         parts = [torch.empty_like(x) for _ in range(self.size)]
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=-1)
@@ -81,9 +86,7 @@ def shard_model(model: nn.Module, tp: TensorParallelGroup) -> ModelConfig:
         projections = [attn.qkv_proj, attn.o_proj] + ([ffn.gate_up_proj, ffn.down_proj] if isinstance(ffn, GatedMLP) else [])
         if not isinstance(ffn, (GatedMLP, MoE)) or any(type(p) not in (Linear, MergedLinear) for p in projections):
             raise ValueError(f"tensor_parallel_size: {tp.size}: quantized weights are not split yet")
-    body = model.model
-    body.fused_rows = False  # the fused CPU row paths call kernels directly, past the all-reduces
-    for layer in body.layers:
+    for layer in model.model.layers:
         _shard_layer(layer, tp)
     _shard_vocabulary(model, tp)
     return dataclasses.replace(config, num_heads=config.num_heads // tp.size,
@@ -150,6 +153,7 @@ def _shard_layer(layer: DecoderLayer, tp: TensorParallelGroup) -> None:
     if isinstance(ffn, GatedMLP):
         _shard_mlp(ffn, tp)
         _reduce_after(ffn.down_proj, tp)
+        layer.tp_reduce = tp.all_reduce  # the fused row paths call the kernels, not the modules' forwards
         return
     # MoE (Mixtral, Qwen2/3-MoE): the router stays whole; experts split by channel, as the MLP is
     inter = ffn.intermediate
