@@ -116,6 +116,10 @@ def _add_system_benches(bsub) -> None:
     kb.add_argument("--model", required=True)
     kb.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16])
     kb.add_argument("--group-size", type=int, default=64)
+    cb = bsub.add_parser("collectives", help="tensor parallel's all-reduce between two processes: gloo vs shared memory")
+    cb.add_argument("--shape", type=int, nargs="+", default=[1, 512], help="the bf16 tensor (one decode row: 1 H)")
+    cb.add_argument("--calls", type=int, default=1000, help="all-reduces per timed round")
+    cb.add_argument("--runs", type=int, default=3, help="rounds of each, alternating")
     qb = bsub.add_parser("quant", help="bf16 vs int8 vs int4 weights: W2, W1, memory; llama.cpp as a peer")
     qb.add_argument("--model", required=True)
     qb.add_argument("--runs", type=int, default=3, help="W2 runs of each variant (alternating)")
@@ -197,6 +201,17 @@ def run(args: argparse.Namespace) -> int:
         args.dtype = "bfloat16"
         _header(args)
         run_kernels(ModelConfig.from_dir(args.model), args.rows, args.group_size)
+        return 0
+    if args.bench_command == "collectives":
+        from ember.bench.collectives import run as run_collectives
+
+        args.dtype = "bfloat16"
+        _header(args)
+        result = run_collectives(tuple(args.shape), args.calls, args.runs)
+        for name, seconds in result.items():
+            print(f"all-reduce of bf16 {tuple(args.shape)} between 2 processes, {name}: {seconds * 1e6:.1f} us "
+                  f"(median of {args.runs} rounds of {args.calls})")
+        print(f"ratio gloo / shared memory: {result['gloo'] / result['shared memory']:.1f}x")
         return 0
     if args.bench_command == "startup":
         return _startup(args)
