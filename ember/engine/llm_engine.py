@@ -27,7 +27,7 @@ from ember.models import load_model
 from ember.models.huge_pages import rehome_weights
 from ember.models.quant import QuantizedLinear, quantize_model, weight_bytes
 from ember.models.config import ModelConfig
-from ember.models.tensor_parallel import check_shardable, shard_model
+from ember.models.tensor_parallel import check_shardable, shard_hf_tensors, shard_model
 from ember.tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -374,14 +374,18 @@ class LLMEngine:
         weight version, which every later output carries."""
         from ember.models.loader import load_weights
 
-        if self.tp_workers is not None:
-            raise ValueError("update_weights: this engine is tensor-parallel; pushing weights into split ranks is "
-                             "not supported yet (serve the policy with tensor_parallel_size=1)")
         if any(isinstance(m, QuantizedLinear) for m in self.model.modules()):
             raise ValueError("update_weights: this engine's weights are quantized; push weights into an engine "
                              "without quantization")
         items = named_tensors.items() if hasattr(named_tensors, "items") else named_tensors
-        loaded = load_weights(self.model, ((n, t, "update_weights") for n, t in items), strict=strict)
+        if self.tp_workers is not None:  # each rank keeps its piece; rank 0's load checks names and shapes first
+            items = list(items)
+            mine = shard_hf_tensors(self.model, self.tp_workers.group, items)
+            loaded = load_weights(self.model, ((n, t, "update_weights") for n, t in mine), strict=strict)
+            if loaded:
+                self.tp_workers.update_weights(items, strict)
+        else:
+            loaded = load_weights(self.model, ((n, t, "update_weights") for n, t in items), strict=strict)
         if not loaded:
             raise ValueError("update_weights: no tensor matched a parameter name of the model")
         self.kv.reset_prefix_cache()

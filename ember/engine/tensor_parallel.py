@@ -30,7 +30,7 @@ import torch.distributed as dist
 from ember.engine.attention import BatchLayout
 from ember.models import shm_collectives
 from ember.models.shm_collectives import SharedMemoryComm
-from ember.models.tensor_parallel import TensorParallelGroup, shard_model
+from ember.models.tensor_parallel import TensorParallelGroup, shard_hf_tensors, shard_model
 from ember.process import die_with_parent
 
 logger = logging.getLogger(__name__)
@@ -190,6 +190,11 @@ class TensorParallelWorkers:
         """Every worker computes its vocabulary slice of these rows' logits; `local()` is rank 0's (the whole)."""
         return self.run(("logits", _pack(hidden)), local)
 
+    def update_weights(self, items: list[tuple[str, torch.Tensor]], strict: bool) -> None:
+        """Whole tensors by HF name (rank 0 has loaded its pieces, so names and shapes are known good); each
+        worker copies in its own pieces before its next step."""
+        self._broadcast(("update_weights", [(name, _pack(t)) for name, t in items], strict))
+
     def release_kv_cache(self) -> None:
         self._broadcast(("release_kv",))
 
@@ -270,6 +275,13 @@ def _serve(runner, conn: Connection) -> None:
         elif kind == "logits":
             with runner.routing():
                 runner.model.compute_logits(_unpack(args[0], runner.device))
+        elif kind == "update_weights":
+            from ember.models.loader import load_weights
+
+            items, strict = args
+            whole = ((name, _unpack(t, runner.device)) for name, t in items)
+            pieces = shard_hf_tensors(runner.model, runner.model.tp_group, whole)
+            load_weights(runner.model, ((n, t, "update_weights") for n, t in pieces), strict=strict)
         elif kind == "release_kv":
             runner.release_kv_cache()
         elif kind == "allocate_kv":

@@ -89,6 +89,7 @@ def shard_model(model: nn.Module, tp: TensorParallelGroup) -> ModelConfig:
     for layer in model.model.layers:
         _shard_layer(layer, tp)
     _shard_vocabulary(model, tp)
+    model.tp_group = tp  # for shard_hf_tensors when weights are pushed
     return dataclasses.replace(config, num_heads=config.num_heads // tp.size,
                                num_kv_heads=config.num_kv_heads // tp.size,
                                intermediate_size=config.intermediate_size // tp.size)
@@ -164,6 +165,46 @@ def _shard_layer(layer: DecoderLayer, tp: TensorParallelGroup) -> None:
     if ffn.shared_expert is not None:
         _shard_mlp(ffn.shared_expert, tp)
     _reduce_after(ffn, tp)
+
+
+def shard_hf_tensors(model: nn.Module, tp: TensorParallelGroup, items):
+    """Whole tensors by HF name (a checkpoint's, or an RL trainer's push) -> this rank's pieces of them, for
+    `load_weights` on the split model. The piece is read off the shapes: a tensor this rank holds whole is
+    kept whole, one split N ways along a dimension gives the rank's 1/N of it, the vocabulary's rows are the
+    rank's padded slice; row-parallel biases, which only rank 0 holds, are skipped elsewhere."""
+    from ember.models.loader import _target, hf_parameter_map
+
+    local = hf_parameter_map(model)
+    # checkpoints that store q|k|v (or gate|up) as one tensor (Phi-3): each part is split on its own
+    fused = {id(p): m.output_sizes for m in model.modules() if isinstance(m, MergedLinear) and m.fused_checkpoint
+             for p in (m.weight, m.bias) if p is not None}
+    for name, tensor in items:
+        entry = local.get(name)
+        if entry is None:
+            if not (tp.rank and name.endswith(("o_proj.bias", "down_proj.bias"))):
+                yield name, tensor  # for load_weights to name as unexpected
+            continue
+        shape, full = tuple(_target(*entry).shape), tuple(tensor.shape)
+        if shape == full:
+            yield name, tensor
+            continue
+        split = [d for d in range(len(full)) if len(shape) == len(full) and full[d] != shape[d]]
+        if len(split) != 1:
+            yield name, tensor  # load_weights reports the mismatch, naming the tensor
+            continue
+        d = split[0]
+        if id(entry[0]) in fused and d == 0:
+            parts = tensor.split([size * tp.size for size in fused[id(entry[0])]], 0)
+            yield name, torch.cat([_piece(part, 0, tp) for part in parts])
+            continue
+        per_rank = shape[d]
+        start = tp.rank * per_rank
+        piece = tensor.narrow(d, min(start, full[d]), max(0, min(per_rank, full[d] - start)))
+        if piece.shape[d] < per_rank:  # the vocabulary's last slice: zero rows past its end
+            pad = list(piece.shape)
+            pad[d] = per_rank - piece.shape[d]
+            piece = torch.cat((piece, piece.new_zeros(pad)), d)
+        yield name, piece
 
 
 class VocabParallelEmbedding(nn.Embedding):
