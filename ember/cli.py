@@ -259,7 +259,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"ember {__version__}: starting {args.data_parallel_size} replicas of {args.model or 'the default model'} "
               f"behind a router on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
         return serve_data_parallel(args.argv, args.data_parallel_size, sock, args.host, args.port,
-                                   args.router_policy)
+                                   args.router_policy, args.distributed_executor)
     # a line at once: building kernels and reading weights take a while on a first run
     print(f"ember {__version__}: starting the server for {args.model or 'the default model'} on "
           f"http://{args.host}:{args.port} (loading ...)", file=sys.stderr, flush=True)

@@ -129,6 +129,9 @@ class EngineConfig:
     tensor_parallel_size: int = field(default=1, metadata={
         "help": "split the model's heads, MLP channels and vocabulary over N ranks, one process each (the engine "
                 "process is rank 0; gloo on CPU with the cores split between the ranks, NCCL on CUDA)"})
+    distributed_executor: str = field(default="mp", metadata={
+        "help": "where tensor-parallel workers run: mp (processes on this machine) or ray (actors on the Ray cluster "
+                "this process connects to: RAY_ADDRESS, or a local one)"})
     speculative: dict | None = field(default=None, metadata={
         "help": 'speculative decoding, as JSON: {"method": "ngram", "num_tokens": K, "max_ngram": N} or '
                 '{"method": "draft", "model": DIR, "num_tokens": K}'})
@@ -150,6 +153,8 @@ class EngineConfig:
                self.threads, "none or an integer in [1, 1024]")
         _check(isinstance(self.tensor_parallel_size, int) and 1 <= self.tensor_parallel_size <= 64,
                "tensor_parallel_size", self.tensor_parallel_size, "an integer in [1, 64]")
+        _check(self.distributed_executor in ("mp", "ray"), "distributed_executor", self.distributed_executor,
+               "mp or ray")
         if self.tensor_parallel_size > 1:
             _check(self.quantization is None, "quantization", self.quantization,
                    "quantized weights are not split over tensor-parallel ranks yet: leave it unset")

@@ -78,7 +78,8 @@ class LLMEngine:
             check_shardable(ModelConfig.from_path(config.model), config.tensor_parallel_size)
             threads = rank_threads(config.tensor_parallel_size, config.threads)
             torch.set_num_threads(threads)
-            self.tp_workers = TensorParallelWorkers(config, config.tensor_parallel_size, self.device, threads)
+            self.tp_workers = TensorParallelWorkers(config, config.tensor_parallel_size, self.device, threads,
+                                                    config.distributed_executor)
         elif self.device.type == "cpu":
             if config.threads is not None:
                 torch.set_num_threads(config.threads)

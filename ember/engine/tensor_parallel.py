@@ -11,6 +11,11 @@ would time out); torch.distributed carries only the model's own traffic.
 A worker that dies ends the engine with `WorkerDiedError` naming the rank and its exit code, on the next
 step or inside the current one (its collectives fail when the peer's sockets close), never a hang.
 Workers die with the engine process (PR_SET_PDEATHSIG) and are told to stop on `shutdown()`.
+
+With `distributed_executor="ray"` the workers are Ray actors placed on the cluster the engine process is
+connected to (`ray start` on each node, then `ray.init()` or `RAY_ADDRESS`): the same commands go by actor
+calls (in order, as Ray runs one caller's calls), the process group's store listens on rank 0's node
+address, and ranks on other nodes than rank 0 use gloo/NCCL only (no shared memory between machines).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import datetime
 import logging
 import multiprocessing as mp
 import os
+import contextlib
 import pickle
 import secrets
 import traceback
@@ -82,12 +88,12 @@ def _device(device: torch.device, rank: int) -> torch.device:
     return torch.device("cuda", rank) if device.type == "cuda" else device
 
 
-def init_group(store_port: int, rank: int, size: int, device: torch.device, shm_name: str | None,
+def init_group(store_addr: tuple[str, int], rank: int, size: int, device: torch.device, shm_name: str | None,
                store=None, shm: SharedMemoryComm | None = None) -> TensorParallelGroup:
     """Rank `rank`'s process group; on CPU with the shared-memory collectives (segment `shm_name`, which rank 0
     created before starting the workers: `shm`) for the tensors that fit."""
     if store is None:
-        store = dist.TCPStore("127.0.0.1", store_port, size, is_master=False, timeout=COLLECTIVE_TIMEOUT)
+        store = dist.TCPStore(*store_addr, size, is_master=False, timeout=COLLECTIVE_TIMEOUT)
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=COLLECTIVE_TIMEOUT)
     if shm is None and shm_name is not None:
@@ -95,77 +101,175 @@ def init_group(store_port: int, rank: int, size: int, device: torch.device, shm_
     return TensorParallelGroup(rank, size, shm=shm)
 
 
+class _ProcessLink:
+    """A worker started here with multiprocessing: commands down a pipe, death seen by its exit code."""
+
+    def __init__(self, context, rank: int, args: tuple):
+        self.rank = rank
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_worker_main, name=f"ember-tp{rank}", daemon=True,
+                                       args=(*args, child))
+        self.process.start()
+        child.close()
+
+    def describe(self) -> str:
+        return f"pid {self.process.pid}"
+
+    def send(self, data: bytes) -> None:
+        self.conn.send_bytes(data)
+
+    def expect(self, kind: str):
+        """The worker's next message if it is `kind`; else ("error", why) if it said one, or None if it exited."""
+        ready = wait([self.conn, self.process.sentinel])
+        if self.conn in ready:
+            with contextlib.suppress(EOFError):
+                got, payload = pickle.loads(self.conn.recv_bytes())
+                if got in (kind, "error"):
+                    return got, payload
+        return None
+
+    def exit_code(self, wait_s: float = 0.0) -> int | None:
+        """The worker's exit code once it has exited (waiting up to `wait_s` for it), else None."""
+        self.process.join(timeout=wait_s)
+        return self.process.exitcode
+
+    def stop(self) -> None:
+        if self.process.is_alive():
+            with contextlib.suppress(OSError):
+                _send_to(self, ("stop",))
+        self.process.join(timeout=30)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        self.conn.close()
+
+
+class _RayLink:
+    """A worker as a Ray actor: commands by actor calls (Ray runs one caller's calls in order); death seen as
+    the actor's error on a finished call."""
+
+    def __init__(self, actor, rank: int):
+        self.actor, self.rank = actor, rank
+        self.pending: list = []  # calls not known finished
+
+    def describe(self) -> str:
+        return "Ray actor"
+
+    def send(self, data: bytes) -> None:
+        self.pending.append(self.actor.execute.remote(data))
+        if len(self.pending) > 64:
+            self.exit_code()
+
+    def exit_code(self, wait_s: float = 0.0) -> int | None:
+        """-1 once a call has failed because the actor died (or raised), else None."""
+        import ray
+
+        done, self.pending = ray.wait(self.pending, num_returns=len(self.pending), timeout=wait_s)
+        for ref in done:
+            try:
+                ray.get(ref)
+            except Exception as e:  # RayActorError or the command's own exception
+                self.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                return -1
+        return None
+
+    def stop(self) -> None:
+        import ray
+
+        with contextlib.suppress(Exception):
+            ray.get(self.actor.execute.remote(pickle.dumps(("stop",))), timeout=30)
+        with contextlib.suppress(Exception):
+            ray.kill(self.actor)
+
+
+def _send_to(link, message: tuple) -> None:
+    # plain pickle: multiprocessing's would move tensors through shared-memory files, slower for small ones
+    link.send(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+
 class TensorParallelWorkers:
     """Rank 0's handle on ranks 1..size-1: start them, send each step, stop them."""
 
-    def __init__(self, config, size: int, device: torch.device, threads: int):
+    def __init__(self, config, size: int, device: torch.device, threads: int, executor: str = "mp"):
         self.size = size
         self.threads = threads
         self.dead: str | None = None
-        context = mp.get_context("spawn")  # a fresh interpreter: no copy of the parent's threads or model
+        self.links: list = []
         self.shm_name = self.shm = None
-        self.processes, self.conns = [], []
-        if device.type == "cpu" and shm_collectives.available():
+        same_machine = executor == "mp"
+        if device.type == "cpu" and same_machine and shm_collectives.available():
             self.shm_name = f"ember-tp-{os.getpid()}-{secrets.token_hex(4)}"
             self.shm = SharedMemoryComm(self.shm_name, 0, size, create=True,
-                                        peers_alive=lambda: all(p.is_alive() for p in self.processes))
-        self.store = dist.TCPStore("127.0.0.1", 0, size, is_master=True, timeout=COLLECTIVE_TIMEOUT,
-                                   wait_for_workers=False)
-        for rank in range(1, size):
-            parent, child = context.Pipe()
-            process = context.Process(target=_worker_main, name=f"ember-tp{rank}", daemon=True,
-                                      args=(config, rank, size, self.store.port, self.shm_name, device, threads,
-                                            child))
-            process.start()
-            child.close()
-            self.processes.append(process)
-            self.conns.append(parent)
-        logger.info("tensor parallel: %d ranks, %d thread(s) each; worker pids %s", size, threads,
-                    " ".join(str(p.pid) for p in self.processes))
-        for rank in range(1, size):
-            self._expect(rank, "hello", "starting")
-        self.group = init_group(self.store.port, 0, size, device, self.shm_name, self.store, self.shm)
+                                        peers_alive=lambda: all(link.exit_code() is None for link in self.links))
+        host = _node_address() if executor == "ray" else "127.0.0.1"
+        self.store = dist.TCPStore(host, 0, size, is_master=True, timeout=COLLECTIVE_TIMEOUT, wait_for_workers=False)
+        args = (config, size, (host, self.store.port), self.shm_name, device, threads)
+        if executor == "ray":
+            self._start_ray(args)
+        else:
+            context = mp.get_context("spawn")  # a fresh interpreter: no copy of the parent's threads or model
+            self.links = [_ProcessLink(context, rank, (config, rank, *args[1:])) for rank in range(1, size)]
+            for link in self.links:
+                self._expect(link, "hello", "starting")
+        logger.info("tensor parallel: %d ranks (%s), %d thread(s) each; workers %s", size, executor, threads,
+                    " ".join(link.describe() for link in self.links))
+        self.group = init_group((host, self.store.port), 0, size, device, self.shm_name, self.store, self.shm)
 
-    def _expect(self, rank: int, kind: str, doing: str):
-        conn, process = self.conns[rank - 1], self.processes[rank - 1]
-        ready = wait([conn, process.sentinel])
-        if conn in ready:
-            try:
-                got, payload = pickle.loads(conn.recv_bytes())
-            except EOFError:
-                got, payload = None, None
-            if got == kind:
-                return payload
-            if got == "error":
-                self._fail(f"tensor-parallel worker {rank} failed while {doing}: {payload}")
-        process.join(timeout=10)
-        self._fail(f"tensor-parallel worker {rank} exited (code {process.exitcode}) while {doing}")
+    def _start_ray(self, args: tuple) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(log_to_driver=False)  # RAY_ADDRESS or a local cluster, as Ray decides
+        actor_class = ray.remote(num_cpus=args[-1])(RayShard)
+        for rank in range(1, self.size):
+            actor = actor_class.options(name=None).remote()
+            ray.get(actor.ping.remote())  # placed and running, before rank 0 waits for it in the rendezvous
+            link = _RayLink(actor, rank)
+            link.pending.append(actor.setup.remote(args[0], rank, *args[1:]))
+            self.links.append(link)
+
+    def _expect(self, link, kind: str, doing: str):
+        got = link.expect(kind)
+        if got is not None and got[0] == kind:
+            return got[1]
+        if got is not None:
+            self._fail(f"tensor-parallel worker {link.rank} failed while {doing}: {got[1]}")
+        self._fail(f"tensor-parallel worker {link.rank} exited (code {link.exit_code(10)}) while {doing}")
 
     def _fail(self, message: str):
         self.dead = message
         self.shutdown()
         raise WorkerDiedError(message)
 
+    def _check(self, link, doing: str, wait_s: float = 0.0) -> None:
+        code = link.exit_code(wait_s)
+        if code is not None:
+            why = getattr(link, "error", None)
+            self._fail(f"tensor-parallel worker {link.rank} exited (code {code}){' ' + why if why else ''} {doing}")
+
     def start(self, num_blocks: int) -> None:
         """Every worker has its shard: size its KV cache as rank 0's and wait until each is ready."""
-        for conn in self.conns:
-            _send(conn, ("start", num_blocks))
-        for rank in range(1, self.size):
-            self._expect(rank, "ready", "loading the model")
+        for link in self.links:
+            _send_to(link, ("start", num_blocks))
+        for link in self.links:
+            if isinstance(link, _RayLink):
+                self._check(link, "while loading the model", wait_s=COLLECTIVE_TIMEOUT.total_seconds())
+            else:
+                self._expect(link, "ready", "loading the model")
         if self.shm is not None:
             self.shm.unlink()  # every rank has it mapped
 
     def _broadcast(self, message: tuple) -> None:
         if self.dead is not None:
             raise WorkerDiedError(self.dead)
-        for rank, (conn, process) in enumerate(zip(self.conns, self.processes), start=1):
-            if not process.is_alive():
-                self._fail(f"tensor-parallel worker {rank} exited (code {process.exitcode})")
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        for link in self.links:
+            self._check(link, "")
             try:
-                _send(conn, message)
+                link.send(data)
             except OSError:
-                process.join(timeout=10)
-                self._fail(f"tensor-parallel worker {rank} exited (code {process.exitcode})")
+                self._check(link, "", wait_s=10)
+                raise
 
     def run(self, message: tuple, local):
         """Send `message` to the workers, then run rank 0's part (`local()`): a failure inside the collectives
@@ -174,10 +278,8 @@ class TensorParallelWorkers:
         try:
             return local()
         except RuntimeError:
-            for rank, process in enumerate(self.processes, start=1):
-                process.join(timeout=2)  # a peer whose sockets closed has exited (or is exiting): its code says why
-                if process.exitcode is not None:
-                    self._fail(f"tensor-parallel worker {rank} exited (code {process.exitcode}) during a step")
+            for link in self.links:  # a peer whose sockets closed has exited (or is exiting): its code says why
+                self._check(link, "during a step", wait_s=2)
             raise
 
     def forward(self, ids: torch.Tensor, layout: BatchLayout, local):
@@ -202,19 +304,9 @@ class TensorParallelWorkers:
         self._broadcast(("allocate_kv",))
 
     def shutdown(self) -> None:
-        for conn, process in zip(self.conns, self.processes):
-            if process.is_alive():
-                try:
-                    _send(conn, ("stop",))
-                except OSError:
-                    pass
-        for process in self.processes:
-            process.join(timeout=30)
-            if process.is_alive():
-                process.kill()
-                process.join()
-        for conn in self.conns:
-            conn.close()
+        for link in self.links:
+            link.stop()
+        self.links = []
         if self.shm is not None:
             self.shm.close()
             self.shm = None
@@ -222,66 +314,56 @@ class TensorParallelWorkers:
             dist.destroy_process_group()
 
 
-def _worker_main(config, rank: int, size: int, store_port: int, shm_name: str | None, device: torch.device,
-                 threads: int, conn: Connection) -> None:
-    die_with_parent()
-    try:
-        cores = rank_cores(rank, size, threads)
+class _Shard:
+    """A worker rank: its process group, its piece of the model and its runner; runs rank 0's commands."""
+
+    def __init__(self, config, rank: int, size: int, store_addr: tuple[str, int], shm_name: str | None,
+                 device: torch.device, threads: int, pin: bool):
+        cores = rank_cores(rank, size, threads) if pin else None
         if cores is not None:
             os.sched_setaffinity(0, cores)
         torch.set_num_threads(threads)
-        device = _device(device, rank)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        _send(conn, ("hello", None))
-        group = init_group(store_port, rank, size, device, shm_name)
-        runner = _load_shard(config, group, device, conn)
-    except Exception as e:  # said to rank 0, which raises it as the engine's start-up error
-        traceback.print_exc()
-        _send(conn, ("error", f"{type(e).__name__}: {e}"))
-        return
-    _send(conn, ("ready", None))
-    _serve(runner, conn)
+        self.device = _device(device, rank)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.config = config
+        self.group = init_group(store_addr, rank, size, self.device, shm_name)
+        from ember.models import load_model
 
+        self.model, _ = load_model(config.model, config.dtype, self.device)
+        self.local_config = shard_model(self.model, self.group)
+        self.runner = None
 
-def _load_shard(config, group: TensorParallelGroup, device: torch.device, conn: Connection):
-    from ember.engine.runner import ModelRunner
-    from ember.models import load_model
+    def start(self, num_blocks: int) -> None:
+        from ember.engine.runner import ModelRunner
 
-    model, _ = load_model(config.model, config.dtype, device)
-    local = shard_model(model, group)
-    kind, *args = pickle.loads(conn.recv_bytes())
-    if kind != "start":  # rank 0 failed to start: it says why
-        raise SystemExit(0)
-    num_blocks = args[0]
-    return ModelRunner(model, local, num_blocks, config.cache.block_size, device, config.seed,
-                       config.attention_backend, config.cache.kv_cache_dtype, None, config.batch_invariant)
+        config = self.config
+        self.runner = ModelRunner(self.model, self.local_config, num_blocks, config.cache.block_size, self.device,
+                                  config.seed, config.attention_backend, config.cache.kv_cache_dtype, None,
+                                  config.batch_invariant)
 
-
-@torch.inference_mode()
-def _serve(runner, conn: Connection) -> None:
-    while True:
-        try:
-            kind, *args = pickle.loads(conn.recv_bytes())
-        except EOFError:  # the engine process is gone
-            return
-        if kind == "forward":
+    @torch.inference_mode()
+    def handle(self, message: tuple) -> bool:
+        """Run one command; False once told to stop."""
+        kind, *args = message
+        runner, device = self.runner, self.device
+        if kind == "start":
+            self.start(args[0])
+        elif kind == "forward":
             ids, query_lens, context_lens, block_tables, slot_mapping, positions = args
-            device = runner.device
             layout = BatchLayout(query_lens, context_lens, _unpack(block_tables, device), _unpack(slot_mapping, device),
                                  _unpack(positions, device))
             with runner.routing():
                 runner.run_model(_unpack(ids, device), layout)
         elif kind == "logits":
             with runner.routing():
-                runner.model.compute_logits(_unpack(args[0], runner.device))
+                runner.model.compute_logits(_unpack(args[0], device))
         elif kind == "update_weights":
             from ember.models.loader import load_weights
 
             items, strict = args
-            whole = ((name, _unpack(t, runner.device)) for name, t in items)
-            pieces = shard_hf_tensors(runner.model, runner.model.tp_group, whole)
-            load_weights(runner.model, ((n, t, "update_weights") for n, t in pieces), strict=strict)
+            pieces = shard_hf_tensors(self.model, self.group, ((name, _unpack(t, device)) for name, t in items))
+            load_weights(self.model, ((n, t, "update_weights") for n, t in pieces), strict=strict)
         elif kind == "release_kv":
             runner.release_kv_cache()
         elif kind == "allocate_kv":
@@ -289,5 +371,50 @@ def _serve(runner, conn: Connection) -> None:
         elif kind == "stop":
             if dist.is_initialized():
                 dist.destroy_process_group()
+            return False
+        return True
+
+
+def _worker_main(config, rank: int, size: int, store_addr: tuple[str, int], shm_name: str | None,
+                 device: torch.device, threads: int, conn: Connection) -> None:
+    die_with_parent()
+    try:
+        _send(conn, ("hello", None))
+        shard = _Shard(config, rank, size, store_addr, shm_name, device, threads, pin=True)
+        kind, *args = pickle.loads(conn.recv_bytes())
+        if kind != "start":  # rank 0 failed to start: it says why
+            return
+        shard.start(args[0])
+    except Exception as e:  # said to rank 0, which raises it as the engine's start-up error
+        traceback.print_exc()
+        _send(conn, ("error", f"{type(e).__name__}: {e}"))
+        return
+    _send(conn, ("ready", None))
+    while True:
+        try:
+            message = pickle.loads(conn.recv_bytes())
+        except EOFError:  # the engine process is gone
+            return
+        if not shard.handle(message):
             return
 
+
+class RayShard:
+    """A worker rank as a Ray actor (wrapped with `ray.remote` when the engine starts one)."""
+
+    def ping(self) -> bool:
+        return True
+
+    def setup(self, config, rank: int, size: int, store_addr: tuple[str, int], shm_name: str | None,
+              device: torch.device, threads: int) -> None:
+        self.shard = _Shard(config, rank, size, store_addr, shm_name, device, threads, pin=False)
+
+    def execute(self, data: bytes) -> None:
+        self.shard.handle(pickle.loads(data))
+
+
+def _node_address() -> str:
+    """This node's address as the cluster sees it (where the other ranks reach rank 0's store)."""
+    import ray
+
+    return ray.util.get_node_ip_address()

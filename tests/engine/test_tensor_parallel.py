@@ -66,7 +66,7 @@ def test_a_killed_worker_ends_the_engine_with_its_name(model_factory):
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     try:
         assert len(llm.generate([[1, 2, 3]], params, use_tqdm=False)[0].outputs[0].token_ids) == 8
-        worker = llm.engine.tp_workers.processes[0]
+        worker = llm.engine.tp_workers.links[0].process
         os.kill(worker.pid, signal.SIGKILL)
         worker.join()
         with pytest.raises(WorkerDiedError, match=r"tensor-parallel worker 1 exited \(code -9\)"):

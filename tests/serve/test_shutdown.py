@@ -14,11 +14,11 @@ from tests.serve.conftest import free_port
 from tests.waiting import wait_until
 
 
-def start(model, port: int, *extra: str) -> subprocess.Popen:
+def start(model, port: int, *extra: str, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "ember.cli", "serve", str(model), "--port", str(port), "--dtype", "float32",
          "--max-num-seqs", "4", "--served-model-name", "tiny", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )
 
 
