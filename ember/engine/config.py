@@ -156,8 +156,6 @@ class EngineConfig:
         _check(self.distributed_executor in ("mp", "ray"), "distributed_executor", self.distributed_executor,
                "mp or ray")
         if self.tensor_parallel_size > 1:
-            _check(self.quantization is None, "quantization", self.quantization,
-                   "quantized weights are not split over tensor-parallel ranks yet: leave it unset")
             _check(not self.lora.enable_lora, "enable_lora", True,
                    "LoRA adapters are not split over tensor-parallel ranks yet")
         _check(

@@ -96,9 +96,9 @@ class LLMEngine:
         self.model, self.model_config = load_model(config.model, config.dtype, self.device)
         # The KV cache and attention see this rank's heads (all of them without tensor parallelism).
         self.rank_config = self.model_config
-        if self.tp_workers is not None:
-            self.rank_config = shard_model(self.model, self.tp_workers.group)
-        if config.quantization is not None:
+        if self.tp_workers is not None:  # each rank quantizes its own pieces
+            self.rank_config = shard_model(self.model, self.tp_workers.group, config.quant_config())
+        elif config.quantization is not None:
             quantize_model(self.model, config.quant_config())
         if self.device.type == "cpu":
             rehome_weights(self.model)

@@ -331,7 +331,7 @@ class _Shard:
         from ember.models import load_model
 
         self.model, _ = load_model(config.model, config.dtype, self.device)
-        self.local_config = shard_model(self.model, self.group)
+        self.local_config = shard_model(self.model, self.group, config.quant_config())
         self.runner = None
 
     def start(self, num_blocks: int) -> None:

@@ -71,9 +71,11 @@ def check_shardable(config: ModelConfig, size: int) -> None:
             raise ValueError(f"tensor_parallel_size: {size} does not divide the model's {name} ({value})")
 
 
-def shard_model(model: nn.Module, tp: TensorParallelGroup) -> ModelConfig:
-    """Split `model` (an ember decoder, loaded whole) in place to rank `tp.rank`'s share; returns the
-    config as the rank sees it (its heads and MLP width)."""
+def shard_model(model: nn.Module, tp: TensorParallelGroup, quant=None) -> ModelConfig:
+    """Split `model` (an ember decoder, loaded whole) in place to rank `tp.rank`'s share, then quantize the
+    pieces if `quant` (a QuantConfig: each rank quantizes its own pieces, so a row-parallel projection's
+    per-channel scales cover the rank's input columns; the vocabulary-parallel embedding stays unquantized);
+    returns the config as the rank sees it (its heads and MLP width)."""
     from ember.models.llama import LlamaForCausalLM
     from ember.models.moe import MoE
 
@@ -85,10 +87,16 @@ def shard_model(model: nn.Module, tp: TensorParallelGroup) -> ModelConfig:
         attn, ffn = layer.self_attn, getattr(layer, layer.ffn_name)
         projections = [attn.qkv_proj, attn.o_proj] + ([ffn.gate_up_proj, ffn.down_proj] if isinstance(ffn, GatedMLP) else [])
         if not isinstance(ffn, (GatedMLP, MoE)) or any(type(p) not in (Linear, MergedLinear) for p in projections):
-            raise ValueError(f"tensor_parallel_size: {tp.size}: quantized weights are not split yet")
+            raise ValueError(f"tensor_parallel_size: {tp.size}: pre-quantized checkpoints (GPTQ, AWQ, quantized GGUF "
+                             "blocks) are not split yet; load bf16 weights, with quantization= at load time if wanted")
     for layer in model.model.layers:
         _shard_layer(layer, tp)
     _shard_vocabulary(model, tp)
+    if quant is not None:
+        from ember.models.quant import quantize_model
+
+        quantize_model(model, dataclasses.replace(quant, embeddings=False))
+    _install_collectives(model, tp)
     model.tp_group = tp  # for shard_hf_tensors when weights are pushed
     return dataclasses.replace(config, num_heads=config.num_heads // tp.size,
                                num_kv_heads=config.num_kv_heads // tp.size,
@@ -149,12 +157,9 @@ def _shard_layer(layer: DecoderLayer, tp: TensorParallelGroup) -> None:
     attn.num_kv_heads //= tp.size
     attn.split_sizes = [s // tp.size for s in attn.split_sizes]
     _row(attn.o_proj, tp)
-    _reduce_after(attn.o_proj, tp)
     ffn = getattr(layer, layer.ffn_name)
     if isinstance(ffn, GatedMLP):
         _shard_mlp(ffn, tp)
-        _reduce_after(ffn.down_proj, tp)
-        layer.tp_reduce = tp.all_reduce  # the fused row paths call the kernels, not the modules' forwards
         return
     # MoE (Mixtral, Qwen2/3-MoE): the router stays whole; experts split by channel, as the MLP is
     inter = ffn.intermediate
@@ -164,7 +169,26 @@ def _shard_layer(layer: DecoderLayer, tp: TensorParallelGroup) -> None:
     ffn.intermediate = inter // tp.size
     if ffn.shared_expert is not None:
         _shard_mlp(ffn.shared_expert, tp)
-    _reduce_after(ffn, tp)
+
+
+def _install_collectives(model: nn.Module, tp: TensorParallelGroup) -> None:
+    """The all-reduces after each row-parallel sublayer and the LM head's gather, on the final modules (after
+    any quantization has replaced the Linears)."""
+    for layer in model.model.layers:
+        _reduce_after(layer.self_attn.o_proj, tp)
+        ffn = getattr(layer, layer.ffn_name)
+        if isinstance(ffn, GatedMLP):
+            _reduce_after(ffn.down_proj, tp)
+            layer.tp_reduce = tp.all_reduce  # the fused row paths call the kernels, not the modules' forwards
+        else:
+            _reduce_after(ffn, tp)  # MoE: once after the whole block
+    head, vocab = model.lm_head, model.model.embed_tokens.vocab_size
+    local = head.forward
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        return tp.all_gather_last(local(hidden))[..., :vocab]
+
+    head.forward = forward
 
 
 def shard_hf_tensors(model: nn.Module, tp: TensorParallelGroup, items):
@@ -243,9 +267,3 @@ def _shard_vocabulary(model: nn.Module, tp: TensorParallelGroup) -> None:
     body.embed_tokens = embedding
     head.weight = head_rows
     head.out_features = head_rows.shape[0]
-    local, vocab = head.forward, embedding.vocab_size
-
-    def forward(hidden: torch.Tensor) -> torch.Tensor:
-        return tp.all_gather_last(local(hidden))[..., :vocab]
-
-    head.forward = forward

@@ -9,6 +9,7 @@ import signal
 from pathlib import Path
 
 import pytest
+import torch
 
 from ember import LLM, SamplingParams
 from ember.engine.tensor_parallel import WorkerDiedError
@@ -56,8 +57,33 @@ def test_sizes_that_do_not_divide_are_refused_before_any_process_starts(model_fa
     path = model_factory("llama")  # 4 heads, 2 KV heads
     with pytest.raises(ValueError, match=r"tensor_parallel_size: 4 does not divide the model's num_key_value_heads \(2\)"):
         LLM(str(path), tensor_parallel_size=4)
-    with pytest.raises(ValueError, match="quantization"):
-        LLM(str(path), tensor_parallel_size=2, quantization="int8")
+    with pytest.raises(ValueError, match="enable_lora"):
+        LLM(str(path), tensor_parallel_size=2, enable_lora=True)
+
+
+def prompt_logprobs(path, tp: int, **kwargs) -> torch.Tensor:
+    """The log-probability of each prompt token after the first, teacher-forced, over PROMPTS."""
+    llm = LLM(str(path), dtype="bfloat16", tensor_parallel_size=tp, **kwargs)
+    try:
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
+                            SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+    finally:
+        llm.engine.shutdown()
+    return torch.tensor([o.prompt_logprobs[i][t].logprob for o in outs
+                         for i, t in enumerate(o.prompt_token_ids) if i > 0])
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_load_time_quantization_splits_then_quantizes(model_factory, method):
+    # Each rank quantizes its own pieces: column-parallel rows keep their scales, row-parallel ones get
+    # per-rank scales over their half of the input. Split and quantized, the model is no further from the
+    # unquantized one than quantized in one process (teacher-forced prompt logprobs).
+    path = model_factory("llama", std=0.2, hidden_size=128, intermediate_size=256)
+    exact = prompt_logprobs(path, 1)
+    quant = {"quantization": method, "quantization_group_size": 32}
+    one = (prompt_logprobs(path, 1, **quant) - exact).abs().mean()
+    two = (prompt_logprobs(path, 2, **quant) - exact).abs().mean()
+    assert 0 < two <= 1.25 * one, (one, two)
 
 
 def test_a_killed_worker_ends_the_engine_with_its_name(model_factory):
