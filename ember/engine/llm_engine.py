@@ -27,7 +27,7 @@ from ember.models import load_model
 from ember.models.huge_pages import rehome_weights
 from ember.models.quant import QuantizedLinear, quantize_model, weight_bytes
 from ember.models.config import ModelConfig
-from ember.models.tensor_parallel import check_shardable, shard_hf_tensors, shard_model
+from ember.models.tensor_parallel import check_shardable, load_model_shard, shard_hf_tensors
 from ember.tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -93,13 +93,16 @@ class LLMEngine:
             raise
 
     def _build(self, config: EngineConfig) -> None:
-        self.model, self.model_config = load_model(config.model, config.dtype, self.device)
         # The KV cache and attention see this rank's heads (all of them without tensor parallelism).
-        self.rank_config = self.model_config
-        if self.tp_workers is not None:  # each rank quantizes its own pieces
-            self.rank_config = shard_model(self.model, self.tp_workers.group, config.quant_config())
-        elif config.quantization is not None:
-            quantize_model(self.model, config.quant_config())
+        if self.tp_workers is not None:  # this rank's share only, quantized by itself
+            self.model, self.rank_config = load_model_shard(config.model, config.dtype, self.device,
+                                                            self.tp_workers.group, config.quant_config())
+            self.model_config = self.model.config
+        else:
+            self.model, self.model_config = load_model(config.model, config.dtype, self.device)
+            self.rank_config = self.model_config
+            if config.quantization is not None:
+                quantize_model(self.model, config.quant_config())
         if self.device.type == "cpu":
             rehome_weights(self.model)
         self.tokenizer = Tokenizer(config.tokenizer or config.model, chat_template=config.chat_template)

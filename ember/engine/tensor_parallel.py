@@ -36,7 +36,7 @@ import torch.distributed as dist
 from ember.engine.attention import BatchLayout
 from ember.models import shm_collectives
 from ember.models.shm_collectives import SharedMemoryComm
-from ember.models.tensor_parallel import TensorParallelGroup, shard_hf_tensors, shard_model
+from ember.models.tensor_parallel import TensorParallelGroup, load_model_shard, shard_hf_tensors
 from ember.process import die_with_parent
 
 logger = logging.getLogger(__name__)
@@ -328,10 +328,8 @@ class _Shard:
             torch.cuda.set_device(self.device)
         self.config = config
         self.group = init_group(store_addr, rank, size, self.device, shm_name)
-        from ember.models import load_model
-
-        self.model, _ = load_model(config.model, config.dtype, self.device)
-        self.local_config = shard_model(self.model, self.group, config.quant_config())
+        self.model, self.local_config = load_model_shard(config.model, config.dtype, self.device, self.group,
+                                                         config.quant_config())
         self.runner = None
 
     def start(self, num_blocks: int) -> None:

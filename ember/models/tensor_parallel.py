@@ -76,6 +76,41 @@ def shard_model(model: nn.Module, tp: TensorParallelGroup, quant=None) -> ModelC
     pieces if `quant` (a QuantConfig: each rank quantizes its own pieces, so a row-parallel projection's
     per-channel scales cover the rank's input columns; the vocabulary-parallel embedding stays unquantized);
     returns the config as the rank sees it (its heads and MLP width)."""
+    local = _split(model, tp)
+    _finish(model, tp, quant)
+    return local
+
+
+def load_model_shard(model_dir, dtype, device: torch.device, tp: TensorParallelGroup, quant=None):
+    """(model, rank config): rank `tp.rank`'s share of the checkpoint, built on the meta device, split there,
+    and filled from the safetensors files piece by piece, so a rank never holds more than its share (plus one
+    checkpoint tensor at a time). GGUF files, GPTQ/AWQ checkpoints and multimodal ones load whole, then split."""
+    from pathlib import Path
+
+    from ember.models import model_class
+    from ember.models.gguf import find_gguf
+    from ember.models.loader import iter_safetensors, load_model, load_weights, safetensors_files
+
+    config = None if find_gguf(model_dir) is not None else ModelConfig.from_dir(model_dir)
+    if config is None or config.family.text_tower or config.family.moe == "gpt_oss" or \
+            config.raw.get("quantization_config") is not None:
+        model, _ = load_model(model_dir, dtype, device)
+        return model, shard_model(model, tp, quant)
+    torch_dtype = config.resolve_dtype(dtype, device)
+    with torch.device("meta"):
+        model = model_class(config.architecture)(config).to(torch_dtype)
+    local = _split(model, tp)
+    model.to_empty(device=device)
+    if config.tie_word_embeddings:  # to_empty() unties shared tensors
+        model.lm_head.weight = model.model.embed_tokens.weight
+    whole = ((name, tensor) for name, tensor, _ in iter_safetensors(safetensors_files(Path(model_dir)), Path(model_dir).name))
+    load_weights(model, ((name, piece, "checkpoint") for name, piece in shard_hf_tensors(model, tp, whole)))
+    model.eval()
+    _finish(model, tp, quant)
+    return model, local
+
+
+def _split(model: nn.Module, tp: TensorParallelGroup) -> ModelConfig:
     from ember.models.llama import LlamaForCausalLM
     from ember.models.moe import MoE
 
@@ -92,15 +127,18 @@ def shard_model(model: nn.Module, tp: TensorParallelGroup, quant=None) -> ModelC
     for layer in model.model.layers:
         _shard_layer(layer, tp)
     _shard_vocabulary(model, tp)
+    return dataclasses.replace(config, num_heads=config.num_heads // tp.size,
+                               num_kv_heads=config.num_kv_heads // tp.size,
+                               intermediate_size=config.intermediate_size // tp.size)
+
+
+def _finish(model: nn.Module, tp: TensorParallelGroup, quant) -> None:
     if quant is not None:
         from ember.models.quant import quantize_model
 
         quantize_model(model, dataclasses.replace(quant, embeddings=False))
     _install_collectives(model, tp)
     model.tp_group = tp  # for shard_hf_tensors when weights are pushed
-    return dataclasses.replace(config, num_heads=config.num_heads // tp.size,
-                               num_kv_heads=config.num_kv_heads // tp.size,
-                               intermediate_size=config.intermediate_size // tp.size)
 
 
 def _piece(t: torch.Tensor, dim: int, tp: TensorParallelGroup) -> torch.Tensor:

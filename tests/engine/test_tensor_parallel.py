@@ -163,3 +163,26 @@ def test_weights_pushed_into_a_split_engine_serve_as_if_loaded(model_factory, ar
         assert [o.outputs[0].token_ids for o in got] == expected
     finally:
         llm.engine.shutdown()
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RssAnon from /proc")
+def test_a_rank_loads_its_share_not_the_whole_model(model_factory):
+    # ~100 MB of fp32 weights; a rank of TP=2 keeps ~half. Loading piece by piece peaks at its share plus a
+    # few checkpoint tensors; loading whole then splitting peaks at the whole model plus the share.
+    import subprocess
+    import sys
+
+    path = model_factory("llama", hidden_size=512, intermediate_size=2048, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=4, vocab_size=16000)
+
+    def probe(mode: str) -> tuple[int, int]:
+        out = subprocess.run([sys.executable, "-m", "tests.engine.tp_load_memory", mode, str(path)],
+                             capture_output=True, text=True, check=True)
+        peak, weights = out.stdout.split()[-2:]
+        return int(peak), int(weights)
+
+    (whole, share), (piecewise, share_again) = probe("whole"), probe("shard")
+    assert share == share_again
+    assert piecewise < 0.7 * whole, (piecewise, whole, share)
+    largest = 16000 * 512 * 4  # the embedding, in fp32: a few such tensors are in flight while one loads
+    assert piecewise < share + 3 * largest, (piecewise, share)
