@@ -385,10 +385,13 @@ def _expert_names(config: ModelConfig) -> tuple[str, dict[str, str]] | None:
 _EXPERT_TENSOR = re.compile(r"^blk\.(\d+)\.(ffn_(?:gate|up|down)_exps)\.weight$")
 
 
-def load_gguf(path: Path, dtype: str | torch.dtype, device: torch.device) -> tuple[nn.Module, ModelConfig]:
+def load_gguf(path: Path, dtype: str | torch.dtype, device: torch.device,
+              splitter=None) -> tuple[nn.Module, ModelConfig]:
     """The model of a GGUF file: quantized blocks ember maps exactly stay quantized on CPU (4-bit ones
     always, 5-8-bit ones where ember's integer kernels run); everything else is dequantized to the
-    compute dtype (as transformers does), experts and GPT-2's transposed projections included."""
+    compute dtype (as transformers does), experts and GPT-2's transposed projections included.
+    `splitter` (tensor parallel, ember.models.tensor_parallel.GGUFSplitter) builds the model already split
+    and cuts each tensor to the rank's piece as it is read; a packed weight it cannot cut is dequantized."""
     from collections import Counter
 
     from ember.models import cpu_ops
@@ -399,7 +402,7 @@ def load_gguf(path: Path, dtype: str | torch.dtype, device: torch.device) -> tup
     g = open_gguf(path)
     config = g.config()
     torch_dtype = config.resolve_dtype(dtype, device)
-    model = empty_model(config, torch_dtype, device)
+    model = empty_model(config, torch_dtype, device) if splitter is None else splitter.build(config, torch_dtype, device)
     names, packable, experts = g.hf_names(model, config), _packable(model), _expert_names(config)
     transposed = {n for n, (p, _) in _parameter_map(model).items() if getattr(p, "transposed_checkpoint", False)}
     packed: dict[str, PackedWeight] = {}
@@ -423,9 +426,13 @@ def load_gguf(path: Path, dtype: str | torch.dtype, device: torch.device) -> tup
             heads = g.unpermute_heads(hf, config)
             weight = tensor_packed(t) if device.type == "cpu" and hf in packable else None
             if weight is not None and (weight.bits == 4 or cpu_ops.int_kernels_available()):
-                packed[hf] = weight.rows(unpermute_index(weight.shape[0], heads)) if heads else weight
-                kept[t.type] += 1
-                continue
+                weight = weight.rows(unpermute_index(weight.shape[0], heads)) if heads else weight
+                if splitter is not None:
+                    weight = splitter.packed(hf, weight)
+                if weight is not None:
+                    packed[hf] = weight
+                    kept[t.type] += 1
+                    continue
             values = tensor_values(t)
             if heads:
                 values = values[unpermute_index(values.shape[0], heads)]
@@ -438,7 +445,7 @@ def load_gguf(path: Path, dtype: str | torch.dtype, device: torch.device) -> tup
         logger.warning("%s: ignored %d tensors ember's %s has no place for, e.g. %s", g.path.name, len(unexpected),
                        config.architecture, unexpected[:3])
     install_packed(model, packed, torch_dtype, str(g.path))
-    load_weights(model, dense)
+    load_weights(model, dense if splitter is None else splitter.dense(dense))
     model.eval()
     summary = ", ".join(f"{n} {kind}" for kind, n in kept.items()) or "none"
     print(f"loaded {g.path.name} in {time.perf_counter() - started:.1f} s ({g.arch}; kept quantized: {summary}"

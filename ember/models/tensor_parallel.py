@@ -84,30 +84,96 @@ def shard_model(model: nn.Module, tp: TensorParallelGroup, quant=None) -> ModelC
 def load_model_shard(model_dir, dtype, device: torch.device, tp: TensorParallelGroup, quant=None):
     """(model, rank config): rank `tp.rank`'s share of the checkpoint, built on the meta device, split there,
     and filled from the safetensors files piece by piece, so a rank never holds more than its share (plus one
-    checkpoint tensor at a time). GGUF files, GPTQ/AWQ checkpoints and multimodal ones load whole, then split."""
+    checkpoint tensor at a time); GGUF files too, their quantized blocks cut in their packed form.
+    GPTQ/AWQ checkpoints and multimodal ones load whole, then split."""
     from pathlib import Path
 
-    from ember.models import model_class
     from ember.models.gguf import find_gguf
     from ember.models.loader import iter_safetensors, load_model, load_weights, safetensors_files
 
-    config = None if find_gguf(model_dir) is not None else ModelConfig.from_dir(model_dir)
-    if config is None or config.family.text_tower or config.family.moe == "gpt_oss" or \
-            config.raw.get("quantization_config") is not None:
+    if (gguf_file := find_gguf(model_dir)) is not None:
+        from ember.models.gguf import load_gguf
+
+        splitter = GGUFSplitter(tp)
+        model, _ = load_gguf(gguf_file, dtype, device, splitter)
+        _finish(model, tp, quant)
+        return model, splitter.local
+    config = ModelConfig.from_dir(model_dir)
+    if config.family.text_tower or config.family.moe == "gpt_oss" or config.raw.get("quantization_config") is not None:
         model, _ = load_model(model_dir, dtype, device)
         return model, shard_model(model, tp, quant)
-    torch_dtype = config.resolve_dtype(dtype, device)
-    with torch.device("meta"):
-        model = model_class(config.architecture)(config).to(torch_dtype)
-    local = _split(model, tp)
-    model.to_empty(device=device)
-    if config.tie_word_embeddings:  # to_empty() unties shared tensors
-        model.lm_head.weight = model.model.embed_tokens.weight
+    model, local = _build_split(config, config.resolve_dtype(dtype, device), device, tp)
     whole = ((name, tensor) for name, tensor, _ in iter_safetensors(safetensors_files(Path(model_dir)), Path(model_dir).name))
     load_weights(model, ((name, piece, "checkpoint") for name, piece in shard_hf_tensors(model, tp, whole)))
     model.eval()
     _finish(model, tp, quant)
     return model, local
+
+
+def _build_split(config: ModelConfig, dtype: torch.dtype, device: torch.device, tp: TensorParallelGroup):
+    """(the model with storage for this rank's pieces only, uninitialised; the rank's config)."""
+    from ember.models import model_class
+
+    with torch.device("meta"):
+        model = model_class(config.architecture)(config).to(dtype)
+    local = _split(model, tp)
+    model.to_empty(device=device)
+    if config.tie_word_embeddings:  # to_empty() unties shared tensors
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model, local
+
+
+class GGUFSplitter:
+    """load_gguf's hooks for tensor parallel: the model built split, each tensor cut as it is read. Packed
+    (quantized) weights are cut in their blocks' form: rows for column-parallel projections, whole groups of
+    input columns for row-parallel ones; the embedding is dequantized (it is vocabulary-parallel, dense)."""
+
+    COLUMN = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight", "up_proj.weight")
+    ROW = ("o_proj.weight", "down_proj.weight")
+
+    def __init__(self, tp: TensorParallelGroup):
+        self.tp, self.local = tp, None
+
+    def build(self, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:
+        self.model, self.local = _build_split(config, dtype, device, self.tp)
+        return self.model
+
+    def packed(self, name: str, weight):
+        """This rank's piece of a packed weight, or None to take the tensor dequantized (dense)."""
+        tp, (n, k) = self.tp, weight.shape
+        if name.endswith(self.COLUMN):
+            rows = n // tp.size
+            return weight.rows(slice(tp.rank * rows, (tp.rank + 1) * rows))
+        if name.endswith(self.ROW) and (k // tp.size) % weight.group == 0:
+            from ember.models.gguf_blocks import PackedWeight
+
+            cols, groups = k // tp.size, k // tp.size // weight.group
+            pick = slice(tp.rank * groups, (tp.rank + 1) * groups)
+            return PackedWeight(weight.q[:, tp.rank * cols:(tp.rank + 1) * cols].contiguous(),
+                                weight.scale[:, pick].contiguous(),
+                                None if weight.offset is None else weight.offset[:, pick].contiguous(),
+                                weight.group, weight.bits)
+        if name == "lm_head.weight":
+            per_rank = -(-n // tp.size)
+            start, end = min(tp.rank * per_rank, n), min((tp.rank + 1) * per_rank, n)
+            piece = weight.rows(slice(start, end))
+            pad = per_rank - (end - start)
+            if pad:
+                from ember.models.gguf_blocks import PackedWeight
+
+                def grow(t):
+                    return None if t is None else torch.cat((t, t.new_zeros(pad, *t.shape[1:])))
+
+                piece = PackedWeight(grow(piece.q), grow(piece.scale), grow(piece.offset), piece.group, piece.bits)
+            return piece
+        return None  # the embedding, and anything else: dense, cut by shard_hf_tensors
+
+    def dense(self, items):
+        """(HF name, whole tensor, source) -> (name, this rank's piece, source)."""
+        items = list(items)
+        sources = {name: source for name, _, source in items}
+        pieces = shard_hf_tensors(self.model, self.tp, ((name, t) for name, t, _ in items))
+        return [(name, piece, sources[name]) for name, piece in pieces]
 
 
 def _split(model: nn.Module, tp: TensorParallelGroup) -> ModelConfig:
@@ -122,8 +188,8 @@ def _split(model: nn.Module, tp: TensorParallelGroup) -> ModelConfig:
         attn, ffn = layer.self_attn, getattr(layer, layer.ffn_name)
         projections = [attn.qkv_proj, attn.o_proj] + ([ffn.gate_up_proj, ffn.down_proj] if isinstance(ffn, GatedMLP) else [])
         if not isinstance(ffn, (GatedMLP, MoE)) or any(type(p) not in (Linear, MergedLinear) for p in projections):
-            raise ValueError(f"tensor_parallel_size: {tp.size}: pre-quantized checkpoints (GPTQ, AWQ, quantized GGUF "
-                             "blocks) are not split yet; load bf16 weights, with quantization= at load time if wanted")
+            raise ValueError(f"tensor_parallel_size: {tp.size}: GPTQ/AWQ checkpoints are not split yet; load bf16 "
+                             "weights (quantization= at load time if wanted) or a GGUF")
     for layer in model.model.layers:
         _shard_layer(layer, tp)
     _shard_vocabulary(model, tp)

@@ -61,9 +61,9 @@ def test_sizes_that_do_not_divide_are_refused_before_any_process_starts(model_fa
         LLM(str(path), tensor_parallel_size=2, enable_lora=True)
 
 
-def prompt_logprobs(path, tp: int, **kwargs) -> torch.Tensor:
+def prompt_logprobs(path, tp: int, dtype: str = "bfloat16", **kwargs) -> torch.Tensor:
     """The log-probability of each prompt token after the first, teacher-forced, over PROMPTS."""
-    llm = LLM(str(path), dtype="bfloat16", tensor_parallel_size=tp, **kwargs)
+    llm = LLM(str(path), dtype=dtype, tensor_parallel_size=tp, **kwargs)
     try:
         outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
                             SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
@@ -186,3 +186,29 @@ def test_a_rank_loads_its_share_not_the_whole_model(model_factory):
     assert piecewise < 0.7 * whole, (piecewise, whole, share)
     largest = 16000 * 512 * 4  # the embedding, in fp32: a few such tensors are in flight while one loads
     assert piecewise < share + 3 * largest, (piecewise, share)
+
+
+@pytest.mark.parametrize("arch,weight_type", [("llama", "Q4_1"), ("llama", "Q8_0"), ("qwen2", "Q4_0")])
+def test_quantized_gguf_splits_in_its_blocks(model_factory, tmp_path, arch, weight_type):
+    # q/k/v/gate/up cut by rows and o/down by whole groups of input columns, still quantized; the embedding
+    # dequantized (vocabulary-parallel). Against TP=1 on the same file: the same tokens up to the integer
+    # kernels' per-row activation rounding, which now covers half a row (teacher-forced logprobs within 0.02).
+    from ember.models.quant import QuantizedLinear
+    from tests.models.gguf_files import write_gguf
+
+    path = write_gguf(model_factory(arch, std=0.2), tmp_path / f"{arch}-{weight_type}.gguf", weight_type)
+    one = prompt_logprobs(path, 1, "float32")
+    two = prompt_logprobs(path, 2, "float32")
+    assert (two - one).abs().max() < 0.02
+    llm = LLM(str(path), dtype="float32", tensor_parallel_size=2)
+    try:
+        kinds = {type(m) for m in llm.engine.model.modules()}
+        from ember.models import cpu_ops
+
+        if weight_type.startswith("Q4") or cpu_ops.int_kernels_available():
+            assert QuantizedLinear in kinds, kinds
+        got = llm.generate([{"prompt_token_ids": p} for p in PROMPTS[:4]],
+                           SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=5), use_tqdm=False)
+    finally:
+        llm.engine.shutdown()
+    assert check_logprobs_close(got, generate(path, 1)[:4]) >= 0.5

@@ -41,6 +41,27 @@ def test_smollm2_matches_transformers_on_the_same_file(smollm2):
     assert abs(forced.ember_loss - forced.reference_loss) < 0.01, forced
 
 
+def test_smollm2_split_three_ways_answers_as_one_process(smollm2):
+    """Tensor parallel on a real quantized model: 9 heads, 3 KV heads, so TP=3; its Q4_1 blocks cut by rows
+    (q/k/v, gate/up) and by whole groups of input columns (o, down), the vocabulary split. fp32 activations:
+    the same greedy answers as one process."""
+    from ember import LLM, SamplingParams
+
+    messages = [[{"role": "user", "content": q}] for q in (
+        "What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers.",
+        "Explain what a CPU does in one sentence.")]
+    params = SamplingParams(temperature=0, max_tokens=48)
+    answers = {}
+    for tp in (1, 3):
+        llm = LLM(str(smollm2), dtype="float32", tensor_parallel_size=tp)
+        try:
+            answers[tp] = [o.outputs[0].text for o in llm.chat(messages, params, use_tqdm=False)]
+        finally:
+            llm.engine.shutdown()
+    assert answers[3] == answers[1]
+    assert "Paris" in answers[3][0]
+
+
 def test_smollm2_serves_answers_tools_and_schemas(smollm2):
     import jsonschema
     import openai
