@@ -18,6 +18,11 @@ from tests.engine.test_kv_int8 import check_logprobs_close
 PROMPTS = [[1 + (i * 37 + j * 11) % 500 for j in range(5 + 9 * i)] for i in range(8)]  # 5 to 68 tokens
 
 
+def SLOW(*values):  # noqa: N802 (reads as a mark in a parameter list)
+    """A parameter set run with the slow tests only (the default suite keeps one of each kind)."""
+    return pytest.param(*values, marks=pytest.mark.slow)
+
+
 def generate(path, tp: int, dtype: str = "float32", **kwargs):
     llm = LLM(str(path), dtype=dtype, tensor_parallel_size=tp, **kwargs)
     try:
@@ -27,8 +32,9 @@ def generate(path, tp: int, dtype: str = "float32", **kwargs):
         llm.engine.shutdown()
 
 
-@pytest.mark.parametrize("arch,overrides", [("llama", {}), ("qwen2", {}), ("mixtral", {}), ("qwen2_moe", {}),
-                                            ("qwen2", {"num_key_value_heads": 1}), ("phi3", {"num_key_value_heads": 1})])
+@pytest.mark.parametrize("arch,overrides", [("llama", {}), SLOW("qwen2", {}), SLOW("mixtral", {}), ("qwen2_moe", {}),
+                                            SLOW("qwen2", {"num_key_value_heads": 1}),
+                                            ("phi3", {"num_key_value_heads": 1})])
 def test_tp2_fp32_greedy_tokens_equal_one_process(model_factory, arch, overrides):
     # qwen2: tied embeddings (the vocabulary-parallel head is the embedding's shard) and q/k/v biases;
     # mixtral and qwen2_moe: experts split by channel, the latter with a shared expert; one KV head: both
@@ -77,7 +83,7 @@ def prompt_logprobs(path, tp: int, dtype: str = "bfloat16", **kwargs) -> torch.T
                          for i, t in enumerate(o.prompt_token_ids) if i > 0])
 
 
-@pytest.mark.parametrize("method", ["int8", "int4"])
+@pytest.mark.parametrize("method", ["int8", SLOW("int4")])
 def test_load_time_quantization_splits_then_quantizes(model_factory, method):
     # Each rank quantizes its own pieces: column-parallel rows keep their scales, row-parallel ones get
     # per-rank scales over their half of the input. Split and quantized, the model is no further from the
@@ -146,7 +152,7 @@ def test_serve_tp2_answers_as_one_process_and_exits_when_a_worker_dies(model_fac
 
 
 @pytest.mark.parametrize("arch,overrides", [("llama", {"attention_bias": True, "mlp_bias": True}),
-                                            ("qwen2", {}), ("mixtral", {}), ("phi3", {}),
+                                            SLOW("qwen2", {}), SLOW("mixtral", {}), SLOW("phi3", {}),
                                             ("phi3", {"num_key_value_heads": 1})])
 def test_weights_pushed_into_a_split_engine_serve_as_if_loaded(model_factory, arch, overrides):
     """An RL trainer's push (whole tensors by HF name) into TP=2: each rank keeps its piece; outputs equal a
@@ -193,8 +199,8 @@ def test_a_rank_loads_its_share_not_the_whole_model(model_factory):
     assert piecewise < share + 3 * largest, (piecewise, share)
 
 
-@pytest.mark.parametrize("arch,weight_type,kv_heads", [("llama", "Q4_1", 2), ("llama", "Q8_0", 2), ("qwen2", "Q4_0", 2),
-                                                     ("llama", "Q4_1", 1)])
+@pytest.mark.parametrize("arch,weight_type,kv_heads", [SLOW("llama", "Q4_1", 2), SLOW("llama", "Q8_0", 2),
+                                                     SLOW("qwen2", "Q4_0", 2), ("llama", "Q4_1", 1)])
 def test_quantized_gguf_splits_in_its_blocks(model_factory, tmp_path, arch, weight_type, kv_heads):
     # q/k/v/gate/up cut by rows and o/down by whole groups of input columns, still quantized; the embedding
     # dequantized (vocabulary-parallel). Against TP=1 on the same file: the same tokens up to the integer
