@@ -42,6 +42,8 @@ def _add_workload_benches(bsub) -> None:
                             "variant: ember itself with --no-batch-invariant, what invariance costs; "
                             "tp: ember with --tensor-parallel-size --tp-size)")
         p.add_argument("--tp-size", type=int, default=2, help="--compare tp: the tensor-parallel size")
+        p.add_argument("--tensor-parallel-size", type=int, default=1,
+                       help="ember's tensor-parallel size (its cores split between the ranks)")
         p.add_argument("--competitor", action="store_true",
                        help="keep one busy process running (a spinning loop, one core's worth) during the measured "
                             "runs: how the engines share a machine with other work")
@@ -667,13 +669,13 @@ def _throughput(args) -> int:
     _header(args)
     print(f"W1: {num} requests, {workload.num_prompt_tokens} prompt tokens, {workload.max_tokens} output tokens each")
     engine_kwargs = {"max_num_batched_tokens": args.max_num_batched_tokens, "max_num_seqs": args.max_num_seqs,
-                     "device": args.device, "threads": args.threads}
+                     "device": args.device, "threads": args.threads, "tensor_parallel_size": args.tensor_parallel_size}
     runners = [EmberRunner(args.model, args.dtype, **engine_kwargs)]
     if args.compare == "variant":
         runners.append(EmberRunner(args.model, args.dtype, batch_invariant=False, **engine_kwargs))
         runners[-1].name = "ember (variant)"
     elif args.compare == "tp":
-        runners.append(EmberRunner(args.model, args.dtype, tensor_parallel_size=args.tp_size, **engine_kwargs))
+        runners.append(EmberRunner(args.model, args.dtype, **{**engine_kwargs, "tensor_parallel_size": args.tp_size}))
         runners[-1].name = f"ember tp={args.tp_size}"
     elif args.compare == "hf":
         runners.append(HFRunner(args.model, args.dtype, batch_size=args.hf_batch_size,
@@ -767,7 +769,8 @@ def _latency(args) -> int:
     _header(args)
     if args.compare == "hf":
         raise SystemExit(f"--compare {args.compare}: W1 only (ember bench throughput)")
-    runner = EmberRunner(args.model, args.dtype, device=args.device, threads=args.threads)
+    runner = EmberRunner(args.model, args.dtype, device=args.device, threads=args.threads,
+                         tensor_parallel_size=args.tensor_parallel_size)
     runner.latency(w2(prompt_len=16, output_len=8))
     peer_run = None
     if args.compare == "variant":  # ember itself without batch invariance: what invariance costs W2

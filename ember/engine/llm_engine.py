@@ -72,12 +72,14 @@ class LLMEngine:
         self.device = resolve_device(config.device)
         self.governor = None
         self.tp_workers = None
+        self._threads = config.threads if self.device.type == "cpu" else None  # fixed: --threads or TP's share
         if self.device.type == "cpu":
             _warm_cpu_kernels()
         if config.tensor_parallel_size > 1:  # the workers load their shards while this process loads its own
             check_shardable(ModelConfig.from_path(config.model), config.tensor_parallel_size)
             threads = rank_threads(config.tensor_parallel_size, config.threads)
             torch.set_num_threads(threads)
+            self._threads = threads if self.device.type == "cpu" else None
             self.tp_workers = TensorParallelWorkers(config, config.tensor_parallel_size, self.device, threads,
                                                     config.distributed_executor)
         elif self.device.type == "cpu":
@@ -320,8 +322,10 @@ class LLMEngine:
             raise ValueError("step: the engine is asleep; call wake() first")
         if self.governor is not None:
             self.governor.before_step()
-        elif self.tp_workers is not None:  # rank 0's share of the cores (another engine in the process may differ)
-            torch.set_num_threads(self.tp_workers.threads)
+        # this engine's thread count, which another engine in the process (a bench's peer, a draft) may have changed
+        threads = self.governor.threads if self.governor is not None else self._threads
+        if threads is not None and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
         scheduled = self.scheduler.schedule()
         if not scheduled.is_empty:
             result = self.runner.execute(scheduled)
