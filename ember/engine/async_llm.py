@@ -222,7 +222,8 @@ class AsyncLLM:
         self._stop.set()
         self._commands.put(("wake", None, None))
         self._thread.join(timeout)
-        self.engine.shutdown()
+        if not self._thread.is_alive():  # (a step still running keeps its workers; they die with the process)
+            self.engine.shutdown()
 
     # ---- the loop thread ----------------------------------------------------------
     def _loop(self) -> None:

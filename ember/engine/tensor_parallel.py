@@ -27,6 +27,8 @@ import os
 import contextlib
 import pickle
 import secrets
+import signal
+import threading
 import traceback
 from multiprocessing.connection import Connection, wait
 
@@ -44,6 +46,7 @@ logger = logging.getLogger(__name__)
 # Model loading on a loaded machine can take minutes; a collective that waits longer than this on a
 # live peer is a bug, and one on a dead peer fails at once when its sockets close.
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
+PLACEMENT_TIMEOUT_S = 300  # a Ray actor not placed by then: the cluster lacks the resources
 
 
 class WorkerDiedError(RuntimeError):
@@ -85,7 +88,10 @@ def _unpack(packed: tuple, device: torch.device) -> torch.Tensor:
 
 
 def _device(device: torch.device, rank: int) -> torch.device:
-    return torch.device("cuda", rank) if device.type == "cuda" else device
+    """Rank `rank`'s device: the GPU `rank` places after rank 0's (a Ray actor sees only its own: cuda:0)."""
+    if device.type != "cuda":
+        return device
+    return torch.device("cuda", (device.index or 0) + rank)
 
 
 def init_group(store_addr: tuple[str, int], rank: int, size: int, device: torch.device, shm_name: str | None,
@@ -118,6 +124,15 @@ class _ProcessLink:
     def send(self, data: bytes) -> None:
         self.conn.send_bytes(data)
 
+    def last_words(self) -> str | None:
+        """The error an exited worker said before it went, if it said one."""
+        with contextlib.suppress(EOFError, OSError):
+            while self.conn.poll():
+                got, payload = pickle.loads(self.conn.recv_bytes())
+                if got == "error":
+                    return payload
+        return None
+
     def expect(self, kind: str):
         """The worker's next message if it is `kind`; else ("error", why) if it said one, or None if it exited."""
         ready = wait([self.conn, self.process.sentinel])
@@ -133,11 +148,11 @@ class _ProcessLink:
         self.process.join(timeout=wait_s)
         return self.process.exitcode
 
-    def stop(self) -> None:
+    def stop(self, timeout: float) -> None:
         if self.process.is_alive():
             with contextlib.suppress(OSError):
                 _send_to(self, ("stop",))
-        self.process.join(timeout=30)
+        self.process.join(timeout=timeout)
         if self.process.is_alive():
             self.process.kill()
             self.process.join()
@@ -151,6 +166,8 @@ class _RayLink:
     def __init__(self, actor, rank: int):
         self.actor, self.rank = actor, rank
         self.pending: list = []  # calls not known finished
+        self.code: int | None = None  # -1 once a call failed (the actor then exits: RayShard.execute)
+        self.error: str | None = None
 
     def describe(self) -> str:
         return "Ray actor"
@@ -158,26 +175,31 @@ class _RayLink:
     def send(self, data: bytes) -> None:
         self.pending.append(self.actor.execute.remote(data))
         if len(self.pending) > 64:
-            self.exit_code()
+            self.exit_code()  # collect finished calls (an error stays in self.code for the next check)
+
+    def last_words(self) -> str | None:
+        return self.error
 
     def exit_code(self, wait_s: float = 0.0) -> int | None:
         """-1 once a call has failed because the actor died (or raised), else None."""
         import ray
 
-        done, self.pending = ray.wait(self.pending, num_returns=len(self.pending), timeout=wait_s)
-        for ref in done:
-            try:
-                ray.get(ref)
-            except Exception as e:  # RayActorError or the command's own exception
-                self.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                return -1
-        return None
+        if self.code is None and self.pending:
+            done, self.pending = ray.wait(self.pending, num_returns=len(self.pending), timeout=wait_s)
+            for ref in done:
+                try:
+                    ray.get(ref)
+                except Exception as e:  # RayActorError or the command's own exception
+                    self.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                    self.code = -1
+                    break
+        return self.code
 
-    def stop(self) -> None:
+    def stop(self, timeout: float) -> None:
         import ray
 
         with contextlib.suppress(Exception):
-            ray.get(self.actor.execute.remote(pickle.dumps(("stop",))), timeout=30)
+            ray.get(self.actor.execute.remote(pickle.dumps(("stop",))), timeout=timeout)
         with contextlib.suppress(Exception):
             ray.kill(self.actor)
 
@@ -191,6 +213,9 @@ class TensorParallelWorkers:
     """Rank 0's handle on ranks 1..size-1: start them, send each step, stop them."""
 
     def __init__(self, config, size: int, device: torch.device, threads: int, executor: str = "mp"):
+        if device.type == "cuda" and executor == "mp" and (device.index or 0) + size > torch.cuda.device_count():
+            raise ValueError(f"tensor_parallel_size: {size} ranks from {device} need GPUs up to cuda:"
+                             f"{(device.index or 0) + size - 1}; {torch.cuda.device_count()} are visible")
         self.size = size
         self.threads = threads
         self.dead: str | None = None
@@ -204,26 +229,56 @@ class TensorParallelWorkers:
         host = _node_address() if executor == "ray" else "127.0.0.1"
         self.store = dist.TCPStore(host, 0, size, is_master=True, timeout=COLLECTIVE_TIMEOUT, wait_for_workers=False)
         args = (config, size, (host, self.store.port), self.shm_name, device, threads)
-        if executor == "ray":
-            self._start_ray(args)
-        else:
-            context = mp.get_context("spawn")  # a fresh interpreter: no copy of the parent's threads or model
-            self.links = [_ProcessLink(context, rank, (config, rank, *args[1:])) for rank in range(1, size)]
-            for link in self.links:
-                self._expect(link, "hello", "starting")
-        logger.info("tensor parallel: %d ranks (%s), %d thread(s) each; workers %s", size, executor, threads,
-                    " ".join(link.describe() for link in self.links))
-        self.group = init_group((host, self.store.port), 0, size, device, self.shm_name, self.store, self.shm)
+        try:
+            if executor == "ray":
+                self._start_ray(args, device)
+            else:
+                context = mp.get_context("spawn")  # a fresh interpreter: no copy of the parent's threads or model
+                self.links = [_ProcessLink(context, rank, (config, rank, *args[1:])) for rank in range(1, size)]
+            logger.info("tensor parallel: %d ranks (%s), %d thread(s) each; workers %s", size, executor, threads,
+                        " ".join(link.describe() for link in self.links))
+            self.group = self._rendezvous(host, device)
+        except BaseException:
+            self.shutdown(timeout=2)
+            raise
 
-    def _start_ray(self, args: tuple) -> None:
+    def _rendezvous(self, host: str, device: torch.device) -> TensorParallelGroup:
+        """Rank 0 joins the process group while watching the workers: one that fails before it joins ends the
+        start with its own error, not a wait for the rendezvous to time out."""
+        joined: dict = {}
+
+        def join() -> None:
+            try:
+                joined["group"] = init_group((host, self.store.port), 0, self.size, device, self.shm_name, self.store,
+                                             self.shm)
+            except BaseException as e:  # said by the main thread
+                joined["error"] = e
+
+        thread = threading.Thread(target=join, name="ember-tp-rendezvous", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            for link in self.links:
+                self._check(link, "while starting", wait_s=0.1)
+            thread.join(0.1)
+        if "error" in joined:
+            raise joined["error"]
+        return joined["group"]
+
+    def _start_ray(self, args: tuple, device: torch.device) -> None:
         import ray
 
         if not ray.is_initialized():
             ray.init(log_to_driver=False)  # RAY_ADDRESS or a local cluster, as Ray decides
-        actor_class = ray.remote(num_cpus=args[-1])(RayShard)
+        resources = {"num_cpus": args[-1], "num_gpus": 1 if device.type == "cuda" else 0}
+        actor_class = ray.remote(**resources)(RayShard)
         for rank in range(1, self.size):
-            actor = actor_class.options(name=None).remote()
-            ray.get(actor.ping.remote())  # placed and running, before rank 0 waits for it in the rendezvous
+            actor = actor_class.remote()
+            try:  # placed and running, before rank 0 waits for it in the rendezvous
+                ray.get(actor.ping.remote(), timeout=PLACEMENT_TIMEOUT_S)
+            except ray.exceptions.GetTimeoutError:
+                raise WorkerDiedError(f"tensor-parallel worker {rank}: Ray could not place an actor needing {resources} "
+                                      f"within {PLACEMENT_TIMEOUT_S} s (the cluster has {ray.available_resources()} "
+                                      "free)") from None
             link = _RayLink(actor, rank)
             link.pending.append(actor.setup.remote(args[0], rank, *args[1:]))
             self.links.append(link)
@@ -238,19 +293,24 @@ class TensorParallelWorkers:
 
     def _fail(self, message: str):
         self.dead = message
-        self.shutdown()
+        self.shutdown(timeout=2)  # a live worker may be waiting in a collective, deaf to "stop": not long
         raise WorkerDiedError(message)
 
     def _check(self, link, doing: str, wait_s: float = 0.0) -> None:
         code = link.exit_code(wait_s)
         if code is not None:
-            why = getattr(link, "error", None)
-            self._fail(f"tensor-parallel worker {link.rank} exited (code {code}){' ' + why if why else ''} {doing}")
+            why = link.last_words()
+            self._fail(f"tensor-parallel worker {link.rank} exited (code {code}) {doing}".rstrip()
+                       + (f": {why}" if why else ""))
 
     def start(self, num_blocks: int) -> None:
         """Every worker has its shard: size its KV cache as rank 0's and wait until each is ready."""
         for link in self.links:
-            _send_to(link, ("start", num_blocks))
+            try:
+                _send_to(link, ("start", num_blocks))
+            except OSError:  # it has exited: its own error says why
+                self._check(link, "while loading the model", wait_s=10)
+                raise
         for link in self.links:
             if isinstance(link, _RayLink):
                 self._check(link, "while loading the model", wait_s=COLLECTIVE_TIMEOUT.total_seconds())
@@ -272,15 +332,17 @@ class TensorParallelWorkers:
                 raise
 
     def run(self, message: tuple, local):
-        """Send `message` to the workers, then run rank 0's part (`local()`): a failure inside the collectives
-        because a worker died is said as that."""
+        """Send `message` to the workers, then run rank 0's part (`local()`). Any failure there ends the engine:
+        a worker's death is said as that; any other error leaves the workers inside this step's collectives,
+        out of step with rank 0 for good."""
         self._broadcast(message)
         try:
             return local()
-        except RuntimeError:
+        except Exception as e:
             for link in self.links:  # a peer whose sockets closed has exited (or is exiting): its code says why
                 self._check(link, "during a step", wait_s=2)
-            raise
+            self._fail(f"rank 0 failed during a step ({type(e).__name__}: {e}); the tensor-parallel ranks are out "
+                       "of step")
 
     def forward(self, ids: torch.Tensor, layout: BatchLayout, local):
         """Every worker runs the forward of this step's batch; `local()` is rank 0's."""
@@ -303,9 +365,9 @@ class TensorParallelWorkers:
     def allocate_kv_cache(self) -> None:
         self._broadcast(("allocate_kv",))
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout: float = 30.0) -> None:
         for link in self.links:
-            link.stop()
+            link.stop(timeout)
         self.links = []
         if self.shm is not None:
             self.shm.close()
@@ -323,7 +385,7 @@ class _Shard:
         if cores is not None:
             os.sched_setaffinity(0, cores)
         torch.set_num_threads(threads)
-        self.device = _device(device, rank)
+        self.device = device
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.config = config
@@ -376,9 +438,9 @@ class _Shard:
 def _worker_main(config, rank: int, size: int, store_addr: tuple[str, int], shm_name: str | None,
                  device: torch.device, threads: int, conn: Connection) -> None:
     die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the engine's to handle (a server drains first)
     try:
-        _send(conn, ("hello", None))
-        shard = _Shard(config, rank, size, store_addr, shm_name, device, threads, pin=True)
+        shard = _Shard(config, rank, size, store_addr, shm_name, _device(device, rank), threads, pin=True)
         kind, *args = pickle.loads(conn.recv_bytes())
         if kind != "start":  # rank 0 failed to start: it says why
             return
@@ -405,10 +467,15 @@ class RayShard:
 
     def setup(self, config, rank: int, size: int, store_addr: tuple[str, int], shm_name: str | None,
               device: torch.device, threads: int) -> None:
-        self.shard = _Shard(config, rank, size, store_addr, shm_name, device, threads, pin=False)
+        local = torch.device("cuda", 0) if device.type == "cuda" else device  # Ray shows the actor its GPU only
+        self.shard = _Shard(config, rank, size, store_addr, shm_name, local, threads, pin=False)
 
     def execute(self, data: bytes) -> None:
-        self.shard.handle(pickle.loads(data))
+        try:
+            self.shard.handle(pickle.loads(data))
+        except BaseException:  # exit, so the peers' collectives fail at once instead of waiting on this rank
+            traceback.print_exc()
+            os._exit(1)
 
 
 def _node_address() -> str:

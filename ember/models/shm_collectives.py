@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import time
 
 import torch
@@ -97,5 +98,6 @@ class SharedMemoryComm:
 
 
 def available() -> bool:
-    """Whether this machine has a shared-memory file system to put the segment in (Linux's /dev/shm)."""
-    return os.path.isdir(SHM_DIR) and os.access(SHM_DIR, os.W_OK)
+    """Whether this machine can use these collectives: a shared-memory file system for the segment (Linux's
+    /dev/shm), and x86's store order, which the flags rely on (elsewhere a flag could be seen before its data)."""
+    return platform.machine().lower() in ("x86_64", "amd64") and os.path.isdir(SHM_DIR) and os.access(SHM_DIR, os.W_OK)

@@ -54,6 +54,7 @@ class Replicas:
     def __init__(self, serve_argv: list[str], count: int):
         cores = sorted(os.sched_getaffinity(0))
         per = max(1, len(cores) // count)
+        ranks = _flag(serve_argv, "--tensor-parallel-size") or 1  # --threads is per rank
         self.processes: list[subprocess.Popen] = []
         self.urls: list[str] = []
         for i in range(count):
@@ -65,7 +66,7 @@ class Replicas:
                 if mine:
                     os.sched_setaffinity(0, mine)
 
-            argv = [sys.executable, "-m", "ember.cli", *replica_argv(serve_argv, port, per)]
+            argv = [sys.executable, "-m", "ember.cli", *replica_argv(serve_argv, port, max(1, per // ranks))]
             self.processes.append(subprocess.Popen(argv, preexec_fn=setup))  # noqa: PLW1509 (no threads yet)
             self.urls.append(f"http://127.0.0.1:{port}")
         logger.info("data parallel: %d replicas (%d core(s) each) on %s; pids %s", count, per,
@@ -158,13 +159,17 @@ class RayReplicas(Replicas):
             ray.kill(actor)
 
 
-def _ray_threads(serve_argv: list[str]) -> int:
+def _flag(serve_argv: list[str], flag: str) -> int | None:
     for i, arg in enumerate(serve_argv):
-        if arg == "--threads" and i + 1 < len(serve_argv):
+        if arg == flag and i + 1 < len(serve_argv):
             return int(serve_argv[i + 1])
-        if arg.startswith("--threads="):
+        if arg.startswith(f"{flag}="):
             return int(arg.partition("=")[2])
-    return 1
+    return None
+
+
+def _ray_threads(serve_argv: list[str]) -> int:
+    return _flag(serve_argv, "--threads") or 1
 
 
 def serve_data_parallel(serve_argv: list[str], count: int, sock, host: str, port: int, policy: str,

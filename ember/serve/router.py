@@ -82,7 +82,9 @@ class Router:
     def __init__(self, config: RouterConfig, client: httpx.AsyncClient | None = None):
         self.config = config
         self.replicas = [Replica(url.rstrip("/")) for url in config.backends]
-        self.client = client or httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0))
+        # no read limit (a long generation streams for minutes); a bounded wait for a pooled connection
+        self.client = client or httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0, pool=60.0),
+                                                  limits=httpx.Limits(max_connections=1024))
         self._turn = itertools.count()
 
     def live(self) -> list[Replica]:
@@ -92,12 +94,12 @@ class Router:
         keys = {k: body[k] for k in ("prompt", "messages") if k in body}
         try:
             response = await self.client.post(f"{replica.url}/router/probe", json=keys, headers=headers, timeout=30)
-        except httpx.ConnectError:
+            return response.json() if response.status_code == 200 else None
+        except (httpx.ConnectError, httpx.ConnectTimeout):
             replica.healthy = False
             return None
-        except httpx.HTTPError:
+        except (httpx.HTTPError, ValueError):  # a slow or odd answer: no cache information from this replica
             return None
-        return response.json() if response.status_code == 200 else None
 
     async def place(self, body: dict, headers: dict) -> Replica | None:
         live = self.live()
@@ -189,7 +191,7 @@ def build_router_app(config: RouterConfig) -> FastAPI:
                 upstream = await router.client.send(
                     router.client.build_request(request.method, f"{replica.url}{path}", content=raw, headers=headers),
                     stream=True)
-            except httpx.ConnectError:  # it never got the request: another replica may take it
+            except (httpx.ConnectError, httpx.ConnectTimeout):  # it never got the request: another may take it
                 replica.in_flight -= 1
                 replica.healthy = False
                 logger.warning("replica %s refused a connection: marked down", replica.url)
@@ -207,8 +209,8 @@ def build_router_app(config: RouterConfig) -> FastAPI:
                 replica.healthy = False
                 return _error(502, f"replica {replica.url} failed mid-request: {type(e).__name__}")
             finally:
-                await upstream.aclose()
-                replica.in_flight -= 1
+                replica.in_flight -= 1  # first: a cancelled close below must not leave it counted
+                await asyncio.shield(upstream.aclose())
             return Response(content, status_code=upstream.status_code,
                             media_type=upstream.headers.get("content-type"))
         return _error(503, "no replica is available")
@@ -237,8 +239,8 @@ async def _relay(upstream: httpx.Response, replica: Replica):
                            "type": "server_error", "param": None, "code": None}}
         yield f"data: {json.dumps(error)}\n\n".encode()
     finally:
-        await upstream.aclose()
-        replica.in_flight -= 1
+        replica.in_flight -= 1  # first: a cancelled close below must not leave it counted
+        await asyncio.shield(upstream.aclose())
 
 
 def run_router(config: RouterConfig, host: str, port: int, sock=None) -> int:
