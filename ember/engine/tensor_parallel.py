@@ -68,9 +68,13 @@ def rank_cores(rank: int, size: int, threads: int) -> set[int] | None:
     return set(cores[rank * threads:(rank + 1) * threads])
 
 
-def _send(conn: Connection, message: tuple) -> None:
+def _encode(message: tuple) -> bytes:
     # plain pickle: multiprocessing's would move tensors through shared-memory files, slower for small ones
-    conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+    return pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _send(conn: Connection, message: tuple) -> None:
+    conn.send_bytes(_encode(message))
 
 
 def _pack(t: torch.Tensor) -> tuple:
@@ -151,7 +155,7 @@ class _ProcessLink:
     def stop(self, timeout: float) -> None:
         if self.process.is_alive():
             with contextlib.suppress(OSError):
-                _send_to(self, ("stop",))
+                self.send(_encode(("stop",)))
         self.process.join(timeout=timeout)
         if self.process.is_alive():
             self.process.kill()
@@ -199,14 +203,9 @@ class _RayLink:
         import ray
 
         with contextlib.suppress(Exception):
-            ray.get(self.actor.execute.remote(pickle.dumps(("stop",))), timeout=timeout)
+            ray.get(self.actor.execute.remote(_encode(("stop",))), timeout=timeout)
         with contextlib.suppress(Exception):
             ray.kill(self.actor)
-
-
-def _send_to(link, message: tuple) -> None:
-    # plain pickle: multiprocessing's would move tensors through shared-memory files, slower for small ones
-    link.send(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 class TensorParallelWorkers:
@@ -307,7 +306,7 @@ class TensorParallelWorkers:
         """Every worker has its shard: size its KV cache as rank 0's and wait until each is ready."""
         for link in self.links:
             try:
-                _send_to(link, ("start", num_blocks))
+                link.send(_encode(("start", num_blocks)))
             except OSError:  # it has exited: its own error says why
                 self._check(link, "while loading the model", wait_s=10)
                 raise
@@ -322,7 +321,7 @@ class TensorParallelWorkers:
     def _broadcast(self, message: tuple) -> None:
         if self.dead is not None:
             raise WorkerDiedError(self.dead)
-        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        data = _encode(message)
         for link in self.links:
             self._check(link, "")
             try:
