@@ -8,7 +8,7 @@ much again for their gradient).
 Two ways to get the gradients without keeping the logits:
 - `token_logprobs` (per-token results, e.g. DPO's per-sequence sums): each chunk is recomputed in
   backward (activation checkpointing): the head's product runs 4 times per chunk (forward, recompute,
-  two in backward) and the log-softmax twice.
+  two in backward), its logsumexp twice and its softmax once (in backward, in one buffer).
 - `token_logprob_sum` (a plain LM loss: every label weighs the same): the sum's gradient with respect to
   the hidden states and the head's weight is known in forward, up to one scalar factor, so each chunk
   computes it there (d sum / d logits = onehot - softmax) and backward only scales it: 3 products, one
@@ -21,7 +21,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -29,7 +28,26 @@ CHUNK_LOGITS = 1 << 24  # logits per chunk (64 MiB in float32)
 
 
 def _chunk_logprobs(hidden: torch.Tensor, labels: torch.Tensor, compute_logits: Callable) -> torch.Tensor:
-    return -F.cross_entropy(compute_logits(hidden).float(), labels, reduction="none")
+    return _LabelLogprob.apply(compute_logits(hidden).float(), labels)
+
+
+class _LabelLogprob(torch.autograd.Function):
+    """log_softmax(logits)[row, label] for float32 logits [n, vocab] -> [n]. Keeps only the logits it was
+    given for backward, which makes one [n, vocab] buffer (F.cross_entropy keeps its log-softmax output
+    besides, and its backward makes two more: a chunk's peak was ~4 buffers, now 2)."""
+
+    @staticmethod
+    def forward(ctx, logits, labels):
+        lse = torch.logsumexp(logits, dim=-1)
+        ctx.save_for_backward(logits, labels, lse)
+        return logits.gather(1, labels[:, None]).squeeze(1) - lse
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, labels, lse = ctx.saved_tensors
+        grad_logits = torch.sub(logits, lse[:, None]).exp_().mul_(-grad[:, None])  # -softmax * grad
+        grad_logits[torch.arange(len(labels), device=labels.device), labels] += grad
+        return grad_logits, None
 
 
 def _chunk_rows(vocab_size: int, chunk_logits: int | None) -> int:
@@ -91,23 +109,7 @@ class _HeadLogprobSum(torch.autograd.Function):
             w = weight.to(dtype)
             for start in range(0, hidden.shape[0], step):
                 h, y = hidden[start:start + step].to(dtype), labels[start:start + step]
-                logits = (h @ w.t()).float()
-                if softcap is not None:
-                    capped = torch.tanh(logits / softcap)
-                    logits = capped * softcap
-                lse = torch.logsumexp(logits, dim=-1)
-                total += (logits.gather(1, y[:, None]).squeeze(1) - lse).sum()
-                if not (need_hidden or need_weight):
-                    continue
-                grad = torch.exp_(logits.sub_(lse[:, None])).neg_()  # d sum / d logits = onehot - softmax
-                grad[torch.arange(len(y), device=y.device), y] += 1
-                if softcap is not None:
-                    grad.mul_(1 - capped * capped)
-                grad = grad.to(dtype)
-                if need_hidden:
-                    torch.mm(grad, w, out=grad_hidden[start:start + step])
-                if need_weight:
-                    grad_weight.addmm_(grad.t(), h) if dtype == torch.float32 else grad_weight.add_(grad.t() @ h)
+                total += _chunk_sum_and_grads(h, w, y, softcap, grad_hidden, grad_weight, start)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.dtypes = hidden.dtype, weight.dtype
         return total
@@ -119,3 +121,30 @@ class _HeadLogprobSum(torch.autograd.Function):
         return (None if grad_hidden is None else (grad_hidden * grad_output).to(hidden_dtype),
                 None if grad_weight is None else (grad_weight * grad_output).to(weight_dtype),
                 None, None, None, None)
+
+
+def _chunk_sum_and_grads(h, w, y, softcap, grad_hidden, grad_weight, start) -> torch.Tensor:
+    """One chunk of `_HeadLogprobSum.forward`: its log-probability sum, its gradients added into
+    grad_hidden[start:] / grad_weight. One [rows, vocab] float32 buffer serves as logits, then
+    exp(logits - max), then the gradient (a function, so it is freed before the next chunk's is made)."""
+    logits = (h @ w.t()).float()
+    if softcap is not None:
+        capped = torch.tanh(logits.div_(softcap))
+        logits = capped * softcap
+    target = logits.gather(1, y[:, None]).squeeze(1)
+    top = logits.amax(dim=-1, keepdim=True)
+    probs = logits.sub_(top).exp_()  # unnormalised softmax, in place
+    norm = probs.sum(dim=-1, keepdim=True)
+    chunk_sum = (target - (top + norm.log()).squeeze(1)).sum()
+    if grad_hidden is None and grad_weight is None:
+        return chunk_sum
+    grad = probs.div_(norm).neg_()  # d sum / d logits = onehot - softmax
+    grad[torch.arange(len(y), device=y.device), y] += 1
+    if softcap is not None:
+        grad.mul_(1 - capped * capped)
+    grad = grad.to(h.dtype)
+    if grad_hidden is not None:
+        torch.mm(grad, w, out=grad_hidden[start:start + len(h)])
+    if grad_weight is not None:
+        grad_weight.addmm_(grad.t(), h) if h.dtype == torch.float32 else grad_weight.add_(grad.t() @ h)
+    return chunk_sum

@@ -245,17 +245,17 @@ def _estimate(c: TrainConfig, s: Shapes, ranks: int, lora: LoRACounts | None, de
     chunk = min(tokens, max(1, CHUNK_LOGITS // s.vocab)) * s.vocab  # logits per chunk
     head_trainable = lora is None
     if c.objective == "dpo":
-        # token_logprobs: each chunk recomputed in backward; there, its fp32 logits, their softmax and
-        # the logits' gradient live at once
-        loss_saved, loss_forward, loss_backward = 0, 4 * chunk, 3 * 4 * chunk
+        # token_logprobs: each chunk recomputed in backward; there, its fp32 logits and the logits'
+        # gradient live at once (in the recompute: the logits and logsumexp's temporary)
+        loss_saved, loss_forward, loss_backward = 0, 4 * chunk, 2 * 4 * chunk
     else:
         # token_logprob_sum computes the gradients in forward: the head weight's gradient is an fp32
         # [vocab, hidden] buffer from forward to backward (and the hidden states' one, [tokens, hidden]).
-        # Per chunk its fp32 logits and logsumexp's temporary of their size; in 16 bits also the
-        # product's 16-bit output and the gradient's 16-bit copy; under autocast a 16-bit copy of the
+        # Per chunk one fp32 buffer (logits, then softmax, then gradient, in place); in 16 bits also the
+        # product's 16-bit output or the gradient's 16-bit copy; under autocast a 16-bit copy of the
         # head weight for the whole loop.
         loss_saved = (4 * s.head if head_trainable else 0) + tokens * s.hidden * w
-        loss_forward = chunk * (12 if half else 8) + (2 * s.head if casts else 0)
+        loss_forward = chunk * (6 if half else 4) + (2 * s.head if casts else 0)
         # backward scales the buffer into a new fp32 tensor (the head's gradient), cast to the
         # parameter's dtype where FSDP gathered it in 16 bits
         loss_backward = (4 * s.head + (s.head * param_w if param_w != 4 else 0)) if head_trainable else 0
