@@ -155,9 +155,6 @@ class EngineConfig:
                "tensor_parallel_size", self.tensor_parallel_size, "an integer in [1, 64]")
         _check(self.distributed_executor in ("mp", "ray"), "distributed_executor", self.distributed_executor,
                "mp or ray")
-        if self.tensor_parallel_size > 1:
-            _check(not self.lora.enable_lora, "enable_lora", True,
-                   "LoRA adapters are not split over tensor-parallel ranks yet")
         _check(
             self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
             "device", self.device, "auto, cpu, cuda or cuda:N",

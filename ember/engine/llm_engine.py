@@ -124,6 +124,8 @@ class LLMEngine:
             from ember.engine.lora import LoRAManager
 
             self.lora = LoRAManager(self.model, config.lora, dtype, self.device)
+            if self.tp_workers is not None:
+                self.lora.replicate = self.tp_workers.write_lora
         self.scheduler = Scheduler(sched, self.kv, self.max_model_len,
                                    config.lora.max_loras if self.lora is not None else None)
         if self.tp_workers is not None:

@@ -114,6 +114,10 @@ class LoRAManager:
         self._cpu: OrderedDict[int, tuple[LoRARequest, LoRAAdapter]] = OrderedDict()
         self._pushed: dict[int, tuple[LoRARequest, LoRAAdapter]] = {}  # updated in memory: never re-read
         self._lock = threading.Lock()  # requests are prepared on worker threads
+        self.step_groups: list[tuple[int, list[tuple[int, int]]]] = []  # (slot, [(first row, end)]) this step
+        # Tensor parallel: called with each slot write (slot, weights, rank, scaling) so every rank holds
+        # its pieces of the same adapters in the same slots.
+        self.replicate = None
 
     # ---- adapters (any thread) -----------------------------------------------------------
     def load(self, request: LoRARequest) -> LoRAAdapter:
@@ -174,7 +178,7 @@ class LoRAManager:
         groups: dict[int, list[tuple[int, int]]] = {}
         for slot, a, b in runs:
             groups.setdefault(slot, []).append((a, b))
-        self.batch.groups = [(slot, _rows(spans, self.device)) for slot, spans in groups.items()]
+        self.use_groups(list(groups.items()))
 
     def _slot_for(self, adapter: LoRAAdapter, needed: set[int]) -> int:
         """The adapter's slot, writing it into the least recently used slot this step does not need."""
@@ -188,16 +192,33 @@ class LoRAManager:
         self._slot_use.move_to_end(slot)
         return slot
 
-    @torch.inference_mode()
     def _write(self, slot: int, adapter: LoRAAdapter) -> None:
+        self.write(slot, adapter.weights, adapter.rank, adapter.scaling)
+        if self.replicate is not None:
+            self.replicate(slot, adapter.weights, adapter.rank, adapter.scaling)
+
+    @torch.inference_mode()
+    def write(self, slot: int, weights: dict[str, tuple[torch.Tensor, torch.Tensor]], rank: int,
+              scaling: float) -> None:
+        """Put an adapter's weights (HF module -> whole A, B) into `slot` of every layer (this rank's pieces
+        of them under tensor parallelism); layers it does not adapt get an empty slot."""
+        from ember.models.tensor_parallel import lora_piece
+
         per_layer: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {name: {} for name in self.layers}
-        for module, (a, b) in adapter.weights.items():
+        for module, (a, b) in weights.items():
             target: Target = self.targets[module]
+            a, b = lora_piece(target.module, target.shard, a, b, target.num_shards)
             per_layer[target.module_name][target.shard] = (a.to(self.device), b.to(self.device))
         for name, parts in per_layer.items():
-            self.layers[name].write(slot, parts, adapter.rank, adapter.scaling)
+            self.layers[name].write(slot, parts, rank, scaling)
+
+    def use_groups(self, groups: list[tuple[int, list[tuple[int, int]]]]) -> None:
+        """This step's rows per slot, as `step_groups` (a tensor-parallel worker gets rank 0's)."""
+        self.step_groups = groups
+        self.batch.groups = [(slot, _rows(spans, self.device)) for slot, spans in groups]
 
     def clear_step(self) -> None:
+        self.step_groups = []
         self.batch.groups = []
 
 

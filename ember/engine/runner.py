@@ -142,7 +142,8 @@ class ModelRunner:
         layout = BatchLayout(query_lens, context_lens, block_tables, slot_mapping, positions)
         ids = torch.tensor(input_ids, device=device)
         if self.workers is not None:  # tensor parallel: the other ranks run the same forward on their shards
-            return self.workers.forward(ids, layout, lambda: self.run_model(ids, layout))
+            groups = self.lora.step_groups if self.lora is not None else ()
+            return self.workers.forward(ids, layout, lambda: self.run_model(ids, layout), groups)
         return self.run_model(ids, layout)
 
     def run_model(self, input_ids: torch.Tensor, layout: BatchLayout) -> torch.Tensor:

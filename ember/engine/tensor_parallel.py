@@ -343,11 +343,18 @@ class TensorParallelWorkers:
             self._fail(f"rank 0 failed during a step ({type(e).__name__}: {e}); the tensor-parallel ranks are out "
                        "of step")
 
-    def forward(self, ids: torch.Tensor, layout: BatchLayout, local):
-        """Every worker runs the forward of this step's batch; `local()` is rank 0's."""
+    def forward(self, ids: torch.Tensor, layout: BatchLayout, local, lora_groups=()):
+        """Every worker runs the forward of this step's batch (with LoRA: its rows per adapter slot, as
+        LoRAManager.step_groups); `local()` is rank 0's."""
         message = ("forward", _pack(ids), layout.query_lens, layout.context_lens, _pack(layout.block_tables),
-                   _pack(layout.slot_mapping), _pack(layout.positions))
+                   _pack(layout.slot_mapping), _pack(layout.positions), lora_groups)
         return self.run(message, local)
+
+    def write_lora(self, slot: int, weights: dict, rank: int, scaling: float) -> None:
+        """An adapter's whole A and B per HF module into `slot`; each worker keeps its pieces (before its
+        next step, as rank 0 does)."""
+        items = [(name, _pack(a), _pack(b)) for name, (a, b) in weights.items()]
+        self._broadcast(("lora_write", slot, items, rank, scaling))
 
     def compute_logits(self, hidden: torch.Tensor, local):
         """Every worker computes its vocabulary slice of these rows' logits; `local()` is rank 0's (the whole)."""
@@ -392,11 +399,16 @@ class _Shard:
         self.model, self.local_config = load_model_shard(config.model, config.dtype, self.device, self.group,
                                                          config.quant_config())
         self.runner = None
+        self.lora = None
 
     def start(self, num_blocks: int) -> None:
         from ember.engine.runner import ModelRunner
 
         config = self.config
+        if config.lora.enable_lora:  # slots on this rank's pieces, attached before the runner binds its plans
+            from ember.engine.lora import LoRAManager
+
+            self.lora = LoRAManager(self.model, config.lora, next(self.model.parameters()).dtype, self.device)
         self.runner = ModelRunner(self.model, self.local_config, num_blocks, config.cache.block_size, self.device,
                                   config.seed, config.attention_backend, config.cache.kv_cache_dtype, None,
                                   config.batch_invariant)
@@ -409,11 +421,21 @@ class _Shard:
         if kind == "start":
             self.start(args[0])
         elif kind == "forward":
-            ids, query_lens, context_lens, block_tables, slot_mapping, positions = args
+            ids, query_lens, context_lens, block_tables, slot_mapping, positions, lora_groups = args
             layout = BatchLayout(query_lens, context_lens, _unpack(block_tables, device), _unpack(slot_mapping, device),
                                  _unpack(positions, device))
-            with runner.routing():
-                runner.run_model(_unpack(ids, device), layout)
+            if lora_groups:
+                self.lora.use_groups(lora_groups)
+            try:
+                with runner.routing():
+                    runner.run_model(_unpack(ids, device), layout)
+            finally:
+                if lora_groups:
+                    self.lora.clear_step()
+        elif kind == "lora_write":
+            slot, items, rank, scaling = args
+            self.lora.write(slot, {name: (_unpack(a, device), _unpack(b, device)) for name, a, b in items}, rank,
+                            scaling)
         elif kind == "logits":
             with runner.routing():
                 runner.model.compute_logits(_unpack(args[0], device))

@@ -35,13 +35,17 @@ class LoRAAdapter:
 
 @dataclass(frozen=True)
 class Target:
-    """Where an HF module's adapter lands: rows [start, start + size) of `module`, its shard `shard`."""
+    """Where an HF module's adapter lands: rows [start, start + size) of `module`, its shard `shard`
+    (of `num_shards`), whose input is `in_features` wide. Sizes are the whole model's: a
+    tensor-parallel rank's module holds only its piece of them (ember.models.tensor_parallel.lora_piece)."""
 
     module_name: str
     module: nn.Module
     shard: int
     start: int
     size: int
+    in_features: int
+    num_shards: int = 1
 
 
 def _linear_types() -> tuple[type, ...]:
@@ -58,16 +62,18 @@ def lora_targets(model: nn.Module) -> dict[str, Target]:
     for name, module in model.named_modules():
         if not isinstance(module, _linear_types()) or ".layers." not in f".{name}":
             continue
-        sizes = getattr(module, "output_sizes", None)
+        split = getattr(module, "tp_split", None)  # a tensor-parallel piece: the whole module's sizes
+        in_features = split.in_features if split else module.in_features
+        sizes = list(split.sizes) if split else getattr(module, "output_sizes", None)
         shards = getattr(module, "shard_names", None)
         if shards and sizes and not getattr(module, "fused_checkpoint", False):
             parent = name.rpartition(".")[0]
             start = 0
             for i, (shard, size) in enumerate(zip(shards, sizes)):
-                targets[f"{parent}.{shard}"] = Target(name, module, i, start, size)
+                targets[f"{parent}.{shard}"] = Target(name, module, i, start, size, in_features, len(shards))
                 start += size
         else:
-            targets[name] = Target(name, module, 0, 0, module.out_features)
+            targets[name] = Target(name, module, 0, 0, sum(sizes) if split else module.out_features, in_features)
     return targets
 
 
@@ -173,7 +179,7 @@ def _check_shapes(weights: dict, targets: dict[str, Target], path: Path) -> None
         if target is None:
             raise ValueError(f"lora_path: {str(path)!r} adapts {module!r}, which this model does not have as a "
                              f"linear projection (e.g. {next(iter(targets), 'none')!r})")
-        in_features = target.module.in_features
+        in_features = target.in_features
         if a.shape[1] != in_features or b.shape[0] != target.size:
             raise ValueError(f"lora_path: {str(path)!r}: {module!r} is [{b.shape[0]} x {a.shape[1]}] in the adapter "
                              f"but [{target.size} x {in_features}] in this model (an adapter of another base model?)")

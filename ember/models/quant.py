@@ -379,7 +379,11 @@ def install_packed(model: nn.Module, packed: dict[str, PackedWeight], dtype: tor
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
+    owner = model.get_submodule(parent) if parent else model
+    split = getattr(getattr(owner, child), "tp_split", None)
+    if split is not None:  # a tensor-parallel piece stays one (its LoRA weights are cut as its weights were)
+        module.tp_split = split
+    setattr(owner, child, module)
 
 
 def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:

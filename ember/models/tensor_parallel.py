@@ -50,6 +50,43 @@ class TensorParallelGroup:
         return torch.cat(parts, dim=-1)
 
 
+@dataclasses.dataclass(frozen=True)
+class SplitRecord:
+    """How a projection was cut, kept on it as `tp_split` for what must later be cut the same way (LoRA
+    weights): "column" (its rows, part by part: `kv_parts` by KV head, the others evenly) or "row" (its
+    input columns); `in_features` and `sizes` are the whole projection's."""
+
+    kind: str
+    tp: TensorParallelGroup
+    in_features: int
+    sizes: tuple[int, ...]
+    kv_parts: tuple[int, ...] = ()
+    head_dim: int = 0
+    num_kv_heads: int = 0
+
+    def cut_rows(self, part: int, t: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of part `part` (whole rows in, e.g. a LoRA B of q_proj)."""
+        if part in self.kv_parts:
+            return _kv_piece(t, self.head_dim, self.num_kv_heads, self.tp)
+        return _piece(t, 0, self.tp)
+
+
+def lora_piece(module: nn.Module, shard: int, a: torch.Tensor, b: torch.Tensor, num_shards: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's (A [r, in], B [out, r]) of an adapter on shard `shard` of `module` (one of `num_shards`
+    row blocks as LoRA sees it): a column-parallel projection keeps A whole and B's rows of its heads or
+    channels; a row-parallel one keeps A's columns of its inputs and B whole (the all-reduce after the
+    projection sums the ranks' partial B (A x), as it does their base products). Whole where not split."""
+    record: SplitRecord | None = getattr(module, "tp_split", None)
+    if record is None:
+        return a, b
+    if record.kind == "row":
+        return _piece(a, 1, record.tp), b
+    if num_shards == 1 and len(record.sizes) > 1:  # one adapter on a fused checkpoint's qkv / gate_up rows
+        return a, torch.cat([record.cut_rows(i, part) for i, part in enumerate(b.split(record.sizes, 0))])
+    return a, record.cut_rows(shard, b)
+
+
 def check_shardable(config: ModelConfig, size: int) -> None:
     """Raise ValueError naming what keeps `config` from splitting `size` ways."""
     if size == 1:
@@ -251,6 +288,7 @@ def _qkv(attn, tp: TensorParallelGroup) -> None:
         q, k, v = t.split(linear.output_sizes, 0)
         return torch.cat((_piece(q, 0, tp), _kv_piece(k, d, kv, tp), _kv_piece(v, d, kv, tp)))
 
+    linear.tp_split = SplitRecord("column", tp, linear.in_features, tuple(linear.output_sizes), (1, 2), d, kv)
     _set(linear, "weight", cut(linear.weight))
     if linear.bias is not None:
         _set(linear, "bias", cut(linear.bias))
@@ -265,6 +303,7 @@ def _qkv(attn, tp: TensorParallelGroup) -> None:
 def _column(linear: MergedLinear, tp: TensorParallelGroup) -> None:
     """Keep this rank's rows of each merged part (q, k, v; or gate, up)."""
     sizes = linear.output_sizes
+    linear.tp_split = SplitRecord("column", tp, linear.in_features, tuple(sizes))
     parts = linear.weight.split(sizes, 0)
     _set(linear, "weight", torch.cat([_piece(p, 0, tp) for p in parts]))
     if linear.bias is not None:
@@ -275,6 +314,7 @@ def _column(linear: MergedLinear, tp: TensorParallelGroup) -> None:
 
 def _row(linear: Linear, tp: TensorParallelGroup) -> None:
     """Keep this rank's input columns; the bias on rank 0 only (the all-reduce adds it once)."""
+    linear.tp_split = SplitRecord("row", tp, linear.in_features, (linear.out_features,))
     _set(linear, "weight", _piece(linear.weight, 1, tp))
     linear.in_features //= tp.size
     if linear.bias is not None and tp.rank != 0:

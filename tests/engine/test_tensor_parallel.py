@@ -67,8 +67,6 @@ def test_sizes_that_do_not_divide_are_refused_before_any_process_starts(model_fa
         LLM(str(path), tensor_parallel_size=4)
     with pytest.raises(ValueError, match=r"tensor_parallel_size: 3 neither divides the model's num_key_value_heads \(2\)"):
         LLM(str(path), tensor_parallel_size=3)
-    with pytest.raises(ValueError, match="enable_lora"):
-        LLM(str(path), tensor_parallel_size=2, enable_lora=True)
 
 
 def prompt_logprobs(path, tp: int, dtype: str = "bfloat16", **kwargs) -> torch.Tensor:
@@ -225,3 +223,72 @@ def test_quantized_gguf_splits_in_its_blocks(model_factory, tmp_path, arch, weig
     finally:
         llm.engine.shutdown()
     assert check_logprobs_close(got, generate(path, 1)[:4]) >= 0.5
+
+
+def write_adapter(base: Path, out: Path, seed: int, rank: int, modules: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """A PEFT adapter directory with random A and B on `modules` (their last name component) of every layer;
+    returns its tensors."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from ember.models import load_model
+    from ember.models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, lora_targets
+
+    model, _ = load_model(str(base), dtype="float32")
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, target in sorted(lora_targets(model).items()):
+        if name.rsplit(".", 1)[-1] in modules:
+            for part, shape in (("A", (rank, target.in_features)), ("B", (target.size, rank))):
+                tensors[f"base_model.model.{name}.lora_{part}.weight"] = torch.randn(shape, generator=gen) * 0.3
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ADAPTER_CONFIG).write_text(json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank,
+                                                  "target_modules": list(modules)}))
+    save_file(tensors, str(out / ADAPTER_WEIGHTS))
+    return tensors
+
+
+@pytest.mark.parametrize("arch,overrides", [("llama", {}), SLOW("qwen2_moe", {}), ("phi3", {"num_key_value_heads": 1})])
+def test_lora_adapters_split_over_ranks_answer_as_one_process(model_factory, tmp_path, arch, overrides):
+    """Adapters on column-parallel (q/k/v, gate/up: B cut by head or channel), row-parallel (o, down: A cut by
+    input column) and replicated (a MoE router) projections, three of them and the base in one batch with two
+    slots (adapters swap in and out), then an RL push of new adapter weights: TP=2 gives one process's tokens.
+    Phi-3: one KV head (replicated) and its fused q|k|v and gate|up checkpoint rows."""
+    from ember.engine.lora import LoRARequest
+
+    path = model_factory(arch, std=0.2, **overrides)
+    kinds = [("q_proj", "v_proj", "down_proj"), ("k_proj", "o_proj", "gate_proj", "up_proj", "gate"),
+             ("qkv_proj", "gate_up_proj", "o_proj")]
+    adapters = []
+    for i, modules in enumerate(kinds):
+        tensors = write_adapter(path, tmp_path / f"a{i}", i, 4 + 2 * i, modules)
+        if tensors:  # (each architecture names its projections its own way: some kinds adapt nothing here)
+            adapters.append(LoRARequest(f"a{i}", i + 1, str(tmp_path / f"a{i}")))
+    assert len(adapters) >= 2
+    pushed = {k: v.flip(0) for k, v in write_adapter(path, tmp_path / "b", 9, 4, kinds[0]).items()} \
+        if adapters[0].lora_name == "a0" else None
+    loras = [None if i % (len(adapters) + 1) == 0 else adapters[i % (len(adapters) + 1) - 1] for i in range(len(PROMPTS))]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+
+    def run(tp: int):
+        llm = LLM(str(path), dtype="float32", tensor_parallel_size=tp, enable_lora=True, max_loras=2, max_lora_rank=8)
+        try:
+            first = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False, lora_request=loras)]
+            second = None
+            if pushed is not None:
+                assert llm.update_lora(adapters[0], pushed) == 1
+                second = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False,
+                                                                       lora_request=loras)]
+            return first, second
+        finally:
+            llm.engine.shutdown()
+
+    one, two = run(1), run(2)
+    assert two == one
+    base = [o.outputs[0].token_ids for o in generate(path, 1)]
+    adapted = [i for i, lora in enumerate(loras) if lora is not None]
+    assert any(one[0][i] != base[i][:12] for i in adapted)  # the adapters change the answers
+    if pushed is not None:
+        assert one[1] != one[0]  # and so does the push
