@@ -353,9 +353,9 @@ def install_packed(model: nn.Module, packed: dict[str, PackedWeight], dtype: tor
             if weight is None:
                 continue
             table = weight.as_int8(min(weight.group, 32))
-            _set_module(model, name, QuantizedEmbedding(table.q, table.scale, dtype, table.offset, table.group))
+            replace_module(model, name, QuantizedEmbedding(table.q, table.scale, dtype, table.offset, table.group))
             if tied:
-                _set_module(model, "lm_head", QuantizedLinear.from_packed(table, None, dtype))
+                replace_module(model, "lm_head", QuantizedLinear.from_packed(table, None, dtype))
         for module_name, module in list(model.named_modules()):
             if not isinstance(module, nn.Linear) or getattr(module, "transposed_checkpoint", False):
                 continue
@@ -374,10 +374,10 @@ def install_packed(model: nn.Module, packed: dict[str, PackedWeight], dtype: tor
                                  f"the model expects [{module.out_features}, {module.in_features}]")
             names = {"shard_names": module.shard_names, "output_sizes": module.output_sizes} if merged else {}
             bias = torch.zeros(module.out_features, dtype=dtype) if module.bias is not None else None
-            _set_module(model, module_name, QuantizedLinear.from_packed(weight, bias, dtype, **names))
+            replace_module(model, module_name, QuantizedLinear.from_packed(weight, bias, dtype, **names))
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     owner = model.get_submodule(parent) if parent else model
     split = getattr(getattr(owner, child), "tp_split", None)
@@ -396,14 +396,14 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
     with torch.no_grad():
         for name, module in list(model.named_modules()):
             if isinstance(module, nn.Linear) and (module is not lm_head or config.lm_head):
-                _set_module(model, name, QuantizedLinear.quantize(module, config))
+                replace_module(model, name, QuantizedLinear.quantize(module, config))
         head = getattr(model, "lm_head", None)
         for name, module in list(model.named_modules()):
             if isinstance(module, nn.Embedding) and config.embeddings and name.endswith("embed_tokens"):
                 if tied and isinstance(head, QuantizedLinear) and head.layout == "channels":
-                    _set_module(model, name, QuantizedEmbedding(head.qweight, head.scales, head.dtype))
+                    replace_module(model, name, QuantizedEmbedding(head.qweight, head.scales, head.dtype))
                 else:
-                    _set_module(model, name, QuantizedEmbedding.quantize(module))
+                    replace_module(model, name, QuantizedEmbedding.quantize(module))
     model.quantization = config
     return model
 

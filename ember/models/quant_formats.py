@@ -26,7 +26,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ember.models.layers import MergedLinear
-from ember.models.quant import GROUP_SIZES, QuantConfig, QuantizedLinear, quantize_int4, quantize_int8
+from ember.models.quant import (GROUP_SIZES, QuantConfig, QuantizedLinear, quantize_int4, quantize_int8,
+                                replace_module)
 
 QUANTIZED_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx")
 _AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # nibble i of a word holds output channel 8 * word + _AWQ_ORDER[i]
@@ -147,14 +148,15 @@ def _to_module(fmt: CheckpointQuant, parts: list[_Unpacked], name: str, dtype: t
 
 
 def load_quantized_linears(model: nn.Module, tensors: dict[str, torch.Tensor], fmt: CheckpointQuant,
-                           dtype: torch.dtype, source: str) -> None:
-    """Replace every linear whose HF tensors are quantized; consumes those tensors."""
+                           dtype: torch.dtype, source: str, cut=None) -> None:
+    """Replace every linear whose HF tensors are quantized; consumes those tensors. `cut(module, parts, name)`
+    (tensor parallel) returns the rank's pieces of a projection's unpacked parts, for its split module."""
     for module_name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear):
             continue
         parent = module_name.rpartition(".")[0]
-        hf_names = ([f"{parent}.{s}" for s in module.shard_names] if isinstance(module, MergedLinear)
-                    else [module_name])
+        merged = isinstance(module, MergedLinear) and not module.fused_checkpoint  # (Phi-3's are one tensor)
+        hf_names = [f"{parent}.{s}" for s in module.shard_names] if merged else [module_name]
         if f"{hf_names[0]}.qweight" not in tensors:
             continue
         parts = []
@@ -163,6 +165,8 @@ def load_quantized_linears(model: nn.Module, tensors: dict[str, torch.Tensor], f
             if {"qweight", "qzeros", "scales"} - set(layer):
                 raise ValueError(f"{source}: {hf} lacks {sorted({'qweight', 'qzeros', 'scales'} - set(layer))}")
             parts.append(_unpack_layer(fmt, layer, hf))
+        if cut is not None:
+            parts = cut(module, parts, hf_names[0])
         names = {"shard_names": module.shard_names, "output_sizes": module.output_sizes} \
             if isinstance(module, MergedLinear) else {}
         quantized = _to_module(fmt, parts, hf_names[0], dtype, names)
@@ -171,8 +175,7 @@ def load_quantized_linears(model: nn.Module, tensors: dict[str, torch.Tensor], f
                              f"once unpacked, the model expects [{module.out_features}, {module.in_features}]")
         if module.bias is not None:
             quantized.bias = nn.Parameter(torch.zeros(module.out_features, dtype=dtype), requires_grad=False)
-        owner, _, child = module_name.rpartition(".")
-        setattr(model.get_submodule(owner) if owner else model, child, quantized)
+        replace_module(model, module_name, quantized)
     leftover = sorted(n for n in tensors if n.endswith(QUANTIZED_SUFFIXES))
     if leftover:
         raise ValueError(f"{source}: quantized tensors for no linear layer of the model, e.g. {leftover[:3]}")

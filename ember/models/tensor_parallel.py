@@ -64,8 +64,11 @@ class SplitRecord:
     head_dim: int = 0
     num_kv_heads: int = 0
 
-    def cut_rows(self, part: int, t: torch.Tensor) -> torch.Tensor:
-        """This rank's rows of part `part` (whole rows in, e.g. a LoRA B of q_proj)."""
+    def cut_rows(self, part: int | None, t: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of part `part` (whole rows in, e.g. a LoRA B of q_proj), or with `part` None of
+        every part of the whole projection's rows (a fused checkpoint's q|k|v)."""
+        if part is None:
+            return torch.cat([self.cut_rows(i, piece) for i, piece in enumerate(t.split(self.sizes, 0))])
         if part in self.kv_parts:
             return _kv_piece(t, self.head_dim, self.num_kv_heads, self.tp)
         return _piece(t, 0, self.tp)
@@ -82,9 +85,8 @@ def lora_piece(module: nn.Module, shard: int, a: torch.Tensor, b: torch.Tensor, 
         return a, b
     if record.kind == "row":
         return _piece(a, 1, record.tp), b
-    if num_shards == 1 and len(record.sizes) > 1:  # one adapter on a fused checkpoint's qkv / gate_up rows
-        return a, torch.cat([record.cut_rows(i, part) for i, part in enumerate(b.split(record.sizes, 0))])
-    return a, record.cut_rows(shard, b)
+    fused = num_shards == 1 and len(record.sizes) > 1  # one adapter on a fused checkpoint's qkv / gate_up rows
+    return a, record.cut_rows(None if fused else shard, b)
 
 
 def check_shardable(config: ModelConfig, size: int) -> None:
@@ -124,12 +126,14 @@ def shard_model(model: nn.Module, tp: TensorParallelGroup, quant=None) -> ModelC
 def load_model_shard(model_dir, dtype, device: torch.device, tp: TensorParallelGroup, quant=None):
     """(model, rank config): rank `tp.rank`'s share of the checkpoint, built on the meta device, split there,
     and filled from the safetensors files piece by piece, so a rank never holds more than its share (plus one
-    checkpoint tensor at a time); GGUF files too, their quantized blocks cut in their packed form.
-    GPTQ/AWQ checkpoints and multimodal ones load whole, then split."""
+    checkpoint tensor at a time); GGUF files too, their quantized blocks cut in their packed form, and GPTQ/AWQ
+    projections cut once unpacked (a rank holds one whole projection at a time). Multimodal checkpoints and
+    gpt-oss load whole, then split."""
     from pathlib import Path
 
     from ember.models.gguf import find_gguf
     from ember.models.loader import iter_safetensors, load_model, load_weights, safetensors_files
+    from ember.models.quant_formats import QUANTIZED_SUFFIXES, checkpoint_quantization, load_quantized_linears
 
     if (gguf_file := find_gguf(model_dir)) is not None:
         from ember.models.gguf import load_gguf
@@ -139,15 +143,50 @@ def load_model_shard(model_dir, dtype, device: torch.device, tp: TensorParallelG
         _finish(model, tp, quant)
         return model, splitter.local
     config = ModelConfig.from_dir(model_dir)
-    if config.family.text_tower or config.family.moe == "gpt_oss" or config.raw.get("quantization_config") is not None:
+    if config.family.text_tower or config.family.moe == "gpt_oss":
         model, _ = load_model(model_dir, dtype, device)
         return model, shard_model(model, tp, quant)
-    model, local = _build_split(config, config.resolve_dtype(dtype, device), device, tp)
+    torch_dtype = config.resolve_dtype(dtype, device)
+    model, local = _build_split(config, torch_dtype, device, tp)
     whole = ((name, tensor) for name, tensor, _ in iter_safetensors(safetensors_files(Path(model_dir)), Path(model_dir).name))
+    fmt = checkpoint_quantization(config.raw, str(Path(model_dir) / "config.json"))
+    if fmt is not None:  # GPTQ / AWQ: each projection unpacked whole, cut, packed again for this rank
+        whole = list(whole)
+        packed = {name: t for name, t in whole if name.endswith(QUANTIZED_SUFFIXES)}
+        load_quantized_linears(model, packed, fmt, torch_dtype, str(model_dir), cut=_cut_unpacked)
+        model.to(device)
+        whole = [(name, t) for name, t in whole if not name.endswith(QUANTIZED_SUFFIXES)]
     load_weights(model, ((name, piece, "checkpoint") for name, piece in shard_hf_tensors(model, tp, whole)))
     model.eval()
     _finish(model, tp, quant)
     return model, local
+
+
+def _cut_unpacked(module: nn.Module, parts: list, name: str) -> list:
+    """A GPTQ/AWQ projection's unpacked parts (q [out, in], scale and zero [groups, out], one per HF module of a
+    merged projection) cut as `module` was: output rows for column-parallel, whole groups of input columns for
+    row-parallel."""
+    record: SplitRecord | None = getattr(module, "tp_split", None)
+    if record is None:
+        return parts
+    if record.kind == "column":
+        fused = len(parts) == 1 and len(record.sizes) > 1  # (Phi-3's q|k|v in one checkpoint tensor)
+        return [dataclasses.replace(p, q=record.cut_rows(part, p.q), scale=record.cut_rows(part, p.scale.t()).t(),
+                                    zero=record.cut_rows(part, p.zero.t()).t())
+                for part, p in zip([None] if fused else range(len(parts)), parts)]
+    tp, (part,) = record.tp, parts
+    if part.perm is not None:
+        raise ValueError(f"tensor_parallel_size: {tp.size}: {name} is act-order (desc_act) GPTQ, whose input "
+                         "channels are permuted across the whole row; it cannot be cut by input column (use a "
+                         "desc_act=false checkpoint)")
+    groups = part.scale.shape[0]
+    if groups > 1 and groups % tp.size:
+        raise ValueError(f"tensor_parallel_size: {tp.size} does not divide the {groups} quantization groups of "
+                         f"{name}'s input")
+    if groups == 1:  # one scale per output channel: the same for every rank's columns
+        return [dataclasses.replace(part, q=_piece(part.q, 1, tp))]
+    return [dataclasses.replace(part, q=_piece(part.q, 1, tp), scale=_piece(part.scale, 0, tp),
+                                zero=_piece(part.zero, 0, tp))]
 
 
 def _build_split(config: ModelConfig, dtype: torch.dtype, device: torch.device, tp: TensorParallelGroup):

@@ -292,3 +292,27 @@ def test_lora_adapters_split_over_ranks_answer_as_one_process(model_factory, tmp
     assert any(one[0][i] != base[i][:12] for i in adapted)  # the adapters change the answers
     if pushed is not None:
         assert one[1] != one[0]  # and so does the push
+
+
+@pytest.mark.parametrize("fmt,bits,group,arch", [("gptq", 4, 32, "qwen2"), SLOW("gptq", 8, -1, "qwen2"),
+                                                  ("awq", 4, 32, "qwen2"), SLOW("gptq", 4, 32, "phi3")])
+def test_gptq_and_awq_checkpoints_split_once_unpacked(model_factory, tmp_path, fmt, bits, group, arch):
+    """A GPTQ/AWQ checkpoint over 2 ranks: each projection is unpacked, cut (rows; or whole groups of input
+    columns) and packed again for its rank: the tokens of one process on the same checkpoint (qwen2: q/k/v
+    biases, tied embeddings; phi3: fused q|k|v and gate|up tensors)."""
+    from tests.models.test_quant import write_quantized
+
+    src = model_factory(arch, hidden_size=128, intermediate_size=256, std=0.2)
+    write_quantized(src, tmp_path / "q", fmt, bits, group)
+    one, two = generate(tmp_path / "q", 1), generate(tmp_path / "q", 2)
+    assert [o.outputs[0].token_ids for o in two] == [o.outputs[0].token_ids for o in one]
+
+
+def test_act_order_gptq_is_refused_by_name(model_factory, tmp_path):
+    from tests.models.test_quant import write_quantized
+
+    src = model_factory("qwen2", hidden_size=128, intermediate_size=256, std=0.2)
+    write_quantized(src, tmp_path / "q", "gptq", 4, 64, act_order=True)
+    with pytest.raises(ValueError, match=r"act-order \(desc_act\)"):
+        generate(tmp_path / "q", 2)
+    assert len(generate(src, 2)) == len(PROMPTS)  # the refused start left nothing behind (workers, process group)

@@ -169,12 +169,14 @@ def write_quantized(src: Path, dst: Path, fmt: str, bits: int, group: int, act_o
     return reference
 
 
-@pytest.mark.parametrize("fmt,bits,group,act_order", [
-    ("gptq", 4, 32, False), ("gptq", 4, 64, True), ("gptq", 8, -1, False), ("gptq", 4, -1, False),
-    ("awq", 4, 32, False),
+@pytest.mark.parametrize("fmt,bits,group,act_order,arch", [
+    ("gptq", 4, 32, False, "qwen2"), ("gptq", 4, 64, True, "qwen2"), ("gptq", 8, -1, False, "qwen2"),
+    ("gptq", 4, -1, False, "qwen2"), ("awq", 4, 32, False, "qwen2"), ("gptq", 4, 32, False, "phi3"),
 ])
-def test_gptq_and_awq_checkpoints_match_their_dequantized_weights(model_factory, tmp_path, fmt, bits, group, act_order):
-    src = model_factory("qwen2", hidden_size=128, intermediate_size=256, std=0.05)  # qkv bias, tied embeddings
+def test_gptq_and_awq_checkpoints_match_their_dequantized_weights(model_factory, tmp_path, fmt, bits, group, act_order,
+                                                                  arch):
+    # qwen2: qkv bias, tied embeddings; phi3: q|k|v and gate|up fused in the checkpoint (one packed tensor each)
+    src = model_factory(arch, hidden_size=128, intermediate_size=256, std=0.05)
     reference_weights = write_quantized(src, tmp_path / "q", fmt, bits, group, act_order)
     quantized, _ = load_model(tmp_path / "q", dtype="float32")
     assert sum(isinstance(m, QuantizedLinear) for m in quantized.modules()) == 2 * 4  # qkv, o, gate_up, down
