@@ -66,3 +66,35 @@ def test_dp2_on_ray_answers_as_one_replica(cluster, model_factory):
         proc.terminate()
         proc.communicate(timeout=120)
     assert proc.returncode == 0
+
+
+def test_ray_serve_deployment_answers_as_one_process(cluster, model_factory):
+    """ember's server as a Ray Serve deployment (ember.serve.ray_serve): two replicas placed by Serve behind its
+    proxy answer, streamed or not, as one process does; a bad option is refused before anything starts."""
+    from openai import OpenAI
+    from ray import serve
+
+    from ember.serve.ray_serve import build_app
+
+    path = model_factory("llama", std=0.2)
+    expected = [o.outputs[0].text for o in generate(path, 1)[:4]]
+    with pytest.raises(ValueError, match="max_num_seq"):
+        build_app({"model": str(path), "max_num_seq": "4"})
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        # as `serve run ember.serve.ray_serve:build_app key=value ...` passes them: text, read as JSON
+        serve.run(build_app({"model": str(path), "dtype": "float32", "num_replicas": "2", "served_model_name": "tiny",
+                             "ray_actor_options": '{"num_cpus": 0.5}'}), name="ember", route_prefix="/")
+        deployment = serve.status().applications["ember"].deployments["ember"]
+        assert deployment.replica_states.get("RUNNING") == 2
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=120)
+        for prompt, text in zip(PROMPTS, expected):
+            out = client.completions.create(model="tiny", prompt=prompt, max_tokens=16, temperature=0,
+                                            extra_body={"ignore_eos": True})
+            assert out.choices[0].text == text
+        stream = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=16, temperature=0, stream=True,
+                                           extra_body={"ignore_eos": True})
+        assert "".join(chunk.choices[0].text for chunk in stream if chunk.choices) == expected[0]
+    finally:
+        serve.shutdown()
