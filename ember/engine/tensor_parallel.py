@@ -101,14 +101,23 @@ def _device(device: torch.device, rank: int) -> torch.device:
 def init_group(store_addr: tuple[str, int], rank: int, size: int, device: torch.device, shm_name: str | None,
                store=None, shm: SharedMemoryComm | None = None) -> TensorParallelGroup:
     """Rank `rank`'s process group; on CPU with the shared-memory collectives (segment `shm_name`, which rank 0
-    created before starting the workers: `shm`) for the tensors that fit."""
+    created before starting the workers: `shm`) for the tensors that fit. On CPU the group is gloo's, private to
+    the engine (a trainer in the same process keeps its default group); on CUDA it is the default group (NCCL)."""
     if store is None:
         store = dist.TCPStore(*store_addr, size, is_master=False, timeout=COLLECTIVE_TIMEOUT)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=COLLECTIVE_TIMEOUT)
+    group = None
+    if device.type == "cuda":
+        dist.init_process_group("nccl", store=store, rank=rank, world_size=size, timeout=COLLECTIVE_TIMEOUT)
+    else:
+        group = dist.ProcessGroupGloo(dist.PrefixStore("ember-tp", store), rank, size, COLLECTIVE_TIMEOUT)
     if shm is None and shm_name is not None:
         shm = SharedMemoryComm(shm_name, rank, size)
-    return TensorParallelGroup(rank, size, shm=shm)
+    return TensorParallelGroup(rank, size, group, shm)
+
+
+def _leave_group(group: TensorParallelGroup | None) -> None:
+    if group is not None and group.group is None and dist.is_initialized():  # the default group was ours (CUDA)
+        dist.destroy_process_group()
 
 
 class _ProcessLink:
@@ -378,8 +387,8 @@ class TensorParallelWorkers:
         if self.shm is not None:
             self.shm.close()
             self.shm = None
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        _leave_group(getattr(self, "group", None))
+        self.group = None
 
 
 class _Shard:
@@ -450,8 +459,7 @@ class _Shard:
         elif kind == "allocate_kv":
             runner.allocate_kv_cache()
         elif kind == "stop":
-            if dist.is_initialized():
-                dist.destroy_process_group()
+            _leave_group(self.group)
             return False
         return True
 

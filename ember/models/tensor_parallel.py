@@ -33,20 +33,28 @@ from ember.models.layers import DecoderLayer, GatedMLP, Linear, MergedLinear
 class TensorParallelGroup:
     rank: int
     size: int
-    group: object = None  # a torch.distributed ProcessGroup (None: the default group)
+    # A ProcessGroup of the ranks' own, called directly (not registered with torch.distributed, so the
+    # process's default group stays free: a trainer's, or another engine's); None: the default group.
+    group: object = None
     shm: object = None  # ranks on one machine: a SharedMemoryComm for the tensors that fit its slots
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.shm is not None and self.shm.fits(x):
             return self.shm.all_reduce(x)
-        dist.all_reduce(x, group=self.group)
+        if self.group is None:
+            dist.all_reduce(x)
+        else:
+            self.group.allreduce([x]).wait()
         return x
 
     def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
         if self.shm is not None and self.shm.fits(x):
             return self.shm.all_gather_last(x)
         parts = [torch.empty_like(x) for _ in range(self.size)]
-        dist.all_gather(parts, x.contiguous(), group=self.group)
+        if self.group is None:
+            dist.all_gather(parts, x.contiguous())
+        else:
+            self.group.allgather([parts], [x.contiguous()]).wait()
         return torch.cat(parts, dim=-1)
 
 

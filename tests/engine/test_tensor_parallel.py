@@ -316,3 +316,29 @@ def test_act_order_gptq_is_refused_by_name(model_factory, tmp_path):
     with pytest.raises(ValueError, match=r"act-order \(desc_act\)"):
         generate(tmp_path / "q", 2)
     assert len(generate(src, 2)) == len(PROMPTS)  # the refused start left nothing behind (workers, process group)
+
+
+def test_split_engines_leave_the_default_process_group_alone(model_factory, tmp_path):
+    """On CPU the ranks meet in a gloo group of their own: a trainer's default process group in the same process
+    (an RL loop's) keeps working beside two tensor-parallel engines, and is still there after they stop."""
+    import torch.distributed as dist
+
+    path = model_factory("llama", std=0.2)
+    expected = [o.outputs[0].token_ids for o in generate(path, 1)]
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        engines = [LLM(str(path), dtype="float32", tensor_parallel_size=2) for _ in range(2)]
+        try:
+            params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+            for llm in engines:
+                got = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+                assert [o.outputs[0].token_ids for o in got] == expected
+            t = torch.ones(3)
+            dist.all_reduce(t)
+            assert t.tolist() == [1.0, 1.0, 1.0]
+        finally:
+            for llm in engines:
+                llm.engine.shutdown()
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
