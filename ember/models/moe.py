@@ -129,6 +129,7 @@ class GptOssMoE(nn.Module):
         self.router = nn.Linear(config.hidden_size, self.num_experts, bias=True)
         self.experts = GptOssExperts(self.num_experts, config.hidden_size, config.intermediate_size)
         self.aux_loss = torch.zeros(())
+        self.add_down_bias = True  # tensor parallel: rank 0 only (the ranks' partial sums are added up)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -149,8 +150,8 @@ class GptOssMoE(nn.Module):
                 gate_up = rows @ e.gate_up_proj[expert] + e.gate_up_proj_bias[expert]
                 gate = gate_up[..., ::2].clamp(max=self.limit)
                 up = gate_up[..., 1::2].clamp(min=-self.limit, max=self.limit)
-                out[start:start + n] = ((up + 1) * (gate * torch.sigmoid(gate * self.alpha))) @ e.down_proj[expert] \
-                    + e.down_proj_bias[expert]
+                down = ((up + 1) * (gate * torch.sigmoid(gate * self.alpha))) @ e.down_proj[expert]
+                out[start:start + n] = down + e.down_proj_bias[expert] if self.add_down_bias else down
                 start += n
         out = out * weights.flatten()[order, None].to(out.dtype)
         return torch.zeros_like(x).index_add_(0, tokens, out).reshape(shape)

@@ -5,7 +5,9 @@ Each rank keeps 1/N of every layer and the ranks sum their partial results once 
   then one all-reduce; a rank attends over its own heads with its own share of the KV cache;
 - gated MLP: gate/up by channel (column), down by input column (row), one all-reduce;
 - MoE: the router replicated, every expert (and Qwen2-MoE's shared expert) split like the MLP, one
-  all-reduce after the whole block (the routing weights scale each expert's partial sum linearly);
+  all-reduce after the whole block (the routing weights scale each expert's partial sum linearly); gpt-oss's
+  interleaved gate|up by channel too, its sinks by head;
+- q/k norms over the whole projection (OLMo 2): each rank's sum of squares all-reduced (SplitRMSNorm);
 - embeddings and the LM head by vocabulary: a rank looks up only its ids (the others' rows sum in as
   zeros) and computes only its logits, gathered into the whole row. Ranks whose vocabulary slice would
   be ragged pad it with zero rows, cut off after the gather.
@@ -102,12 +104,11 @@ def check_shardable(config: ModelConfig, size: int) -> None:
     if size == 1:
         return
     family = config.family
-    if family.moe == "gpt_oss" or family.sinks:
-        raise ValueError(f"tensor_parallel_size: {size}: {config.architecture} (gpt-oss experts) is not split yet")
-    if family.qk_norm == "full":
-        raise ValueError(f"tensor_parallel_size: {size}: {config.architecture} normalises q and k over all heads "
-                         "at once, which a split by head cannot do")
     kv = config.num_kv_heads
+    if family.qk_norm == "full" and kv % size:
+        raise ValueError(f"tensor_parallel_size: {size}: {config.architecture} normalises k over all its KV heads "
+                         f"at once, which needs them split evenly ({kv} KV heads; a shared, replicated head would "
+                         "count twice)")
     if kv % size and size % kv:
         raise ValueError(f"tensor_parallel_size: {size} neither divides the model's num_key_value_heads ({kv}) "
                          "nor is a multiple of it (each rank needs whole KV heads, or one shared with others)")
@@ -272,7 +273,7 @@ class GGUFSplitter:
 
 def _split(model: nn.Module, tp: TensorParallelGroup) -> ModelConfig:
     from ember.models.llama import LlamaForCausalLM
-    from ember.models.moe import MoE
+    from ember.models.moe import GptOssMoE, MoE
 
     config: ModelConfig = getattr(model, "config", None)
     if not isinstance(model, LlamaForCausalLM):
@@ -281,9 +282,11 @@ def _split(model: nn.Module, tp: TensorParallelGroup) -> ModelConfig:
     for layer in model.model.layers:
         attn, ffn = layer.self_attn, getattr(layer, layer.ffn_name)
         projections = [attn.qkv_proj, attn.o_proj] + ([ffn.gate_up_proj, ffn.down_proj] if isinstance(ffn, GatedMLP) else [])
-        if not isinstance(ffn, (GatedMLP, MoE)) or any(type(p) not in (Linear, MergedLinear) for p in projections):
-            raise ValueError(f"tensor_parallel_size: {tp.size}: GPTQ/AWQ checkpoints are not split yet; load bf16 "
-                             "weights (quantization= at load time if wanted) or a GGUF")
+        if not isinstance(ffn, (GatedMLP, MoE, GptOssMoE)) or any(type(p) not in (Linear, MergedLinear)
+                                                                  for p in projections):
+            raise ValueError(f"tensor_parallel_size: {tp.size}: this model's quantized projections were loaded whole "
+                             "and are not split (a multimodal GPTQ/AWQ checkpoint); load bf16 weights "
+                             "(quantization= at load time if wanted) or a GGUF")
     for layer in model.model.layers:
         _shard_layer(layer, tp)
     _shard_vocabulary(model, tp)
@@ -384,13 +387,40 @@ def _shard_mlp(mlp: GatedMLP, tp: TensorParallelGroup) -> None:
     _row(mlp.down_proj, tp)
 
 
+class SplitRMSNorm(nn.Module):
+    """RMSNorm over a vector whose pieces are on different ranks (OLMo 2's q and k norms span every head): each
+    rank's sum of squares is summed over the group (a [rows, 1] all-reduce), then each normalises its piece."""
+
+    def __init__(self, norm: nn.Module, tp: TensorParallelGroup):
+        super().__init__()
+        self.size, self.eps, self.tp = norm.weight.shape[0], norm.eps, tp
+        _set(self, "weight", _piece(norm.weight, 0, tp))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()  # fp32 statistics and product, as transformers' Olmo2RMSNorm
+        squares = self.tp.all_reduce(xf.pow(2).sum(-1, keepdim=True))
+        return (self.weight.float() * (xf * torch.rsqrt(squares / self.size + self.eps))).to(x.dtype)
+
+
 def _shard_layer(layer: DecoderLayer, tp: TensorParallelGroup) -> None:
     attn = layer.self_attn
+    if attn.qk_norm == "full":  # (before _qkv changes the head counts)
+        attn.q_norm, attn.k_norm = SplitRMSNorm(attn.q_norm, tp), SplitRMSNorm(attn.k_norm, tp)
+    if attn.sinks is not None:  # gpt-oss: one sink logit per head
+        _set(attn, "sinks", _piece(attn.sinks, 0, tp))
     _qkv(attn, tp)
     _row(attn.o_proj, tp)
     ffn = getattr(layer, layer.ffn_name)
     if isinstance(ffn, GatedMLP):
         _shard_mlp(ffn, tp)
+        return
+    if hasattr(ffn, "experts") and hasattr(ffn.experts, "gate_up_proj"):  # gpt-oss
+        # gate and up interleave by channel (columns 2j, 2j + 1), so a channel range is a column range
+        e = ffn.experts
+        _set(e, "gate_up_proj", _piece(e.gate_up_proj, 2, tp))
+        _set(e, "gate_up_proj_bias", _piece(e.gate_up_proj_bias, 1, tp))
+        _set(e, "down_proj", _piece(e.down_proj, 1, tp))
+        ffn.add_down_bias = tp.rank == 0  # the block's all-reduce adds it once
         return
     # MoE (Mixtral, Qwen2/3-MoE): the router stays whole; experts split by channel, as the MLP is
     inter = ffn.intermediate

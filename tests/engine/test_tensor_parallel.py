@@ -34,11 +34,12 @@ def generate(path, tp: int, dtype: str = "float32", **kwargs):
 
 @pytest.mark.parametrize("arch,overrides", [("llama", {}), SLOW("qwen2", {}), SLOW("mixtral", {}), ("qwen2_moe", {}),
                                             SLOW("qwen2", {"num_key_value_heads": 1}),
-                                            ("phi3", {"num_key_value_heads": 1})])
+                                            ("phi3", {"num_key_value_heads": 1}), ("olmo2", {}), ("gpt_oss", {})])
 def test_tp2_fp32_greedy_tokens_equal_one_process(model_factory, arch, overrides):
     # qwen2: tied embeddings (the vocabulary-parallel head is the embedding's shard) and q/k/v biases;
     # mixtral and qwen2_moe: experts split by channel, the latter with a shared expert; one KV head: both
-    # ranks hold it (replicated), each with half the query heads
+    # ranks hold it (replicated), each with half the query heads; olmo2: q and k normalised over every head
+    # (the ranks' sums of squares all-reduced); gpt_oss: sinks by head, interleaved gate|up experts with biases
     path = model_factory(arch, std=0.2, **overrides)
     one, two = generate(path, 1), generate(path, 2)
     assert [o.outputs[0].token_ids for o in two] == [o.outputs[0].token_ids for o in one]
@@ -67,6 +68,9 @@ def test_sizes_that_do_not_divide_are_refused_before_any_process_starts(model_fa
         LLM(str(path), tensor_parallel_size=4)
     with pytest.raises(ValueError, match=r"tensor_parallel_size: 3 neither divides the model's num_key_value_heads \(2\)"):
         LLM(str(path), tensor_parallel_size=3)
+    olmo = model_factory("olmo2", num_key_value_heads=1)
+    with pytest.raises(ValueError, match=r"normalises k over all its KV heads"):
+        LLM(str(olmo), tensor_parallel_size=2)
 
 
 def prompt_logprobs(path, tp: int, dtype: str = "bfloat16", **kwargs) -> torch.Tensor:
@@ -151,7 +155,8 @@ def test_serve_tp2_answers_as_one_process_and_exits_when_a_worker_dies(model_fac
 
 @pytest.mark.parametrize("arch,overrides", [("llama", {"attention_bias": True, "mlp_bias": True}),
                                             SLOW("qwen2", {}), SLOW("mixtral", {}), SLOW("phi3", {}),
-                                            ("phi3", {"num_key_value_heads": 1})])
+                                            ("phi3", {"num_key_value_heads": 1}), SLOW("olmo2", {}),
+                                            SLOW("gpt_oss", {})])
 def test_weights_pushed_into_a_split_engine_serve_as_if_loaded(model_factory, arch, overrides):
     """An RL trainer's push (whole tensors by HF name) into TP=2: each rank keeps its piece; outputs equal a
     one-process engine that loaded the new weights (row-parallel biases on rank 0 only, tied embeddings,
