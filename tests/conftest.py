@@ -129,3 +129,16 @@ def train_assets(tmp_path_factory):
     write_tokenizer(root / "tok", vocab_size=384)
     (root / "train.txt").write_text(corpus_text() * 6)
     return root
+
+
+def children_of(pid: int) -> list[int]:
+    """Child processes of any of `pid`'s threads (ember starts its workers from a keeper thread: ember.process)."""
+    from pathlib import Path
+
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except FileNotFoundError:  # a thread that ended meanwhile
+            pass
+    return found

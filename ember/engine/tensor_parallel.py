@@ -39,7 +39,7 @@ from ember.engine.attention import BatchLayout
 from ember.models import shm_collectives
 from ember.models.shm_collectives import SharedMemoryComm
 from ember.models.tensor_parallel import TensorParallelGroup, load_model_shard, shard_hf_tensors
-from ember.process import die_with_parent
+from ember.process import die_with_parent, start_from_keeper
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class _ProcessLink:
         self.conn, child = context.Pipe()
         self.process = context.Process(target=_worker_main, name=f"ember-tp{rank}", daemon=True,
                                        args=(*args, child))
-        self.process.start()
+        start_from_keeper(self.process.start)  # (PDEATHSIG follows the starting thread: one that lasts)
         child.close()
 
     def describe(self) -> str:

@@ -13,6 +13,7 @@ import torch
 
 from ember import LLM, SamplingParams
 from ember.engine.tensor_parallel import WorkerDiedError
+from tests.conftest import children_of
 from tests.engine.test_kv_int8 import check_logprobs_close
 
 PROMPTS = [[1 + (i * 37 + j * 11) % 500 for j in range(5 + 9 * i)] for i in range(8)]  # 5 to 68 tokens
@@ -116,8 +117,7 @@ def test_a_killed_worker_ends_the_engine_with_its_name(model_factory):
 
 
 def _spawned_workers(pid: int) -> list[int]:
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return [int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    return [c for c in children_of(pid) if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
 
 
 @pytest.mark.skipif(not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists(),
@@ -347,3 +347,23 @@ def test_split_engines_leave_the_default_process_group_alone(model_factory, tmp_
         assert dist.is_initialized()
     finally:
         dist.destroy_process_group()
+
+
+def test_an_engine_started_from_a_passing_thread_keeps_its_workers(model_factory):
+    """Workers ask to die with their parent (PR_SET_PDEATHSIG), which the kernel ties to the thread that started
+    them: an engine built on a thread that then ends (a pool's, a server's start-up task) must keep them."""
+    import threading
+
+    path = model_factory("llama", std=0.2)
+    expected = [o.outputs[0].token_ids for o in generate(path, 1)]
+    built = []
+    thread = threading.Thread(target=lambda: built.append(LLM(str(path), dtype="float32", tensor_parallel_size=2)))
+    thread.start()
+    thread.join()
+    llm = built[0]
+    try:
+        params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+        got = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in got] == expected
+    finally:
+        llm.engine.shutdown()

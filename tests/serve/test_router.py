@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import children_of
 from tests.serve.conftest import free_port, running_server, wait_healthy
 from tests.serve.test_shutdown import start, wait_ready
 from tests.waiting import wait_until
@@ -104,7 +105,7 @@ def test_router_refuses_bad_backends():
 
 def _replica_pid(launcher: int, url: str) -> int:
     port = url.rsplit(":", 1)[1]
-    for child in Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split():
+    for child in children_of(launcher):
         argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
         if b"--port" in argv and argv[argv.index(b"--port") + 1] == port.encode():
             return int(child)
