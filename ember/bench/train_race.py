@@ -95,10 +95,15 @@ def run_ember(config_path: Path, run_dir: Path) -> RunResult:
 
 
 def run_deepspeed(peer_python: str, spec_path: Path) -> RunResult:
+    import shutil
+
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
     env.pop("PYTHONPATH", None)
+    # Run from a copy beside the spec: a script's folder goes first on sys.path, and ember/bench/kernels.py
+    # would shadow the `kernels` package transformers imports.
+    script = shutil.copy(PEER_SCRIPT, spec_path.parent / PEER_SCRIPT.name)
     out = subprocess.run([peer_python, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD),
-                          str(PEER_SCRIPT), str(spec_path)], capture_output=True, text=True, env=env, check=False)
+                          str(script), str(spec_path)], capture_output=True, text=True, env=env, check=False)
     line = next((x for x in out.stdout.splitlines() if x.startswith("{")), None)
     if out.returncode != 0 or line is None:
         raise RuntimeError(f"DeepSpeed failed:\n{out.stderr[-3000:]}")
@@ -109,11 +114,15 @@ def run_deepspeed(peer_python: str, spec_path: Path) -> RunResult:
 def race(args) -> int:
     import tempfile
 
+    with tempfile.TemporaryDirectory(prefix="ember-bench-race-") as work:
+        return _race(args, Path(work))
+
+
+def _race(args, work: Path) -> int:
     import yaml
 
     from ember.bench.models import corpus_text
 
-    work = Path(tempfile.mkdtemp(prefix="ember-bench-race-"))
     (work / "train.txt").write_text(corpus_text() * 200)
     tokens = args.micro_batch_size * WORLD * args.seq_len
     print(f"ember vs DeepSpeed ({args.peer_python}), {WORLD} processes, fp32, micro-batch {args.micro_batch_size} x "
