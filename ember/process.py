@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import queue
 import signal
 import sys
@@ -24,6 +25,15 @@ def die_with_parent() -> bool:
 
 _keeper_requests = None
 _keeper_lock = threading.Lock()
+
+
+def _forget_keeper() -> None:  # a forked child has none of its parent's threads
+    global _keeper_requests, _keeper_lock
+    _keeper_requests, _keeper_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_keeper)
 
 
 def _keep(requests: queue.Queue) -> None:

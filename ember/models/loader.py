@@ -136,17 +136,44 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def iter_safetensors(files: list[Path], label: str = "") -> Iterator[tuple[str, torch.Tensor, str]]:
-    """Every tensor of the files, with a progress bar on stderr (a large model takes a while)."""
+def iter_safetensors(files: list[Path], label: str = "", keep=None) -> Iterator[tuple[str, torch.Tensor, str]]:
+    """Every tensor of the files (whose name `keep(name)` accepts, if given), with a progress bar on stderr
+    (a large model takes a while)."""
     with progress(f"loading {label}".strip(), unit="file", total=len(files), disable=len(files) < 2) as bar:
         for path in files:
             try:
                 with safe_open(str(path), framework="pt") as f:
                     for name in f.keys():
-                        yield name, f.get_tensor(name), str(path)
+                        if keep is None or keep(name):
+                            yield name, f.get_tensor(name), str(path)
             except (SafetensorError, OSError) as e:
                 raise ValueError(f"weight file {str(path)!r} is corrupt or unreadable: {e}") from None
             bar.update()
+
+
+class LazyTensors:
+    """The files' tensors whose name `keep(name)` accepts, by name, each read from its file only when taken
+    (`pop`): a caller that takes them a few at a time holds no more than those."""
+
+    def __init__(self, files: list[Path], keep):
+        self._where: dict[str, Path] = {}
+        for path in files:
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    self._where.update((name, path) for name in f.keys() if keep(name))
+            except (SafetensorError, OSError) as e:
+                raise ValueError(f"weight file {str(path)!r} is corrupt or unreadable: {e}") from None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def __iter__(self):
+        return iter(list(self._where))
+
+    def pop(self, name: str) -> torch.Tensor:
+        path = self._where.pop(name)
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor(name)
 
 
 def progress(description: str, **kwargs):

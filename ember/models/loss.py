@@ -141,7 +141,7 @@ def _chunk_sum_and_grads(h, w, y, softcap, grad_hidden, grad_weight, start) -> t
     grad = probs.div_(norm).neg_()  # d sum / d logits = onehot - softmax
     grad[torch.arange(len(y), device=y.device), y] += 1
     if softcap is not None:
-        grad.mul_(1 - capped * capped)
+        grad.mul_(capped.square_().neg_().add_(1))  # d capped / d logits, in capped's own buffer
     grad = grad.to(h.dtype)
     if grad_hidden is not None:
         torch.mm(grad, w, out=grad_hidden[start:start + len(h)])

@@ -380,9 +380,12 @@ def install_packed(model: nn.Module, packed: dict[str, PackedWeight], dtype: tor
 def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     owner = model.get_submodule(parent) if parent else model
-    split = getattr(getattr(owner, child), "tp_split", None)
-    if split is not None:  # a tensor-parallel piece stays one (its LoRA weights are cut as its weights were)
-        module.tp_split = split
+    old = getattr(owner, child)
+    # What LoRA reads off a projection: whether its checkpoint tensor is fused (Phi-3's qkv_proj: adapters name
+    # it whole), and how tensor parallel cut it.
+    for attribute in ("fused_checkpoint", "tp_split"):
+        if getattr(old, attribute, None) is not None:
+            setattr(module, attribute, getattr(old, attribute))
     setattr(owner, child, module)
 
 

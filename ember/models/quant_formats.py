@@ -147,9 +147,10 @@ def _to_module(fmt: CheckpointQuant, parts: list[_Unpacked], name: str, dtype: t
     return module
 
 
-def load_quantized_linears(model: nn.Module, tensors: dict[str, torch.Tensor], fmt: CheckpointQuant,
+def load_quantized_linears(model: nn.Module, tensors, fmt: CheckpointQuant,
                            dtype: torch.dtype, source: str, cut=None) -> None:
-    """Replace every linear whose HF tensors are quantized; consumes those tensors. `cut(module, parts, name)`
+    """Replace every linear whose HF tensors are quantized; consumes those tensors (`tensors`: a dict, or a
+    loader.LazyTensors that reads each when taken). `cut(module, parts, name)`
     (tensor parallel) returns the rank's pieces of a projection's unpacked parts, for its split module."""
     for module_name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear):

@@ -141,7 +141,7 @@ def load_model_shard(model_dir, dtype, device: torch.device, tp: TensorParallelG
     from pathlib import Path
 
     from ember.models.gguf import find_gguf
-    from ember.models.loader import iter_safetensors, load_model, load_weights, safetensors_files
+    from ember.models.loader import LazyTensors, iter_safetensors, load_model, load_weights, safetensors_files
     from ember.models.quant_formats import QUANTIZED_SUFFIXES, checkpoint_quantization, load_quantized_linears
 
     if (gguf_file := find_gguf(model_dir)) is not None:
@@ -157,14 +157,14 @@ def load_model_shard(model_dir, dtype, device: torch.device, tp: TensorParallelG
         return model, shard_model(model, tp, quant)
     torch_dtype = config.resolve_dtype(dtype, device)
     model, local = _build_split(config, torch_dtype, device, tp)
-    whole = ((name, tensor) for name, tensor, _ in iter_safetensors(safetensors_files(Path(model_dir)), Path(model_dir).name))
+    files = safetensors_files(Path(model_dir))
     fmt = checkpoint_quantization(config.raw, str(Path(model_dir) / "config.json"))
-    if fmt is not None:  # GPTQ / AWQ: each projection unpacked whole, cut, packed again for this rank
-        whole = list(whole)
-        packed = {name: t for name, t in whole if name.endswith(QUANTIZED_SUFFIXES)}
+    if fmt is not None:  # GPTQ / AWQ: each projection read, unpacked, cut and packed for this rank in turn
+        packed = LazyTensors(files, keep=lambda name: name.endswith(QUANTIZED_SUFFIXES))
         load_quantized_linears(model, packed, fmt, torch_dtype, str(model_dir), cut=_cut_unpacked)
         model.to(device)
-        whole = [(name, t) for name, t in whole if not name.endswith(QUANTIZED_SUFFIXES)]
+    dense = (lambda name: not name.endswith(QUANTIZED_SUFFIXES)) if fmt is not None else None
+    whole = ((name, tensor) for name, tensor, _ in iter_safetensors(files, Path(model_dir).name, keep=dense))
     load_weights(model, ((name, piece, "checkpoint") for name, piece in shard_hf_tensors(model, tp, whole)))
     model.eval()
     _finish(model, tp, quant)

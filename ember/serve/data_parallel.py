@@ -18,7 +18,7 @@ import time
 
 import httpx
 
-from ember.process import die_with_parent, start_from_keeper
+from ember.process import die_with_parent
 
 logger = logging.getLogger("ember.serve")
 
@@ -67,8 +67,8 @@ class Replicas:
                     os.sched_setaffinity(0, mine)
 
             argv = [sys.executable, "-m", "ember.cli", *replica_argv(serve_argv, port, max(1, per // ranks))]
-            self.processes.append(start_from_keeper(  # (PDEATHSIG follows the starting thread: a lasting one)
-                lambda argv=argv, setup=setup: subprocess.Popen(argv, preexec_fn=setup)))  # noqa: PLW1509
+            # (started on the launcher's main thread, which lives as long as it: PDEATHSIG follows the thread)
+            self.processes.append(subprocess.Popen(argv, preexec_fn=setup))  # noqa: PLW1509 (no threads yet)
             self.urls.append(f"http://127.0.0.1:{port}")
         logger.info("data parallel: %d replicas (%d core(s) each) on %s; pids %s", count, per,
                     " ".join(self.urls), " ".join(str(p.pid) for p in self.processes))

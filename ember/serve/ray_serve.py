@@ -71,17 +71,25 @@ def build_app(args: dict):
 
     from ember.engine.config import EngineConfig
 
-    args = {key: _value(value) for key, value in dict(args).items()}
-    deployment = {key: args.pop(key) for key in DEPLOYMENT_KEYS if key in args}
-    server = {key: args.pop(key) for key in SERVER_KEYS if key in args}
+    args = dict(args)
     model = args.pop("model", None)
+    server = {key: args.pop(key) for key in SERVER_KEYS if key in args}  # text stays text (an all-digit api_key)
+    if server.get("max_waiting") is not None:
+        server["max_waiting"] = int(server["max_waiting"])
+    args = {key: _value(value) for key, value in args.items()}
+    deployment = {key: args.pop(key) for key in DEPLOYMENT_KEYS if key in args}
+    # Serve's default (5 requests in flight per replica) would cap continuous batching at 5 sequences: the
+    # engine queues and refuses (max_waiting) on its own.
+    deployment.setdefault("max_ongoing_requests", 1024)
     try:  # every engine option checked here, not in each replica after Serve has placed it
         EngineConfig.from_kwargs(model or "default", **args)
     except TypeError as e:
         raise ValueError(f"ember.serve.ray_serve: {e} (deployment options are {list(DEPLOYMENT_KEYS)}, server "
                          f"options {list(SERVER_KEYS)})") from None
-    if isinstance(server.get("lora_modules"), str):  # name=path,name=path as on ember serve's command line
-        server["lora_modules"] = dict(item.split("=", 1) for item in server["lora_modules"].split(",") if item)
+    if isinstance(server.get("lora_modules"), str):  # a JSON object, or name=path,name=path as ember serve takes
+        parsed = _value(server["lora_modules"])
+        server["lora_modules"] = parsed if isinstance(parsed, dict) else \
+            dict(item.split("=", 1) for item in server["lora_modules"].split(",") if item)
     num_cpus = (deployment.get("ray_actor_options") or {}).get("num_cpus")
     if num_cpus and "threads" not in args:  # compute threads = the CPUs Serve reserved for the replica
         args["threads"] = max(1, int(num_cpus))

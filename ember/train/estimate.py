@@ -245,9 +245,9 @@ def _estimate(c: TrainConfig, s: Shapes, ranks: int, lora: LoRACounts | None, de
     chunk = min(tokens, max(1, CHUNK_LOGITS // s.vocab)) * s.vocab  # logits per chunk
     head_trainable = lora is None
     if c.objective == "dpo":
-        # token_logprobs: each chunk recomputed in backward; there, its fp32 logits and the logits'
-        # gradient live at once (in the recompute: the logits and logsumexp's temporary)
-        loss_saved, loss_forward, loss_backward = 0, 4 * chunk, 2 * 4 * chunk
+        # token_logprobs: per chunk its fp32 logits and logsumexp's temporary of their size (forward, and the
+        # recompute in backward); in backward then the logits and their gradient
+        loss_saved, loss_forward, loss_backward = 0, 2 * 4 * chunk, 2 * 4 * chunk
     else:
         # token_logprob_sum computes the gradients in forward: the head weight's gradient is an fp32
         # [vocab, hidden] buffer from forward to backward (and the hidden states' one, [tokens, hidden]).

@@ -258,3 +258,15 @@ def test_packed_weights_through_the_kernels_equal_their_values(bits, group, k, w
                 x = torch.randn(rows, k, generator=gen).to(dtype)
                 reference = torch.nn.functional.linear(x.float(), packed.dequantize(), module.bias.float())
                 assert relative_error(module(x), reference) < (1e-2 if dtype == torch.bfloat16 else 1e-4), (dtype, rows)
+
+
+def test_quantized_phi3_keeps_its_fused_projection_names_for_lora(model_factory):
+    """Phi-3's checkpoint holds q|k|v and gate|up as one tensor each, and PEFT adapters name them so: quantizing
+    the projections must keep what LoRA reads (`fused_checkpoint`)."""
+    from ember.models.lora import lora_targets
+
+    model, _ = load_model(model_factory("phi3"), dtype="float32")
+    before = set(lora_targets(model))
+    quantize_model(model, QuantConfig("int8"))
+    assert set(lora_targets(model)) == before
+    assert any(name.endswith(".qkv_proj") for name in before)
