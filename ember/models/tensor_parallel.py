@@ -333,15 +333,10 @@ def _kv_piece(t: torch.Tensor, head_dim: int, num_kv_heads: int, tp: TensorParal
 def _qkv(attn, tp: TensorParallelGroup) -> None:
     """q by head; k and v by KV head (kv_heads_of_rank)."""
     linear, d, kv = attn.qkv_proj, attn.head_dim, attn.num_kv_heads
-
-    def cut(t: torch.Tensor) -> torch.Tensor:
-        q, k, v = t.split(linear.output_sizes, 0)
-        return torch.cat((_piece(q, 0, tp), _kv_piece(k, d, kv, tp), _kv_piece(v, d, kv, tp)))
-
-    linear.tp_split = SplitRecord("column", tp, linear.in_features, tuple(linear.output_sizes), (1, 2), d, kv)
-    _set(linear, "weight", cut(linear.weight))
+    record = linear.tp_split = SplitRecord("column", tp, linear.in_features, tuple(linear.output_sizes), (1, 2), d, kv)
+    _set(linear, "weight", record.cut_rows(None, linear.weight))
     if linear.bias is not None:
-        _set(linear, "bias", cut(linear.bias))
+        _set(linear, "bias", record.cut_rows(None, linear.bias))
     local_kv = kv_heads_of_rank(kv, tp)[1]
     linear.output_sizes = [linear.output_sizes[0] // tp.size, local_kv * d, local_kv * d]
     linear.out_features = sum(linear.output_sizes)
@@ -353,11 +348,10 @@ def _qkv(attn, tp: TensorParallelGroup) -> None:
 def _column(linear: MergedLinear, tp: TensorParallelGroup) -> None:
     """Keep this rank's rows of each merged part (q, k, v; or gate, up)."""
     sizes = linear.output_sizes
-    linear.tp_split = SplitRecord("column", tp, linear.in_features, tuple(sizes))
-    parts = linear.weight.split(sizes, 0)
-    _set(linear, "weight", torch.cat([_piece(p, 0, tp) for p in parts]))
+    record = linear.tp_split = SplitRecord("column", tp, linear.in_features, tuple(sizes))
+    _set(linear, "weight", record.cut_rows(None, linear.weight))
     if linear.bias is not None:
-        _set(linear, "bias", torch.cat([_piece(b, 0, tp) for b in linear.bias.split(sizes, 0)]))
+        _set(linear, "bias", record.cut_rows(None, linear.bias))
     linear.output_sizes = [s // tp.size for s in sizes]
     linear.out_features = sum(linear.output_sizes)
 
@@ -460,9 +454,10 @@ def shard_hf_tensors(model: nn.Module, tp: TensorParallelGroup, items):
     from ember.models.loader import _target, hf_parameter_map
 
     local, config = hf_parameter_map(model), model.config
-    # checkpoints that store q|k|v (or gate|up) as one tensor (Phi-3): each part is split on its own
-    fused = {id(p): m.output_sizes for m in model.modules() if isinstance(m, MergedLinear) and m.fused_checkpoint
-             for p in (m.weight, m.bias) if p is not None}
+    # checkpoints that store q|k|v (or gate|up) as one tensor (Phi-3): each part is cut as the module's was
+    fused = {id(p): m.tp_split for m in model.modules() if getattr(m, "fused_checkpoint", False)
+             and getattr(m, "tp_split", None) is not None
+             for p in (getattr(m, "weight", None), m.bias) if p is not None}
     for name, tensor in items:
         entry = local.get(name)
         if entry is None:
@@ -482,14 +477,7 @@ def shard_hf_tensors(model: nn.Module, tp: TensorParallelGroup, items):
             yield name, _kv_piece(tensor, config.head_dim, config.num_kv_heads, tp)
             continue
         if id(entry[0]) in fused and d == 0:
-            q, k, v = tensor.split([config.num_heads * config.head_dim] + [config.num_kv_heads * config.head_dim] * 2, 0) \
-                if len(fused[id(entry[0])]) == 3 else (None, None, None)
-            if q is not None:  # q|k|v
-                kv = (_kv_piece(k, config.head_dim, config.num_kv_heads, tp), _kv_piece(v, config.head_dim,
-                                                                                      config.num_kv_heads, tp))
-                yield name, torch.cat((_piece(q, 0, tp), *kv))
-            else:  # gate|up
-                yield name, torch.cat([_piece(part, 0, tp) for part in tensor.chunk(2, 0)])
+            yield name, fused[id(entry[0])].cut_rows(None, tensor)
             continue
         per_rank = shape[d]
         start = tp.rank * per_rank

@@ -6,8 +6,9 @@ replica is one ember engine serving ember's own app (the same routes, errors and
 
 or from Python: `serve.run(build_app({"model": ..., "autoscaling_config": {...}}))`. Every key that is not a
 deployment option is an engine option (`ember serve`'s, with underscores: max_num_seqs, enable_lora, ...) or
-one of `served_model_name`, `api_key`, `lora_modules`, `max_waiting`. Values given as text (`serve run`'s
-key=value) are read as JSON where they parse (2, true, {"min_replicas": 1}), else kept as strings.
+one of `served_model_name`, `api_key`, `lora_modules`, `max_waiting`. Engine and deployment options given as
+text (`serve run`'s key=value) are read as JSON where they parse (2, true, {"min_replicas": 1}), else kept as
+strings; server options stay text (an all-digit api_key is a key).
 
 Ray Serve LLM's own `LLMServer` takes an engine class too, but its request and response models import vLLM or
 SGLang (it raises without one of them), so ember plugs in one level up, as a deployment of its own server.
