@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ember.models import fp32_matmul
 from ember.models.cpu_build import build
 from ember.models.huge_pages import huge_page_copy
 
@@ -133,7 +134,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     """F.linear: bf16 inference on CPU through ember's GEMV (1-2 rows), its pair-packed kernel (up to
     `PAIRS_MAX_ROWS`; any number when batch-invariant) or oneDNN with a prepacked weight (more rows)."""
     if not _inference_bf16(x, weight):
-        return F.linear(x, weight, bias)
+        out = fp32_matmul.linear(x, weight, bias)  # training in float32
+        return F.linear(x, weight, bias) if out is None else out
     flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # (the engine's rows are flat already)
     rows = flat.shape[0]
     if gemv_available() and (_batch_invariant or rows <= PAIRS_MAX_ROWS):

@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ember.models import fp32_matmul
+
 CHUNK_LOGITS = 1 << 24  # logits per chunk (64 MiB in float32)
 
 
@@ -127,7 +129,7 @@ def _chunk_sum_and_grads(h, w, y, softcap, grad_hidden, grad_weight, start) -> t
     """One chunk of `_HeadLogprobSum.forward`: its log-probability sum, its gradients added into
     grad_hidden[start:] / grad_weight. One [rows, vocab] float32 buffer serves as logits, then
     exp(logits - max), then the gradient (a function, so it is freed before the next chunk's is made)."""
-    logits = (h @ w.t()).float()
+    logits = fp32_matmul.matmul_nt(h, w).float()
     if softcap is not None:
         capped = torch.tanh(logits.div_(softcap))
         logits = capped * softcap
@@ -144,7 +146,7 @@ def _chunk_sum_and_grads(h, w, y, softcap, grad_hidden, grad_weight, start) -> t
         grad.mul_(capped.square_().neg_().add_(1))  # d capped / d logits, in capped's own buffer
     grad = grad.to(h.dtype)
     if grad_hidden is not None:
-        torch.mm(grad, w, out=grad_hidden[start:start + len(h)])
+        grad_hidden[start:start + len(h)] = fp32_matmul.matmul_nt(grad, w.t())
     if grad_weight is not None:
-        grad_weight.addmm_(grad.t(), h) if h.dtype == torch.float32 else grad_weight.add_(grad.t() @ h)
+        fp32_matmul.add_matmul_tn(grad_weight, grad, h) if h.dtype == torch.float32 else grad_weight.add_(grad.t() @ h)
     return chunk_sum

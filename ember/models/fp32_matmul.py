@@ -1,0 +1,91 @@
+"""float32 matrix products on CPU through oneDNN, for training.
+
+PyTorch multiplies float32 matrices on CPU with MKL, and MKL runs its AVX2 code on AMD CPUs: ~100 GFLOP/s
+on one Zen 5 core, where oneDNN (also in every PyTorch build, used for its bf16 products) reaches ~230
+on the same shapes (BENCHMARKS.md, "float32 products through oneDNN"). A training step is mostly such
+products (forward, and two per weight in backward), so `linear` runs all three through oneDNN when
+autograd records a float32 CPU product big enough to pay for oneDNN's ~10 us per call. The sums are
+float32 in another order than MKL's (differences ~1e-6 relative).
+
+Not used under autocast (which casts to 16 bits first), torch.compile (inductor picks its own kernels),
+for tensor subclasses (DTensor) or without grad (the engine's float32 path keeps its products as they
+were: its tests pin bits across batches).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+MIN_MACS = 1 << 20  # multiply-adds per product below which MKL's lower call cost wins (BENCHMARKS.md)
+_WEIGHT_GRAD_SLICE = 1 << 21  # elements of the weight gradient made per product when accumulating (8 MiB)
+
+
+@functools.cache
+def available() -> bool:
+    return torch.backends.mkldnn.is_available()
+
+
+def _plain(t: torch.Tensor) -> bool:
+    return type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu" and t.dtype == torch.float32
+
+
+def usable(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a @ b.T (a [M, K], b [N, K], float32 on CPU) goes through oneDNN."""
+    return (_plain(a) and _plain(b) and a.shape[0] * a.shape[-1] * b.shape[0] >= MIN_MACS
+            and not torch.compiler.is_compiling() and available())
+
+
+def matmul_nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """a [M, K] @ b [N, K].T (+ bias) -> [M, N]; either may be a transposed view."""
+    if usable(a, b):
+        return torch.ops.mkldnn._linear_pointwise.default(a, b, bias, "none", [], "")
+    return F.linear(a, b, bias)
+
+
+def add_matmul_tn(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out [N, K] += a [M, N].T @ b [M, K] (a weight's gradient from output gradients and inputs),
+    made in slices of out's rows so the product's temporary stays small (oneDNN has no in-place add)."""
+    if not usable(a.t(), b.t()):
+        out.addmm_(a.t(), b)
+        return
+    step = max(1, _WEIGHT_GRAD_SLICE // out.shape[1])
+    for start in range(0, out.shape[0], step):
+        part = a[:, start:start + step].t()
+        out[start:start + step] += torch.ops.mkldnn._linear_pointwise.default(part, b.t(), None, "none", [], "")
+
+
+class _Linear(torch.autograd.Function):
+    """F.linear for x [M, K] with every product through oneDNN."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return matmul_nt(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        need_x, need_weight, need_bias = ctx.needs_input_grad
+        grad = grad.contiguous()
+        grad_x = matmul_nt(grad, weight.t()) if need_x else None
+        grad_weight = matmul_nt(grad.t(), x.t()) if need_weight else None
+        grad_bias = grad.sum(0) if ctx.has_bias and need_bias else None
+        return grad_x, grad_weight, grad_bias
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """F.linear through oneDNN when autograd records a float32 CPU product worth it; None otherwise
+    (the caller's own path)."""
+    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        return None
+    if x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+        return None
+    flat = x.reshape(-1, x.shape[-1])
+    if not usable(flat, weight) or (bias is not None and not _plain(bias)):
+        return None
+    out = _Linear.apply(flat, weight, bias)
+    return out.view(*x.shape[:-1], weight.shape[0])
