@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 MIN_MACS = 1 << 20  # multiply-adds per product below which MKL's lower call cost wins (BENCHMARKS.md)
-_WEIGHT_GRAD_SLICE = 1 << 21  # elements of the weight gradient made per product when accumulating (8 MiB)
+WEIGHT_GRAD_SLICE = 1 << 21  # elements of the weight gradient made per product when accumulating (8 MiB)
 
 
 @functools.cache
@@ -38,23 +38,47 @@ def usable(a: torch.Tensor, b: torch.Tensor) -> bool:
             and not torch.compiler.is_compiling() and available())
 
 
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """t itself if row- or column-major, else a row-major copy: oneDNN takes any strides but runs other
+    layouts (a column slice of a wider matrix) through a reference kernel ~1000x slower (measured)."""
+    return t if t.is_contiguous() or t.t().is_contiguous() else t.contiguous()
+
+
+def _onednn(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise.default(_dense(a), _dense(b), bias, "none", [], "")
+
+
 def matmul_nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """a [M, K] @ b [N, K].T (+ bias) -> [M, N]; either may be a transposed view."""
-    if usable(a, b):
-        return torch.ops.mkldnn._linear_pointwise.default(a, b, bias, "none", [], "")
-    return F.linear(a, b, bias)
+    """a [M, K] @ b [N, K].T (+ bias) -> [M, N]."""
+    return _onednn(a, b, bias) if usable(a, b) else F.linear(a, b, bias)
+
+
+def matmul_tn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [M, N].T @ b [M, K] -> [N, K] (a weight's gradient from output gradients and inputs). oneDNN
+    copies a transposed first operand into its own layout (MKL reads it in place), so the narrower of the
+    two goes first: the copy is M x min(N, K) and the product runs faster that way too (BENCHMARKS.md)."""
+    if not usable(a.t(), b.t()):
+        return a.t() @ b
+    if a.shape[1] <= b.shape[1]:
+        return _onednn(a.t(), b.t())
+    return _onednn(b.t(), a.t()).t().contiguous()
+
+
+def slice_rows(columns: int, rows: int) -> int:
+    """add_matmul_tn's slice of out's rows for out [*, columns] and a [rows, *]."""
+    return max(1, WEIGHT_GRAD_SLICE // max(columns, rows))
 
 
 def add_matmul_tn(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """out [N, K] += a [M, N].T @ b [M, K] (a weight's gradient from output gradients and inputs),
-    made in slices of out's rows so the product's temporary stays small (oneDNN has no in-place add)."""
+    """out [N, K] += a [M, N].T @ b [M, K], in slices of out's rows: oneDNN has no in-place add (MKL's addmm_
+    is used where oneDNN is not), and each slice of a's columns is copied for it (`_dense`), so both of a
+    slice's temporaries stay within WEIGHT_GRAD_SLICE elements (`slice_rows`)."""
     if not usable(a.t(), b.t()):
         out.addmm_(a.t(), b)
         return
-    step = max(1, _WEIGHT_GRAD_SLICE // out.shape[1])
+    step = slice_rows(out.shape[1], a.shape[0])
     for start in range(0, out.shape[0], step):
-        part = a[:, start:start + step].t()
-        out[start:start + step] += torch.ops.mkldnn._linear_pointwise.default(part, b.t(), None, "none", [], "")
+        out[start:start + step] += _onednn(a[:, start:start + step].t(), b.t())
 
 
 class _Linear(torch.autograd.Function):
@@ -72,7 +96,7 @@ class _Linear(torch.autograd.Function):
         need_x, need_weight, need_bias = ctx.needs_input_grad
         grad = grad.contiguous()
         grad_x = matmul_nt(grad, weight.t()) if need_x else None
-        grad_weight = matmul_nt(grad.t(), x.t()) if need_weight else None
+        grad_weight = matmul_tn(grad, x) if need_weight else None
         grad_bias = grad.sum(0) if ctx.has_bias and need_bias else None
         return grad_x, grad_weight, grad_bias
 

@@ -240,6 +240,7 @@ def _estimate(c: TrainConfig, s: Shapes, ranks: int, lora: LoRACounts | None, de
     casts = 2 * s.block_linear_weights if half and not fsdp else 0
 
     # ---- the LM head's loss (ember.models.loss) -----------------------------------------------------
+    from ember.models import fp32_matmul
     from ember.models.loss import CHUNK_LOGITS
 
     chunk = min(tokens, max(1, CHUNK_LOGITS // s.vocab)) * s.vocab  # logits per chunk
@@ -259,6 +260,19 @@ def _estimate(c: TrainConfig, s: Shapes, ranks: int, lora: LoRACounts | None, de
         # backward scales the buffer into a new fp32 tensor (the head's gradient), cast to the
         # parameter's dtype where FSDP gathered it in 16 bits
         loss_backward = (4 * s.head + (s.head * param_w if param_w != 4 else 0)) if head_trainable else 0
+
+    # oneDNN's float32 products on a CPU (ember.models.fp32_matmul) copy a transposed first operand into
+    # their own layout: in a block's backward the weight gradient's narrower operand (tokens x hidden: the
+    # narrow side of every block product); in the fused loss, per slice of the head's gradient, that slice
+    # and its copy of the logits' gradient (fp32_matmul.add_matmul_tn).
+    if device == "cpu" and not half and fp32_matmul.available():
+        block_scratch = 4 * tokens * s.hidden
+        chunk_rows = chunk // s.vocab
+        if c.objective != "dpo" and head_trainable:
+            step = min(s.vocab, fp32_matmul.slice_rows(s.hidden, chunk_rows))
+            loss_forward += 4 * step * (s.hidden + chunk_rows)
+    else:
+        block_scratch = 0
 
     # ---- FSDP's gathered parameters and buffers (stages 2/3, torch.distributed.fsdp._fully_shard) -----
     root_gathered = s.root_params * param_w if fsdp else 0
@@ -309,7 +323,8 @@ def _estimate(c: TrainConfig, s: Shapes, ranks: int, lora: LoRACounts | None, de
             "activations": activations}  # from the forward of the blocks until their backward
     phases = {
         "forward": {**held, "gathered parameters": gathered_forward, "loss buffers": loss_saved + loss_forward},
-        "backward": {**held, "gathered parameters": gathered_forward, "loss buffers": loss_saved + loss_backward},
+        "backward": {**held, "gathered parameters": gathered_forward, "loss buffers": loss_saved + loss_backward,
+                     "matmul scratch": block_scratch},
         "root re-gather": {**held, "gathered parameters": regather, "loss buffers": loss_saved},
         "backward end": {**resident, "grads": grads_at_end, "reduce-scatter buffers": reduce_end},
         "optimizer step": {**resident, "grads": grads, "optimizer temporaries": step_temps},

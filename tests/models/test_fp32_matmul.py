@@ -27,13 +27,14 @@ def _close(a, b, scale):
 
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("shape", [(96, 160), (3, 40, 160)])
-def test_linear_values_and_gradients_match_float64(with_bias, shape):
+@pytest.mark.parametrize("out_features", [200, 120])  # the weight's gradient: either operand goes first
+def test_linear_values_and_gradients_match_float64(with_bias, shape, out_features):
     torch.manual_seed(0)
     x = torch.randn(*shape, requires_grad=True)
-    weight = torch.randn(200, 160, requires_grad=True)
-    bias = torch.randn(200, requires_grad=True) if with_bias else None
+    weight = torch.randn(out_features, 160, requires_grad=True)
+    bias = torch.randn(out_features, requires_grad=True) if with_bias else None
     y = fp32_matmul.linear(x, weight, bias)
-    assert y is not None and y.shape == (*shape[:-1], 200)
+    assert y is not None and y.shape == (*shape[:-1], out_features)
     grad = torch.randn(y.shape)
     y.backward(grad)
     ref_y, ref_x, ref_w, ref_b = _reference(x, weight, bias, grad)
@@ -83,10 +84,21 @@ def test_model_linear_takes_it_in_training(monkeypatch):
 
 @pytest.mark.parametrize("rows", [7, 300])
 def test_weight_gradient_accumulates_in_slices(monkeypatch, rows):
-    monkeypatch.setattr(fp32_matmul, "_WEIGHT_GRAD_SLICE", 50 * 64)  # 50 rows of out per product
+    monkeypatch.setattr(fp32_matmul, "WEIGHT_GRAD_SLICE", 50 * 64)  # 50 rows of out per product
     torch.manual_seed(2)
     a, b = torch.randn(rows, 333), torch.randn(rows, 64)
     out = torch.randn(333, 64)
     expected = out.double() + a.double().t() @ b.double()
     fp32_matmul.add_matmul_tn(out, a, b)
     _close(out, expected, expected.abs().max().item())
+
+
+def test_operands_reach_onednn_row_or_column_major():
+    """A column slice as oneDNN's weight ran ~1000x slower (its reference kernel): such views are copied."""
+    wide = torch.randn(300, 1000)
+    sliced = wide[:, :200]
+    assert fp32_matmul._dense(sliced).is_contiguous()
+    assert fp32_matmul._dense(wide) is wide and fp32_matmul._dense(wide.t()).data_ptr() == wide.data_ptr()
+    x = torch.randn(64, 300)
+    expected = x.double() @ sliced.double()
+    _close(fp32_matmul.matmul_nt(x, sliced.t()), expected, expected.abs().max().item())
