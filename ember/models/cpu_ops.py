@@ -157,7 +157,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
 def expert_linear(x: torch.Tensor, stacked: torch.Tensor, expert: int) -> torch.Tensor:
     """F.linear(x, stacked[expert]) for MoE weights stacked [experts, out, in], on the same paths."""
     if not _inference_bf16(x, stacked):
-        return F.linear(x, stacked[expert])
+        out = fp32_matmul.linear(x, stacked[expert], None)  # training in float32
+        return F.linear(x, stacked[expert]) if out is None else out
     if (_batch_invariant or x.shape[0] <= PAIRS_MAX_ROWS) and gemv_available():
         if (x.shape[0] <= GEMV_MAX_ROWS and not _batch_invariant) or (pairs := _pairs(stacked)) is None:
             return _gemv(x.contiguous(), stacked[expert], None, None)
