@@ -298,8 +298,6 @@ class TrainConfig:
             ("dpo", self.dpo is None or self.objective == "dpo", "a `dpo:` section needs objective: dpo"),
             ("data.packing", self.data.packing == "stream" or self.objective == "sft",
              "documents packs SFT windows; DPO pads each sequence to its own row already"),
-            ("data.packing", self.data.packing == "stream" or self.context_parallel == 1,
-             "documents needs context_parallel 1 (its mask spans whole windows)"),
             ("lora", self.lora is None or self.lora.base_quantization is None or self.zero_stage < 2,
              "a quantized base (QLoRA) trains with zero_stage 0 or 1 (FSDP shards float tensors)"),
         ]

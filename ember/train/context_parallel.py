@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.nn.functional import all_to_all_single
 
-from ember.models.attention import attend
+from ember.models.attention import DocumentMask, attend, document_context
 from ember.train.config import ConfigError, TrainConfig
 
 
@@ -44,8 +44,6 @@ def check_context_parallel(config: TrainConfig, model_config, world_size: int) -
         (model_config.num_heads % n == 0, f"{model_config.num_heads} attention heads do not divide over {n} ranks"),
         (config.objective == "sft", f"objective {config.objective!r}: context parallel trains the sft objective only"),
         (not config.expert_parallel, "expert_parallel: not combined with context parallel yet"),
-        (getattr(config.data, "packing", "stream") == "stream",
-         "data.packing: documents (block-causal masks and per-document positions) is not split yet"),
         (not (model_config.raw.get("num_local_experts") or model_config.raw.get("num_experts")),
          "Mixture-of-Experts models: the routers' load-balancing loss is not token-local"),
     ]
@@ -59,6 +57,7 @@ class UlyssesAttention:
 
     def __init__(self, group, rank: int, size: int):
         self.group, self.rank, self.size = group, rank, size
+        self.documents: DocumentMask | None = None  # the whole windows' (`data.packing: documents`), per forward
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, sliding_window: int | None,
                  softcap: float | None, sinks: torch.Tensor | None) -> torch.Tensor:
@@ -69,7 +68,10 @@ class UlyssesAttention:
         if sinks is not None:
             local = heads // self.size
             sinks = sinks[self.rank * local:(self.rank + 1) * local]
-        out = attend(q, k, v, scale, 0, None, sliding_window, softcap, sinks)
+        if self.documents is None:
+            out = attend(q, k, v, scale, 0, None, sliding_window, softcap, sinks)
+        else:
+            out = self.documents.attend(0, q, k, v, scale, sliding_window, softcap, sinks)
         return self._sequence_to_heads(out)
 
     def _heads_to_sequence(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,19 +97,30 @@ class ContextParallel:
         self.data_rank, self.data_world = rank // size, world // size
         groups = [dist.new_group(list(range(g * size, (g + 1) * size))) for g in range(self.data_world)]
         self.group = groups[self.data_rank]  # (every rank creates every group, in the same order)
+        self.attentions: list[UlyssesAttention] = []  # (apply)
 
     def apply(self, model: nn.Module) -> None:
         """Route every attention layer's training forward through Ulysses over this group."""
         layers = [m for m in model.modules() if hasattr(m, "context_parallel")]
         if not layers:
             raise ConfigError(f"context_parallel: {type(model).__name__} has no attention layers that support it")
-        for layer in layers:
-            layer.context_parallel = UlyssesAttention(self.group, self.rank, self.size)
+        self.attentions = [UlyssesAttention(self.group, self.rank, self.size) for _ in layers]
+        for layer, attention in zip(layers, self.attentions):
+            layer.context_parallel = attention
 
-    def shard(self, inputs: torch.Tensor, labels: torch.Tensor
+    def shard(self, inputs: torch.Tensor, labels: torch.Tensor, document_ids: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """This rank's slice of a micro-batch [B, T]: (inputs, labels, global positions), each [B, T/N]."""
+        """This rank's slice of a micro-batch [B, T]: (inputs, labels, positions), each [B, T/N]. With the
+        windows' `document_ids` [B, T] (`data.packing: documents`) positions restart at each document and
+        the attention layers get the whole windows' block-causal mask (after the all-to-all each rank
+        attends over every token, so the mask is the one-process one); else positions run 0..T-1."""
         length = inputs.shape[1] // self.size
         start = self.rank * length
-        positions = torch.arange(start, start + length, device=inputs.device).expand(inputs.shape[0], length)
-        return inputs[:, start:start + length], labels[:, start:start + length], positions
+        if document_ids is None:
+            positions, documents = torch.arange(inputs.shape[1], device=inputs.device).expand_as(inputs), None
+        else:
+            positions, documents = document_context(document_ids.to(inputs.device))
+        for attention in self.attentions:
+            attention.documents = documents
+        end = start + length
+        return inputs[:, start:end], labels[:, start:end], positions[:, start:end]

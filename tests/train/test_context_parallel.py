@@ -32,28 +32,43 @@ def _parity_worker(rank: int, world: int, store_path: str) -> None:
     try:
         for kv_heads in (2, 1):  # grouped-query heads split over the ranks / repeated (1 < 2 ranks)
             _check_parity(rank, world, kv_heads)
+        _check_parity(rank, world, 2, documents=True)
     finally:
         dist.destroy_process_group()
 
 
-def _check_parity(rank: int, world: int, kv_heads: int) -> None:
+def _check_parity(rank: int, world: int, kv_heads: int, documents: bool = False) -> None:
+    """documents: windows packed with several documents (`data.packing: documents`), one of them crossing
+    the ranks' boundary, one starting right on it, a window holding a single document."""
     from ember.train.context_parallel import ContextParallel
 
     torch.manual_seed(1)
     inputs = torch.randint(0, 384, (2, SEQ))
     labels = torch.randint(0, 384, (2, SEQ))
     labels[0, :37] = -100  # a prompt: unlabelled tokens
+    document_ids = None
+    if documents:
+        document_ids = torch.zeros(2, SEQ, dtype=torch.long)
+        for start in (100, 300, 301, SEQ // 2 + 40):
+            document_ids[0, start:] += 1
+        document_ids[1, SEQ // 2:] = 1
     model = tiny_llama(kv_heads)
     reference = copy.deepcopy(model)
-    expected = reference(inputs, labels=labels)
+    expected = reference(inputs, labels=labels, document_ids=document_ids)
     (-expected.sum()).backward()
 
     cp = ContextParallel(world, rank, world)
     cp.apply(model)
-    mine, my_labels, positions = cp.shard(inputs, labels)
+    mine, my_labels, positions = cp.shard(inputs, labels, document_ids)
+    if documents:  # positions restart at each document, counted over the whole window
+        if rank == 0:
+            assert positions[0, 99].item() == 99 and positions[0, 100].item() == 0
+        else:  # global 256: 156 tokens into the document that began at 100; row 1's second document
+            assert positions[0, 0].item() == 156 and positions[0, 40].item() == 0 and positions[1, 0].item() == 0
     got = model(mine, positions, labels=my_labels)
     (-got.sum()).backward()
-    torch.testing.assert_close(got, expected[:, positions[0]], atol=1e-5, rtol=0)
+    span = slice(rank * SEQ // world, (rank + 1) * SEQ // world)
+    torch.testing.assert_close(got, expected[:, span], atol=1e-5, rtol=0)
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         grad = p.grad.clone()
         dist.all_reduce(grad)  # replicated parameters: the group's gradient is the sum of its ranks'
@@ -125,3 +140,19 @@ def test_batches_accumulation_eval_zero_stages_match_one_process(stage, checkpoi
     for a, b in zip(one, two, strict=True):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 and a["trained_tokens"] == b["trained_tokens"], (a, b)
     assert abs(one[-1]["eval_loss"] - two[-1]["eval_loss"]) <= 1e-5
+
+
+def test_packed_documents_on_two_ranks_match_one_process(train_assets, tmp_path):
+    """`data.packing: documents` under context parallel: every window holds several documents (one line
+    each), split over 2 ranks; per-step losses equal one process's."""
+    import json
+
+    data = tmp_path / "docs.jsonl"
+    lines = [line for line in (train_assets / "train.txt").read_text().splitlines() if line.strip()]
+    data.write_text("".join(json.dumps({"text": line}) + "\n" for line in lines))
+    spec = {"max_steps": 3, "data": {"train": [str(data)], "seq_len": 64, "packing": "documents"}}
+    one = losses(train(write_config(tmp_path / "one", train_assets, **spec), nproc=1))
+    two = losses(train(write_config(tmp_path / "cp", train_assets, context_parallel=2, **spec), nproc=2))
+    assert sorted(one) == sorted(two) == [1, 2, 3]
+    for step, loss in one.items():
+        assert abs(two[step] - loss) <= 1e-5, f"step {step}: {two[step]} vs {loss}"
