@@ -11,6 +11,8 @@ E * sum_e f_e * P_e) for the trainer. gpt-oss's block (`GptOssMoE`) differs enou
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from torch import nn
 
@@ -43,6 +45,9 @@ class MoE(nn.Module):
             self.shared_expert = GatedMLP(hidden, int(raw["shared_expert_intermediate_size"]), config.hidden_act, False)
             self.shared_expert_gate = nn.Linear(hidden, 1, bias=False)
         self.aux_loss = torch.zeros(())
+        # Set by context-parallel training (ember.train.context_parallel): the process group whose ranks
+        # hold the other tokens of these sequences; the load-balancing statistics are averaged over it.
+        self.token_group = None
         # Set by expert-parallel training (ember.train.expert_parallel): (moe, rows grouped by expert,
         # rows per expert) -> the experts' outputs for those rows, wherever the experts live.
         self.dispatcher = None
@@ -85,7 +90,13 @@ class MoE(nn.Module):
         weights = weights.to(x.dtype)
         if self.training:
             routed = F.one_hot(experts, self.num_experts).sum(1).float().mean(0) / self.top_k
-            self.aux_loss = self.num_experts * (routed * probs.mean(0)).sum()
+            mean_probs = probs.mean(0)
+            if self.token_group is not None:  # every rank holds as many tokens: the mean of the means
+                size = dist.get_world_size(self.token_group)
+                dist.all_reduce(routed, group=self.token_group)
+                mean_probs = dist_nn.all_reduce(mean_probs, group=self.token_group)  # (differentiable)
+                routed, mean_probs = routed / size, mean_probs / size
+            self.aux_loss = self.num_experts * (routed * mean_probs).sum()
         # Group the (token, expert) assignments by expert: one matmul pair per expert, no per-token loop.
         flat = experts.flatten()
         order = flat.argsort(stable=True)

@@ -3,7 +3,8 @@
 DeepSpeed-Ulysses. The world is split into groups of `context_parallel` consecutive ranks; every rank
 of a group reads the same sequences and keeps its own T/N consecutive tokens of each (with their
 global positions for rotary). Everything but attention is token-local, so each rank runs embeddings,
-norms, MLPs, the LM head and the loss on its slice only. Around attention an all-to-all turns
+norms, MLPs, the LM head and the loss on its slice only; MoE routers' load-balancing statistics (means
+over the tokens) are averaged over the group (`MoE.token_group`). Around attention an all-to-all turns
 q/k/v [B, T/N, heads, D] into [B, T, heads/N, D]: each rank attends over the whole sequence with a
 slice of the heads (plain causal SDPA, sliding windows, soft-caps and sinks unchanged), and the
 inverse all-to-all brings its tokens' outputs of every head back. The all-to-alls are
@@ -44,8 +45,6 @@ def check_context_parallel(config: TrainConfig, model_config, world_size: int) -
         (model_config.num_heads % n == 0, f"{model_config.num_heads} attention heads do not divide over {n} ranks"),
         (config.objective == "sft", f"objective {config.objective!r}: context parallel trains the sft objective only"),
         (not config.expert_parallel, "expert_parallel: not combined with context parallel yet"),
-        (not (model_config.raw.get("num_local_experts") or model_config.raw.get("num_experts")),
-         "Mixture-of-Experts models: the routers' load-balancing loss is not token-local"),
     ]
     for ok, why in problems:
         if not ok:
@@ -107,6 +106,9 @@ class ContextParallel:
         self.attentions = [UlyssesAttention(self.group, self.rank, self.size) for _ in layers]
         for layer, attention in zip(layers, self.attentions):
             layer.context_parallel = attention
+        for module in model.modules():  # MoE routers: load-balancing statistics over the whole sequences
+            if hasattr(module, "token_group"):
+                module.token_group = self.group
 
     def shard(self, inputs: torch.Tensor, labels: torch.Tensor, document_ids: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

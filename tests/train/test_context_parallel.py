@@ -156,3 +156,17 @@ def test_packed_documents_on_two_ranks_match_one_process(train_assets, tmp_path)
     assert sorted(one) == sorted(two) == [1, 2, 3]
     for step, loss in one.items():
         assert abs(two[step] - loss) <= 1e-5, f"step {step}: {two[step]} vs {loss}"
+
+
+def test_moe_on_two_ranks_matches_one_process(train_assets, tmp_path):
+    """A Mixtral-style model (4 experts, top-2, load-balancing loss 0.02) split over 2 ranks: the routers'
+    statistics are averaged over the group, so losses and the reported load-balancing loss equal one
+    process's."""
+    from tests.train.test_expert_parallel import moe_config
+
+    spec = {"max_steps": 3, "data": {"seq_len": 64}}
+    one = train(moe_config(tmp_path / "one", train_assets, **spec), nproc=1)
+    two = train(moe_config(tmp_path / "cp", train_assets, context_parallel=2, **spec), nproc=2)
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3]
+    for a, b in zip(one, two):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 and abs(a["aux_loss"] - b["aux_loss"]) <= 1e-5, (a, b)
