@@ -73,6 +73,11 @@ def token_logprobs(hidden: torch.Tensor, labels: torch.Tensor, compute_logits: C
             parts.append(_chunk_logprobs(h, y, compute_logits))
     if parts:
         out = out.index_put((rows,), torch.cat(parts))
+    elif torch.is_grad_enabled() and hidden.requires_grad:
+        # No label here (a context-parallel rank's slice of a padded sequence): a zero-row pass through the
+        # head keeps the result a function of every parameter, so this rank's backward produces (zero)
+        # gradients for the same parameters, with the same collectives, as every other rank's.
+        out = out + compute_logits(flat_hidden[:0]).sum()
     return out.view(labels.shape)
 
 

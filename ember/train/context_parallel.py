@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.nn.functional import all_to_all_single
 
@@ -43,7 +44,6 @@ def check_context_parallel(config: TrainConfig, model_config, world_size: int) -
         (world_size % n == 0, f"{world_size} processes do not split into groups of {n}"),
         (config.data.seq_len % n == 0, f"data.seq_len {config.data.seq_len} does not split into {n} slices"),
         (model_config.num_heads % n == 0, f"{model_config.num_heads} attention heads do not divide over {n} ranks"),
-        (config.objective == "sft", f"objective {config.objective!r}: context parallel trains the sft objective only"),
         (not config.expert_parallel, "expert_parallel: not combined with context parallel yet"),
     ]
     for ok, why in problems:
@@ -116,6 +116,11 @@ class ContextParallel:
         windows' `document_ids` [B, T] (`data.packing: documents`) positions restart at each document and
         the attention layers get the whole windows' block-causal mask (after the all-to-all each rank
         attends over every token, so the mask is the one-process one); else positions run 0..T-1."""
+        if inputs.shape[1] % self.size:  # (DPO's batches are as wide as their longest row): unlabelled padding
+            pad = self.size - inputs.shape[1] % self.size
+            inputs, labels = F.pad(inputs, (0, pad)), F.pad(labels, (0, pad), value=-100)
+            if document_ids is not None:
+                document_ids = torch.cat([document_ids, document_ids[:, -1:].expand(-1, pad)], dim=1)
         length = inputs.shape[1] // self.size
         start = self.rank * length
         if document_ids is None:

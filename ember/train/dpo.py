@@ -189,9 +189,11 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
 
 @torch.no_grad()
 def precompute_reference(model, data: PairDataset, micro_batch: int, rank: int, world: int, device,
-                         forward, average: bool) -> torch.Tensor:
-    """[pairs, 2] reference log-probabilities from `model` as it is now, every rank a share; all ranks
-    run the same number of forwards (a sharded model's all-gathers are collective)."""
+                         sequence_forward, keep: bool = True) -> torch.Tensor:
+    """[pairs, 2] reference log-probabilities from `model` as it is now, every (data) rank a share; all
+    ranks run the same number of forwards (a sharded model's all-gathers are collective).
+    `sequence_forward(inputs, labels)` -> each row's log-probability (Trainer._sequence_logps); `keep`:
+    whether this rank's results count (a context-parallel group's ranks compute the same rows: one keeps)."""
     import torch.distributed as dist
 
     n = len(data)
@@ -206,11 +208,13 @@ def precompute_reference(model, data: PairDataset, micro_batch: int, rank: int, 
         chunk = chunk + [0] * (micro_batch - real) if chunk else [0] * micro_batch
         inputs, labels, _ = data.batch(chunk)
         labels = labels.to(device)
-        logps = sequence_logps(forward(inputs, labels), labels, average).double()
+        logps = sequence_forward(inputs, labels).double()
         b = len(chunk)
         for j in range(real):
             out[chunk[j], 0], out[chunk[j], 1] = logps[j], logps[b + j]
     model.train(was_training)
+    if not keep:
+        out.zero_()
     dist.all_reduce(out)
     return out.float().cpu()
 

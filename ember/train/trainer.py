@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -227,14 +228,15 @@ class Trainer:
         self.aux_coef = float(self.model_config.raw.get("router_aux_loss_coef", 0.01))
         self.last_aux_loss = 0.0
         base.set_gradient_checkpointing(c.activation_checkpointing)
-        if self.cp is not None:
-            self.cp.apply(base)
         self.reference_model = None  # DPO's frozen starting model, for `reference: live` (not LoRA: its base)
         if c.objective == "dpo" and c.dpo.reference == "live" and c.lora is None:
             import copy
 
+            # (copied before context parallel: the copy scores whole sequences on every rank)
             frozen = build_model(c, self.model_config) if sharded_start else copy.deepcopy(base)
             self.reference_model = frozen.to(self.d.device).eval().requires_grad_(False)
+        if self.cp is not None:
+            self.cp.apply(base)
         if c.compile:  # after activation checkpointing (and DPO's copy), before DDP/FSDP2 wrap the blocks
             from ember.train.compile import compile_blocks
 
@@ -280,6 +282,19 @@ class Trainer:
         with autocast(self.config, self.d):
             return self.model(inputs.to(device), labels=labels.to(device), reduction=reduction, **extra)
 
+    def _sequence_logps(self, inputs: torch.Tensor, labels: torch.Tensor, average: bool) -> torch.Tensor:
+        """[B] each row's summed (or averaged) label log-probabilities. Context parallel: each rank sums its
+        slice and the group adds the sums up (differentiably: the DPO loss, the same on every rank of the
+        group, sends each rank the gradient of its own tokens, times the group size, which is what the
+        SFT loss's scaling gives, see ember.train.context_parallel)."""
+        from ember.train.dpo import sequence_logps
+
+        labels = labels.to(self.d.device)
+        if self.cp is None:
+            return sequence_logps(self._forward(inputs, labels), labels, average)
+        total = dist_nn.all_reduce(self._forward(inputs, labels).sum(-1), group=self.cp.group)
+        return total / (labels != -100).sum(-1).clamp(min=1) if average else total
+
     def _precompute_reference(self, cache: Path) -> None:
         """DPO's reference: every pair's log-probabilities under the starting model, once (cached by content)."""
         from ember.train.dpo import precompute_reference, reference_cache_key
@@ -296,8 +311,10 @@ class Trainer:
                 data.reference = torch.load(path)
                 continue
             logger.info("dpo: reference log-probabilities of %d pairs (once; cached in %s)", len(data), cache)
-            data.reference = precompute_reference(self.model, data, c.micro_batch_size, d.rank, d.world, d.device,
-                                                  self._forward, average)
+            data.reference = precompute_reference(self.model, data, c.micro_batch_size, self.data_rank,
+                                                  self.data_world, d.device,
+                                                  lambda i, y: self._sequence_logps(i, y, average),
+                                                  keep=self.cp is None or self.cp.rank == 0)
             if d.is_main:
                 torch.save(data.reference, path.with_suffix(".tmp"))
                 path.with_suffix(".tmp").replace(path)
@@ -315,10 +332,9 @@ class Trainer:
             if self.reference_model is not None:
                 with autocast(self.config, self.d):
                     logps = self.reference_model(inputs.to(self.d.device), labels=labels)
-            else:
-                with adapters_off(self.model):
-                    logps = self._forward(inputs, labels)
-            return sequence_logps(logps, labels, average)
+                return sequence_logps(logps, labels, average)
+            with adapters_off(self.model):
+                return self._sequence_logps(inputs, labels, average)
 
     def _loss(self, batch: tuple, data=None) -> torch.Tensor:
         """The micro-batch's loss: next-token cross-entropy (SFT) or the DPO loss of its pairs."""
@@ -338,10 +354,10 @@ class Trainer:
 
     def _dpo_loss(self, inputs: torch.Tensor, labels: torch.Tensor, pairs: torch.Tensor, data) -> torch.Tensor:
         """The mean DPO loss of the micro-batch's pairs; their rewards are summed into `pair_stats`."""
-        from ember.train.dpo import dpo_loss, sequence_logps
+        from ember.train.dpo import dpo_loss
 
         spec = self.config.dpo
-        policy = sequence_logps(self._forward(inputs, labels), labels, spec.loss_type == "ipo")
+        policy = self._sequence_logps(inputs, labels, spec.loss_type == "ipo")
         reference = self._reference_logps(data, inputs, labels, pairs)
         b = len(pairs)
         losses, rewards = dpo_loss(policy[:b], policy[b:], reference[:b], reference[b:], spec)
