@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 MIN_MACS = 1 << 20  # multiply-adds per product below which MKL's lower call cost wins (BENCHMARKS.md)
-WEIGHT_GRAD_SLICE = 1 << 21  # elements of the weight gradient made per product when accumulating (8 MiB)
+WEIGHT_GRAD_SLICE = 1 << 19  # elements of each temporary when accumulating a weight gradient in slices (2 MiB)
 
 
 @functools.cache
@@ -35,7 +35,7 @@ def _plain(t: torch.Tensor) -> bool:
 def usable(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether a @ b.T (a [M, K], b [N, K], float32 on CPU) goes through oneDNN."""
     return (_plain(a) and _plain(b) and a.shape[0] * a.shape[-1] * b.shape[0] >= MIN_MACS
-            and not torch.compiler.is_compiling() and available())
+            and not torch.compiler.is_compiling() and available() and torch.backends.mkldnn.enabled)
 
 
 def _dense(t: torch.Tensor) -> torch.Tensor:
@@ -59,7 +59,8 @@ def matmul_tn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     two goes first: the copy is M x min(N, K) and the product runs faster that way too (BENCHMARKS.md)."""
     if not usable(a.t(), b.t()):
         return a.t() @ b
-    if a.shape[1] <= b.shape[1]:
+    (m, n), k = a.shape, b.shape[1]
+    if n <= k or m * n <= n * k + m * k:  # (the other order also makes a contiguous copy of the result)
         return _onednn(a.t(), b.t())
     return _onednn(b.t(), a.t()).t().contiguous()
 
@@ -86,7 +87,8 @@ class _Linear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
+        need_x, need_weight, _ = ctx.needs_input_grad  # (as F.linear: only what the gradients need)
+        ctx.save_for_backward(x if need_weight else None, weight if need_x else None)
         ctx.has_bias = bias is not None
         return matmul_nt(x, weight, bias)
 

@@ -126,7 +126,7 @@ class ContextParallel:
         if document_ids is None:
             positions, documents = torch.arange(inputs.shape[1], device=inputs.device).expand_as(inputs), None
         else:
-            positions, documents = document_context(document_ids.to(inputs.device))
+            positions, documents = document_context(document_ids)
         for attention in self.attentions:
             attention.documents = documents
         end = start + length

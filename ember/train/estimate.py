@@ -271,6 +271,8 @@ def _estimate(c: TrainConfig, s: Shapes, ranks: int, lora: LoRACounts | None, de
         if c.objective != "dpo" and head_trainable:
             step = min(s.vocab, fp32_matmul.slice_rows(s.hidden, chunk_rows))
             loss_forward += 4 * step * (s.hidden + chunk_rows)
+        elif head_trainable:  # the per-token path's head gradient (fp32_matmul.matmul_tn): the cheaper copy
+            loss_backward += 4 * min(chunk, s.head + chunk_rows * s.hidden)
     else:
         block_scratch = 0
 

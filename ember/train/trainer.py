@@ -277,7 +277,8 @@ class Trainer:
         device = self.d.device
         extra = {} if document_ids is None else {"document_ids": document_ids.to(device)}
         if self.cp is not None:  # this rank's slice of the sequences: [B, T / context_parallel]
-            inputs, labels, positions = self.cp.shard(inputs, labels, document_ids)
+            document_ids = None if document_ids is None else document_ids.to(device)  # (the mask: on the device)
+            inputs, labels, positions = self.cp.shard(inputs.to(device), labels.to(device), document_ids)
             extra = {"positions": positions.to(device)}
         with autocast(self.config, self.d):
             return self.model(inputs.to(device), labels=labels.to(device), reduction=reduction, **extra)

@@ -82,7 +82,7 @@ def test_model_linear_takes_it_in_training(monkeypatch):
     assert calls and layer.weight.grad is not None
 
 
-@pytest.mark.parametrize("rows", [7, 300])
+@pytest.mark.parametrize("rows", [7, 60, 300])  # (7: MKL's addmm_, too small for oneDNN)
 def test_weight_gradient_accumulates_in_slices(monkeypatch, rows):
     monkeypatch.setattr(fp32_matmul, "WEIGHT_GRAD_SLICE", 50 * 64)  # 50 rows of out per product
     torch.manual_seed(2)
@@ -102,3 +102,27 @@ def test_operands_reach_onednn_row_or_column_major():
     x = torch.randn(64, 300)
     expected = x.double() @ sliced.double()
     _close(fp32_matmul.matmul_nt(x, sliced.t()), expected, expected.abs().max().item())
+
+
+def test_fused_head_loss_through_onednn_matches_full_logits(monkeypatch):
+    """The fused LM head + cross-entropy (loss.py) with its products on oneDNN: several chunks, the head's
+    gradient in several slices; sum and gradients equal a float64 full-logits computation."""
+    from ember.models.loss import token_logprob_sum
+
+    monkeypatch.setattr(fp32_matmul, "WEIGHT_GRAD_SLICE", 1000 * 64)
+    torch.manual_seed(3)
+    head = torch.nn.Linear(64, 4096, bias=False)
+    hidden = torch.randn(2, 150, 64, requires_grad=True)
+    labels = torch.randint(0, 4096, (2, 150))
+    labels[0, :20] = -100
+    assert fp32_matmul.usable(hidden.detach().reshape(-1, 64)[:100], head.weight)
+    total = token_logprob_sum(hidden, labels, head, None, head, 4096, chunk_logits=100 * 4096)
+    total.backward()
+    h64, w64 = hidden.detach().double().requires_grad_(), head.weight.detach().double().requires_grad_()
+    logp = torch.log_softmax(h64 @ w64.t(), dim=-1)
+    keep = labels != -100
+    ref = logp[keep].gather(1, labels[keep][:, None]).sum()
+    ref.backward()
+    assert abs(total.item() - ref.item()) <= 1e-5 * abs(ref.item())
+    _close(hidden.grad, h64.grad, h64.grad.abs().max().item())
+    _close(head.weight.grad, w64.grad, w64.grad.abs().max().item())
