@@ -20,7 +20,8 @@ gradient buckets, the process's runtime):
 `estimate` adds up each phase from the model's shapes (the model built on the meta device) and what
 the code allocates (ember.train.zero, ember.models.loss, torch's DDP, FSDP2 and Adam); the peak is the
 largest phase. That is the live peak: CUDA's `max_memory_allocated`, and a CPU run's resident set
-when the C allocator hands freed memory back (ALLOCATOR_NOTE). Measured against training runs of
+(its anonymous memory: mapped library pages left out) when the C allocator hands freed memory back
+(ALLOCATOR_NOTE). Measured against training runs of
 every stage in BENCHMARKS.md ("ember train estimate vs measured").
 """
 
@@ -38,13 +39,13 @@ PAPER = {
     "fp32": {0: (16, 0), 1: (8, 8), 2: (4, 12), 3: (0, 16)},
 }
 
-# What a training process holds beyond its tensors once it has run a step, over what it held before
-# the model was built: mostly pages of libtorch's code that backward and the optimizer touch for the
-# first time (one forward/backward/AdamW step of a tiny model in a bare process adds 15 MiB of
-# file-backed and 4 MiB of anonymous memory), then DDP's/FSDP's and gloo's state and threads.
-# Measured (fixed mmap threshold, see ALLOCATOR_NOTE): `ember train` of a 0.1M-parameter model, whose
-# tensors come to ~8 MiB, peaks 31.6-35.2 MiB over its start on 1 and 2 processes, stages 0-3.
-RUNTIME_BYTES = 26 * MiB
+# What a training process allocates beyond its tensors once it has run a step, over what it held before
+# the model was built: DDP's/FSDP's and gloo's state, autograd's and the threads' bookkeeping. Counted as
+# the trainer measures (anonymous memory: the file pages a run maps, ~22 MiB of libtorch's code that
+# backward and the optimizer touch first, are left out: how many a first call maps depends on what the
+# page cache holds, and one CI run measured them twice as large). Measured (fixed mmap threshold, see
+# ALLOCATOR_NOTE): `ember train` of a 0.1M-parameter model implies 14-17 MiB on 2 processes, stages 0-3.
+RUNTIME_BYTES = 16 * MiB
 
 ALLOCATOR_NOTE = (
     "on CPU this is the live peak; glibc's default malloc raises its mmap threshold as large blocks "

@@ -169,6 +169,19 @@ def peak_memory_bytes(device: torch.device) -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def file_backed_bytes(device: torch.device) -> int:
+    """CPU: the resident pages that map files (libraries' code, mapped data) and shared memory. They count
+    in the resident set and its peak, but are not what a run allocates: how many of a library's pages a
+    first call maps depends on what the page cache holds, and the kernel can drop them at any time."""
+    if device.type == "cuda":
+        return 0
+    try:
+        with open("/proc/self/status") as f:
+            return sum(int(line.split()[1]) * 1024 for line in f if line.startswith(("RssFile:", "RssShmem:")))
+    except OSError:
+        return 0
+
+
 def reset_peak_memory(device: torch.device) -> None:
     """Start a new high-water mark (Linux: /proc/self/clear_refs "5" resets VmHWM)."""
     if device.type == "cuda":
@@ -221,6 +234,7 @@ class Trainer:
         meta_model(self.model_config)  # (the libraries building a model loads are counted before the model)
         reset_peak_memory(self.d.device)
         before_model = current_memory_bytes(self.d.device)
+        self.before_model_file_bytes = file_backed_bytes(self.d.device)
         base = meta_model(self.model_config) if sharded_start else build_model(c, self.model_config)
         from ember.models.moe import MoE
 
@@ -582,18 +596,26 @@ class Trainer:
             report.close()
         return last
 
+    def _training_peak_bytes(self) -> int:
+        """The peak since the model was built over what the process held before it, less the file pages
+        mapped meanwhile (on a CPU: the anonymous memory's peak, which `estimate` predicts; those pages
+        stay mapped once touched, so the ones mapped by the end were there at the peak, or nearly)."""
+        files = file_backed_bytes(self.d.device) - self.before_model_file_bytes
+        return peak_memory_bytes(self.d.device) - self.before_model_bytes - max(0, files)
+
     def _memory_record(self) -> dict[str, Any]:
         """Each rank's model-state bytes and peak memory, gathered on every rank."""
         mine = {"model_state_bytes": self.last_state_bytes["total"], "peak_bytes": peak_memory_bytes(self.d.device),
                 "current_bytes": current_memory_bytes(self.d.device), "startup_bytes": self.startup_bytes,
-                "training_peak_bytes": peak_memory_bytes(self.d.device) - self.before_model_bytes}
+                "training_peak_bytes": self._training_peak_bytes()}
         everyone: list[Any] = [None] * self.d.world
         dist.all_gather_object(everyone, mine)
         return {"rank_model_state_bytes": [e["model_state_bytes"] for e in everyone],
                 "rank_peak_bytes": [e["peak_bytes"] for e in everyone],
                 "rank_current_bytes": [e["current_bytes"] for e in everyone],
                 "rank_model_startup_bytes": [e["startup_bytes"] for e in everyone],
-                # the peak since the model was built, over what the process held before it (`estimate`'s peak)
+                # the peak since the model was built, over what the process held before it, library pages
+                # left out (`estimate`'s peak)
                 "rank_model_peak_bytes": [e["training_peak_bytes"] for e in everyone]}
 
 

@@ -131,8 +131,8 @@ MEASURED_MODEL = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_laye
 
 @pytest.mark.slow  # four 2-process runs (~2 min)
 def test_estimate_within_15_percent_of_the_measured_peak(train_assets, tmp_path, monkeypatch):
-    """`rank_model_peak_bytes` (the resident peak since the model was built) of a 2-process run is within
-    15% of the estimate's peak at every ZeRO stage. glibc's malloc is told to return freed blocks
+    """`rank_model_peak_bytes` (the resident peak since the model was built, less the library pages mapped
+    meanwhile) of a 2-process run is within 15% of the estimate's peak at every ZeRO stage. glibc's malloc is told to return freed blocks
     (a fixed mmap threshold): by default it keeps freed blocks under 32 MiB in its heap once it has
     freed a larger one, which puts the resident peak 8-65% above the live one (BENCHMARKS.md), by an
     amount that grows with the steps and that no formula of the model predicts."""
