@@ -23,6 +23,7 @@ from torch import nn
 
 from ember.engine.config import LoRAConfig
 from ember.engine.request import Request
+from ember.models import cpu_ops
 from ember.models.lora import LoRAAdapter, Target, lora_targets, module_shards, read_adapter
 
 
@@ -58,13 +59,16 @@ class LoRASlots:
                  device: torch.device):
         self.shards = module_shards(module)
         width = len(self.shards) * config.max_lora_rank
+        width += width % 2  # (an even width for the pair-packed kernel: a zero column adds exact zeros)
         self.a = torch.zeros(config.max_loras, width, module.in_features, dtype=dtype, device=device)
         self.b = torch.zeros(config.max_loras, module.out_features, width, dtype=dtype, device=device)
         self.width = [0] * config.max_loras  # columns a slot uses (0: this layer is not adapted there)
         self.batch = batch
+        self._pairs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot -> (A, B) pair-packed
 
     def write(self, slot: int, parts: dict[int, tuple[torch.Tensor, torch.Tensor]], rank: int, scaling: float) -> None:
         """parts: shard -> (A [r, in], B [size, r]); the scaling is folded into B."""
+        self._pairs.pop(slot, None)
         self.a[slot].zero_()
         self.b[slot].zero_()
         if not parts:
@@ -82,9 +86,14 @@ class LoRASlots:
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y (= the base product of x) plus each adapter's product on its rows, in place."""
+        invariant = x.dtype == torch.bfloat16 and x.device.type == "cpu" and cpu_ops.batch_invariant_routing() \
+            and cpu_ops.gemv_available()
         for slot, rows in self.batch.groups:
             width = self.width[slot]
             if not width:
+                continue
+            if invariant:  # torch's bf16 matmuls sum in an order that depends on the number of rows
+                self._add_invariant(slot, x, y, rows)
                 continue
             a, b = self.a[slot, :width], self.b[slot, :, :width]
             if isinstance(rows, slice):
@@ -92,6 +101,22 @@ class LoRASlots:
             else:
                 y.index_add_(0, rows, (x.index_select(0, rows) @ a.t()) @ b.t())
         return y
+
+    def _add_invariant(self, slot: int, x: torch.Tensor, y: torch.Tensor, rows: slice | torch.Tensor) -> None:
+        """The slot's product on its rows through ember's pair-packed kernel, whose sums for a row do not
+        depend on the rows beside it (batch invariance, the engine's default); A and B are packed once
+        per slot write (the whole padded width: zero columns add exact zeros)."""
+        if slot not in self._pairs:
+            pack = torch.ops.ember_ops.pack_pairs
+            self._pairs[slot] = (pack(self.a[slot]), pack(self.b[slot]))
+        a, b = self._pairs[slot]
+        picked = (x[rows] if isinstance(rows, slice) else x.index_select(0, rows)).contiguous()
+        shrunk = torch.ops.ember_ops.linear_pairs(picked, a, self.a.shape[1], None)
+        delta = torch.ops.ember_ops.linear_pairs(shrunk, b, self.b.shape[1], None)
+        if isinstance(rows, slice):
+            y[rows] += delta
+        else:
+            y.index_add_(0, rows, delta)
 
 
 class LoRAManager:

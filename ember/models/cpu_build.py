@@ -1,7 +1,7 @@
 """Compiling ember's C++ CPU kernels on first use (torch.utils.cpp_extension), once per machine, visibly.
 
 A build is cached under a name carrying a key of the source, the compiler flags, torch's version and
-the CPU's features, so two checkouts, venvs or machines sharing a cache never load each other's
+install directory and the CPU's features, so two checkouts, venvs or machines sharing a cache never load each other's
 binaries (`-march=native` code can crash on another CPU). Builds are serialised by an OS file lock,
 which a killed builder cannot keep: whoever takes it next removes what an interrupted build left
 (torch's own lock file would otherwise make every later start wait forever) and builds again. A
@@ -52,11 +52,15 @@ def compiler_flags() -> list[str]:
 
 
 def build_key(source: str) -> str:
-    """What a binary depends on: the source, the flags, torch's version and the CPU's features."""
+    """What a binary depends on: the source, the flags, torch (version, install directory), the CPU's features."""
     import torch
 
     digest = hashlib.sha256(Path(source).read_bytes())
-    for part in (" ".join(compiler_flags()), torch.__version__, platform.machine(), " ".join(sorted(cpu_flags()))):
+    # torch's install directory too: a build names its headers and libraries by path, so two venvs with the same
+    # torch version sharing one build would each make torch's build system recompile it for their own paths
+    # (measured: a CI venv and a development venv alternating rebuilt both kernels at every switch).
+    for part in (" ".join(compiler_flags()), torch.__version__, str(Path(torch.__file__).parent), platform.machine(),
+                 " ".join(sorted(cpu_flags()))):
         digest.update(part.encode())
     return digest.hexdigest()[:12]
 

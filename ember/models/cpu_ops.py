@@ -216,9 +216,10 @@ def _onednn_packing() -> bool:
         return False
 
 
-def int8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                max_rows: int = INT8_GEMV_MAX_ROWS) -> torch.Tensor | None:
     """x @ (q * scales).T + bias for int8 q and fp32 scales, or None where the kernel does not apply."""
-    if not int_kernel_ok(x, INT8_GEMV_MAX_ROWS):
+    if not int_kernel_ok(x, max_rows):
         return None
     out = torch.ops.ember_ops.linear_gemv(x.reshape(-1, x.shape[-1]).contiguous(), q, scales, bias)
     return out.view(*x.shape[:-1], q.shape[0])

@@ -8,7 +8,8 @@ PyTorch's weight-only kernels (`aten._weight_int8pack_mm`,
 `aten._weight_int4pack_mm_for_cpu`: the kernels torchao's CPU layouts call). Both are
 GEMV-shaped, their cost growing with the number of rows, so for large batches (prefill)
 a layer dequantizes its weight once and runs the ordinary matmul (`KERNEL_MAX_ROWS`,
-measured in BENCHMARKS.md).
+measured in BENCHMARKS.md) — except under batch invariance, where every row count stays on the
+kernels (`kernel_max_rows`).
 
 Numerics, per output channel n and input channel k (g = k // group_size):
 - int8: w[n, k] = q[n, k] * scale[n], q in [-127, 127] (symmetric).
@@ -20,6 +21,7 @@ Numerics, per output channel n and input channel k (g = k // group_size):
 from __future__ import annotations
 
 import functools
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +37,14 @@ METHODS = QUANTIZATION_METHODS
 GROUP_SIZES = (32, 64, 128, 256)
 # Rows at or below which the packed kernels beat dequantize + bf16 matmul (BENCHMARKS.md, issue 10).
 KERNEL_MAX_ROWS = 16
+
+
+def kernel_max_rows() -> int:
+    """Rows up to which a quantized product runs on the integer kernels. Batch-invariant (the engine's
+    default): any number, since each row's arithmetic there is its own (x quantized per row, integer sums,
+    its scales in a fixed order) while dequantize + matmul sums differently: a request's tokens would
+    change with the rows beside it (int4: most of 24 greedy tokens did). The cost, BENCHMARKS.md."""
+    return sys.maxsize if cpu_ops.batch_invariant_routing() else KERNEL_MAX_ROWS
 _INT4_BLOCK_N = 64  # torch's CPU int4 packing interleaves blocks of 64 output channels
 _TILE = 4  # ember's int4 layout: output channels per tile (kTile in cpu_ops.cpp)
 
@@ -232,17 +242,18 @@ class QuantizedLinear(nn.Module):
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, self.in_features)
-        if flat.shape[0] > KERNEL_MAX_ROWS or x.device.type != "cpu":
+        max_rows = kernel_max_rows()
+        if flat.shape[0] > max_rows or x.device.type != "cpu":
             return F.linear(x, self.dequantize(), self.bias)
         if self.perm is not None:
             flat = flat.index_select(1, self.perm)
         if self.layout in ("ember", "groups"):
-            if not cpu_ops.int_kernel_ok(flat, KERNEL_MAX_ROWS):
+            if not cpu_ops.int_kernel_ok(flat, max_rows):
                 return F.linear(x, self.dequantize(), self.bias)
             out = self._kernel(flat.contiguous())
             return out.reshape(*shape[:-1], self.out_features)
         if self.bits == 8:
-            out = cpu_ops.int8_linear(flat, self.qweight, self.scales_f32, self.bias)
+            out = cpu_ops.int8_linear(flat, self.qweight, self.scales_f32, self.bias, max_rows)
             if out is not None:
                 return out.reshape(*shape[:-1], self.out_features)
             out = torch.ops.aten._weight_int8pack_mm(flat.contiguous(), self.qweight, self.scales)
@@ -255,7 +266,7 @@ class QuantizedLinear(nn.Module):
 
     def rows_function(self):
         """x [rows, in] -> [rows, out] for the engine's decoder-layer fast path (DecoderLayer.forward_rows):
-        ember's kernel called directly for up to KERNEL_MAX_ROWS rows, forward() otherwise."""
+        ember's kernel called directly for up to kernel_max_rows() rows, forward() otherwise."""
         if self.perm is not None or self.layout == "aten" or not cpu_ops.int_kernels_available() \
                 or self.qweight.device.type != "cpu":
             # the class's forward: tensor parallel wraps the instance's with an all-reduce the row path does itself
@@ -264,8 +275,8 @@ class QuantizedLinear(nn.Module):
         bias, forward = self.bias, self._forward
         if self.lora is not None:
             add = self.lora.add
-            return lambda x: add(x, op(x, *args, bias) if x.shape[0] <= KERNEL_MAX_ROWS else forward(x))
-        return lambda x: op(x, *args, bias) if x.shape[0] <= KERNEL_MAX_ROWS else forward(x)
+            return lambda x: add(x, op(x, *args, bias) if x.shape[0] <= kernel_max_rows() else forward(x))
+        return lambda x: op(x, *args, bias) if x.shape[0] <= kernel_max_rows() else forward(x)
 
     def _kernel_call(self):
         """(ember's op for this layout, its arguments between x and the bias)."""
