@@ -124,7 +124,8 @@ class EngineConfig:
     batch_invariant: bool = field(default=True, metadata={
         "help": "bf16 on CPU: each request's tokens and logprobs independent of the batch it runs in (its neighbours, "
                 "prompt chunks, prefix-cache hits, speculative verification): one summation order per product and one "
-                "attention kernel for every row (int8/int4 weights and LoRA adapters too; not fp32); "
+                "attention kernel for every row (int8/int4 weights on AVX512-VNNI CPUs and LoRA adapters on AVX512-BF16 "
+                "ones too; not fp32); "
                 "--no-batch-invariant trades that for speed"})
     tensor_parallel_size: int = field(default=1, metadata={
         "help": "split the model's heads, MLP channels and vocabulary over N ranks, one process each (the engine "

@@ -86,8 +86,8 @@ class LoRASlots:
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y (= the base product of x) plus each adapter's product on its rows, in place."""
-        invariant = x.dtype == torch.bfloat16 and x.device.type == "cpu" and cpu_ops.batch_invariant_routing() \
-            and cpu_ops.gemv_available()
+        invariant = x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.shape[-1] % 2 == 0 \
+            and cpu_ops.batch_invariant_routing() and cpu_ops.gemv_available()
         for slot, rows in self.batch.groups:
             width = self.width[slot]
             if not width:
@@ -105,13 +105,16 @@ class LoRASlots:
     def _add_invariant(self, slot: int, x: torch.Tensor, y: torch.Tensor, rows: slice | torch.Tensor) -> None:
         """The slot's product on its rows through ember's pair-packed kernel, whose sums for a row do not
         depend on the rows beside it (batch invariance, the engine's default); A and B are packed once
-        per slot write (the whole padded width: zero columns add exact zeros)."""
+        per slot write, the adapter's columns rounded up to even (a zero column adds exact zeros). The
+        delta is rounded to bf16 before it is added (the other path's addmm_ rounds once: last-bit
+        differences between invariant and variant engines)."""
+        width = self.width[slot] + self.width[slot] % 2
         if slot not in self._pairs:
             pack = torch.ops.ember_ops.pack_pairs
-            self._pairs[slot] = (pack(self.a[slot]), pack(self.b[slot]))
+            self._pairs[slot] = (pack(self.a[slot, :width]), pack(self.b[slot, :, :width].contiguous()))
         a, b = self._pairs[slot]
         picked = (x[rows] if isinstance(rows, slice) else x.index_select(0, rows)).contiguous()
-        shrunk = torch.ops.ember_ops.linear_pairs(picked, a, self.a.shape[1], None)
+        shrunk = torch.ops.ember_ops.linear_pairs(picked, a, width, None)
         delta = torch.ops.ember_ops.linear_pairs(shrunk, b, self.b.shape[1], None)
         if isinstance(rows, slice):
             y[rows] += delta

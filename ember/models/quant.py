@@ -45,6 +45,15 @@ def kernel_max_rows() -> int:
     its scales in a fixed order) while dequantize + matmul sums differently: a request's tokens would
     change with the rows beside it (int4: most of 24 greedy tokens did). The cost, BENCHMARKS.md."""
     return sys.maxsize if cpu_ops.batch_invariant_routing() else KERNEL_MAX_ROWS
+
+
+def _row_limit(layer: "QuantizedLinear", x: torch.Tensor) -> int:
+    """kernel_max_rows() where ember's integer kernels take this product: bf16 x (the dtype invariance
+    covers) on a CPU with them, a layout of ember's; KERNEL_MAX_ROWS otherwise (torch's weight-only
+    kernels, or fp32 x: not claimed invariant, and the integer kernels are up to 3x slower from 256 rows)."""
+    if x.dtype == torch.bfloat16 and layer.layout != "aten" and cpu_ops.int_kernels_available():
+        return kernel_max_rows()
+    return KERNEL_MAX_ROWS
 _INT4_BLOCK_N = 64  # torch's CPU int4 packing interleaves blocks of 64 output channels
 _TILE = 4  # ember's int4 layout: output channels per tile (kTile in cpu_ops.cpp)
 
@@ -242,7 +251,7 @@ class QuantizedLinear(nn.Module):
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, self.in_features)
-        max_rows = kernel_max_rows()
+        max_rows = _row_limit(self, flat)
         if flat.shape[0] > max_rows or x.device.type != "cpu":
             return F.linear(x, self.dequantize(), self.bias)
         if self.perm is not None:
@@ -266,7 +275,7 @@ class QuantizedLinear(nn.Module):
 
     def rows_function(self):
         """x [rows, in] -> [rows, out] for the engine's decoder-layer fast path (DecoderLayer.forward_rows):
-        ember's kernel called directly for up to kernel_max_rows() rows, forward() otherwise."""
+        ember's kernel called directly for up to _row_limit rows, forward() otherwise."""
         if self.perm is not None or self.layout == "aten" or not cpu_ops.int_kernels_available() \
                 or self.qweight.device.type != "cpu":
             # the class's forward: tensor parallel wraps the instance's with an all-reduce the row path does itself
@@ -275,8 +284,8 @@ class QuantizedLinear(nn.Module):
         bias, forward = self.bias, self._forward
         if self.lora is not None:
             add = self.lora.add
-            return lambda x: add(x, op(x, *args, bias) if x.shape[0] <= kernel_max_rows() else forward(x))
-        return lambda x: op(x, *args, bias) if x.shape[0] <= kernel_max_rows() else forward(x)
+            return lambda x: add(x, op(x, *args, bias) if x.shape[0] <= _row_limit(self, x) else forward(x))
+        return lambda x: op(x, *args, bias) if x.shape[0] <= _row_limit(self, x) else forward(x)
 
     def _kernel_call(self):
         """(ember's op for this layout, its arguments between x and the bias)."""

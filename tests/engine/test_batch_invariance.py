@@ -34,6 +34,13 @@ def test_bf16_product_rows_do_not_depend_on_the_row_count(shape, invariant_produ
             assert torch.equal(out[picked], alone[:len(picked)]), f"{shape}, {rows} rows"
 
 
+needs_int_kernels = pytest.mark.skipif(not cpu_ops.int_kernels_available(),
+                                       reason="quantized invariance needs ember's integer kernels (AVX512-VNNI)")
+needs_pair_kernel = pytest.mark.skipif(not cpu_ops.gemv_available(),
+                                       reason="LoRA invariance needs ember's pair-packed kernel (AVX512-BF16)")
+
+
+@needs_int_kernels
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_quantized_product_rows_do_not_depend_on_the_row_count(method, invariant_products):
     """int8/int4 weights: a row's bits are the same alone and among hundreds (no switch to dequantize +
@@ -90,6 +97,7 @@ def test_a_request_is_the_same_bits_alone_and_in_any_batch(bf16_model, backend):
         assert _result(got) == alone, f"batch of {size} ({backend})"
 
 
+@needs_int_kernels
 def test_a_quantized_request_is_the_same_bits_alone_and_in_a_batch(bf16_model):
     """int4 (the case that changed most: 22 of 24 greedy tokens when steps of over 16 rows dequantized)."""
     rng = random.Random(4)
@@ -104,6 +112,39 @@ def test_a_quantized_request_is_the_same_bits_alone_and_in_a_batch(bf16_model):
     assert _result(got) == alone
 
 
+@needs_pair_kernel
+@pytest.mark.parametrize("max_rank", [7, 16])
+def test_invariant_lora_slots_compute_the_adapters_product(invariant_products, max_rank):
+    """The pair-packed LoRA path against x A^T B^T in float64: a merged projection (three shards, two of
+    them adapted), an adapter rank below the slot's maximum (odd too), rows as a slice and as an index."""
+    from ember.engine.config import LoRAConfig
+    from ember.engine.lora import LoRABatch, LoRASlots
+    from ember.models.layers import MergedLinear
+
+    g = torch.Generator().manual_seed(3)
+    module = MergedLinear(96, [64, 32, 32], ["q_proj", "k_proj", "v_proj"], bias=False)
+    batch = LoRABatch()
+    slots = LoRASlots(module, LoRAConfig(enable_lora=True, max_loras=2, max_lora_rank=max_rank), batch,
+                      torch.bfloat16, torch.device("cpu"))
+    rank = 5
+    parts = {0: (torch.randn(rank, 96, generator=g), torch.randn(64, rank, generator=g)),
+             2: (torch.randn(rank, 96, generator=g), torch.randn(32, rank, generator=g))}
+    slots.write(1, parts, rank, scaling=0.5)
+    x = torch.randn(40, 96, generator=g).bfloat16()
+    want = torch.zeros(40, 128, dtype=torch.float64)
+    a, b = slots.a[1].double(), slots.b[1].double()
+    for rows in (slice(3, 20), torch.tensor([0, 25, 39])):
+        want[rows] = x[rows].double() @ a.t() @ b.t()
+    batch.groups = [(1, slice(3, 20)), (1, torch.tensor([0, 25, 39]))]
+    with torch.inference_mode():
+        got = slots.add(x, torch.zeros(40, 128, dtype=torch.bfloat16)).double()
+    assert want.abs().max() > 1  # the adapters do something
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+    untouched = [i for i in range(40) if not (3 <= i < 20) and i not in (0, 25, 39)]
+    assert not got[untouched].any()
+
+
+@needs_pair_kernel
 def test_a_request_with_an_adapter_is_the_same_bits_alone_and_among_other_adapters(bf16_model, tmp_path):
     """LoRA slots in bf16: the adapter's two products go through the pair-packed kernel (torch's bf16
     matmuls had changed the target's logprobs by up to 2e-2 in batches of 7 and 32)."""
