@@ -1,4 +1,4 @@
-"""Model weights on CPU in one buffer backed by 2 MiB pages.
+"""Model weights (and the KV cache) on CPU in buffers backed by 2 MiB pages.
 
 Decoding a few rows reads every weight once per token, so it runs at the memory
 system's streaming rate. Spread over 4 KiB pages that rate is lower: the
@@ -7,7 +7,8 @@ Moving all weights into one 2 MiB-aligned anonymous mapping that the kernel is
 asked to back with transparent huge pages (madvise MADV_HUGEPAGE, which the default
 "madvise" THP setting honours) makes decode-sized products faster on the bench
 models (BENCHMARKS.md). Values, shapes and parameter identities stay as they
-were; only the storage moves.
+were; only the storage moves. The KV cache is allocated there too: decode attention reads
+each request's blocks from random places in it.
 """
 
 from __future__ import annotations
@@ -49,6 +50,16 @@ def huge_page_copy(t: torch.Tensor) -> torch.Tensor:
     home = buffer.view(t.dtype).view(t.shape)
     home.copy_(t)
     return home
+
+
+def huge_page_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised CPU tensor in huge pages (a plain `torch.empty` where it is under 2 MiB
+    or the platform can't)."""
+    t = torch.empty(shape, dtype=dtype, device="meta")
+    nbytes = t.numel() * t.element_size()
+    if nbytes < HUGE_PAGE or (buffer := _huge_page_buffer(nbytes)) is None:
+        return torch.empty(shape, dtype=dtype)
+    return buffer.view(dtype).view(shape)
 
 
 def rehome_weights(model: nn.Module, min_bytes: int = 16 << 20) -> int:

@@ -36,3 +36,17 @@ def test_small_models_stay_where_they_are(model_factory):
     pointers = [p.data_ptr() for p in model.parameters()]
     assert rehome_weights(model) == 0  # below the 16 MiB default: not worth a mapping
     assert [p.data_ptr() for p in model.parameters()] == pointers
+
+
+@pytest.mark.skipif(not hasattr(mmap, "MADV_HUGEPAGE"), reason="no madvise(MADV_HUGEPAGE) here")
+def test_kv_cache_over_2_mib_is_allocated_on_a_huge_page_boundary():
+    from ember.engine.attention.torch_paged import KVLayout
+
+    caches = KVLayout(paired=False, dtype=torch.bfloat16).allocate(2, 512, 4, 16, 64)  # 2 x 4 MiB
+    k0, v0 = caches[0]
+    assert k0.data_ptr() % HUGE_PAGE == 0 and v0.data_ptr() == k0.data_ptr() + k0.stride(0) // 2 * k0.element_size()
+    assert k0.shape == (512, 4, 64, 16) and v0.shape == (512, 4, 16, 64)
+    k0.fill_(1.5)  # writable, and layers do not overlap
+    assert not caches[1][0].eq(1.5).any()
+    small = KVLayout(dtype=torch.float32).allocate(1, 4, 1, 16, 8)[0][0]  # 4 KiB: plain allocation
+    assert small.shape == (4, 1, 8, 16)

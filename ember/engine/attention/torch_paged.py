@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ember.models.attention import attention_math, causal_attention, causal_mask, sdpa
+from ember.models.huge_pages import huge_page_empty
 
 
 @dataclass
@@ -100,12 +101,16 @@ class KVLayout:
 
         Within a layer, block b's K and V sit side by side, so a request's blocks read as
         one stretch of memory instead of two streams a whole cache apart, which CPU decode
-        attention reads faster (BENCHMARKS.md). K and V are thus strided views
+        attention reads faster (BENCHMARKS.md), as it does from huge pages. K and V are thus strided views
         ([num_blocks, ...] with each block contiguous); the kernels take the stride from them.
         """
         k_shape, v_shape = self.shapes(num_blocks, kv_heads, block_size, head_dim)
         per_block = kv_heads * block_size * head_dim
-        buffer = torch.empty(num_layers, num_blocks, 2, per_block, dtype=self.storage_dtype, device=device)
+        shape = (num_layers, num_blocks, 2, per_block)
+        if torch.device(device).type == "cpu":  # decode attention reads random blocks: fewer TLB misses
+            buffer = huge_page_empty(shape, self.storage_dtype)
+        else:
+            buffer = torch.empty(shape, dtype=self.storage_dtype, device=device)
         caches = [(buffer[i, :, 0].unflatten(1, k_shape[1:]), buffer[i, :, 1].unflatten(1, v_shape[1:]))
                   for i in range(num_layers)]
         if self.quantized:
