@@ -336,22 +336,28 @@ void paired_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
             values[c] = vp + base + offset * dim;     // key pair j at values + j * dim * 2
             lo[c] = std::max<int64_t>(lo_all - start, 0);
             hi[c] = std::min<int64_t>(hi_all - start, W);
-            if ((start + W) % block_size == 0) {
-              const int64_t ahead = start + kPrefetchBlocks * block_size;
-              if (ahead < hi_all) {
-                const int64_t next = table[ahead / block_size] * block_elems + kvh * head_elems;
-                // Into L2, not L1: L1's few miss buffers would stall the loads of the current block.
-                for (int64_t b = 0; b < head_elems * 2; b += 64) {
-                  _mm_prefetch(reinterpret_cast<const char*>(kp + next) + b, _MM_HINT_T1);
-                  _mm_prefetch(reinterpret_cast<const char*>(vp + next) + b, _MM_HINT_T1);
-                }
-              }
+            // The next block's K and V lines of this head, fetched into L1 a few at a time while this
+            // chunk's q.k runs: a burst of them at the block's end (into L2, two blocks ahead, as before)
+            // left each core with ~13 GB/s of these random 16 KiB reads (BENCHMARKS.md).
+            const char* fetch_k = nullptr;
+            const char* fetch_v = nullptr;
+            if ((start + W) % block_size == 0 && start + block_size < hi_all) {
+              const int64_t next = table[(start + block_size) / block_size] * block_elems + kvh * head_elems;
+              fetch_k = reinterpret_cast<const char*>(kp + next);
+              fetch_v = reinterpret_cast<const char*>(vp + next);
             }
             // C independent sums per head: a single chain would wait on each multiply-add's latency.
             __m512 part[H][C];
             for (int h = 0; h < H; ++h)
               for (int ch = 0; ch < C; ++ch) part[h][ch] = _mm512_setzero_ps();
+            const int64_t fetch_lines = head_elems * 2 / 64, fetch_per_step = (fetch_lines * C + pairs - 1) / pairs;
             for (int64_t i = 0; i < pairs; i += C) {
+              if (fetch_k) {
+                for (int64_t l = i / C * fetch_per_step; l < std::min(fetch_lines, (i / C + 1) * fetch_per_step); ++l) {
+                  _mm_prefetch(fetch_k + l * 64, _MM_HINT_T0);
+                  _mm_prefetch(fetch_v + l * 64, _MM_HINT_T0);
+                }
+              }
               for (int ch = 0; ch < C; ++ch) {
                 const __m512bh k = (__m512bh)_mm512_loadu_si512(keys[c] + (i + ch) * block_size * 2);
                 for (int h = 0; h < H; ++h)
