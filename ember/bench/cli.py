@@ -118,6 +118,11 @@ def _add_system_benches(bsub) -> None:
     kb.add_argument("--model", required=True)
     kb.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16])
     kb.add_argument("--group-size", type=int, default=64)
+    lm = bsub.add_parser("limits", help="the least time this machine allows W1 and W2 on a model (bf16 product peak, "
+                                        "sequential reads), and ember's time against it")
+    lm.add_argument("--model", required=True)
+    lm.add_argument("--num-requests", type=int, default=None, help="W1 requests (none: 64; 16 for Qwen2/Qwen3)")
+    lm.add_argument("--runs", type=int, default=1, help="ember's W1 and W2 runs to set against the floor (0: none)")
     cb = bsub.add_parser("collectives", help="tensor parallel's all-reduce between two processes: gloo vs shared memory")
     cb.add_argument("--shape", type=int, nargs="+", default=[1, 512], help="the bf16 tensor (one decode row: 1 H)")
     cb.add_argument("--calls", type=int, default=1000, help="all-reduces per timed round")
@@ -204,6 +209,8 @@ def run(args: argparse.Namespace) -> int:
         _header(args)
         run_kernels(ModelConfig.from_dir(args.model), args.rows, args.group_size)
         return 0
+    if args.bench_command == "limits":
+        return _limits(args)
     if args.bench_command == "collectives":
         from ember.bench.collectives import run as run_collectives
 
@@ -647,6 +654,40 @@ def _header(args) -> None:
     device = getattr(args, "device", "cpu")
     if torch.cuda.is_available() and device != "cpu":
         print(f"device: {torch.cuda.get_device_name(torch.device(device) if device != 'auto' else None)}")
+
+
+def _limits(args) -> int:
+    from ember.bench.limits import floor, measure_machine
+    from ember.bench.throughput import EmberRunner
+    from ember.bench.workloads import w1, w2
+    from ember.models.config import ModelConfig
+
+    args.dtype = "bfloat16"
+    _header(args)
+    config = ModelConfig.from_path(args.model)
+    num = args.num_requests or (16 if config.architecture.startswith(("Qwen2", "Qwen3")) else 64)
+    print("measuring the machine: bf16 products on the model's shapes, a 1 GiB sequential read ...", flush=True)
+    limits = measure_machine(config)
+    print(f"bf16 products (ember's product path, best shape, 1,024 rows): {limits.product_flops / 1e9:.0f} GFLOP/s; "
+          f"sequential read: {limits.read_bytes / 1e9:.1f} GB/s")
+    w1_load, w2_load = w1(num), w2()
+    w1_floor, w2_floor = floor(config, w1_load, limits), floor(config, w2_load, limits)
+    print(f"W1 ({num} requests) floor {w1_floor.seconds:.2f} s = prefill {w1_floor.prefill_s:.2f} + decode products "
+          f"{w1_floor.decode_products_s:.2f} + decode attention reads {w1_floor.decode_attention_s:.2f}: "
+          f"{w1_floor.output_tokens / w1_floor.seconds:.1f} output tok/s at most")
+    w2_decode = (w2_floor.decode_products_s + w2_floor.decode_attention_s) / (w2_load.max_tokens - 1)
+    print(f"W2 floor {w2_decode * 1e3:.2f} ms/token decode (the weights read once per token), "
+          f"first token {w2_floor.prefill_s * 1e3:.1f} ms")
+    if args.runs <= 0:
+        return 0
+    runner = EmberRunner(args.model, "bfloat16")
+    runner.run(w1(4, 8))
+    w1_s = statistics.median(runner.run(w1_load).seconds for _ in range(args.runs))
+    w2_s = statistics.median(runner.latency(w2_load)[1] for _ in range(args.runs))
+    print(f"ember W1 {w1_s:.2f} s: {w1_floor.seconds / w1_s:.0%} of the floor's speed "
+          f"(a peer at time T can be beaten by at most T / {w1_floor.seconds:.2f} s)")
+    print(f"ember W2 {w2_s * 1e3:.2f} ms/token: {w2_decode / w2_s:.0%} of the floor's speed")
+    return 0
 
 
 def _throughput(args) -> int:
