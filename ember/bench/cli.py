@@ -155,6 +155,8 @@ def _add_system_benches(bsub) -> None:
     gg.add_argument("--model", required=True, help="a .gguf file")
     gg.add_argument("--text", default="tests/assets/default_eval.jsonl", help="held-out text (JSONL with 'text')")
     gg.add_argument("--tokens", type=int, default=1000)
+    gg.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="ember's activations (the reference stays the dequantized fp32 model)")
 
     su = bsub.add_parser("startup", help="seconds from launch to the first token: LLM, ember serve, vLLM")
     su.add_argument("--model", required=True)
@@ -199,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
         from ember.bench.gguf_check import report
 
         _header(args)
-        print(report(Path(args.model), Path(args.text), args.tokens))
+        print(report(Path(args.model), Path(args.text), args.tokens, args.dtype))
         return 0
     if args.bench_command == "kernels":
         from ember.bench.kernels import run_kernels

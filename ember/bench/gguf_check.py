@@ -78,12 +78,12 @@ def integer_kernels_for_every_row():
         quant.KERNEL_MAX_ROWS = saved
 
 
-def greedy_parity(path: Path, max_tokens: int = 64, prompts=PROMPTS) -> Parity:
-    """ember's engine (fp32) and transformers' generate, greedy, on each prompt."""
+def greedy_parity(path: Path, max_tokens: int = 64, prompts=PROMPTS, dtype: str = "float32") -> Parity:
+    """ember's engine (activations in `dtype`) and transformers' generate (fp32), greedy, on each prompt."""
     from ember import LLM, SamplingParams
 
     reference, hf_tokenizer = _load_reference(path)
-    llm = LLM(str(path), dtype="float32")
+    llm = LLM(str(path), dtype=dtype)
     tok = llm.engine.tokenizer
     equal = identical = close = 0
     divergences = []
@@ -124,14 +124,15 @@ def heldout_ids(tokenizer, path: Path, tokens: int) -> list[int]:
     return ids[: tokens + 1]
 
 
-def teacher_forced(path: Path, text_file: Path, tokens: int = 1000, chunk: int = 250) -> TeacherForced:
+def teacher_forced(path: Path, text_file: Path, tokens: int = 1000, chunk: int = 250,
+                   dtype: str = "float32") -> TeacherForced:
     """Next-token argmax agreement and loss of ember (quantized layers on their integer kernels) against
     the dequantized fp32 reference, over `tokens` tokens of held-out text in chunks of `chunk`."""
     from ember.models import load_model
     from ember.tokenizer import Tokenizer
 
     reference, _ = _load_reference(path)
-    model, _ = load_model(path, dtype="float32")
+    model, _ = load_model(path, dtype=dtype)
     ids = heldout_ids(Tokenizer(path), text_file, tokens)
     agree, ours_nll, theirs_nll, count = 0, 0.0, 0.0, 0
     with torch.inference_mode(), integer_kernels_for_every_row():
@@ -147,9 +148,9 @@ def teacher_forced(path: Path, text_file: Path, tokens: int = 1000, chunk: int =
     return TeacherForced(count, agree / count, ours_nll / count, theirs_nll / count)
 
 
-def report(path: Path, text_file: Path, tokens: int) -> str:
-    parity = greedy_parity(path)
-    forced = teacher_forced(path, text_file, tokens)
+def report(path: Path, text_file: Path, tokens: int, dtype: str = "float32") -> str:
+    parity = greedy_parity(path, dtype=dtype)
+    forced = teacher_forced(path, text_file, tokens, dtype=dtype)
     lines = [
         f"prompt token ids equal to transformers': {parity.prompt_ids_equal}/{parity.prompts}",
         f"greedy 64 tokens identical: {parity.identical}/{parity.prompts}; the rest parted within each other's "
