@@ -423,33 +423,43 @@ void rotary_rows_f32(float* x, int64_t row_stride, const float* cos, const float
 // Each row's argmax (the first of equal maxima, NaN above all, as torch.argmax).
 template <typename T>
 void argmax_rows(const T* x, int64_t* out, int64_t rows, int64_t n) {
+  constexpr int A = 4;  // independent (max, index) pairs: one would wait on each compare-and-blend
   at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     for (int64_t r = r0; r < r1; ++r) {
       const T* row = x + r * n;
-      __m512 best = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-      __m512i best_at = _mm512_set1_epi32(0);
+      __m512 best[A];
+      __m512i best_at[A];
+      for (int a = 0; a < A; ++a) best[a] = neg_inf, best_at[a] = _mm512_setzero_si512();
       __mmask16 nan = 0;
-      const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-      for (int64_t k = 0; k < n; k += 16) {
-        const __mmask16 mask = tail_mask(k, n);
-        const __m512 v = _mm512_mask_blend_ps(mask, _mm512_set1_ps(-std::numeric_limits<float>::infinity()),
-                                              load16(row + k, mask));
+      // each pair keeps the first maximum of its own vectors (strictly greater replaces)
+      const auto take = [&](int a, int64_t k, __mmask16 mask) {
+        const __m512 v = _mm512_mask_blend_ps(mask, neg_inf, load16(row + k, mask));
         nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-        const __mmask16 greater = _mm512_cmp_ps_mask(v, best, _CMP_GT_OQ);  // strictly: the first max stays
-        best = _mm512_mask_blend_ps(greater, best, v);
-        best_at = _mm512_mask_blend_epi32(greater, best_at, _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(k))));
+        const __mmask16 greater = _mm512_cmp_ps_mask(v, best[a], _CMP_GT_OQ);
+        best[a] = _mm512_mask_blend_ps(greater, best[a], v);
+        best_at[a] = _mm512_mask_blend_epi32(greater, best_at[a], _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(k))));
+      };
+      int64_t k = 0;
+      for (; k + 16 * A <= n; k += 16 * A)
+        for (int a = 0; a < A; ++a) take(a, k + 16 * a, 0xFFFF);
+      for (; k < n; k += 16) take(0, k, tail_mask(k, n));
+      // the largest value, at its smallest index: the first maximum of the row
+      alignas(64) float values[A][16];
+      alignas(64) int32_t at[A][16];
+      for (int a = 0; a < A; ++a) {
+        _mm512_store_ps(values[a], best[a]);
+        _mm512_store_si512(at[a], best_at[a]);
       }
-      alignas(64) float values[16];
-      alignas(64) int32_t at[16];
-      _mm512_store_ps(values, best);
-      _mm512_store_si512(at, best_at);
-      int64_t arg = at[0];
-      float top = values[0];
-      for (int i = 1; i < 16; ++i)
-        if (values[i] > top || (values[i] == top && at[i] < arg)) top = values[i], arg = at[i];
+      int64_t arg = at[0][0];
+      float top = values[0][0];
+      for (int a = 0; a < A; ++a)
+        for (int i = 0; i < 16; ++i)
+          if (values[a][i] > top || (values[a][i] == top && at[a][i] < arg)) top = values[a][i], arg = at[a][i];
       if (nan) {  // rare: the first NaN wins
-        for (int64_t k = 0; k < n; ++k)
-          if (std::isnan(static_cast<float>(row[k]))) { arg = k; break; }
+        for (int64_t j = 0; j < n; ++j)
+          if (std::isnan(static_cast<float>(row[j]))) { arg = j; break; }
       }
       out[r] = arg;
     }

@@ -185,6 +185,27 @@ def test_elementwise_kernels_are_bit_exact(rows):
     assert torch.equal(cpu_ops.argmax(logits), logits.float().argmax(dim=-1))
 
 
+@needs_fp32_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("width", [1, 15, 64, 100, 1000, 32000])
+def test_argmax_keeps_the_first_maximum_across_its_parallel_sums(dtype, width):
+    """The kernel keeps four (max, index) pairs over interleaved vectors: a tie between them, the
+    masked tail, NaN and rows of -inf must still give torch.argmax's index."""
+    if dtype == torch.bfloat16 and not cpu_ops.gemv_available():
+        pytest.skip("no AVX512-BF16 kernels here")
+    g = torch.Generator().manual_seed(width)
+    logits = torch.randn(6, width, generator=g)
+    if width > 70:
+        logits[0, 70] = logits[0, 20] = 9.0  # 70 sits in the first pair, 20 in the second: 20 comes first
+        logits[1, 40] = logits[1, 30] = 9.0  # the same pair, the same lane block
+        logits[2, width - 1] = logits[2, 5] = 9.0  # the tail against the first vector
+        logits[3, width - 1] = 9.0  # the maximum in the masked tail alone
+    logits[4] = float("-inf")
+    logits[5, width // 2] = float("nan")
+    logits = logits.to(dtype)
+    assert torch.equal(cpu_ops.argmax(logits), logits.float().argmax(dim=-1))
+
+
 def test_elementwise_kernels_step_aside_for_autograd():
     x = torch.randn(2, 8, requires_grad=True)
     assert cpu_ops.silu_mul(x) is None and cpu_ops.argmax(x) is None
