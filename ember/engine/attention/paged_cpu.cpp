@@ -338,10 +338,11 @@ void paired_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
             hi[c] = std::min<int64_t>(hi_all - start, W);
             // The next block's K and V lines of this head, fetched into L1 a few at a time while this
             // chunk's q.k runs: a burst of them at the block's end (into L2, two blocks ahead, as before)
-            // left each core with ~13 GB/s of these random 16 KiB reads (BENCHMARKS.md).
+            // left each core with ~13 GB/s of these random 16 KiB reads (BENCHMARKS.md). Decodes only:
+            // a prompt tile computes R times as long on each block, and the fetches cost it ~7%.
             const char* fetch_k = nullptr;
             const char* fetch_v = nullptr;
-            if ((start + W) % block_size == 0 && start + block_size < hi_all) {
+            if (R == 1 && (start + W) % block_size == 0 && start + block_size < hi_all) {
               const int64_t next = table[(start + block_size) / block_size] * block_elems + kvh * head_elems;
               fetch_k = reinterpret_cast<const char*>(kp + next);
               fetch_v = reinterpret_cast<const char*>(vp + next);
