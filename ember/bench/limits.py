@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ember.bench.kernels import model_shapes
 from ember.bench.workloads import Workload
 
 
@@ -44,10 +45,8 @@ def _seconds(fn) -> float:
 
 
 def product_shapes(config) -> list[tuple[int, int]]:
-    """(out, in) of a decoder layer's products and of the LM head."""
-    h, d = config.hidden_size, config.head_dim
-    return [((config.num_heads + 2 * config.num_kv_heads) * d, h), (h, config.num_heads * d),
-            (2 * config.intermediate_size, h), (h, config.intermediate_size), (config.vocab_size, h)]
+    """(out, in) of a decoder layer's products (qkv, o, gate_up, down) and of the LM head."""
+    return [(n, k) for _, n, k in model_shapes(config)]
 
 
 def measure_machine(config, rows: int = 1024, rounds: int = 5, min_seconds: float = 5.0,
