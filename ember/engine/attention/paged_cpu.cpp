@@ -276,6 +276,30 @@ void paired_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
   const int64_t items_per_tile = kv_heads / kh_per_item;
   const int64_t num_items = num_tiles * items_per_tile;
 
+  // A span's K and V blocks (this item's heads) fetched into L2 a few lines per q.k step of the span before.
+  struct SpanFetch {
+    const char* start[2 * S];
+    int64_t lines = 0, ranges = 0, range_lines = 0, done = 0, per_step = 0;
+    const uint16_t *kp, *vp;
+    int64_t block_size, block_elems, head_elems, kh_per_item;
+    void add_span(const int64_t* table, int64_t span, int64_t hi, int64_t kvh0) {
+      range_lines = kh_per_item * head_elems * 2 / 64;
+      for (int64_t c = 0; c < S; ++c) {
+        const int64_t start_key = span + c * W;
+        if (start_key >= hi) break;
+        if (start_key % block_size != 0) continue;  // a block of several chunks: fetched whole at its first
+        const int64_t base = table[start_key / block_size] * block_elems + kvh0 * head_elems;
+        start[ranges++] = reinterpret_cast<const char*>(kp + base);
+        start[ranges++] = reinterpret_cast<const char*>(vp + base);
+      }
+      lines = ranges * range_lines;
+    }
+    void spread_over(int64_t steps) { per_step = (lines + steps - 1) / std::max<int64_t>(1, steps); }
+    void step() {
+      for (int64_t e = 0; e < per_step && done < lines; ++e, ++done)
+        _mm_prefetch(start[done / range_lines] + done % range_lines * 64, _MM_HINT_T1);
+    }
+  };
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     std::vector<uint32_t> qpairs(kh_per_item * H * pairs);
     std::vector<float> acc(kh_per_item * H * dim);
@@ -283,7 +307,10 @@ void paired_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
     float correction[H];
     int64_t first[R], last[R];
     alignas(64) uint32_t ppairs[S][H][W / 2];
-    for (int64_t item; (item = next_item.fetch_add(1, std::memory_order_relaxed)) < num_items;) {
+    // Each thread claims its next item one ahead, so the last span of one can fetch the next one's first.
+    int64_t upcoming = next_item.fetch_add(1, std::memory_order_relaxed);
+    for (int64_t item; (item = upcoming) < num_items;) {
+      upcoming = next_item.fetch_add(1, std::memory_order_relaxed);
       // a tile's KV heads side by side
       const int64_t tile = order[item / items_per_tile], kvh0 = item % items_per_tile * kh_per_item;
       const int64_t row0 = tiles[2 * tile], rows = tiles[2 * tile + 1];
@@ -317,6 +344,24 @@ void paired_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
       // rescaling of the accumulators, per S * W keys instead of per W.
       for (int64_t span = lo_all - lo_all % (S * W); span < hi_all; span += S * W) {
         const int64_t chunks = std::min<int64_t>(S, (hi_all - span + W - 1) / W);
+        // Decodes: the next span's blocks into L2 meanwhile (in an item's last span, the first span of
+        // this thread's next item), a few lines per q.k step. Alone, the L1 fetch below of the next
+        // block left decode attention reading ~18 GB/s of the ~33 a sequential read gets on Zen 4; with
+        // this, 9.0 -> 5.5-6.6 ms a step of W1's 64 rows x 8 layers (BENCHMARKS.md). Two spans ahead
+        // was slower, and so was this without the L1 fetch.
+        SpanFetch ahead{{}, 0, 0, 0, 0, 0, kp, vp, block_size, block_elems, head_elems, kh_per_item};
+        if (R == 1) {
+          if (span + S * W < hi_all) {
+            ahead.add_span(table, span + S * W, hi_all, kvh0);
+          } else if (upcoming < num_items) {
+            const int64_t next_tile = order[upcoming / items_per_tile];
+            const int64_t next_row = tiles[2 * next_tile], next_hi = kv_lens[next_row];
+            const int64_t next_lo = window > 0 ? std::max<int64_t>(0, next_hi - window) : 0;
+            ahead.add_span(block_tables + token_request[next_row] * max_blocks, next_lo - next_lo % (S * W), next_hi,
+                           upcoming % items_per_tile * kh_per_item);
+          }
+          ahead.spread_over(kh_per_item * chunks * (pairs / C));
+        }
         for (int64_t kh = 0; kh < kh_per_item; ++kh) {  // this item's KV heads, one after another
           const int64_t kvh = kvh0 + kh;
           const uint32_t* qj = &qpairs[kh * H * pairs];
@@ -353,6 +398,7 @@ void paired_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
               for (int ch = 0; ch < C; ++ch) part[h][ch] = _mm512_setzero_ps();
             const int64_t fetch_lines = head_elems * 2 / 64, fetch_per_step = (fetch_lines * C + pairs - 1) / pairs;
             for (int64_t i = 0; i < pairs; i += C) {
+              ahead.step();
               if (fetch_k) {
                 for (int64_t l = i / C * fetch_per_step; l < std::min(fetch_lines, (i / C + 1) * fetch_per_step); ++l) {
                   _mm_prefetch(fetch_k + l * 64, _MM_HINT_T0);
