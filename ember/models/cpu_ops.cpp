@@ -623,7 +623,11 @@ void rotary_rows(c10::BFloat16* x, int64_t row_stride, const c10::BFloat16* cos,
 // from comments). The accumulation order (k ascending per output) is the same for every tile, so
 // results do not depend on the batch.
 
-template <int R>
+// SWIGLU (linear_pairs_silu): the group's blocks are 32 gate channels then the same 32 up channels
+// (pack_pairs_swiglu), and the tile stores silu(gate) * up for its 32 channels, rounded as gate_up's own
+// output and silu_mul would round them: the same bits as linear_pairs then silu_mul, without writing and
+// re-reading gate_up's output.
+template <int R, bool SWIGLU = false>
 void pairs_tile(const uint32_t* x, int64_t x_stride, const uint32_t* w, int64_t k_pairs, const c10::BFloat16* bias,
                 int64_t n0, int64_t n_dim, c10::BFloat16* out, int64_t out_stride, const char* fetch, int64_t fetch_lines,
                 bool fetch_l1) {
@@ -642,12 +646,29 @@ void pairs_tile(const uint32_t* x, int64_t x_stride, const uint32_t* w, int64_t 
       for (int b = 0; b < B; ++b) acc[r][b] = _mm512_dpbf16_ps(acc[r][b], xv, wv[b]);
     }
   }
-  for (int b = 0; b < B; ++b) {
-    const int64_t n = n0 + b * kPairBlock;
-    const __mmask16 mask = n < n_dim ? tail_mask(n, n_dim) : 0;
-    const __m512 bv = bias ? load_bf16(bias + n, mask) : _mm512_setzero_ps();
-    for (int r = 0; r < R; ++r)
-      _mm256_mask_storeu_epi16(out + r * out_stride + n, mask, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[r][b], bv)));
+  if constexpr (SWIGLU) {
+    using Vec = at::vec::Vectorized<float>;
+    const int64_t inter = n_dim / 2, first = n0 / 2;  // this group's 32 channels of silu(gate) * up
+    for (int half = 0; half < B / 2; ++half) {
+      const int64_t c = first + half * kPairBlock;
+      const __m512 gate_bias = bias ? load_bf16(bias + c, 0xFFFF) : _mm512_setzero_ps();
+      const __m512 up_bias = bias ? load_bf16(bias + inter + c, 0xFFFF) : _mm512_setzero_ps();
+      for (int r = 0; r < R; ++r) {
+        const Vec gate(round_bf16(_mm512_add_ps(acc[r][half], gate_bias)));
+        const __m512 up = round_bf16(_mm512_add_ps(acc[r][half + B / 2], up_bias));
+        const __m512 act = gate / (Vec(1.f) + gate.neg().exp());  // silu_mul_rows's formula
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * out_stride + c),
+                            (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(round_bf16(act), up)));
+      }
+    }
+  } else {
+    for (int b = 0; b < B; ++b) {
+      const int64_t n = n0 + b * kPairBlock;
+      const __mmask16 mask = n < n_dim ? tail_mask(n, n_dim) : 0;
+      const __m512 bv = bias ? load_bf16(bias + n, mask) : _mm512_setzero_ps();
+      for (int r = 0; r < R; ++r)
+        _mm256_mask_storeu_epi16(out + r * out_stride + n, mask, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[r][b], bv)));
+    }
   }
 }
 
@@ -660,8 +681,10 @@ void with_constant(int64_t value, const Body& body) {
   body(std::integral_constant<int, MAX>{});
 }
 
+template <bool SWIGLU = false>
 void linear_pairs_rows(const at::Tensor& x, const at::Tensor& packed, int64_t n_dim, const c10::BFloat16* bias,
                        at::Tensor& out) {
+  const int64_t out_stride = SWIGLU ? n_dim / 2 : n_dim;
   const int64_t m_dim = x.size(0), k_pairs = x.size(1) / 2, groups = packed.size(0);
   const int64_t row_tiles = (m_dim + kTileRows - 1) / kTileRows;
   const int64_t group_elems = k_pairs * kTileBlocks * kPairBlock;  // uint32 pairs per group
@@ -692,8 +715,9 @@ void linear_pairs_rows(const at::Tensor& x, const at::Tensor& packed, int64_t n_
         const int64_t first_line = std::min(tile * slice, next_lines);
         with_constant<kTileRows>(rows, [&](auto num_rows) {
           constexpr int R = decltype(num_rows)::value;
-          pairs_tile<R>(xp + m * k_pairs, k_pairs, w, k_pairs, bias, g * kTileBlocks * kPairBlock, n_dim, op + m * n_dim,
-                        n_dim, next + first_line * 64, std::min(slice, next_lines - first_line), fetch_l1);
+          pairs_tile<R, SWIGLU>(xp + m * k_pairs, k_pairs, w, k_pairs, bias, g * kTileBlocks * kPairBlock, n_dim,
+                                op + m * out_stride, out_stride, next + first_line * 64,
+                                std::min(slice, next_lines - first_line), fetch_l1);
         });
         m += rows;
       }
@@ -811,7 +835,15 @@ at::Tensor pack_pairs(const at::Tensor& w) {
   return padded.view({groups, width, k_dim / 2, 2}).transpose(1, 2).contiguous();
 }
 
-at::Tensor linear_pairs(const at::Tensor& x, const at::Tensor& packed, int64_t n_dim, const std::optional<at::Tensor>& bias) {
+// SwiGLU's [2I, K] gate_up weight (gate rows, then up rows; I a multiple of 32) for linear_pairs_silu:
+// pack_pairs of the rows reordered so each group of 64 is 32 gate channels and the same 32 up channels.
+at::Tensor pack_pairs_swiglu(const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.size(0) % 64 == 0, "w: [2I, K] gate_up weight with I a multiple of 32");
+  const int64_t inter = w.size(0) / 2;
+  return pack_pairs(w.view({2, inter / 32, 32, w.size(1)}).transpose(0, 1).reshape({2 * inter, w.size(1)}));
+}
+
+void check_pairs(const at::Tensor& x, const at::Tensor& packed, int64_t n_dim, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(gemv_supported(), "linear_pairs: built without AVX512-BF16");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16 && x.size(1) % 2 == 0,
               "x: contiguous bf16 [M, K] with K even");
@@ -821,9 +853,25 @@ at::Tensor linear_pairs(const at::Tensor& x, const at::Tensor& packed, int64_t n
               "packed: pack_pairs(w) of a [n_dim, K] weight");
   TORCH_CHECK(!bias || (bias->scalar_type() == at::kBFloat16 && bias->is_contiguous() && bias->numel() == n_dim),
               "bias: bf16 [N]");
+}
+
+at::Tensor linear_pairs(const at::Tensor& x, const at::Tensor& packed, int64_t n_dim, const std::optional<at::Tensor>& bias) {
+  check_pairs(x, packed, n_dim, bias);
   at::Tensor out = at::empty({x.size(0), n_dim}, x.options());
 #ifdef EMBER_GEMV
   linear_pairs_rows(x, packed, n_dim, bias ? bias->data_ptr<c10::BFloat16>() : nullptr, out);
+#endif
+  return out;
+}
+
+// silu(x @ gate.T) * (x @ up.T) -> [M, I] over pack_pairs_swiglu(gate_up); bias (optional) [2I] as gate_up's.
+at::Tensor linear_pairs_silu(const at::Tensor& x, const at::Tensor& packed, int64_t inter,
+                             const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(inter > 0 && inter % 32 == 0, "linear_pairs_silu: I a multiple of 32 expected, got ", inter);
+  check_pairs(x, packed, 2 * inter, bias);
+  at::Tensor out = at::empty({x.size(0), inter}, x.options());
+#ifdef EMBER_GEMV
+  linear_pairs_rows<true>(x, packed, 2 * inter, bias ? bias->data_ptr<c10::BFloat16>() : nullptr, out);
 #endif
   return out;
 }
@@ -931,7 +979,7 @@ at::Tensor argmax_rows_op(const at::Tensor& x) {
 // A decode-only step's decoder layers in one call: DecoderLayer.forward_cpu_rows's kernels in its
 // order, with the same bits, and no Python between them (a small model's single-stream token spent
 // about a fifth of its time in the ~12 op calls per layer from Python). Per layer, `weights` holds
-// 6 tensors (input norm, qkv pairs, o pairs, post-attention norm, gate_up pairs, down pairs),
+// 6 tensors (input norm, qkv pairs, o pairs, post-attention norm, gate_up in pack_pairs_swiglu's layout, down pairs),
 // `biases` 4, `sizes` 5 after the first 3 (heads, kv_heads, head_dim): qkv, o, gate_up and down
 // widths and the sliding window (0: none), `eps` 2. Attention is cpu_paged's decode kernel
 // (ember_cpu::decode_attention_paired, through the dispatcher). Returns (x, delta) as
@@ -971,7 +1019,7 @@ std::tuple<at::Tensor, at::Tensor> decode_stack(
                                        n[4], scale);
     std::tie(x, h) = add_rms_norm(x, linear_pairs(out.view({rows, heads * head_dim}), w[2], n[1], bias(1)), w[3],
                                   eps[2 * l + 1]);
-    delta = linear_pairs(silu_mul(linear_pairs(h, w[4], n[2], bias(2))), w[5], n[3], bias(3));
+    delta = linear_pairs(linear_pairs_silu(h, w[4], n[2] / 2, bias(2)), w[5], n[3], bias(3));
   }
   return {x, delta};
 }
@@ -982,6 +1030,8 @@ TORCH_LIBRARY(ember_ops, m) {
   m.def("silu_mul(Tensor x) -> Tensor");
   m.def("pack_pairs(Tensor w) -> Tensor");
   m.def("linear_pairs(Tensor x, Tensor packed, int n, Tensor? bias=None) -> Tensor");
+  m.def("pack_pairs_swiglu(Tensor w) -> Tensor");
+  m.def("linear_pairs_silu(Tensor x, Tensor packed, int inter, Tensor? bias=None) -> Tensor");
   m.def("add_rms_norm(Tensor x, Tensor delta, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("rotary_(Tensor(a!) x, Tensor cos, Tensor sin, int heads) -> Tensor(a!)");
   m.def("argmax(Tensor x) -> Tensor");
@@ -1004,6 +1054,8 @@ TORCH_LIBRARY_IMPL(ember_ops, CPU, m) {
   m.impl("silu_mul", &silu_mul);
   m.impl("pack_pairs", &pack_pairs);
   m.impl("linear_pairs", &linear_pairs);
+  m.impl("pack_pairs_swiglu", &pack_pairs_swiglu);
+  m.impl("linear_pairs_silu", &linear_pairs_silu);
   m.impl("add_rms_norm", &add_rms_norm);
   m.impl("rotary_", &rotary_);
   m.impl("argmax", &argmax_rows_op);

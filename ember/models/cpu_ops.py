@@ -200,6 +200,14 @@ def _pairs(weight: torch.Tensor):
                       weight.shape[-1] % 2 == 0)
 
 
+def _swiglu_pairs(weight: torch.Tensor):
+    """A SwiGLU gate_up weight ([2I, K]: gate rows, then up rows) pair-packed for linear_pairs_silu, which
+    writes silu(gate) * up straight from the product (cpu_ops.cpp: pack_pairs_swiglu): instead of, not
+    besides, `_pairs(weight)` on the engine's paths. None unless I is a multiple of 32 and K even."""
+    return _kept_copy(weight, "_ember_swiglu", lambda w: huge_page_copy(torch.ops.ember_ops.pack_pairs_swiglu(w)),
+                      weight.dim() == 2 and weight.shape[0] % 64 == 0 and weight.shape[1] % 2 == 0)
+
+
 def _blocks(weight: torch.Tensor):
     """The weight in the block layout of the AVX2 kernel ([N/16, K, 16], see avx2_ops.cpp), in huge pages."""
     return _kept_copy(weight, "_ember_blocks", lambda w: huge_page_copy(torch.ops.ember_avx2.pack_blocks(w)), True)

@@ -88,7 +88,7 @@ def rehome_weights(model: nn.Module, min_bytes: int = 16 << 20) -> int:
         for name, t in module._parameters.items():
             if t is not None and id(t) in moved:
                 t.data = moved[id(t)]  # the same Parameter object: tied weights stay tied
-                for cached in ("_ember_packed", "_ember_pairs"):  # packed copies of the old storage (cpu_ops)
+                for cached in ("_ember_packed", "_ember_pairs", "_ember_swiglu"):  # packed copies of the old storage (cpu_ops)
                     t.__dict__.pop(cached, None)
         for name, t in list(module._buffers.items()):
             if t is not None and id(t) in moved:

@@ -316,7 +316,9 @@ class DecoderLayer(nn.Module):
         (norm1, eps1, qkv_w, qkv_n, qkv_b, heads, kv_heads, head_dim, scale, layer, window,
          o_w, o_n, o_b, norm2, eps2, gate_up_w, gate_up_n, gate_up_b, down_w, down_n, down_b) = self._cpu_rows_plan
         pairs = cpu_ops._pairs  # per call: a weight changed in place (an RL push) is repacked
-        qkv_p, o_p, gate_up_p, down_p = pairs(qkv_w), pairs(o_w), pairs(gate_up_w), pairs(down_w)
+        qkv_p, o_p, down_p = pairs(qkv_w), pairs(o_w), pairs(down_w)
+        swiglu_p = cpu_ops._swiglu_pairs(gate_up_w)  # silu(gate) * up from the product itself
+        gate_up_p = swiglu_p if swiglu_p is not None else pairs(gate_up_w)
         if qkv_p is None or o_p is None or gate_up_p is None or down_p is None:  # e.g. inference-tensor weights
             return self.forward(x if delta is None else x + delta, cos, sin, ctx), None
         ops = torch.ops.ember_ops
@@ -333,8 +335,11 @@ class DecoderLayer(nn.Module):
         if self.tp_reduce is not None:
             attn_out = self.tp_reduce(attn_out)
         x, h = ops.add_rms_norm.default(x, attn_out, norm2, eps2)
-        gate_up = ops.linear_pairs.default(h, gate_up_p, gate_up_n, gate_up_b)
-        down = ops.linear_pairs.default(ops.silu_mul.default(gate_up), down_p, down_n, down_b)
+        if swiglu_p is not None:
+            act = ops.linear_pairs_silu.default(h, swiglu_p, gate_up_n // 2, gate_up_b)
+        else:
+            act = ops.silu_mul.default(ops.linear_pairs.default(h, gate_up_p, gate_up_n, gate_up_b))
+        down = ops.linear_pairs.default(act, down_p, down_n, down_b)
         return x, down if self.tp_reduce is None else self.tp_reduce(down)
 
     def takes_cpu_rows(self) -> bool:

@@ -93,7 +93,8 @@ class LlamaModel(nn.Module):
         weights, biases, sizes, eps = [], [], list(plans[0][5:8]), []
         for (norm1, eps1, qkv_w, qkv_n, qkv_b, _, _, _, _, _, window, o_w, o_n, o_b, norm2, eps2,
              gate_up_w, gate_up_n, gate_up_b, down_w, down_n, down_b) in plans:
-            packed = [cpu_ops._pairs(w) for w in (qkv_w, o_w, gate_up_w, down_w)]  # repacked after an RL push
+            # repacked after an RL push; gate_up in linear_pairs_silu's layout (decode_stack's contract)
+            packed = [cpu_ops._pairs(qkv_w), cpu_ops._pairs(o_w), cpu_ops._swiglu_pairs(gate_up_w), cpu_ops._pairs(down_w)]
             if any(p is None for p in packed):  # (not `None in packed`: that compares tensors with None)
                 return None
             weights += [norm1, packed[0], packed[1], norm2, packed[2], packed[3]]

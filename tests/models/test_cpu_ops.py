@@ -152,6 +152,27 @@ def test_prepacked_weights_are_exact_and_follow_in_place_updates():
 
 
 @needs_kernels
+@pytest.mark.parametrize("inter,k", [(32, 96), (1408, 512)])
+def test_swiglu_product_is_the_product_then_silu_mul_to_the_bit(inter, k):
+    """linear_pairs_silu (silu(gate) * up written from the gate_up product's tiles) gives linear_pairs
+    followed by silu_mul, bit for bit, at every tile height, with and without a bias; widths that
+    pack_pairs_swiglu cannot group are refused by name."""
+    g = torch.Generator().manual_seed(inter)
+    w = (torch.randn(2 * inter, k, generator=g) * 0.05).to(torch.bfloat16)
+    bias = (torch.randn(2 * inter, generator=g) * 0.5).to(torch.bfloat16)
+    ops = torch.ops.ember_ops
+    pairs, swiglu = ops.pack_pairs(w), ops.pack_pairs_swiglu(w)
+    for rows in (1, 2, 5, 6, 7, 64, 131):
+        x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
+        for b in (None, bias):
+            expected = ops.silu_mul(ops.linear_pairs(x, pairs, 2 * inter, b))
+            assert torch.equal(ops.linear_pairs_silu(x, swiglu, inter, b), expected)
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        ops.linear_pairs_silu(x, swiglu, inter + 16, None)
+    assert cpu_ops._swiglu_pairs(torch.zeros(2 * 48, k, dtype=torch.bfloat16)) is None  # I = 48: not groupable
+
+
+@needs_kernels
 @pytest.mark.parametrize("rows", [1, 3, 64, 300])
 def test_elementwise_kernels_are_bit_exact(rows):
     """SwiGLU, rotary, residual add + RMSNorm and argmax in one pass each give the separate ops' bf16
