@@ -271,8 +271,10 @@ void paired_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
   // Decodes of a big batch: one item per row over all its KV heads, so each block is read as one
   // stretch of all heads' K (then V) rows (8 KiB for 4 heads of 64 dims, block 16) instead of
   // separate 2 KiB pieces: fewer, longer random reads, which the memory system serves faster
-  // (BENCHMARKS.md). Few rows or prompt tiles keep one item per KV head, for parallelism.
-  const int64_t kh_per_item = R == 1 && num_tiles >= 16 * at::get_num_threads() ? kv_heads : 1;
+  // (BENCHMARKS.md). From 4 rows per thread: 16 decode rows over 2 threads (Qwen2-0.5B's W1) 3.92 -> 3.57 ms
+  // a step of 24 layers, bench-llama-56m's 1.62 -> 1.39 (the bound was 16 rows per thread; Zen 4, with the
+  // span fetches below); level at 4-8 rows. Fewer rows or prompt tiles keep one item per KV head, for parallelism.
+  const int64_t kh_per_item = R == 1 && num_tiles >= 4 * at::get_num_threads() ? kv_heads : 1;
   const int64_t items_per_tile = kv_heads / kh_per_item;
   const int64_t num_items = num_tiles * items_per_tile;
 
