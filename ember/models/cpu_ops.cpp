@@ -11,7 +11,8 @@
 //   - bf16 weights by AVX512-BF16 dot products of bf16 pairs, x bf16 (linear_gemv);
 // - bf16 batches of 3 rows up to a few thousand (bigger decode batches, prompt chunks): compute-bound,
 //   over a "pair-packed" copy of the weight (pack_pairs, linear_pairs) in register tiles of rows x
-//   blocks of 16 channels.
+//   blocks of 16 channels; a SwiGLU gate_up weight packed with each group's gate and up channels
+//   together (pack_pairs_swiglu) gives silu(gate) * up straight from its tiles (linear_pairs_silu).
 // Elementwise steps PyTorch runs as several ops, each a pass over memory, in one pass: RMSNorm, a
 // residual add fused into the next RMSNorm, SwiGLU's silu(gate) * up, rotary embedding, argmax;
 // for bf16 (AVX512-BF16 builds: rounded as PyTorch's bf16 ops are, the same bits) and for fp32
@@ -531,6 +532,16 @@ inline __m512 round_bf16(__m512 v) {  // round to bf16 (nearest even) and back, 
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
 }
 
+// silu(gate) * up as PyTorch's two bf16 ops round it (silu in fp32 by ATen's own vectorized formula, rounded
+// to bf16, then the product in fp32); gate and up hold bf16 values. silu_mul_rows and linear_pairs_silu's
+// tiles both use it, so the fused product keeps silu_mul's bits.
+inline __m512 silu_times(__m512 gate, __m512 up) {
+  using Vec = at::vec::Vectorized<float>;
+  const Vec g(gate);
+  const __m512 act = g / (Vec(1.f) + g.neg().exp());
+  return _mm512_mul_ps(round_bf16(act), up);
+}
+
 // transformers' LlamaRMSNorm in bf16: x / sqrt(mean(x^2) + eps) in fp32, rounded to bf16, times the weight.
 // With `delta`, x + delta first (a residual add, rounded to bf16 as PyTorch's add is), stored to `sum`.
 void rms_norm_rows(const c10::BFloat16* x, const c10::BFloat16* w, c10::BFloat16* out, int64_t rows, int64_t h,
@@ -565,16 +576,13 @@ void rms_norm_rows(const c10::BFloat16* x, const c10::BFloat16* w, c10::BFloat16
 // PyTorch's two bf16 ops are (silu in fp32 by ATen's own vectorized formula, rounded to bf16,
 // then the product in fp32, rounded again): the same bits, a third of the memory traffic.
 void silu_mul_rows(const c10::BFloat16* x, c10::BFloat16* out, int64_t rows, int64_t inter) {
-  using Vec = at::vec::Vectorized<float>;
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / inter), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const c10::BFloat16* gate = x + r * 2 * inter;
       const c10::BFloat16* up = gate + inter;
       for (int64_t k = 0; k < inter; k += 16) {
         const __mmask16 mask = tail_mask(k, inter);
-        const Vec g(load_bf16(gate + k, mask));
-        const __m512 act = g / (Vec(1.f) + g.neg().exp());
-        const __m512 y = _mm512_mul_ps(round_bf16(act), load_bf16(up + k, mask));
+        const __m512 y = silu_times(load_bf16(gate + k, mask), load_bf16(up + k, mask));
         _mm256_mask_storeu_epi16(out + r * inter + k, mask, (__m256i)_mm512_cvtneps_pbh(y));
       }
     }
@@ -647,18 +655,16 @@ void pairs_tile(const uint32_t* x, int64_t x_stride, const uint32_t* w, int64_t 
     }
   }
   if constexpr (SWIGLU) {
-    using Vec = at::vec::Vectorized<float>;
     const int64_t inter = n_dim / 2, first = n0 / 2;  // this group's 32 channels of silu(gate) * up
     for (int half = 0; half < B / 2; ++half) {
       const int64_t c = first + half * kPairBlock;
       const __m512 gate_bias = bias ? load_bf16(bias + c, 0xFFFF) : _mm512_setzero_ps();
       const __m512 up_bias = bias ? load_bf16(bias + inter + c, 0xFFFF) : _mm512_setzero_ps();
       for (int r = 0; r < R; ++r) {
-        const Vec gate(round_bf16(_mm512_add_ps(acc[r][half], gate_bias)));
+        const __m512 gate = round_bf16(_mm512_add_ps(acc[r][half], gate_bias));  // as gate_up's bf16 output
         const __m512 up = round_bf16(_mm512_add_ps(acc[r][half + B / 2], up_bias));
-        const __m512 act = gate / (Vec(1.f) + gate.neg().exp());  // silu_mul_rows's formula
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * out_stride + c),
-                            (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(round_bf16(act), up)));
+                            (__m256i)_mm512_cvtneps_pbh(silu_times(gate, up)));
       }
     }
   } else {
