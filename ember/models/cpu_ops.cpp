@@ -532,14 +532,31 @@ inline __m512 round_bf16(__m512 v) {  // round to bf16 (nearest even) and back, 
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
 }
 
-// silu(gate) * up as PyTorch's two bf16 ops round it (silu in fp32 by ATen's own vectorized formula, rounded
-// to bf16, then the product in fp32); gate and up hold bf16 values. silu_mul_rows and linear_pairs_silu's
-// tiles both use it, so the fused product keeps silu_mul's bits.
+// silu(g) for every bf16 g, indexed by g's bits: PyTorch's bf16 silu (ATen's vectorized formula in fp32,
+// rounded to bf16), computed once when the library loads. A lookup is one gather where the formula took
+// ~45 cycles a vector (exp and a divide), and ~78 inside linear_pairs_silu's tiles, whose accumulators the
+// call to ATen's exp spilled (BENCHMARKS.md). Two spare entries: a gather reads 4 bytes from its entry.
+struct SiluTable {
+  alignas(64) uint16_t bits[65536 + 2] = {};
+  SiluTable() {
+    using Vec = at::vec::Vectorized<float>;
+    const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (int32_t i = 0; i < 65536; i += 16) {
+      const Vec g(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_set1_epi32(i), lanes), 16)));
+      const __m512 act = g / (Vec(1.f) + g.neg().exp());
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(bits + i), (__m256i)_mm512_cvtneps_pbh(act));
+    }
+  }
+};
+const SiluTable kSilu;
+
+// silu(gate) * up as PyTorch's two bf16 ops round it (silu rounded to bf16, then the product in fp32); gate
+// and up hold bf16 values. silu_mul_rows and linear_pairs_silu's tiles both use it, so the fused product
+// keeps silu_mul's bits.
 inline __m512 silu_times(__m512 gate, __m512 up) {
-  using Vec = at::vec::Vectorized<float>;
-  const Vec g(gate);
-  const __m512 act = g / (Vec(1.f) + g.neg().exp());
-  return _mm512_mul_ps(round_bf16(act), up);
+  const __m512i index = _mm512_srli_epi32(_mm512_castps_si512(gate), 16);
+  const __m512i act = _mm512_i32gather_epi32(index, kSilu.bits, 2);  // bits of entries index and index + 1
+  return _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(act, 16)), up);
 }
 
 // transformers' LlamaRMSNorm in bf16: x / sqrt(mean(x^2) + eps) in fp32, rounded to bf16, times the weight.

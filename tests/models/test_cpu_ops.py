@@ -173,6 +173,25 @@ def test_swiglu_product_is_the_product_then_silu_mul_to_the_bit(inter, k):
 
 
 @needs_kernels
+def test_swiglu_gives_torchs_bits_for_every_bf16_gate():
+    """silu(gate) comes from a table of all 65,536 bf16 values (cpu_ops.cpp's SiluTable): every one of them,
+    infinities and NaNs included, against F.silu(gate) * up; subnormals count as zero (AVX512-BF16's
+    rounding instruction flushes them, in every ember bf16 kernel, so values at that edge may differ)."""
+    gate = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).reshape(256, 256)
+    up = (torch.randn(256, 256, generator=torch.Generator().manual_seed(0)) * 3).to(torch.bfloat16)
+    with torch.inference_mode():
+        out = torch.ops.ember_ops.silu_mul(torch.cat((gate, up), dim=1))
+    expected = F.silu(gate) * up
+    tiny = torch.finfo(torch.bfloat16).tiny
+    flushed = (torch.stack((gate, F.silu(gate), expected)).float().abs() < 4 * tiny).any(0)  # at the edge
+    assert ((out == expected) | (out == 0))[flushed].all()
+    nan = expected.isnan()
+    assert torch.equal(out.isnan(), nan)
+    same = ~nan & ~flushed
+    assert torch.equal(out.view(torch.int16)[same], expected.view(torch.int16)[same])
+
+
+@needs_kernels
 @pytest.mark.parametrize("rows", [1, 3, 64, 300])
 def test_elementwise_kernels_are_bit_exact(rows):
     """SwiGLU, rotary, residual add + RMSNorm and argmax in one pass each give the separate ops' bf16
