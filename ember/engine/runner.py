@@ -186,8 +186,9 @@ class ModelRunner:
         done = [i for i, r in enumerate(requests) if r.num_computed_tokens == r.num_tokens + len(r.spec_token_ids)]
         plain = [i for i in done if not requests[i].spec_token_ids]
         if plain:
-            rows = torch.tensor([ends[i] - 1 for i in plain], device=self.device)
-            logits = self.compute_logits(hidden[rows])
+            rows = [ends[i] - 1 for i in plain]  # ascending: as many as the rows is every row (decodes): no gather
+            sampled = hidden if len(rows) == hidden.shape[0] else hidden[torch.tensor(rows, device=self.device)]
+            logits = self.compute_logits(sampled)
             sample_reqs = [requests[i] for i in plain]
             result = self.sampler(logits, sample_reqs, [self._generator(r) for r in sample_reqs])
             for request, token, info in zip(sample_reqs, result.token_ids, result.logprobs):

@@ -249,7 +249,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' RMSNorm (fp32 statistics, rounded to the input dtype before the weight)."""
     if weight.dtype != x.dtype or (ops := _norm_ops(x, weight)) is None:
         return F.rms_norm(x, weight.shape, weight, eps)
-    return ops.rms_norm(x.contiguous(), weight.contiguous(), eps)
+    return ops.rms_norm.default(x.contiguous(), weight.contiguous(), eps)
 
 
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,7 +258,7 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
             (ops := _norm_ops(x, weight, delta)) is None:
         total = x + delta
         return total, rms_norm(total, weight, eps)
-    return ops.add_rms_norm(x.contiguous(), delta.contiguous(), weight.contiguous(), eps)
+    return ops.add_rms_norm.default(x.contiguous(), delta.contiguous(), weight.contiguous(), eps)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
@@ -281,4 +281,4 @@ def argmax(logits: torch.Tensor) -> torch.Tensor | None:
     """Each row's argmax for bf16 or fp32 logits [rows, vocab] (torch.argmax's ties and NaNs), or None."""
     if logits.dim() != 2 or not _elementwise_ok(logits):
         return None
-    return torch.ops.ember_ops.argmax(logits.contiguous())
+    return torch.ops.ember_ops.argmax.default(logits.contiguous())

@@ -19,6 +19,8 @@ either way the results are the same.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -28,6 +30,9 @@ from ember.models.attention import AttentionContext, DocumentMask, document_cont
 from ember.models.config import ModelConfig
 from ember.models.layers import DecoderLayer, Linear, Rotary, make_norm
 from ember.models.loss import token_logprob_sum, token_logprobs
+
+
+_version = operator.attrgetter("_version")
 
 
 class LlamaModel(nn.Module):
@@ -46,6 +51,8 @@ class LlamaModel(nn.Module):
         self.gradient_checkpointing = False  # training: recompute each block's activations in backward
         self._layers_take_cpu_rows: bool | None = None  # decided on the first engine batch
         self._layers_take_rows: dict[torch.dtype, bool] = {}
+        self._stack_plan = None  # decode_stack: (layer indices, rotary key, plans, projection weights) or False
+        self._stack_cache = None  # (the projections' weight versions, decode_stack's arguments or None)
 
     def forward(self, input_ids, positions, ctx: AttentionContext | None) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
@@ -83,26 +90,46 @@ class LlamaModel(nn.Module):
         """A decode-only step's layers in one C++ call (cpu_ops.cpp's decode_stack: forward_cpu_rows's kernels
         and bits without the Python between them), or None where it does not apply (layers with different
         rotary tables, attention other than cpu_paged's decode kernel)."""
-        keys = set(self.layer_rotary)
-        if len(keys) != 1 or None in keys or not hasattr(ctx, "decode_stack_args") or self.layers[0].tp_reduce:
+        stack = self._stack_arguments()
+        if stack is None or not hasattr(ctx, "decode_stack_args") or \
+                (attention := ctx.decode_stack_args(self._stack_plan[0])) is None:
             return None
-        plans = [layer._cpu_rows_plan for layer in self.layers]
-        if len({plan[5:9] for plan in plans}) != 1 or \
-                (attention := ctx.decode_stack_args([plan[9] for plan in plans])) is None:
+        cos, sin = tables[self._stack_plan[1]]
+        return torch.ops.ember_ops.decode_stack.default(x, cos, sin, *stack, *attention)
+
+    def _stack_arguments(self):
+        """decode_stack's weights, biases, sizes, eps and scale, or None where it cannot run these layers.
+        Assembled once, and again whenever a projection's weight changed in place (an RL push, which its
+        packed copy follows): each torch op or Python loop here runs with the caches cold from the step's
+        weights, ~20 us an op (a single stream's decode step is ~4 ms)."""
+        if self._stack_plan is None:
+            keys = set(self.layer_rotary)
+            plans = [layer._cpu_rows_plan for layer in self.layers]
+            usable = len(keys) == 1 and None not in keys and not self.layers[0].tp_reduce and \
+                len({plan[5:9] for plan in plans}) == 1
+            projections = [w for plan in plans for w in (plan[2], plan[11], plan[16], plan[19])]
+            self._stack_plan = ([plan[9] for plan in plans], next(iter(keys)), plans, projections) if usable else False
+        if self._stack_plan is False:
             return None
+        plans = self._stack_plan[2]
+        versions = list(map(_version, self._stack_plan[3]))
+        if self._stack_cache is not None and self._stack_cache[0] == versions:
+            return self._stack_cache[1]
         weights, biases, sizes, eps = [], [], list(plans[0][5:8]), []
+        stack = (weights, biases, sizes, eps, plans[0][8])
         for (norm1, eps1, qkv_w, qkv_n, qkv_b, _, _, _, _, _, window, o_w, o_n, o_b, norm2, eps2,
              gate_up_w, gate_up_n, gate_up_b, down_w, down_n, down_b) in plans:
-            # repacked after an RL push; gate_up in linear_pairs_silu's layout (decode_stack's contract)
+            # gate_up in linear_pairs_silu's layout (decode_stack's contract)
             packed = [cpu_ops._pairs(qkv_w), cpu_ops._pairs(o_w), cpu_ops._swiglu_pairs(gate_up_w), cpu_ops._pairs(down_w)]
             if any(p is None for p in packed):  # (not `None in packed`: that compares tensors with None)
-                return None
+                stack = None
+                break
             weights += [norm1, packed[0], packed[1], norm2, packed[2], packed[3]]
             biases += [qkv_b, o_b, gate_up_b, down_b]
             sizes += [qkv_n, o_n, gate_up_n, down_n, window or 0]
             eps += [eps1, eps2]
-        cos, sin = tables[next(iter(keys))]
-        return torch.ops.ember_ops.decode_stack.default(x, cos, sin, weights, biases, sizes, eps, plans[0][8], *attention)
+        self._stack_cache = (versions, stack)
+        return stack
 
     def _rows(self, x: torch.Tensor):
         """DecoderLayer.forward_rows if the layers take the engine's batch through it (fused elementwise

@@ -55,7 +55,7 @@ class CpuPagedContext:
     slots: tuple[torch.Tensor, torch.Tensor]  # (block, offset) of each new token
     num_kernel_rows: int  # the first rows, attended by the kernel
     block_tables: torch.Tensor
-    token_request: torch.Tensor  # [kernel rows] request index of each row
+    token_request: torch.Tensor | None  # [kernel rows] request index of each row (None: decode_only)
     kv_lens: torch.Tensor  # [kernel rows] keys visible to each row (its position + 1)
     chunks: list[PromptChunk]
     reference: Callable[[], "object"]  # the torch_paged context of this batch, for layers the kernel declines
@@ -125,11 +125,14 @@ class CpuPagedBackend(TorchPagedBackend):
             num_kernel += 1
         rows = sum(layout.query_lens[:num_kernel])
         device = layout.positions.device
-        token_request = torch.arange(num_kernel, device=device)
+        chunks = self.chunks(layout, num_kernel, rows)
+        decode_only = self.layout.paired and rows == num_kernel == len(layout.query_lens) and not chunks
+        # (each op here costs ~20 us after a decode step has streamed the weights through the caches)
+        token_request = None if decode_only else torch.arange(num_kernel, device=device)  # the decode kernel needs none
         if rows > num_kernel:  # some requests bring several rows
             token_request = torch.repeat_interleave(
                 token_request, torch.tensor(layout.query_lens[:num_kernel], dtype=torch.int64, device=device))
-        chunks = self.chunks(layout, num_kernel, rows)
+        positions = layout.positions if rows == layout.positions.shape[0] else layout.positions[:rows]
         reference = None
 
         def reference_context():
@@ -139,7 +142,5 @@ class CpuPagedBackend(TorchPagedBackend):
 
         return CpuPagedContext(
             self.kv_caches, self.layout, split_slots(layout.slot_mapping, self.block_size), rows, layout.block_tables, token_request,
-            layout.positions[:rows] + 1, chunks, reference_context,
-            decode_only=self.layout.paired and rows == num_kernel == len(layout.query_lens) and not chunks,
-            invariant=self.batch_invariant,
+            positions + 1, chunks, reference_context, decode_only=decode_only, invariant=self.batch_invariant,
         )

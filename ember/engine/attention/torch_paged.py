@@ -59,7 +59,8 @@ def quantize_heads(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def split_slots(slot_mapping: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return slot_mapping // block_size, slot_mapping % block_size
+    # (torch.div and torch.remainder directly: `//` and `%` go through a Python wrapper on every step)
+    return torch.div(slot_mapping, block_size, rounding_mode="floor"), torch.remainder(slot_mapping, block_size)
 
 
 class KVLayout:
