@@ -1013,12 +1013,14 @@ at::Tensor argmax_rows_op(const at::Tensor& x) {
 // `biases` 4, `sizes` 5 after the first 3 (heads, kv_heads, head_dim): qkv, o, gate_up and down
 // widths and the sliding window (0: none), `eps` 2. Attention is cpu_paged's decode kernel
 // (ember_cpu::decode_attention_paired, through the dispatcher). Returns (x, delta) as
-// forward_cpu_rows does: their sum is the last layer's output.
+// forward_cpu_rows does: their sum is the last layer's output; with `final_norm` (the model's RMSNorm
+// weight), (that sum, its norm) as add_rms_norm would: one op less between steps.
 std::tuple<at::Tensor, at::Tensor> decode_stack(
     const at::Tensor& x_in, const at::Tensor& cos, const at::Tensor& sin, at::TensorList weights,
     const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef sizes, at::ArrayRef<double> eps, double scale,
     at::TensorList k_caches, at::TensorList v_caches, const at::Tensor& blocks, const at::Tensor& offsets,
-    const at::Tensor& block_tables, const at::Tensor& kv_lens) {
+    const at::Tensor& block_tables, const at::Tensor& kv_lens, const std::optional<at::Tensor>& final_norm,
+    double final_eps) {
   const int64_t layers = static_cast<int64_t>(k_caches.size());
   TORCH_CHECK(layers > 0 && static_cast<int64_t>(weights.size()) == 6 * layers &&
               static_cast<int64_t>(biases.size()) == 4 * layers && static_cast<int64_t>(sizes.size()) == 3 + 5 * layers &&
@@ -1051,6 +1053,7 @@ std::tuple<at::Tensor, at::Tensor> decode_stack(
                                   eps[2 * l + 1]);
     delta = linear_pairs(linear_pairs_silu(h, w[4], n[2] / 2, bias(2)), w[5], n[3], bias(3));
   }
+  if (final_norm) return add_rms_norm(x, delta, *final_norm, final_eps);
   return {x, delta};
 }
 
@@ -1067,7 +1070,7 @@ TORCH_LIBRARY(ember_ops, m) {
   m.def("argmax(Tensor x) -> Tensor");
   m.def("decode_stack(Tensor x, Tensor cos, Tensor sin, Tensor[] weights, Tensor?[] biases, int[] sizes, float[] eps, "
         "float scale, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor blocks, Tensor offsets, Tensor block_tables, "
-        "Tensor kv_lens) -> (Tensor, Tensor)");
+        "Tensor kv_lens, Tensor? final_norm=None, float final_eps=0.0) -> (Tensor, Tensor)");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("linear_gemv(Tensor x, Tensor w, Tensor? scales=None, Tensor? bias=None) -> Tensor");
   m.def("linear_groups(Tensor x, Tensor w, int group, Tensor scales, Tensor? offsets=None, Tensor? bias=None) -> Tensor");

@@ -113,10 +113,14 @@ class Rotary:
     def __call__(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if positions.device.type == "cpu":  # a lookup instead of ~8 small ops per step (the same values)
             tables = self._tables.get(dtype)
+            if tables is not None:
+                try:  # (the lookup's own bounds check: no max() and item() of the positions every step)
+                    return tables[0][positions], tables[1][positions]
+                except IndexError:
+                    pass
             needed = int(positions.max()) + 1 if positions.numel() else 0
-            if tables is None or tables[0].shape[0] < needed:
-                count = max(needed, 2 * tables[0].shape[0] if tables is not None else 1024)
-                tables = self._tables[dtype] = self._compute(torch.arange(count), dtype)
+            count = max(needed, 2 * tables[0].shape[0] if tables is not None else 1024)
+            tables = self._tables[dtype] = self._compute(torch.arange(count), dtype)
             return tables[0][positions], tables[1][positions]
         return self._compute(positions, dtype)
 

@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from ember.models import cpu_ops
 from ember.models.attention import AttentionContext, DocumentMask, document_context
 from ember.models.config import ModelConfig
-from ember.models.layers import DecoderLayer, Linear, Rotary, make_norm
+from ember.models.layers import DecoderLayer, Linear, RMSNorm, Rotary, make_norm
 from ember.models.loss import token_logprob_sum, token_logprobs
 
 
@@ -62,7 +62,7 @@ class LlamaModel(nn.Module):
         none = (None, None)
         if ctx is not None and (step := self._cpu_rows(x) or self._rows(x)):
             if step is DecoderLayer.forward_cpu_rows and (out := self._decode_stack(x, tables, ctx)) is not None:
-                return self.norm.add_and_norm(*out)[1]
+                return out
             delta = None
             for layer, key in zip(self.layers, self.layer_rotary):
                 x, delta = step(layer, x, delta, *tables.get(key, none), ctx)
@@ -87,15 +87,19 @@ class LlamaModel(nn.Module):
         return DecoderLayer.forward_cpu_rows if self._layers_take_cpu_rows else None
 
     def _decode_stack(self, x: torch.Tensor, tables: dict, ctx):
-        """A decode-only step's layers in one C++ call (cpu_ops.cpp's decode_stack: forward_cpu_rows's kernels
-        and bits without the Python between them), or None where it does not apply (layers with different
-        rotary tables, attention other than cpu_paged's decode kernel)."""
+        """A decode-only step's layers and final norm in one C++ call (cpu_ops.cpp's decode_stack:
+        forward_cpu_rows's kernels and bits without the Python between them): the final hidden rows, or None
+        where it does not apply (layers with different rotary tables, attention other than cpu_paged's
+        decode kernel)."""
         stack = self._stack_arguments()
         if stack is None or not hasattr(ctx, "decode_stack_args") or \
                 (attention := ctx.decode_stack_args(self._stack_plan[0])) is None:
             return None
         cos, sin = tables[self._stack_plan[1]]
-        return torch.ops.ember_ops.decode_stack.default(x, cos, sin, *stack, *attention)
+        if type(self.norm) is RMSNorm and self.norm.weight.dtype == x.dtype:  # the final norm inside the call too
+            return torch.ops.ember_ops.decode_stack.default(x, cos, sin, *stack, *attention, self.norm.weight,
+                                                            self.norm.eps)[1]
+        return self.norm.add_and_norm(*torch.ops.ember_ops.decode_stack.default(x, cos, sin, *stack, *attention))[1]
 
     def _stack_arguments(self):
         """decode_stack's weights, biases, sizes, eps and scale, or None where it cannot run these layers.
