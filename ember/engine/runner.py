@@ -7,6 +7,7 @@ import contextlib
 import itertools
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -124,10 +125,10 @@ class ModelRunner:
         device = self.device
         bs = self.block_size
         max_blocks = max(len(r.block_ids) for r in requests)
-        block_tables = torch.tensor(
-            [r.block_ids + [NULL_BLOCK] * (max_blocks - len(r.block_ids)) for r in requests],
-            dtype=torch.int64, device=device,
-        )
+        # (through numpy: torch.tensor on a list of lists took ~3x as long, ~120 us for 64 requests' tables)
+        block_tables = torch.from_numpy(np.array(
+            [r.block_ids + [NULL_BLOCK] * (max_blocks - len(r.block_ids)) for r in requests], dtype=np.int64,
+        )).to(device)
         if len(input_ids) == len(requests):  # decodes only (the common step): a few list lookups
             positions = torch.tensor(context_lens, device=device)
             slot_mapping = torch.tensor([r.block_ids[p // bs] * bs + p % bs for r, p in zip(requests, context_lens)],
