@@ -45,7 +45,6 @@ constexpr int64_t kFlushElems = 8192;  // int32 lanes are moved to fp32 before t
 constexpr int64_t kPairBlock = 16;  // output channels per pair-packed block (linear_pairs)
 constexpr int kTileRows = 6;
 constexpr int kTileBlocks = 4;
-constexpr int64_t kSingleTileFetchMax = 256 * 1024;  // bytes of a pair-packed group (linear_pairs_rows)
 constexpr int64_t kL1FetchMinTiles = 6, kL1FetchMaxTiles = 64;  // row tiles for which linear_pairs_rows fetches
                                                                   // the next group into L1
 constexpr int kTile = 4;  // output channels per tile of the int4 layout (linear_int4)
@@ -727,10 +726,11 @@ void linear_pairs_rows(const at::Tensor& x, const at::Tensor& packed, int64_t n_
       upcoming = next_group.fetch_add(1, std::memory_order_relaxed);
       const uint32_t* w = wp + g * group_elems;
       // The next group's weights into L2 meanwhile, a slice per row tile (the hardware prefetcher
-      // alone left the first tile of each group waiting on memory). Not for one tile of rows over a
-      // large group (K in the thousands): there the weights stream once, the hardware prefetcher
-      // keeps up, and a second large group in L2 evicts the one being read (BENCHMARKS.md).
-      const bool fetch_next = upcoming < groups && (row_tiles > 1 || group_elems * 4 <= kSingleTileFetchMax);
+      // alone left the first tile of each group waiting on memory). Not for a single tile of rows (1-6
+      // rows: single-stream decodes): there the weights stream once and the hardware prefetcher alone
+      // reads them faster (Zen 4, one process, alternating: all of bench-llama-56m's products for one row
+      // 2.71 -> 2.43 ms, Qwen2-0.5B's 32.6 -> 30.4; 4-6 rows 3-6% faster; BENCHMARKS.md).
+      const bool fetch_next = upcoming < groups && row_tiles > 1;
       const int64_t next_lines = fetch_next ? group_elems * 4 / 64 : 0;
       const char* next = reinterpret_cast<const char*>(wp + upcoming * group_elems);
       const int64_t slice = (next_lines + row_tiles - 1) / row_tiles;
