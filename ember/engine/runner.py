@@ -187,7 +187,7 @@ class ModelRunner:
         done = [i for i, r in enumerate(requests) if r.num_computed_tokens == r.num_tokens + len(r.spec_token_ids)]
         plain = [i for i in done if not requests[i].spec_token_ids]
         if plain:
-            rows = [ends[i] - 1 for i in plain]  # ascending: as many as the rows is every row (decodes): no gather
+            rows = [ends[i] - 1 for i in plain]  # ascending and distinct: if one per row, it is every row (no gather)
             sampled = hidden if len(rows) == hidden.shape[0] else hidden[torch.tensor(rows, device=self.device)]
             logits = self.compute_logits(sampled)
             sample_reqs = [requests[i] for i in plain]
