@@ -52,14 +52,14 @@ def zeroed(caches):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("window", [None, 20])
-@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (6, 1), (4, 4), (8, 1)])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(4, 2, 32), (6, 1, 32), (4, 4, 32), (8, 1, 32), (14, 2, 80)])
 @pytest.mark.parametrize("batch", [0, 1, 2])
-def test_cpu_paged_matches_reference(dtype, window, heads, kv_heads, batch):
-    if resolve_backend("auto", torch.device("cpu"), (heads, kv_heads, 32, 16)) != "cpu_paged":
+def test_cpu_paged_matches_reference(dtype, window, heads, kv_heads, dim, batch):
+    if resolve_backend("auto", torch.device("cpu"), (heads, kv_heads, dim, 16)) != "cpu_paged":
         pytest.skip("cpu_paged kernels unavailable")
     torch.manual_seed(0)
     query_lens, context_lens = BATCHES[batch]
-    block_size, dim = 16, 32
+    block_size = 16
     num_blocks = max(64, sum(-(-(q + c) // block_size) for q, c in zip(query_lens, context_lens)) + 1)
     layout = random_layout(query_lens, context_lens, block_size, num_blocks)
     n = sum(query_lens)
@@ -313,14 +313,15 @@ def test_decode_kernel_writes_first_when_another_row_reads_the_block():
 
 
 @pytest.mark.skipif(not bf16_pairs_supported(), reason="no AVX512-BF16 kernel here")
-@pytest.mark.parametrize("heads,kv_heads", [(2, 2), (4, 2), (8, 2), (8, 1)])
+@pytest.mark.parametrize("heads,kv_heads", [(2, 2), (4, 2), (8, 2), (8, 1), (6, 2), (14, 2)])  # groups of 1-8 heads
 @pytest.mark.parametrize("block_size,window", [(16, 0), (32, 0), (16, 20), (32, 37)])
-def test_paired_invariant_tiling_gives_prompt_rows_their_decode_bits(heads, kv_heads, block_size, window):
+@pytest.mark.parametrize("dim", [32, 80])  # the value tiles of 4 and of 1 vector of dims
+def test_paired_invariant_tiling_gives_prompt_rows_their_decode_bits(heads, kv_heads, block_size, window, dim):
     """invariant=True: each row of a prompt chunk (over cached context, in tiles of rows) is the same bits as
     that row attended alone, as a decode is, and as inside chunks cut elsewhere; the fast tiling is not
     (it sums q.k in other chains and updates the softmax at other keys) but stays close."""
-    g = torch.Generator().manual_seed(heads * 100 + kv_heads * 10 + block_size + window)
-    dim, context, rows = 32, 50, 37
+    g = torch.Generator().manual_seed(heads * 100 + kv_heads * 10 + block_size + window + dim)
+    context, rows = 50, 37
     total = context + rows
     num_blocks = -(-total // block_size) + 2
     table = (torch.randperm(num_blocks - 1, generator=g)[:-(-total // block_size)] + 1).view(1, -1)

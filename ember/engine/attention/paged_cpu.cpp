@@ -192,6 +192,25 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::
   });
 }
 
+// f(std::integral_constant<int, n>{}, h0) for H heads in blocks of 4 (the last one 1-3 when H is not a
+// multiple of 4): the register tiles of the paired kernel's prompt q.k and of its weighing of values.
+template <int H, typename F>
+inline void head_blocks(F&& f) {
+  for (int h0 = 0; h0 + 4 <= H; h0 += 4) f(std::integral_constant<int, std::min(4, H)>{}, h0);
+  constexpr int tail = H % 4;
+  if constexpr (tail > 0) f(std::integral_constant<int, tail>{}, H - tail);
+}
+
+// 16 floats to bf16 with c10::BFloat16's rounding (to nearest even; NaN as 0x7FC0) and no flush of
+// subnormals, unlike vcvtneps2bf16 (a loop of scalar conversions took up to ~10% of prompt attention).
+inline void store_bf16(c10::BFloat16* dst, __m512 x) {
+  const __m512i bits = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  rounded = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(x, x, _CMP_ORD_Q), _mm512_set1_epi32(0x7fc0), rounded);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtepi32_epi16(rounded));
+}
+
 // One new token's K and V rows (one KV head) into its slot of a paired-layout cache (see paired_kernel):
 // K as (dim 2i, 2i+1) pairs a row of block_size apart, V interleaved with the slot's neighbour key.
 inline void write_slot(uint32_t* k_cache, uint16_t* v_cache, const uint16_t* key, const uint16_t* value,
@@ -394,6 +413,7 @@ void paired_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
               fetch_k = reinterpret_cast<const char*>(kp + next);
               fetch_v = reinterpret_cast<const char*>(vp + next);
             }
+            if (R > 1) continue;  // a prompt tile's q.k: a register tile over the span, below
             // C independent sums per head: a single chain would wait on each multiply-add's latency.
             __m512 part[H][C];
             for (int h = 0; h < H; ++h)
@@ -424,6 +444,50 @@ void paired_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
               }
             }
           }
+          if constexpr (R > 1) {
+            // A prompt tile's q.k as register tiles of up to 4 heads x the span's chunks: each broadcast q
+            // pair serves every chunk's keys and each key load 4 heads (a chunk at a time took a broadcast
+            // per multiply-add). One chain at a time, its sums added into `scores` in order, so each head's
+            // sum runs over the same pairs in the same order as a decode's: the same bits.
+            const auto score_tile = [&](auto num_chunks, auto num_heads, int h0) {
+              constexpr int NC = decltype(num_chunks)::value, QH = decltype(num_heads)::value;
+              for (int ch = 0; ch < C; ++ch) {
+                __m512 part[NC][QH];
+                for (int c = 0; c < NC; ++c)
+                  for (int h = 0; h < QH; ++h) part[c][h] = _mm512_setzero_ps();
+                for (int64_t i = ch; i < pairs; i += C) {
+                  __m512bh k[NC];
+                  for (int c = 0; c < NC; ++c) k[c] = (__m512bh)_mm512_loadu_si512(keys[c] + i * block_size * 2);
+                  for (int h = 0; h < QH; ++h) {
+                    const __m512bh qb = (__m512bh)_mm512_set1_epi32(qj[(h0 + h) * pairs + i]);
+                    for (int c = 0; c < NC; ++c) part[c][h] = _mm512_dpbf16_ps(part[c][h], qb, k[c]);
+                  }
+                }
+                for (int c = 0; c < NC; ++c)
+                  for (int h = 0; h < QH; ++h)
+                    scores[c][h0 + h] = ch == 0 ? part[c][h] : _mm512_add_ps(scores[c][h0 + h], part[c][h]);
+              }
+            };
+            head_blocks<H>([&](auto num_heads, int h0) {
+              switch (chunks) {
+                case 1: score_tile(std::integral_constant<int, 1>{}, num_heads, h0); break;
+                case 2: score_tile(std::integral_constant<int, std::min(2, S)>{}, num_heads, h0); break;
+                case 3: score_tile(std::integral_constant<int, std::min(3, S)>{}, num_heads, h0); break;
+                default: score_tile(std::integral_constant<int, std::min(4, S)>{}, num_heads, h0); break;
+              }
+            });
+            for (int64_t c = 0; c < chunks; ++c) {
+              const int64_t start = span + c * W;
+              for (int r = 0; r < R; ++r) {
+                const int64_t rlo = std::clamp<int64_t>(first[r] - start, 0, W), rhi = std::clamp<int64_t>(last[r] - start, 0, W);
+                const __mmask16 valid = rhi > rlo ? static_cast<__mmask16>(((1u << rhi) - 1) & ~((1u << rlo) - 1)) : 0;
+                for (int g = 0; g < G; ++g) {
+                  const int h = r * G + g;
+                  scores[c][h] = _mm512_mask_blend_ps(valid, neg_inf, _mm512_mul_ps(scores[c][h], _mm512_set1_ps(scale)));
+                }
+              }
+            }
+          }
           for (int h = 0; h < H; ++h) {
             __m512 top = scores[0][h];
             for (int64_t c = 1; c < chunks; ++c) top = _mm512_max_ps(top, scores[c][h]);
@@ -445,14 +509,15 @@ void paired_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
             }
             dj[h] = dj[h] * correction[h] + _mm512_reduce_add_ps(total);
           }
-          // D vectors of value dims per pass: each broadcast probability pair serves D of them, and
-          // D x H independent sums hide the multiply-add latency (the same sums in the same order).
-          const auto weigh_values = [&](auto num_vecs, int64_t dv) {
-            constexpr int D = decltype(num_vecs)::value;
-            __m512 a[D][H];
+          // A register tile of D vectors of value dims x VH heads per pass: each broadcast probability
+          // pair serves D vectors and each value load VH heads, and the D x VH independent sums hide the
+          // multiply-add latency. Every sum runs over the same keys in the same order whatever the tiling.
+          const auto weigh_values = [&](auto num_vecs, auto num_heads, int64_t dv, int h0) {
+            constexpr int D = decltype(num_vecs)::value, VH = decltype(num_heads)::value;
+            __m512 a[D][VH];
             for (int d = 0; d < D; ++d)
-              for (int h = 0; h < H; ++h)
-                a[d][h] = _mm512_mul_ps(_mm512_loadu_ps(&accj[h * dim + (dv + d) * W]), _mm512_set1_ps(correction[h]));
+              for (int h = 0; h < VH; ++h)
+                a[d][h] = _mm512_mul_ps(_mm512_loadu_ps(&accj[(h0 + h) * dim + (dv + d) * W]), _mm512_set1_ps(correction[h0 + h]));
             for (int64_t c = 0; c < chunks; ++c) {
               const int64_t jlo = lo[c] / 2, jhi = (hi[c] + 1) / 2;
               for (int64_t j = jlo; j < jhi; ++j) {
@@ -462,20 +527,21 @@ void paired_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
                   const __mmask32 keep = (2 * j >= lo[c] ? 0x55555555u : 0u) | (2 * j + 1 < hi[c] ? 0xAAAAAAAAu : 0u);
                   for (int d = 0; d < D; ++d) v[d] = _mm512_maskz_mov_epi16(keep, v[d]);
                 }
-                for (int h = 0; h < H; ++h) {
-                  const __m512bh p = (__m512bh)_mm512_set1_epi32(ppairs[c][h][j]);
+                for (int h = 0; h < VH; ++h) {
+                  const __m512bh p = (__m512bh)_mm512_set1_epi32(ppairs[c][h0 + h][j]);
                   for (int d = 0; d < D; ++d) a[d][h] = _mm512_dpbf16_ps(a[d][h], p, (__m512bh)v[d]);
                 }
               }
             }
             for (int d = 0; d < D; ++d)
-              for (int h = 0; h < H; ++h) _mm512_storeu_ps(&accj[h * dim + (dv + d) * W], a[d][h]);
+              for (int h = 0; h < VH; ++h) _mm512_storeu_ps(&accj[(h0 + h) * dim + (dv + d) * W], a[d][h]);
           };
-          // D x H accumulators, D values and a broadcast fit the 32 registers
-          constexpr int D = H <= 4 ? 4 : (H <= 8 ? 2 : 1);
-          int64_t dv = 0;
-          for (; dv + D <= dim_vecs; dv += D) weigh_values(std::integral_constant<int, D>{}, dv);
-          for (; dv < dim_vecs; ++dv) weigh_values(std::integral_constant<int, 1>{}, dv);
+          // 4 x 4 sums, 4 values and a broadcast fit the 32 registers
+          head_blocks<H>([&](auto num_heads, int h0) {
+            int64_t dv = 0;
+            for (; dv + 4 <= dim_vecs; dv += 4) weigh_values(std::integral_constant<int, 4>{}, num_heads, dv, h0);
+            for (; dv < dim_vecs; ++dv) weigh_values(std::integral_constant<int, 1>{}, num_heads, dv, h0);
+          });
         }
       }
       for (int64_t j = 0; j < kh_per_item; ++j) {
@@ -484,7 +550,8 @@ void paired_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
             const int64_t h = j * H + r * G + g;
             const float inv = 1.f / denom[h];
             c10::BFloat16* dst = op + ((row0 + r) * heads + (kvh0 + j) * G + g) * dim;
-            for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<c10::BFloat16>(acc[h * dim + d] * inv);
+            for (int64_t d = 0; d < dim; d += W)
+              store_bf16(dst + d, _mm512_mul_ps(_mm512_loadu_ps(&acc[h * dim + d]), _mm512_set1_ps(inv)));
           }
         }
       }
