@@ -86,6 +86,51 @@ def test_cpu_paged_matches_reference(dtype, window, heads, kv_heads, dim, batch)
         torch.testing.assert_close(out, reference, atol=tol, rtol=tol, msg=lambda m: f"{key}: {m}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_size", [16, 32, 64])
+@pytest.mark.parametrize("window", [0, 20, 100])
+def test_transposed_kernel_decodes_match_float64_and_do_not_depend_on_the_batch(dtype, block_size, window):
+    """The transposed-layout kernel (fp32, and bf16 without AVX512-BF16): decode rows whose keys span several
+    softmax spans and blocks, windows that start inside a span, a cache whose unwritten slots are NaN; each
+    row is the same bits alone as in the batch, and matches attention computed in float64."""
+    if resolve_backend("auto", torch.device("cpu"), (9, 3, 64, block_size)) != "cpu_paged":
+        pytest.skip("cpu_paged kernels unavailable")
+    g = torch.Generator().manual_seed(block_size + window)
+    heads, kv_heads, dim = 9, 3, 64
+    lens = [1, 15, 16, 17, 64, 65, 130, 300]
+    num_blocks = sum(-(-n // block_size) for n in lens) + 1
+    k_cache, v_cache = KVLayout(paired=False, dtype=dtype).allocate(1, num_blocks, kv_heads, block_size, dim)[0]
+    k_cache.fill_(float("nan"))
+    v_cache.fill_(float("nan"))
+    tables = torch.zeros(len(lens), -(-max(lens) // block_size), dtype=torch.long)
+    free = (torch.randperm(num_blocks - 1, generator=g) + 1).tolist()
+    keys, values = [], []
+    for r, n in enumerate(lens):
+        tables[r, :-(-n // block_size)] = torch.tensor([free.pop() for _ in range(-(-n // block_size))])
+        pos = torch.arange(n)
+        blocks, offsets = tables[r, pos // block_size], pos % block_size
+        keys.append(torch.randn(n, kv_heads, dim, generator=g).to(dtype))
+        values.append(torch.randn(n, kv_heads, dim, generator=g).to(dtype))
+        k_cache[blocks, :, :, offsets] = keys[-1]  # [blocks, kv_heads, dim, block_size]
+        v_cache[blocks, :, offsets, :] = values[-1]  # [blocks, kv_heads, block_size, dim]
+    q = torch.randn(len(lens), heads, dim, generator=g).to(dtype)
+    scale = dim**-0.5
+
+    def attend(rows):
+        return torch.ops.ember_cpu.paged_attention(q[rows], k_cache, v_cache, tables[rows], torch.arange(len(rows)),
+                                                   torch.tensor([lens[r] for r in rows]), window, scale)
+
+    batch = attend(list(range(len(lens))))
+    for r, n in enumerate(lens):
+        assert torch.equal(attend([r]), batch[r:r + 1])
+        first = max(0, n - window) if window else 0
+        k, v = keys[r][first:].double(), values[r][first:].double()
+        scores = torch.einsum("hgd,nhd->hgn", q[r].double().view(kv_heads, -1, dim), k) * scale
+        expected = torch.einsum("hgn,nhd->hgd", scores.softmax(-1), v).reshape(heads, dim)
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(batch[r].double(), expected, atol=tol, rtol=tol)
+
+
 @pytest.mark.parametrize("backend", ["torch_paged", "cpu_paged"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("window", [None, 20])
