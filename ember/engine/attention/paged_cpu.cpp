@@ -607,15 +607,17 @@ std::pair<std::vector<int64_t>, std::vector<int64_t>> row_tiles(const int64_t* t
 
 // Independent q.k sums per head for `heads` query heads per item: a single chain would wait on each
 // multiply-add's latency; 8 chains in all keep the unit busy. Decodes wait on memory, not on the
-// chains: 4 in all there, which leaves prompt tiles of 4 rows room for the same chains.
+// chains: 4 in all there (a prompt tile runs the same chains one after another in its register tiles;
+// 8 for decodes measured level).
 constexpr int chains_for(int heads) { return heads >= 8 ? 1 : 8 / heads; }
 constexpr int decode_chains(int group) { return group >= 4 ? 1 : 4 / group; }
 
 // Decodes as tiles of one row; a prompt's rows in tiles of R. Fast: R x G = 8 query heads per item,
 // one chain each and 2 chunks per softmax update (the registers they leave). Invariant: every tile
-// with the decodes' C and S, R = 4 (2 for 8 heads per KV head): 16 accumulators, the scores of a span
-// partly on the stack. Measured in W1 (bench-llama-56m, G = 2), prompt attention took 0.20 s invariant
-// against 0.23 s fast and 0.31 s with invariant tiles of 2 rows and 4 chains; decodes level.
+// with the decodes' C and S, R = 4 (2 for 8 heads per KV head), q.k and the values in register tiles
+// of up to 4 heads, the scores of a span on the stack. Measured in W1 (bench-llama-56m, G = 2, before
+// the register tiles), prompt attention took 0.20 s invariant against 0.23 s fast and 0.31 s with
+// invariant tiles of 2 rows and 4 chains; decodes level.
 template <int G>
 void paired_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                       const int64_t* block_tables, int64_t max_blocks, const int64_t* token_request,
