@@ -8,6 +8,8 @@ k - 1 one-token steps for all speculating requests together.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from ember.engine.request import Request, SequenceId
@@ -58,9 +60,11 @@ class DraftProposer:
         reqs = [r for r, _ in work]
         lens = [r.num_tokens - r.num_draft_computed for r in reqs]
         ids = [t for r in reqs for t in r.all_token_ids[r.num_draft_computed:]]
-        hidden = self.runner.forward(reqs, lens, [r.num_draft_computed for r in reqs], ids)
-        rows = torch.tensor([sum(lens[:i + 1]) - 1 for i in range(len(reqs))], device=hidden.device)
-        logits = self.runner.model.compute_logits(hidden[rows])
+        last_rows = list(itertools.accumulate(lens, initial=-1))[1:]
+        hidden = self.runner.forward(reqs, lens, [r.num_draft_computed for r in reqs], ids, last_rows)
+        if hidden.shape[0] != len(reqs):  # every row's (a model that computes them all)
+            hidden = hidden[torch.tensor(last_rows, device=hidden.device)]
+        logits = self.runner.model.compute_logits(hidden)
         for (r, _), row in zip(work, logits):
             token, p = self._pick(row, r)
             drafts[r.seq_id].append(token)

@@ -113,15 +113,17 @@ class ModelRunner:
         return cpu_ops.batch_invariance(self.batch_invariant) if self.device.type == "cpu" else contextlib.nullcontext()
 
     def forward(self, requests: list[Request], query_lens: list[int], context_lens: list[int],
-                input_ids: list[int]) -> torch.Tensor:
+                input_ids: list[int], output_rows: list[int] | None = None) -> torch.Tensor:
         """One flat forward: request i's `query_lens[i]` tokens at positions after its
-        `context_lens[i]` cached ones (requests ordered by query length). Returns hidden rows."""
+        `context_lens[i]` cached ones (requests ordered by query length). Returns hidden rows: every
+        row's, or those of `output_rows` (ascending) alone if the model takes them (see
+        AttentionContext.output_rows; callers tell the two apart by the row count)."""
         with self.routing():
-            return self._forward(requests, query_lens, context_lens, input_ids)
+            return self._forward(requests, query_lens, context_lens, input_ids, output_rows)
 
     @torch.inference_mode()
     def _forward(self, requests: list[Request], query_lens: list[int], context_lens: list[int],
-                 input_ids: list[int]) -> torch.Tensor:
+                 input_ids: list[int], output_rows: list[int] | None = None) -> torch.Tensor:
         device = self.device
         bs = self.block_size
         max_blocks = max(len(r.block_ids) for r in requests)
@@ -140,7 +142,11 @@ class ModelRunner:
             first_token = torch.cumsum(lens, 0) - lens
             positions = torch.arange(len(input_ids), device=device) + (starts - first_token)[token_request]
             slot_mapping = block_tables[token_request, positions // bs] * bs + positions % bs
-        layout = BatchLayout(query_lens, context_lens, block_tables, slot_mapping, positions)
+        # LoRA's per-adapter row slices cover the whole batch in every layer: no pruned last layer there
+        if output_rows is not None and (len(output_rows) == len(input_ids) or self.lora is not None):
+            output_rows = None
+        keep = None if output_rows is None else torch.tensor(output_rows, dtype=torch.int64, device=device)
+        layout = BatchLayout(query_lens, context_lens, block_tables, slot_mapping, positions, keep)
         ids = torch.tensor(input_ids, device=device)
         if self.workers is not None:  # tensor parallel: the other ranks run the same forward on their shards
             groups = self.lora.step_groups if self.lora is not None else ()
@@ -174,20 +180,34 @@ class ModelRunner:
             tokens = request.all_token_ids + request.spec_token_ids if request.spec_token_ids else request.all_token_ids
             input_ids.extend(tokens[start:start + n])
 
+        ends = list(itertools.accumulate(query_lens))
+        done = [i for i, r in enumerate(requests) if r.num_computed_tokens == r.num_tokens + len(r.spec_token_ids)]
+        plain = [i for i in done if not requests[i].spec_token_ids]
+        # The rows this step reads back: each sampled row, each verification's rows, prompt logprobs' rows.
+        # The model may compute its last layer for these alone (one row if none: no empty products).
+        used = {ends[i] - 1 for i in plain}
+        for i in done:
+            used.update(range(ends[i] - len(requests[i].spec_token_ids) - 1, ends[i]))
+        for i, request in enumerate(requests):
+            if request.params.prompt_logprobs is not None:
+                used.update(range(ends[i] - query_lens[i], ends[i]))
+        output_rows = sorted(used) or [ends[-1] - 1]
         if self.lora is None:
-            hidden = self.forward(requests, query_lens, context_lens, input_ids)
+            hidden = self.forward(requests, query_lens, context_lens, input_ids, output_rows)
         else:
             self.lora.prepare_step(requests, query_lens)
             try:
                 hidden = self.forward(requests, query_lens, context_lens, input_ids)
             finally:
                 self.lora.clear_step()  # a later forward (a test's, the draft's) sees no stale rows
+        if hidden.shape[0] != ends[-1]:  # the output rows' alone: row r of the batch is hidden[where[r]]
+            where = {row: j for j, row in enumerate(output_rows)}
+            start_of = where.__getitem__
+        else:
+            start_of = int
         out = RunnerOutput()
-        ends = list(itertools.accumulate(query_lens))
-        done = [i for i, r in enumerate(requests) if r.num_computed_tokens == r.num_tokens + len(r.spec_token_ids)]
-        plain = [i for i in done if not requests[i].spec_token_ids]
         if plain:
-            rows = [ends[i] - 1 for i in plain]  # ascending and distinct: if one per row, it is every row (no gather)
+            rows = [start_of(ends[i] - 1) for i in plain]  # ascending and distinct: if one per row, every row
             sampled = hidden if len(rows) == hidden.shape[0] else hidden[torch.tensor(rows, device=self.device)]
             logits = self.compute_logits(sampled)
             sample_reqs = [requests[i] for i in plain]
@@ -198,10 +218,12 @@ class ModelRunner:
                     out.logprobs[request.seq_id] = [info]
         for i in done:
             if requests[i].spec_token_ids:
-                self._verify(requests[i], hidden[ends[i] - len(requests[i].spec_token_ids) - 1:ends[i]], out)
+                first = start_of(ends[i] - len(requests[i].spec_token_ids) - 1)
+                self._verify(requests[i], hidden[first:first + len(requests[i].spec_token_ids) + 1], out)
         for i, request in enumerate(requests):
             if request.params.prompt_logprobs is not None:
-                self._prompt_logprobs(request, hidden[ends[i] - query_lens[i]:ends[i]], context_lens[i], out)
+                first = start_of(ends[i] - query_lens[i])
+                self._prompt_logprobs(request, hidden[first:first + query_lens[i]], context_lens[i], out)
         return out
 
     def _verify(self, request: Request, hidden: torch.Tensor, out: RunnerOutput) -> None:

@@ -355,8 +355,9 @@ class TensorParallelWorkers:
     def forward(self, ids: torch.Tensor, layout: BatchLayout, local, lora_groups=()):
         """Every worker runs the forward of this step's batch (with LoRA: its rows per adapter slot, as
         LoRAManager.step_groups); `local()` is rank 0's."""
+        rows = None if layout.output_rows is None else _pack(layout.output_rows)
         message = ("forward", _pack(ids), layout.query_lens, layout.context_lens, _pack(layout.block_tables),
-                   _pack(layout.slot_mapping), _pack(layout.positions), lora_groups)
+                   _pack(layout.slot_mapping), _pack(layout.positions), rows, lora_groups)
         return self.run(message, local)
 
     def write_lora(self, slot: int, weights: dict, rank: int, scaling: float) -> None:
@@ -430,9 +431,9 @@ class _Shard:
         if kind == "start":
             self.start(args[0])
         elif kind == "forward":
-            ids, query_lens, context_lens, block_tables, slot_mapping, positions, lora_groups = args
+            ids, query_lens, context_lens, block_tables, slot_mapping, positions, rows, lora_groups = args
             layout = BatchLayout(query_lens, context_lens, _unpack(block_tables, device), _unpack(slot_mapping, device),
-                                 _unpack(positions, device))
+                                 _unpack(positions, device), None if rows is None else _unpack(rows, device))
             if lora_groups:
                 self.lora.use_groups(lora_groups)
             try:

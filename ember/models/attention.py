@@ -17,7 +17,15 @@ import torch.nn.functional as F
 
 
 class AttentionContext(Protocol):
-    """What the engine passes as `ctx`: flat tokens of many requests plus their cache."""
+    """What the engine passes as `ctx`: flat tokens of many requests plus their cache.
+
+    `output_rows` (ascending row indices, or None for all) names the rows whose final hidden states the
+    step uses (those it samples or scores). The other rows matter only for the K/V they leave in the
+    cache, so a model may run its last layer past the K/V write for `output_rows` alone (`attend(...,
+    rows=output_rows)`) and return just those rows: a prompt chunk's other rows skip the last layer's
+    attention, output projection and MLP, which no later step reads."""
+
+    output_rows: torch.Tensor | None
 
     def attend(
         self,
@@ -29,7 +37,8 @@ class AttentionContext(Protocol):
         sliding_window: int | None,
         softcap: float | None = None,  # logits -> softcap * tanh(logits / softcap) (Gemma 2)
         sinks: torch.Tensor | None = None,  # [num_heads] sink logits in each softmax (gpt-oss)
-    ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        rows: torch.Tensor | None = None,  # every token's K/V is stored; attention only for these rows
+    ) -> torch.Tensor:  # [num_tokens (or len(rows)), num_heads, head_dim]
         ...
 
 
@@ -136,12 +145,14 @@ def document_context(document_ids: torch.Tensor) -> tuple[torch.Tensor, Document
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, layer: int,
            ctx: AttentionContext | None, sliding_window: int | None = None, softcap: float | None = None,
-           sinks: torch.Tensor | None = None) -> torch.Tensor:
+           sinks: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
     """q/k/v [..., tokens, heads, dim]: causal attention over [batch, seq] without a context,
-    else the engine's paged attention."""
+    else the engine's paged attention (for `rows` only, if given: see AttentionContext)."""
     if ctx is None:
         return causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale,
                                 sliding_window, softcap, sinks).transpose(1, 2)
+    if rows is not None:
+        return ctx.attend(layer, q, k, v, scale, sliding_window, softcap, sinks, rows=rows)
     if softcap is None and sinks is None:
         return ctx.attend(layer, q, k, v, scale, sliding_window)
     return ctx.attend(layer, q, k, v, scale, sliding_window, softcap, sinks)

@@ -213,8 +213,10 @@ class Attention(nn.Module):
             and self.sinks is None
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, ctx: AttentionContext | None
+        self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, ctx: AttentionContext | None,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`rows` (engine only): every token's K/V goes to the cache, the output only for these rows."""
         qkv = self.qkv_proj.forward(x)
         heads, kv_heads, d = self.num_heads, self.num_kv_heads, self.head_dim
         if self.plain and cpu_ops.rotary_(qkv, cos, sin, heads + kv_heads):  # q and k rotated in place, one pass
@@ -237,7 +239,7 @@ class Attention(nn.Module):
         if ctx is None and self.context_parallel is not None:
             out = self.context_parallel(q, k, v, self.scale, self.sliding_window, self.softcap, self.sinks)
         else:
-            out = attend(q, k, v, self.scale, self.layer, ctx, self.sliding_window, self.softcap, self.sinks)
+            out = attend(q, k, v, self.scale, self.layer, ctx, self.sliding_window, self.softcap, self.sinks, rows)
         return self.o_proj.forward(out.flatten(-2))
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -297,26 +299,29 @@ class DecoderLayer(nn.Module):
         # ranks in the row paths below (the modules' own forwards do it themselves); None in one process.
         self.tp_reduce = None
 
-    def forward(self, x, cos, sin, ctx):
+    def forward(self, x, cos, sin, ctx, rows: torch.Tensor | None = None):
+        """`rows` (engine only, see AttentionContext.output_rows): the output for these rows alone."""
         # Submodules' forward directly: they carry no hooks (FSDP wraps whole layers), and
         # nn.Module.__call__'s per-call overhead shows in a small model's decode step (BENCHMARKS.md).
         ffn = getattr(self, self.ffn_name)
         if self.norm_style == "pre":
-            attn_out = self.self_attn.forward(self.input_layernorm.forward(x), cos, sin, ctx)
-            x, h = self.post_attention_layernorm.add_and_norm(x, attn_out)
+            attn_out = self.self_attn.forward(self.input_layernorm.forward(x), cos, sin, ctx, rows)
+            x, h = self.post_attention_layernorm.add_and_norm(x if rows is None else x[rows], attn_out)
             return x + ffn.forward(h)
         h = x if self.norm_style == "post" else self.input_layernorm.forward(x)
-        x = x + self.post_attention_layernorm.forward(self.self_attn.forward(h, cos, sin, ctx))
+        attn_out = self.self_attn.forward(h, cos, sin, ctx, rows)
+        x = (x if rows is None else x[rows]) + self.post_attention_layernorm.forward(attn_out)
         h = self.pre_feedforward_layernorm.forward(x) if self.norm_style == "sandwich" else x
         return x + self.post_feedforward_layernorm.forward(ffn.forward(h))
 
-    def forward_cpu_rows(self, x: torch.Tensor, delta: torch.Tensor | None, cos, sin, ctx: AttentionContext):
+    def forward_cpu_rows(self, x: torch.Tensor, delta: torch.Tensor | None, cos, sin, ctx: AttentionContext,
+                         keep: torch.Tensor | None = None):
         """forward() for the engine's bf16 batches on CPU in the pair-packed kernels' row range (after
         `takes_cpu_rows()`): the same kernels in the same order, with the Python between them cut from
         ~25 frames and ~30 module lookups to one frame. That Python runs on caches the products have
         just flushed, so it costs more than its size suggests (BENCHMARKS.md). The residual add is left
         to the next layer's fused add + norm: returns (x, delta) whose sum is this layer's output
-        (`delta` None: x alone)."""
+        (`delta` None: x alone), for the rows `keep` alone if given (see AttentionContext.output_rows)."""
         (norm1, eps1, qkv_w, qkv_n, qkv_b, heads, kv_heads, head_dim, scale, layer, window,
          o_w, o_n, o_b, norm2, eps2, gate_up_w, gate_up_n, gate_up_b, down_w, down_n, down_b) = self._cpu_rows_plan
         pairs = cpu_ops._pairs  # per call: a weight changed in place (an RL push) is repacked
@@ -324,7 +329,7 @@ class DecoderLayer(nn.Module):
         swiglu_p = cpu_ops._swiglu_pairs(gate_up_w)  # silu(gate) * up from the product itself
         gate_up_p = swiglu_p if swiglu_p is not None else pairs(gate_up_w)
         if qkv_p is None or o_p is None or gate_up_p is None or down_p is None:  # e.g. inference-tensor weights
-            return self.forward(x if delta is None else x + delta, cos, sin, ctx), None
+            return self.forward(x if delta is None else x + delta, cos, sin, ctx, keep), None
         ops = torch.ops.ember_ops
         if delta is None:
             h = ops.rms_norm.default(x, norm1, eps1)
@@ -334,7 +339,11 @@ class DecoderLayer(nn.Module):
         qkv = ops.linear_pairs.default(h, qkv_p, qkv_n, qkv_b)
         ops.rotary_.default(qkv, cos, sin, heads + kv_heads)
         q, k, v = qkv.view(rows, -1, head_dim).split_with_sizes([heads, kv_heads, kv_heads], 1)
-        out = ctx.attend(layer, q, k, v, scale, window).reshape(rows, -1)
+        if keep is None:
+            out = ctx.attend(layer, q, k, v, scale, window).reshape(rows, -1)
+        else:
+            out = ctx.attend(layer, q, k, v, scale, window, rows=keep).reshape(keep.shape[0], -1)
+            x = x[keep]
         attn_out = ops.linear_pairs.default(out.contiguous(), o_p, o_n, o_b)
         if self.tp_reduce is not None:
             attn_out = self.tp_reduce(attn_out)
@@ -365,12 +374,13 @@ class DecoderLayer(nn.Module):
             self.post_attention_layernorm.weight, self.post_attention_layernorm.eps, *linear[2], *linear[3])
         return True
 
-    def forward_rows(self, x: torch.Tensor, delta: torch.Tensor | None, cos, sin, ctx: AttentionContext):
+    def forward_rows(self, x: torch.Tensor, delta: torch.Tensor | None, cos, sin, ctx: AttentionContext,
+                     keep: torch.Tensor | None = None):
         """forward() for the engine's batches on CPU when `takes_rows()`: the same kernels in the same
         order with the Python between them cut to one frame and one call per step (each projection a
         function bound once: ember's integer kernels for quantized weights, cpu_ops.linear for dense).
         A small model's decode step is dozens of layers of small products, where per-op overhead is a
-        large share of the time (BENCHMARKS.md). Returns (x, delta) as forward_cpu_rows does."""
+        large share of the time (BENCHMARKS.md). Returns (x, delta) as forward_cpu_rows does (`keep` too)."""
         (norm1, eps1, qkv, heads, kv_heads, head_dim, scale, layer, window, o, norm2, eps2, gate_up, down,
          qk_norm) = self._rows_plan
         ops = torch.ops.ember_ops
@@ -390,7 +400,11 @@ class DecoderLayer(nn.Module):
             k = ops.rms_norm.default(k.contiguous(), k_weight, eps)
             ops.rotary_.default(q.view(rows, -1), cos, sin, heads)
             ops.rotary_.default(k.view(rows, -1), cos, sin, kv_heads)
-        out = ctx.attend(layer, q, k, v, scale, window).reshape(rows, -1)
+        if keep is None:
+            out = ctx.attend(layer, q, k, v, scale, window).reshape(rows, -1)
+        else:
+            out = ctx.attend(layer, q, k, v, scale, window, rows=keep).reshape(keep.shape[0], -1)
+            x = x[keep]
         attn_out, reduce = o(out), self.tp_reduce
         x, h = ops.add_rms_norm.default(x, attn_out if reduce is None else reduce(attn_out), norm2, eps2)
         delta = down(ops.silu_mul.default(gate_up(h)))

@@ -60,17 +60,23 @@ class LlamaModel(nn.Module):
             x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
         tables = {key: rotary(positions, x.dtype) for key, rotary in self.rotaries.items()}
         none = (None, None)
+        # The engine's rows whose final hidden states it uses: the last layer runs past its K/V write for
+        # them alone (see AttentionContext.output_rows), and only they are returned.
+        keep = getattr(ctx, "output_rows", None)
+        last = len(self.layers) - 1
         if ctx is not None and (step := self._cpu_rows(x) or self._rows(x)):
             if step is DecoderLayer.forward_cpu_rows and (out := self._decode_stack(x, tables, ctx)) is not None:
                 return out
             delta = None
-            for layer, key in zip(self.layers, self.layer_rotary):
-                x, delta = step(layer, x, delta, *tables.get(key, none), ctx)
+            for i, (layer, key) in enumerate(zip(self.layers, self.layer_rotary)):
+                x, delta = step(layer, x, delta, *tables.get(key, none), ctx, keep if i == last else None)
             return self.norm.add_and_norm(x, delta)[1] if delta is not None else self.norm(x)
-        for layer, key in zip(self.layers, self.layer_rotary):
+        for i, (layer, key) in enumerate(zip(self.layers, self.layer_rotary)):
             cos, sin = tables[key] if key is not None else none
             if self.gradient_checkpointing and self.training and (ctx is None or isinstance(ctx, DocumentMask)):
                 x = checkpoint(layer, x, cos, sin, ctx, use_reentrant=False)
+            elif i == last and keep is not None:
+                x = layer(x, cos, sin, ctx, keep)
             else:
                 x = layer(x, cos, sin, ctx)
         return self.norm(x)
@@ -178,8 +184,9 @@ class LlamaForCausalLM(nn.Module):
         """Training: `input_ids[B, T]` -> logits `[B, T, V]`, or with `labels[B, T]` the labels'
         log-probabilities `[B, T]` (0 where a label is -100) without the whole logits tensor; with
         `reduction="sum"` their sum, a scalar whose gradients skip recomputing the LM head (loss.py).
-        Engine: flat `input_ids[N]`, `positions[N]`, `ctx` -> final hidden states `[N, H]`
-        (the engine computes logits only for the rows it samples).
+        Engine: flat `input_ids[N]`, `positions[N]`, `ctx` -> final hidden states `[N, H]`, or of
+        `ctx.output_rows` alone when the context names them (the engine computes logits only for the rows
+        it samples or scores).
         Windows packed with several documents (`data.packing: documents`) pass `document_ids[B, T]`:
         positions restart at each document and attention stays within it (`document_context`)."""
         engine = ctx is not None

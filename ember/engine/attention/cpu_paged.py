@@ -61,6 +61,7 @@ class CpuPagedContext:
     reference: Callable[[], "object"]  # the torch_paged context of this batch, for layers the kernel declines
     decode_only: bool = False  # paired layout, every request one new token
     invariant: bool = False  # the paired kernel's batch-invariant tiling for prompt rows
+    output_rows: torch.Tensor | None = None  # see AttentionContext
 
     def decode_stack_args(self, layers: list[int]):
         """For a decode-only batch, what cpu_ops.cpp's decode_stack needs to run `layers`' attention as
@@ -70,8 +71,13 @@ class CpuPagedContext:
         return ([self.kv_caches[i][0] for i in layers], [self.kv_caches[i][1] for i in layers], *self.slots,
                 self.block_tables, self.kv_lens)
 
-    def attend(self, layer, q, k, v, scale, sliding_window, softcap=None, sinks=None):
+    def attend(self, layer, q, k, v, scale, sliding_window, softcap=None, sinks=None, rows=None):
+        """Every row's K/V into the cache; attention for every row, or for `rows` alone: the kernel then
+        takes just those rows (each row's result is the same either way under the invariant tiling)."""
         cache = self.kv_caches[layer]
+        if rows is not None and (self.chunks or self.decode_only or
+                                 (self.layout.paired and (softcap is not None or sinks is not None))):
+            return self.attend(layer, q, k, v, scale, sliding_window, softcap, sinks)[rows]
         if self.layout.paired and (softcap is not None or sinks is not None):
             reason = "soft-capped attention logits" if softcap is not None else "attention sinks"
             if reason not in _declined:
@@ -89,12 +95,16 @@ class CpuPagedContext:
             torch.ops.ember_cpu.write_transposed.default(cache[0], cache[1], k, v, *self.slots)
         else:
             self.layout.write(cache, self.slots, k, v)
-        rows = self.num_kernel_rows
+        kernel_rows = self.num_kernel_rows
         kernel_out = None
-        if rows:
+        if kernel_rows:
             scales = dict(zip(("k_scales", "v_scales"), cache[2:]))
+            if rows is None:
+                q_rows, token_request, kv_lens = q[:kernel_rows], self.token_request, self.kv_lens
+            else:  # (no chunks here: every row is a kernel row)
+                q_rows, token_request, kv_lens = q[rows], self.token_request[rows], self.kv_lens[rows]
             kernel_out = torch.ops.ember_cpu.paged_attention.default(
-                q[:rows], *cache[:2], self.block_tables, self.token_request, self.kv_lens,
+                q_rows, *cache[:2], self.block_tables, token_request, kv_lens,
                 sliding_window or 0, scale, **scales, softcap=softcap or 0.0,
                 sinks=None if sinks is None else sinks.float().contiguous(), invariant=self.invariant,
             )
@@ -102,7 +112,7 @@ class CpuPagedContext:
                 return kernel_out
         out = torch.empty_like(q)
         if kernel_out is not None:
-            out[:rows] = kernel_out
+            out[:kernel_rows] = kernel_out
         for chunk in self.chunks:
             out[chunk.start:chunk.end] = chunk_attention(q, k, v, cache, self.layout, chunk, scale, sliding_window,
                                                          softcap, sinks)
@@ -143,4 +153,5 @@ class CpuPagedBackend(TorchPagedBackend):
         return CpuPagedContext(
             self.kv_caches, self.layout, split_slots(layout.slot_mapping, self.block_size), rows, layout.block_tables, token_request,
             positions + 1, chunks, reference_context, decode_only=decode_only, invariant=self.batch_invariant,
+            output_rows=layout.output_rows,
         )

@@ -34,6 +34,8 @@ class BatchLayout:
     block_tables: torch.Tensor  # [requests, max_blocks] int64, padded with the null block
     slot_mapping: torch.Tensor  # [tokens] int64: block * block_size + offset of each new token
     positions: torch.Tensor  # [tokens] int64
+    # rows whose final hidden states the step uses, ascending (None: all): see AttentionContext.output_rows
+    output_rows: torch.Tensor | None = None
 
     @property
     def num_decodes(self) -> int:
@@ -185,6 +187,7 @@ class TorchPagedContext:
     decode_valid: torch.Tensor | None  # [decodes, blocks * block_size] bool
     decode_positions: torch.Tensor | None  # [decodes]
     chunks: list[PromptChunk]
+    output_rows: torch.Tensor | None = None
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
 
     def _decode_mask(self, window: int | None) -> torch.Tensor:
@@ -196,10 +199,11 @@ class TorchPagedContext:
             self._masks[window] = valid[:, None, None, :]
         return self._masks[window]
 
-    def attend(self, layer, q, k, v, scale, sliding_window, softcap=None, sinks=None):
+    def attend(self, layer, q, k, v, scale, sliding_window, softcap=None, sinks=None, rows=None):
         cache = self.kv_caches[layer]
         self.layout.write(cache, self.slots, k, v)
-        return self.attend_written(layer, q, k, v, scale, sliding_window, softcap, sinks)
+        out = self.attend_written(layer, q, k, v, scale, sliding_window, softcap, sinks)
+        return out if rows is None else out[rows]  # the reference: every row, then the ones asked for
 
     def attend_written(self, layer, q, k, v, scale, sliding_window, softcap=None, sinks=None):
         """attend() once the new tokens' K/V are in the cache (the CPU backend falls back to this)."""
@@ -256,4 +260,4 @@ class TorchPagedBackend:
             positions = seq_lens - 1
         slots = split_slots(layout.slot_mapping, self.block_size)
         return TorchPagedContext(self.kv_caches, self.layout, slots, nd, blocks, valid, positions,
-                                 self.chunks(layout, nd, nd))
+                                 self.chunks(layout, nd, nd), layout.output_rows)
