@@ -12,19 +12,22 @@ from ember.models.loader import load_model
 from tests.conftest import VOCAB
 from tests.engine.test_attention_backends import random_layout, zeroed
 
-# (architecture, dtype, attention backend): the layer paths the engine takes -- forward_cpu_rows (bf16 pair
-# kernels), forward_rows (fp32, Qwen3's q/k norms), the modules' forward (Gemma 2's sandwich norms and
-# soft-capping, Qwen2-MoE's experts) -- over the paired, transposed and reference attention
-CASES = [("llama", torch.bfloat16, "cpu_paged"), ("llama", torch.bfloat16, "torch_paged"),
-         ("qwen3", torch.float32, "cpu_paged"), ("gemma2", torch.float32, "torch_paged"),
-         ("qwen2_moe", torch.float32, "cpu_paged")]
+# (architecture, dtype, attention backend, KV cache dtype, batch-invariant): the layer paths the engine takes --
+# forward_cpu_rows (bf16 pair kernels), forward_rows (fp32, Qwen3's q/k norms), the modules' forward (Gemma 2's
+# sandwich norms and soft-capping, Qwen2-MoE's experts) -- over the paired, transposed and reference attention,
+# an int8 cache, Mistral's sliding window, and a non-invariant engine whose long chunks go to SDPA
+CASES = [("llama", torch.bfloat16, "cpu_paged", "auto", True), ("llama", torch.bfloat16, "torch_paged", "auto", True),
+         ("qwen3", torch.float32, "cpu_paged", "auto", True), ("gemma2", torch.float32, "torch_paged", "auto", True),
+         ("qwen2_moe", torch.float32, "cpu_paged", "auto", True), ("mistral", torch.bfloat16, "cpu_paged", "int8", True),
+         ("llama", torch.float32, "cpu_paged", "auto", False)]
 
 # decodes, chunks over cached context, fresh prompts
 QUERY_LENS, CONTEXT_LENS = [1, 1, 3, 17, 40], [9, 30, 12, 20, 0]
 
 
-@pytest.mark.parametrize("arch,dtype,backend", CASES)
-def test_output_rows_alone_are_the_same_bits_and_every_row_is_cached(model_factory, arch, dtype, backend):
+@pytest.mark.parametrize("arch,dtype,backend,kv_cache_dtype,invariant", CASES)
+def test_output_rows_alone_are_the_same_bits_and_every_row_is_cached(model_factory, arch, dtype, backend,
+                                                                     kv_cache_dtype, invariant):
     model, config = load_model(model_factory(arch, std=0.1), dtype)
     device = torch.device("cpu")
     shape = (config.num_heads, config.num_kv_heads, config.head_dim, 16)
@@ -34,19 +37,19 @@ def test_output_rows_alone_are_the_same_bits_and_every_row_is_cached(model_facto
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, VOCAB, (rows,), generator=g)
     keep = torch.tensor([0, 1, 4, 20, 21, 22, rows - 1])  # sampled rows and a few prompt-logprob rows
-    kv_layout = choose_layout(backend, dtype, "auto", batch_invariant=True)
+    kv_layout = choose_layout(backend, dtype, kv_cache_dtype, batch_invariant=invariant)
 
     def run(output_rows):
         caches = zeroed(kv_layout.allocate(config.num_layers, 64, config.num_kv_heads, 16, config.head_dim, device))
         layout.output_rows = output_rows
-        ctx = make_backend(backend, caches, 16, kv_layout, batch_invariant=True).build(layout)
-        with torch.inference_mode(), cpu_ops.batch_invariance(True):
+        ctx = make_backend(backend, caches, 16, kv_layout, batch_invariant=invariant).build(layout)
+        with torch.inference_mode(), cpu_ops.batch_invariance(invariant):
             return model(ids, layout.positions, ctx), caches
 
     every, every_caches = run(None)
     some, some_caches = run(keep)
     assert every.shape[0] == rows and some.shape[0] == len(keep)
-    if dtype == torch.bfloat16:
+    if dtype == torch.bfloat16 and invariant:
         assert torch.equal(some, every[keep])
     else:
         torch.testing.assert_close(some, every[keep], rtol=1e-5, atol=1e-5)
