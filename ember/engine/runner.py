@@ -185,13 +185,16 @@ class ModelRunner:
         plain = [i for i in done if not requests[i].spec_token_ids]
         # The rows this step reads back: each sampled row, each verification's rows, prompt logprobs' rows.
         # The model may compute its last layer for these alone (one row if none: no empty products).
-        used = {ends[i] - 1 for i in plain}
-        for i in done:
-            used.update(range(ends[i] - len(requests[i].spec_token_ids) - 1, ends[i]))
-        for i, request in enumerate(requests):
-            if request.params.prompt_logprobs is not None:
-                used.update(range(ends[i] - query_lens[i], ends[i]))
-        output_rows = sorted(used) or [ends[-1] - 1]
+        # A decode-only step reads back every row: nothing to collect.
+        output_rows = None
+        if len(plain) != len(input_ids):
+            used = {ends[i] - 1 for i in plain}
+            for i in done:
+                used.update(range(ends[i] - len(requests[i].spec_token_ids) - 1, ends[i]))
+            for i, request in enumerate(requests):
+                if request.params.prompt_logprobs is not None:
+                    used.update(range(ends[i] - query_lens[i], ends[i]))
+            output_rows = sorted(used) or [ends[-1] - 1]
         if self.lora is None:
             hidden = self.forward(requests, query_lens, context_lens, input_ids, output_rows)
         else:
